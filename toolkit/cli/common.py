@@ -1,0 +1,89 @@
+"""What every cpsl-edge CLI shares: one-line errors with exit code 2, and --debug for tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from toolkit.errors import UserError
+
+EXIT_USAGE = 2
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``body``; a UserError (or Ctrl-C) becomes one line on stderr. ``--debug`` keeps tracebacks."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return body(argv)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> (1, 28, 28); every dimension a positive integer."""
+    parts = [part.strip() for part in text.replace("x", ",").split(",")]
+    if not parts or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"input shape {text!r} is not of the form C,H,W with positive integers")
+    return tuple(int(part) for part in parts)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def ensure_writable_file(path: Path, what: str) -> None:
+    """Fail before long work starts if ``path`` cannot be written; creates its folder if missing."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: cannot create folder {folder}: {exc.strerror or exc}") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cpsl-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: {exc.strerror or exc}") from exc
+
+
+def ensure_writable_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from exc
+    ensure_writable_file(path / "probe", what)
