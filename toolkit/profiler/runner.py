@@ -36,9 +36,13 @@ from toolkit.profiler.memory import peak_transient_bytes, saved_tensor_bytes
 from toolkit.profiler.onnx_export import OPSET, export_submodel
 from toolkit.profiler.timing import no_sync, shifted, summarize, time_phases
 
+# Learning rate 0: the optimizer does all of its arithmetic (momentum, moments, the update)
+# but the weights never move. With a real rate, 35 steps along the same synthetic gradient
+# drifted the weights until half the activations were zero, and data-dependent kernels
+# (max-pooling) then ran 2x faster than on real data.
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
-    "sgd": lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
-    "adam": lambda params: torch.optim.Adam(params, lr=1e-4),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.0, momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.0),
 }
 
 
@@ -48,6 +52,7 @@ class ProfileRequest:
     batch_sizes: list[int]
     repeats: int = 30
     warmup: int = 5
+    passes: int = 3
     threads: int | None = None
     device_id: str | None = None
     onnx_dir: Path | None = None
@@ -62,7 +67,7 @@ class ProfileRequest:
         return sorted(set(self.cuts)) if self.cuts else self.model.candidate_cuts()
 
     def planned_steps(self) -> int:
-        per_batch = self.model.num_layers + len(self.selected_cuts()) + 1
+        per_batch = (self.model.num_layers + len(self.selected_cuts()) + 1) * self.passes
         exports = len(self.selected_cuts()) if self.onnx_dir is not None else 0
         return exports + per_batch * len(self.batch_sizes)
 
@@ -89,18 +94,40 @@ def _zero_grads(module: nn.Module, *tensors: torch.Tensor) -> None:
 
 
 class _Measurer:
-    """Holds what every measurement shares (repeats, warm-up, device, sync)."""
+    """Holds what every measurement shares (repeats, warm-up, device, sync) and pools samples across passes.
+
+    The repeats are split over several passes through all measurements of a batch size,
+    and each measurement's samples are pooled over the passes. A burst of interference
+    from outside (another process, the hypervisor) then touches a fraction of every
+    measurement's samples, where the median ignores it, instead of all samples of
+    whichever measurement ran at that moment. Every pass makes the same calls in the
+    same order, so a call's position within its pass identifies the measurement.
+    """
 
     def __init__(self, request: ProfileRequest, device: torch.device) -> None:
-        self.repeats = request.repeats
+        self.passes = request.passes
+        self.repeats_per_pass = math.ceil(request.repeats / request.passes)
         self.warmup = request.warmup
         self.device = device
         self.sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else no_sync
+        self._pooled: dict[int, list[np.ndarray]] = {}
+        self._position = 0
+        self.final_pass = True
+
+    def begin_pass(self, number: int) -> None:
+        self._position = 0
+        self.final_pass = number == self.passes - 1
+        if number == 0:
+            self._pooled.clear()
 
     def phases(self, phases: list[Callable], setup: Callable | None = None) -> tuple[list[pf.Stats], pf.Stats]:
-        """Stats per phase and for the whole run (the per-run sum of the phases)."""
-        samples = time_phases(phases, repeats=self.repeats, warmup=self.warmup, setup=setup, sync=self.sync)
-        return [summarize(column) for column in samples.T], summarize(samples.sum(axis=1))
+        """Stats per phase and for the whole run (the per-run sum of the phases), over all passes so far."""
+        samples = time_phases(phases, repeats=self.repeats_per_pass, warmup=self.warmup, setup=setup, sync=self.sync)
+        pooled = self._pooled.setdefault(self._position, [])
+        self._position += 1
+        pooled.append(samples)
+        everything = np.concatenate(pooled)
+        return [summarize(column) for column in everything.T], summarize(everything.sum(axis=1))
 
     def backward_call_overhead(self) -> float:
         """Fixed cost of starting one backward pass (autograd engine start-up), in seconds.
@@ -111,8 +138,10 @@ class _Measurer:
         """
         leaf = torch.ones(1, device=self.device, requires_grad=True)
         seed = torch.ones(1, device=self.device)
-        stats, _ = self.phases([lambda out: out.backward(seed)], setup=lambda: leaf * 2)
-        return stats[0].median
+        samples = time_phases(
+            [lambda out: out.backward(seed)], repeats=100, warmup=10, setup=lambda: leaf * 2, sync=self.sync
+        )
+        return float(np.median(samples))
 
 
 def run_profile(request: ProfileRequest, on_step: Callable[[str], None] = lambda _: None) -> pf.Profile:
@@ -141,15 +170,21 @@ def run_profile(request: ProfileRequest, on_step: Callable[[str], None] = lambda
     for batch_size in request.batch_sizes:
         x = torch.randn(batch_size, *model.input_shape, device=device)
         _reach_steady_state(net, x, request)
-        per_layer = _measure_layers(net, x, measurer, overhead, on_step)
+        for number in range(request.passes):  # only the last pass's records are kept: they pool all passes
+            measurer.begin_pass(number)
+            per_layer = _measure_layers(net, x, measurer, overhead, on_step)
+            per_cut = []
+            for cut in cuts:
+                on_step(f"batch {batch_size}: cut {cut} ({model.cut_name(cut)})")
+                session = exports[cut].session if cut in exports else None
+                per_cut.append(_measure_cut(net, cut, x, per_layer, overhead, measurer, request, session))
+            on_step(f"batch {batch_size}: whole model (FL)")
+            full = _measure_full_model(net, x, measurer, request)
         for index, entry in enumerate(per_layer):
             layer_batches[index].append(entry)
-        for cut in cuts:
-            on_step(f"batch {batch_size}: cut {cut} ({model.cut_name(cut)})")
-            session = exports[cut].session if cut in exports else None
-            cut_batches[cut].append(_measure_cut(net, cut, x, per_layer, overhead, measurer, request, session))
-        on_step(f"batch {batch_size}: whole model (FL)")
-        full_batches.append(_measure_full_model(net, x, measurer, request))
+        for cut, entry in zip(cuts, per_cut, strict=True):
+            cut_batches[cut].append(entry)
+        full_batches.append(full)
 
     flops = [entry["flops"] for entry in layers_static]
     cut_records = []
@@ -303,7 +338,7 @@ def _measure_one_layer(
     else:  # nothing before or in this layer trains: backward never reaches it
         (forward,), _ = measurer.phases([lambda _: layer(layer_input)])
         backward = pf.Stats(median=0.0, p10=0.0, p90=0.0, n=forward.n)
-    saved = saved_tensor_bytes(lambda: layer(layer_input), list(layer.parameters()))
+    saved = saved_tensor_bytes(lambda: layer(layer_input), list(layer.parameters())) if measurer.final_pass else 0
     return pf.LayerBatch(batch_size=layer_input.shape[0], forward_s=forward, backward_s=backward, saved_bytes=saved)
 
 
@@ -334,8 +369,11 @@ def _measure_cut(
     (forward_s, backward_s, optimizer_s), step_s = measurer.phases(
         [forward, lambda smashed: smashed.backward(smashed_grad), lambda _: optimizer.step()]
     )
-    saved = saved_tensor_bytes(lambda: device_part(x), list(device_part.parameters()))
-    transient = peak_transient_bytes(train_step, measurer.device)
+    if not measurer.final_pass:  # the byte counts are deterministic: measure them once
+        saved = transient = 0
+    else:
+        saved = saved_tensor_bytes(lambda: device_part(x), list(device_part.parameters()))
+        transient = peak_transient_bytes(train_step, measurer.device)
     resident = (
         _param_bytes(device_part)[1]
         + _optimizer_state_bytes(optimizer)
@@ -382,7 +420,7 @@ def _measure_full_model(
     (forward_s, backward_s, _), step_s = measurer.phases(
         [forward, lambda loss: loss.backward(), lambda _: optimizer.step()]
     )
-    transient = peak_transient_bytes(train_step, measurer.device)
+    transient = peak_transient_bytes(train_step, measurer.device) if measurer.final_pass else 0
     resident = _param_bytes(net)[1] + _optimizer_state_bytes(optimizer) + x.numel() * x.element_size()
     return pf.FullModelBatch(
         batch_size=x.shape[0],
