@@ -45,17 +45,17 @@ def test_cuts_by_name_and_index_agree() -> None:
 
 @pytest.mark.parametrize("cut", [0, 12, -1, "fc3", "nope", "99"])
 def test_a_cut_that_does_not_exist_is_refused(cut: object) -> None:
-    with pytest.raises(UserError, match="does not exist|leaves nothing"):
+    with pytest.raises(UserError, match=r"does not exist|leaves nothing"):
         load_model("lenet5").cut_index(cut)
 
 
 def test_unknown_model_lists_the_built_in_ones() -> None:
-    with pytest.raises(UserError, match="unknown model 'resnet'.*lenet5"):
+    with pytest.raises(UserError, match=r"unknown model 'resnet'.*lenet5"):
         load_model("resnet")
 
 
 def test_input_shape_that_does_not_fit_is_one_clear_error() -> None:
-    with pytest.raises(UserError, match="does not accept input shape 1,4,4|cannot be built"):
+    with pytest.raises(UserError, match=r"does not accept input shape 1,4,4|cannot be built"):
         load_model("lenet5", input_shape=(1, 4, 4))
 
 

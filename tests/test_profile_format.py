@@ -35,7 +35,7 @@ def test_expected_model_is_accepted(saved) -> None:
 
 
 def test_profile_of_another_model_is_refused(saved) -> None:
-    with pytest.raises(ProfileError, match="model.fingerprint .* another model"):
+    with pytest.raises(ProfileError, match=r"model\.fingerprint .* another model"):
         load_profile(saved, expect_fingerprint=load_model("vgg").fingerprint())
 
 
@@ -73,7 +73,7 @@ def test_non_finite_numbers_are_refused(saved) -> None:
 def test_corrupt_files(tmp_path, content) -> None:
     path = tmp_path / "bad.json"
     path.write_bytes(content)
-    with pytest.raises(ProfileError, match="bad.json"):
+    with pytest.raises(ProfileError, match=r"bad\.json"):
         load_profile(path)
 
 
