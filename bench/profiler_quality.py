@@ -10,6 +10,7 @@ Each profile is made by the real CLI in its own process. Results go to
 bench/results/profiler_quality.json and .png.
 
     python bench/profiler_quality.py [--models lenet5,vgg] [--batch-sizes 16,64] [--runs 2] [--speed-runs 3]
+                                     [--threads T] [--tag -t1]
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from toolkit.profile_format import Profile, load_profile
 RESULTS = Path(__file__).parent / "results"
 
 
-def profile_once(model: str, batch_sizes: list[int], out: Path, onnx: bool = True) -> float:
+def profile_once(model: str, batch_sizes: list[int], out: Path, threads: int | None) -> float:
     command = [sys.executable, "-m", "toolkit.cli.profile", "--model", model, "--out", str(out)]
+    if threads:
+        command += ["--threads", str(threads)]
     for batch_size in batch_sizes:
         command += ["--batch-size", str(batch_size)]
-    if not onnx:
-        command.append("--no-onnx")
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - start
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16,64")
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--speed-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="passed to cpsl-profile (default: torch's)")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def main() -> None:
             profiles = []
             for run in range(args.runs):
                 out = Path(scratch) / f"{model}-{run}.json"
-                seconds = profile_once(model, batch_sizes, out)
+                seconds = profile_once(model, batch_sizes, out, args.threads)
                 profiles.append(load_profile(out))
                 print(f"{model}: run {run + 1} took {seconds:.1f} s", flush=True)
             rows = [additivity(profile) for profile in profiles]
@@ -108,11 +111,12 @@ def main() -> None:
                 }
             report["models"][model] = entry
             print(json.dumps({k: v for k, v in entry.items() if k != "additivity_rows"}, indent=1), flush=True)
-        speed = [profile_once("lenet5", [16], Path(scratch) / f"speed-{i}.json") for i in range(args.speed_runs)]
+        speed_outs = [Path(scratch) / f"speed-{i}.json" for i in range(args.speed_runs)]
+        speed = [profile_once("lenet5", [16], out, args.threads) for out in speed_outs]
     report["lenet_one_batch_wall_s"] = {"runs": speed, "median": statistics.median(speed)}
     print(f"LeNet, one batch size, wall time: median {statistics.median(speed):.1f} s over {speed}")
-    (RESULTS / "profiler_quality.json").write_text(json.dumps(report, indent=1))
-    draw(report, RESULTS / "profiler_quality.png")
+    (RESULTS / f"profiler_quality{args.tag}.json").write_text(json.dumps(report, indent=1))
+    draw(report, RESULTS / f"profiler_quality{args.tag}.png")
 
 
 def draw(report: dict, path: Path) -> None:

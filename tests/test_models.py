@@ -70,7 +70,7 @@ def test_seed_makes_initial_weights_reproducible() -> None:
         assert torch.equal(a, b)
 
 
-USER_MODEL = '''
+USER_MODEL = """
 from torch import nn
 
 def small(input_shape, num_classes):
@@ -85,7 +85,7 @@ def broken(input_shape):
 
 def not_a_model():
     return 42
-'''
+"""
 
 
 @pytest.fixture

@@ -56,8 +56,12 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--threads", type=positive_int, help="torch and onnxruntime threads (default: torch's)")
     parser.add_argument("--repeats", type=positive_int, default=30, help="timed repeats per measurement")
     parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed repeats before them")
-    parser.add_argument("--passes", type=positive_int, default=3,
-                        help="interleaved passes the repeats are split over (robust to bursts of interference)")
+    parser.add_argument(
+        "--passes",
+        type=positive_int,
+        default=3,
+        help="interleaved passes the repeats are split over (robust to bursts of interference)",
+    )
     parser.add_argument("--cuts", help="comma-separated cuts to profile, by index or layer name (default: all)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     parser.add_argument("--cuda", action="store_true", help="profile on the CUDA device")

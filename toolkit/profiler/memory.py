@@ -10,8 +10,11 @@ are not used: at this granularity they are noise.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -47,10 +50,33 @@ def peak_transient_bytes(step: Callable[[], None], device: torch.device) -> int:
     return _cpu_peak_from_profiler(step)
 
 
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at /dev/null while the torch profiler runs.
+
+    Its kineto backend writes "USDT: profiler_start/stop" lines from C++ straight to the
+    descriptors around every session, and no setting turns them off. Python exceptions
+    are unaffected: they propagate and are printed after the descriptors are restored.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _cpu_peak_from_profiler(step: Callable[[], None]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_output_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     deltas = _allocation_deltas(prof)
     running = itertools.accumulate(delta for _, delta in sorted(deltas))
