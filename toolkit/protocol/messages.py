@@ -1,0 +1,173 @@
+"""Typed message bodies, one pydantic record per message kind: no pickled dicts on the wire.
+
+Every frame carries a common header (run, round, iteration, sequence number, sender)
+and a kind-specific ``body`` validated by the record below; tensors travel beside it
+as dtype + shape + raw bytes (see ``codec``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Kind(enum.IntEnum):
+    REGISTER = 1
+    HEARTBEAT = 2
+    OFFLINE = 3
+    SERVER_STATUS = 4
+    ASSIGN = 10
+    WEIGHTS_DOWN = 11
+    GRADIENT = 12
+    STOP = 13
+    SMASHED = 20
+    WEIGHTS_UP = 21
+    TIMINGS = 22
+    METRICS = 30
+    CHUNK = 40
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Header(Body):
+    """Fields every frame has. ``seq`` increases per sender and lets receivers drop duplicates (QoS 1)."""
+
+    run: str = Field(pattern=ID_PATTERN)
+    device: str = Field(pattern=ID_PATTERN)
+    round: int = Field(ge=0)
+    iteration: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    sent_at: float = Field(ge=0)
+
+
+class Capabilities(Body):
+    board: str = ""
+    torch: str = ""
+    threads: int = Field(default=1, ge=1)
+    accelerator: Literal["cpu", "cuda"] = "cpu"
+
+
+class Register(Body):
+    num_samples: int = Field(ge=0)
+    partition: str = ""
+    capabilities: Capabilities
+    model: str = ""
+    model_fingerprint: str = ""
+    # The full device profile travels as a uint8 tensor named "profile" (JSON text).
+
+
+class Heartbeat(Body):
+    state: Literal["idle", "training"]
+    uptime_s: float = Field(ge=0)
+
+
+class Offline(Body):
+    reason: str = "connection lost"
+
+
+class ServerStatus(Body):
+    state: Literal["online", "offline"]
+    model: str = ""
+    scheme: str = ""
+
+
+class Hyperparameters(Body):
+    batch_size: int = Field(ge=1, le=65536)
+    iterations: int = Field(ge=1, le=1_000_000)
+    lr: float = Field(gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class Grant(Body):
+    """When and how fast a device may upload in each iteration (enforced from issue #5 on)."""
+
+    slot_offset_s: float = Field(default=0.0, ge=0)
+    slot_duration_s: float | None = Field(default=None, gt=0)
+    rate_bps: float | None = Field(default=None, gt=0)
+
+
+class Assign(Body):
+    scheme: Literal["cpsl", "sl", "sfl", "fl"]
+    model: str
+    model_fingerprint: str
+    input_shape: list[int]
+    num_classes: int = Field(ge=2)
+    cut: int | None = Field(default=None, ge=1)  # None for FL: the whole model trains on the device
+    cluster: int = Field(ge=0)
+    cluster_devices: list[str]
+    hyper: Hyperparameters
+    grant: Grant = Grant()
+    gradient_timeout_s: float = Field(gt=0, le=3600)
+    data_seed: int = 0
+
+
+class WeightsDown(Body):
+    """Tensors: the device-side state dict (the whole model for FL)."""
+
+
+class Gradient(Body):
+    """Tensors: ``grad``, the loss gradient with respect to this device's smashed data."""
+
+
+class Stop(Body):
+    reason: str = "training finished"
+
+
+class Smashed(Body):
+    """Tensors: ``smashed`` (cut activations of one mini-batch) and ``labels`` (int64)."""
+
+
+class WeightsUp(Body):
+    num_samples: int = Field(ge=0)  # samples that trained them this turn: the averaging weight
+
+
+class IterationTiming(Body):
+    iteration: int = Field(ge=0)
+    forward_s: float = Field(ge=0)
+    backward_s: float = Field(ge=0)
+    upload_s: float = Field(ge=0)
+    wait_gradient_s: float = Field(ge=0)
+    up_bytes: int = Field(ge=0)
+    down_bytes: int = Field(ge=0)
+
+
+class Timings(Body):
+    iterations: list[IterationTiming]
+    weights_down_bytes: int = Field(ge=0)
+    weights_up_bytes: int = Field(ge=0)
+    turn_s: float = Field(ge=0)
+
+
+class Metrics(Body):
+    values: dict[str, float]
+
+
+class Chunk(Body):
+    transfer: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    index: int = Field(ge=0)
+    count: int = Field(ge=2, le=1_000_000)
+    total_bytes: int = Field(ge=1)
+
+
+BODIES: dict[Kind, type[Body]] = {
+    Kind.REGISTER: Register,
+    Kind.HEARTBEAT: Heartbeat,
+    Kind.OFFLINE: Offline,
+    Kind.SERVER_STATUS: ServerStatus,
+    Kind.ASSIGN: Assign,
+    Kind.WEIGHTS_DOWN: WeightsDown,
+    Kind.GRADIENT: Gradient,
+    Kind.STOP: Stop,
+    Kind.SMASHED: Smashed,
+    Kind.WEIGHTS_UP: WeightsUp,
+    Kind.TIMINGS: Timings,
+    Kind.METRICS: Metrics,
+    Kind.CHUNK: Chunk,
+}

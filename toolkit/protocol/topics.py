@@ -1,0 +1,81 @@
+"""The MQTT topic tree. Every topic of the system is built and parsed here, nowhere else.
+
+    cpsl/v1/server/status                           retained: the server's run, or offline (last will)
+    cpsl/v1/devices/{device}/status                 retained: registration, or offline (last will)
+    cpsl/v1/devices/{device}/heartbeat              liveness, QoS 0
+    cpsl/v1/runs/{run}/devices/{device}/down        server -> device: assignment, weights, gradients, stop
+    cpsl/v1/runs/{run}/devices/{device}/up          device -> server: smashed data, weights, timings
+    cpsl/v1/runs/{run}/metrics                      retained: the latest round's evaluation
+
+Device ids and run ids are restricted to ``[A-Za-z0-9_.-]`` so they can never inject
+topic levels or wildcards.
+"""
+
+from __future__ import annotations
+
+import re
+
+from toolkit.errors import UserError
+
+ROOT = "cpsl/v1"
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_id(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _ID.match(value):
+        raise UserError(f"{what} {value!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+    return value
+
+
+def server_status() -> str:
+    return f"{ROOT}/server/status"
+
+
+def device_status(device: str) -> str:
+    return f"{ROOT}/devices/{device}/status"
+
+
+def device_heartbeat(device: str) -> str:
+    return f"{ROOT}/devices/{device}/heartbeat"
+
+
+def down(run: str, device: str) -> str:
+    return f"{ROOT}/runs/{run}/devices/{device}/down"
+
+
+def up(run: str, device: str) -> str:
+    return f"{ROOT}/runs/{run}/devices/{device}/up"
+
+
+def run_metrics(run: str) -> str:
+    return f"{ROOT}/runs/{run}/metrics"
+
+
+ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
+ALL_DEVICE_HEARTBEATS = f"{ROOT}/devices/+/heartbeat"
+
+
+def all_up(run: str) -> str:
+    return f"{ROOT}/runs/{run}/devices/+/up"
+
+
+def all_down_for(device: str) -> str:
+    return f"{ROOT}/runs/+/devices/{device}/down"
+
+
+def device_of(topic: str) -> str | None:
+    """The device id in a device-scoped topic, or None if the topic is not one of ours."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and "/".join(parts[:2]) == ROOT:
+        if parts[2] == "devices" and _ID.match(parts[3]):
+            return parts[3]
+        if parts[2] == "runs" and len(parts) == 7 and parts[4] == "devices" and _ID.match(parts[5]):
+            return parts[5]
+    return None
+
+
+def run_of(topic: str) -> str | None:
+    parts = topic.split("/")
+    if len(parts) >= 4 and "/".join(parts[:2]) == ROOT and parts[2] == "runs" and _ID.match(parts[3]):
+        return parts[3]
+    return None
