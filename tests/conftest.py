@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.brokers import mosquitto, mosquitto_binary
 from toolkit.models import load_model
 from toolkit.profiler.runner import ProfileRequest, run_profile
 
@@ -38,3 +39,12 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: float = 3
         cwd=cwd,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def broker(tmp_path) -> str:
+    """A fresh Mosquitto on a free loopback port for one test."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed; .ci/run installs it with apt-get")
+    with mosquitto(tmp_path) as url:
+        yield url

@@ -1,0 +1,134 @@
+"""The MQTT driver: paho-mqtt 2.x with its own network thread, reconnect with backoff, a last will.
+
+Follows paho's client lifecycle: callbacks API version 2, ``connect_async`` +
+``loop_start`` (the loop thread reconnects with exponential backoff between
+``min_delay`` and ``max_delay``), subscriptions renewed in ``on_connect`` so they
+survive a reconnect, ``disconnect`` + ``loop_stop`` on close. MQTT 3.1.1 is used
+because the embedded amqtt broker refuses v5.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from toolkit.errors import UserError
+from toolkit.transport.base import BrokerAddress, MessageHandler, Will
+
+log = logging.getLogger(__name__)
+
+
+class MqttTransport:
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        client_id: str,
+        on_message: MessageHandler,
+        will: Will | None = None,
+        keepalive_s: int = 15,
+        reconnect_delay_s: tuple[int, int] = (1, 16),
+    ) -> None:
+        self.broker = broker
+        self._on_message_handler = on_message
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+        self._last_error = ""
+        self._keepalive_s = keepalive_s
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
+        )
+        self._client.max_inflight_messages_set(64)
+        self._client.max_queued_messages_set(0)
+        self._client.reconnect_delay_set(*reconnect_delay_s)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_connect_fail = self._on_connect_fail
+
+    # paho callbacks (network thread) ------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._last_error = f"broker refused the connection: {reason_code}"
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, qos in subscriptions:
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+        log.debug("connected to %s", self.broker.url)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set():
+            log.warning("lost the broker at %s (%s); reconnecting", self.broker.url, reason_code)
+        self._connected.clear()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._last_error = "connection failed"
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._on_message_handler(message.topic, message.payload)
+        except Exception:  # a handler bug must never kill the network thread
+            log.exception("message handler failed on %s", message.topic)
+
+    # Transport ---------------------------------------------------------------------------
+    def connect(self, timeout_s: float) -> None:
+        try:
+            self._client.connect_async(self.broker.host, self.broker.port, keepalive=self._keepalive_s)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot reach broker {self.broker.url}: {exc}") from exc
+        self._client.loop_start()
+        if not self._connected.wait(timeout_s):
+            self.close()
+            reason = self._last_error or "no answer"
+            raise UserError(f"cannot reach broker {self.broker.url} within {timeout_s:g} s ({reason})")
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos > 0:
+            with self._lock:
+                self._pending = [p for p in self._pending if not p.is_published()]
+                self._pending.append(info)
+
+    def flush(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            pending = list(self._pending)
+        for info in pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):
+                return False
+            if not info.is_published():
+                return False
+        return True
+
+    def close(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
