@@ -1,0 +1,105 @@
+"""The arithmetic of split learning, free of any transport: what the agent and the server compute.
+
+- :class:`BatchStream`: a device's endless, seeded sequence of mini-batches over its
+  local samples (reshuffled every epoch), continued across rounds. Tests replay it to
+  train a centralized reference on exactly the same batches.
+- :func:`server_step`: one step of the server-side model on the concatenation of a
+  cluster's smashed data; returns each device its slice of the gradient.
+- :func:`weighted_average`: FedAvg of state dicts, weighted by sample counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class BatchStream:
+    """Mini-batches of ``indices``, reshuffled each epoch by a generator seeded once."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int) -> None:
+        if len(indices) == 0:
+            raise ValueError("a device needs at least one local sample")
+        self.indices = np.asarray(indices)
+        self.batch_size = batch_size
+        self._rng = np.random.default_rng(seed)
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)
+        self._position = 0
+
+    def next(self) -> np.ndarray:
+        """The next batch's indices; a batch never spans two epochs (the last one may be short)."""
+        if self._position >= len(self._order):
+            self._order = self._rng.permutation(self.indices)
+            self._position = 0
+        batch = self._order[self._position : self._position + self.batch_size]
+        self._position += len(batch)
+        return batch
+
+    def take(self, count: int) -> Iterator[np.ndarray]:
+        for _ in range(count):
+            yield self.next()
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def server_step(
+    server_part: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    smashed: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    loss_fn: nn.Module,
+) -> tuple[list[torch.Tensor], float]:
+    """Forward/backward/step on the concatenated batch; returns per-device gradients and the loss.
+
+    The loss is the mean over the whole concatenated batch, so with one device this is
+    exactly centralized training of the whole model on that device's batch.
+    """
+    inputs = torch.cat(smashed).detach().requires_grad_(True)
+    targets = torch.cat(labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(server_part(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    sizes = [len(part) for part in smashed]
+    return list(torch.split(inputs.grad.detach(), sizes)), float(loss.detach())
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """FedAvg: sum_k w_k * state_k / sum_k w_k, key by key; integer buffers take the first state's value."""
+    if not states or len(states) != len(weights):
+        raise ValueError("need one weight per state, and at least one state")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    averaged = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            averaged[key] = sum(state[key].double() * (w / total) for state, w in zip(states, weights, strict=True)).to(
+                first.dtype
+            )
+        else:  # e.g. BatchNorm's num_batches_tracked
+            averaged[key] = first.clone()
+    return averaged
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode; restores its train/eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    correct, loss = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start : start + batch_size])
+        target = labels[start : start + batch_size]
+        loss += float(loss_fn(logits, target))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    model.train(was_training)
+    return correct / max(1, len(labels)), loss / max(1, len(labels))
