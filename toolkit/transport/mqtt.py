@@ -39,6 +39,7 @@ class MqttTransport:
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._last_error = ""
         self._keepalive_s = keepalive_s
+        self._closing = False
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
         )
@@ -65,7 +66,7 @@ class MqttTransport:
         log.debug("connected to %s", self.broker.url)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._closing:
             log.warning("lost the broker at %s (%s); reconnecting", self.broker.url, reason_code)
         self._connected.clear()
 
@@ -123,6 +124,7 @@ class MqttTransport:
         return True
 
     def close(self) -> None:
+        self._closing = True
         try:
             self._client.disconnect()
         finally:

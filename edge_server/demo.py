@@ -1,0 +1,84 @@
+"""``edge_server demo``: a broker, N agent processes and the server, all on this machine.
+
+The agents are real ``cpsl-agent`` processes with their own data partitions, talking
+MQTT to an embedded amqtt broker (or ``--broker``). Every child runs in its own
+process group and is terminated, then killed if it lingers, when the demo ends,
+fails or is interrupted, so no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from edge_server.cli import make_config, train
+from toolkit.data import load_dataset, parse_scheme
+from toolkit.errors import UserError
+from toolkit.models import load_model
+from toolkit.profile_format import save_profile
+from toolkit.transport import parse_broker_url
+from toolkit.transport.embedded_broker import EmbeddedBroker
+
+MODEL, DATA = "lenet5", "builtin:mnist5k"
+
+
+def _quick_profile(run_dir: Path, batch_size: int) -> Path:
+    """One short profile of this machine, shared by all demo agents (they run on it too)."""
+    from toolkit.profiler.runner import ProfileRequest, run_profile
+
+    path = run_dir / "device-profile.json"
+    profile = run_profile(ProfileRequest(model=load_model(MODEL), batch_sizes=[batch_size], repeats=5, warmup=1,
+                                         passes=1, threads=1, device_id="demo-device"))  # fmt: skip
+    save_profile(profile, path)
+    return path
+
+
+def _spawn_agents(count: int, broker_url: str, args: argparse.Namespace, profile: Path, logs: Path) -> list:
+    processes = []
+    for index in range(count):
+        log = (logs / f"agent-{index}.log").open("w")
+        command = [sys.executable, "-m", "firmware_agent", "--broker", broker_url, "--device-id", f"dev{index}",
+                   "--data", DATA, "--partition", f"{index}/{count}", "--non-iid", args.non_iid,
+                   "--seed", str(args.seed), "--profile", str(profile), "--threads", "1"]  # fmt: skip
+        processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return processes
+
+
+def _stop_all(processes: list, grace_s: float = 5.0) -> None:
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    parse_scheme(args.non_iid)
+    model = load_model(MODEL, seed=args.seed)
+    data = load_dataset(DATA, args.seed)
+    run_dir: Path = args.run_dir
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    with ExitStack() as stack:
+        broker = parse_broker_url(args.broker) if args.broker else stack.enter_context(EmbeddedBroker())
+        profile = _quick_profile(run_dir, args.batch_size)
+        processes = _spawn_agents(args.devices, broker.url, args, profile, logs)
+        stack.callback(_stop_all, processes)
+        config = make_config(args, broker, model, args.devices, "")
+        config.register_timeout_s = 120.0
+        for process in processes:
+            if process.poll() is not None:
+                raise UserError(f"an agent exited at start (code {process.returncode}); see {logs}")
+        return train(config, model, data)

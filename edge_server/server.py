@@ -1,0 +1,384 @@
+"""The edge server: registry, rounds of cluster turns, server-side training, aggregation, evaluation.
+
+Every wait has a deadline. A device that vanishes (its last will arrives) or straggles
+past the deadline is dropped from that iteration and the rest of the round with a
+warning; the round completes with the others, and the device is planned again next
+round if it is back online. Every received message is checked against the run, the
+round, the iteration, the device's membership in the active cluster and the shapes
+the cut implies before it touches the model; a bad one is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_server.registry import Registry
+from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
+from toolkit.data import Dataset
+from toolkit.errors import UserError
+from toolkit.models import LayeredModel
+from toolkit.protocol import Kind, topics
+from toolkit.protocol import messages as m
+from toolkit.protocol.codec import encode, make_header
+from toolkit.protocol.endpoint import Endpoint, Received
+from toolkit.training import evaluate, make_optimizer, server_step, weighted_average
+from toolkit.transport import BrokerAddress, MqttTransport, Will
+
+log = logging.getLogger("cpsl.server")
+
+
+@dataclass
+class ServerConfig:
+    broker: BrokerAddress
+    scheme: str
+    rounds: int
+    min_devices: int
+    batch_size: int = 32
+    iterations: int = 20
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    clusters: int = 2
+    cut: int | None = 6
+    run_dir: Path = Path("runs/latest")
+    run_id: str = ""
+    data_seed: int = 0
+    iteration_timeout_s: float = 30.0
+    register_timeout_s: float = 120.0
+    heartbeat_timeout_s: float = 10.0
+
+
+@dataclass
+class TurnStats:
+    """Seconds spent per category in one round (the breakdown written to metrics.jsonl)."""
+
+    device_compute_s: float = 0.0
+    uplink_s: float = 0.0
+    server_compute_s: float = 0.0
+    downlink_s: float = 0.0
+    model_transfer_s: float = 0.0
+    train_losses: list[float] = field(default_factory=list)
+    dropped: set[str] = field(default_factory=set)
+
+
+class EdgeServer:
+    def __init__(
+        self,
+        config: ServerConfig,
+        model: LayeredModel,
+        data: Dataset,
+        scheduler: Scheduler | None = None,
+        on_round: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.data = data
+        self.run_id = config.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        self.scheduler = scheduler or FixedScheduler(config.scheme, config.cut, config.clusters)
+        self.on_round = on_round or (lambda record: None)
+        self.registry = Registry(config.heartbeat_timeout_s)
+        self.endpoint = Endpoint("server")
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.server_optimizer: torch.optim.Optimizer | None = None
+        self.server_cut: int | None = None
+        self.timings: dict[tuple[int, str], m.Timings] = {}
+        self.history: list[dict] = []
+
+    # connection --------------------------------------------------------------------------
+    def _status_frame(self, state: str) -> bytes:
+        body = m.ServerStatus(state=state, model=self.model.name, scheme=self.config.scheme)
+        return encode(Kind.SERVER_STATUS, make_header(self.run_id, "server"), body)
+
+    def connect(self) -> None:
+        transport = MqttTransport(
+            self.config.broker,
+            client_id=f"cpsl-server-{self.run_id}",
+            on_message=self.endpoint.on_frame,
+            will=Will(topics.server_status(), self._status_frame("offline")),
+        )
+        self.endpoint.attach(transport)
+        for topic_filter in (topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_HEARTBEATS, topics.all_up(self.run_id)):
+            transport.subscribe(topic_filter, qos=1)
+        transport.connect(10.0)
+        transport.publish(topics.server_status(), self._status_frame("online"), qos=1, retain=True)
+
+    def close(self) -> None:
+        transport = self.endpoint.transport
+        if transport is None:
+            return
+        for device in list(self.registry.devices):
+            self._send(device, Kind.STOP, m.Stop(reason="run finished"), round_=0)
+        transport.publish(topics.server_status(), self._status_frame("offline"), qos=1, retain=True)
+        transport.flush(5.0)
+        transport.close()
+
+    def _send(self, device: str, kind: Kind, body: m.Body, round_: int, iteration: int = 0,
+              tensors: dict[str, torch.Tensor] | None = None) -> int:  # fmt: skip
+        return self.endpoint.send(topics.down(self.run_id, device), kind, body, run=self.run_id, device=device,
+                                  round_=round_, iteration=iteration, tensors=tensors)  # fmt: skip
+
+    # intake ------------------------------------------------------------------------------
+    def _poll(self, timeout_s: float) -> Received | None:
+        """One message for the caller, after registry traffic and validation have been dealt with."""
+        item = self.endpoint.receive(timeout_s)
+        if item is None or self.registry.update(item):
+            return None
+        header = item.message.header
+        if header.run != self.run_id:
+            self.endpoint.reject(item.topic, f"wrong run id {header.run!r}")
+            return None
+        if header.device not in self.registry.devices:
+            self.endpoint.reject(item.topic, f"unknown device {header.device!r}")
+            return None
+        if item.message.kind is Kind.TIMINGS:
+            self.timings[(header.round, header.device)] = item.message.body
+            return None
+        return item
+
+    def wait_for_devices(self) -> None:
+        deadline = time.monotonic() + self.config.register_timeout_s
+        while len(self.registry.online()) < self.config.min_devices:
+            if time.monotonic() > deadline:
+                raise UserError(f"only {len(self.registry.online())} of {self.config.min_devices} devices registered "
+                                f"within {self.config.register_timeout_s:g} s")  # fmt: skip
+            self._poll(0.2)
+
+    def _collect(self, kind: Kind, round_: int, iteration: int, expected: set[str],
+                 stats: TurnStats, deadline: float) -> dict[str, Received]:  # fmt: skip
+        """Messages of ``kind`` for this round/iteration from each expected device, until the deadline."""
+        got: dict[str, Received] = {}
+        while expected - got.keys() - stats.dropped:
+            for device in expected - got.keys():
+                if device not in stats.dropped and not self.registry.is_online(device):
+                    log.warning("device %s is offline: dropped from round %d", device, round_)
+                    stats.dropped.add(device)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for device in expected - got.keys() - stats.dropped:
+                    log.warning("device %s sent no %s for round %d iteration %d in time: dropped from the round",
+                                device, kind.name, round_, iteration)  # fmt: skip
+                    stats.dropped.add(device)
+                break
+            item = self._poll(min(remaining, 0.5))
+            if item is None:
+                continue
+            message, device = item.message, item.message.header.device
+            if message.kind is not kind or message.header.round != round_ or message.header.iteration != iteration:
+                log.debug("late or unexpected %s from %s ignored", message.kind.name, device)
+                continue
+            if device not in expected or device in stats.dropped:
+                self.endpoint.reject(item.topic, f"{device} is not active in this cluster")
+                continue
+            got[device] = item
+        return got
+
+    # rounds ------------------------------------------------------------------------------
+    def _assign(self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan) -> m.Assign:
+        c = self.config
+        return m.Assign(
+            scheme=c.scheme, model=self.model.name, model_fingerprint=self.model.fingerprint(),
+            input_shape=list(self.model.input_shape), num_classes=self.data.num_classes, cut=plan.cut,
+            cluster=cluster, cluster_devices=devices,
+            hyper=m.Hyperparameters(batch_size=c.batch_size, iterations=c.iterations, lr=c.lr, momentum=c.momentum,
+                                    weight_decay=c.weight_decay),
+            grant=plan.grants.get(device, m.Grant()), gradient_timeout_s=c.iteration_timeout_s * 2,
+            data_seed=c.data_seed,
+        )  # fmt: skip
+
+    def _ensure_server_optimizer(self, cut: int) -> None:
+        if self.server_cut != cut:
+            self.server_cut = cut
+            server_part = self.model.net[cut:]
+            self.server_optimizer = make_optimizer(list(server_part.parameters()), self.config.lr,
+                                                   self.config.momentum, self.config.weight_decay)  # fmt: skip
+
+    def _check_smashed(self, item: Received, cut: int) -> str | None:
+        smashed, labels = item.message.tensors.get("smashed"), item.message.tensors.get("labels")
+        if smashed is None or labels is None:
+            return "smashed data needs tensors smashed and labels"
+        expected = self._smashed_shape(cut)
+        if smashed.dtype != torch.float32 or tuple(smashed.shape[1:]) != expected:
+            return (
+                f"smashed shape {tuple(smashed.shape)} {smashed.dtype} does not fit cut {cut} (per sample {expected})"
+            )
+        if not 1 <= smashed.shape[0] <= self.config.batch_size:
+            return f"batch of {smashed.shape[0]} is outside 1..{self.config.batch_size}"
+        if labels.dtype != torch.int64 or tuple(labels.shape) != (smashed.shape[0],):
+            return "labels must be int64, one per sample"
+        if labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < self.data.num_classes):
+            return "labels out of range"
+        return None
+
+    def _smashed_shape(self, cut: int) -> tuple[int, ...]:
+        with torch.no_grad():
+            return tuple(self.model.net[:cut].eval()(torch.zeros(1, *self.model.input_shape)).shape[1:])
+
+    def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+        """One cluster's turn: weights down, I parallel iterations against the server model, average."""
+        cut = plan.cut
+        device_part, server_part = self.model.net[:cut], self.model.net[cut:]
+        self._ensure_server_optimizer(cut)
+        server_part.train()
+        state = {k: v.detach().clone() for k, v in device_part.state_dict().items()}
+        started = time.monotonic()
+        for device in devices:
+            self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
+            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(), round_, tensors=state)
+        self.endpoint.transport.flush(self.config.iteration_timeout_s)
+        stats.model_transfer_s += time.monotonic() - started
+        active = set(devices)
+        for iteration in range(self.config.iterations):
+            deadline = time.monotonic() + self.config.iteration_timeout_s
+            got = self._collect(Kind.SMASHED, round_, iteration, active, stats, deadline)
+            for device, item in list(got.items()):
+                problem = self._check_smashed(item, cut)
+                if problem:
+                    self.endpoint.reject(item.topic, problem)
+                    stats.dropped.add(device)
+                    del got[device]
+            active = set(got)
+            if not active:
+                log.warning("cluster %d of round %d has no device left", cluster, round_)
+                return
+            order = sorted(got)
+            t0 = time.monotonic()
+            grads, loss = server_step(server_part, self.server_optimizer,
+                                      [got[d].message.tensors["smashed"] for d in order],
+                                      [got[d].message.tensors["labels"] for d in order], self.loss_fn)  # fmt: skip
+            t1 = time.monotonic()
+            for device, grad in zip(order, grads, strict=True):
+                self._send(device, Kind.GRADIENT, m.Gradient(), round_, iteration, tensors={"grad": grad})
+            self.endpoint.transport.flush(self.config.iteration_timeout_s)
+            stats.server_compute_s += t1 - t0
+            stats.downlink_s += time.monotonic() - t1
+            stats.train_losses.append(loss)
+        t_weights = time.monotonic()
+        uploads = self._collect(Kind.WEIGHTS_UP, round_, 0, active, stats, t_weights + self.config.iteration_timeout_s)
+        good = {d: u for d, u in uploads.items() if self._fits(u.message.tensors, state, u.topic)}
+        if good:
+            averaged = weighted_average([good[d].message.tensors for d in sorted(good)],
+                                        [good[d].message.body.num_samples for d in sorted(good)])  # fmt: skip
+            device_part.load_state_dict(averaged)
+        stats.model_transfer_s += time.monotonic() - t_weights
+        self._account_device_timings(round_, sorted(good), stats)
+
+    def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+        state = {k: v.detach().clone() for k, v in self.model.net.state_dict().items()}
+        started = time.monotonic()
+        for device in devices:
+            self._send(device, Kind.ASSIGN, self._assign(device, round_, 0, devices, plan), round_)
+            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(), round_, tensors=state)
+        self.endpoint.transport.flush(self.config.iteration_timeout_s)
+        stats.model_transfer_s += time.monotonic() - started
+        deadline = time.monotonic() + self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
+        uploads = self._collect(Kind.WEIGHTS_UP, round_, 0, set(devices), stats, deadline)
+        good = {d: u for d, u in uploads.items() if self._fits(u.message.tensors, state, u.topic)}
+        if good:
+            averaged = weighted_average([good[d].message.tensors for d in sorted(good)],
+                                        [good[d].message.body.num_samples for d in sorted(good)])  # fmt: skip
+            self.model.net.load_state_dict(averaged)
+        self._account_device_timings(round_, sorted(good), stats)
+
+    def _fits(self, tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], topic: str) -> bool:
+        if tensors.keys() != reference.keys() or any(
+            tensors[k].shape != reference[k].shape or tensors[k].dtype != reference[k].dtype for k in reference
+        ):
+            self.endpoint.reject(topic, "uploaded weights do not match the model")
+            return False
+        return True
+
+    def _account_device_timings(self, round_: int, devices: list[str], stats: TurnStats) -> None:
+        """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
+        deadline = time.monotonic() + 2.0
+        while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:
+            self._poll(0.1)
+        reports = [self.timings[(round_, d)] for d in devices if (round_, d) in self.timings]
+        if not reports:
+            return
+        for iteration in range(max(len(r.iterations) for r in reports)):
+            rows = [r.iterations[iteration] for r in reports if iteration < len(r.iterations)]
+            stats.device_compute_s += max(row.forward_s for row in rows) + max(row.backward_s for row in rows)
+            stats.uplink_s += max(row.upload_s for row in rows)
+
+    def run_round(self, round_: int) -> dict:
+        devices = self.registry.online()
+        plan = self.scheduler.plan(round_, devices)
+        stats = TurnStats()
+        started = time.monotonic()
+        if plan.cut is None:
+            self._fl_round(round_, plan.clusters[0], plan, stats)
+        else:
+            for cluster, members in enumerate(plan.clusters):
+                self._split_turn(round_, cluster, members, plan, stats)
+        latency = time.monotonic() - started
+        accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
+        parts = {"device_compute_s": stats.device_compute_s, "uplink_s": stats.uplink_s,
+                 "server_compute_s": stats.server_compute_s, "downlink_s": stats.downlink_s,
+                 "model_transfer_s": stats.model_transfer_s}  # fmt: skip
+        parts["waiting_s"] = max(0.0, latency - sum(parts.values()))
+        record = {
+            "round": round_, "run": self.run_id, "scheme": self.config.scheme, "cut": plan.cut,
+            "cut_name": self.model.cut_name(plan.cut) if plan.cut else None, "clusters": plan.clusters,
+            "accuracy": accuracy, "loss": loss,
+            "train_loss": sum(stats.train_losses) / len(stats.train_losses) if stats.train_losses else None,
+            "latency_s": latency, "breakdown": parts, "dropped": sorted(stats.dropped),
+            "rejected_messages": dict(self.endpoint.rejected), "time": time.time(),
+        }  # fmt: skip
+        return record
+
+    def run(self) -> list[dict]:
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.config.run_dir / "metrics.jsonl"
+        self.connect()
+        try:
+            self.wait_for_devices()
+            for round_ in range(self.config.rounds):
+                record = self.run_round(round_)
+                self.history.append(record)
+                with metrics.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                self._checkpoint(round_)
+                self.on_round(record)
+            self._save_final()
+        finally:
+            self.close()
+        return self.history
+
+    # files -------------------------------------------------------------------------------
+    def _checkpoint(self, round_: int) -> None:
+        _atomic_torch_save({"round": round_, "model": self.model.name, "fingerprint": self.model.fingerprint(),
+                            "state_dict": self.model.net.state_dict()},
+                           self.config.run_dir / "checkpoint.pt")  # fmt: skip
+
+    def _save_final(self) -> None:
+        _atomic_torch_save(self.model.net.state_dict(), self.config.run_dir / "model.pt")
+        frozen = self.model.net.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(frozen, (torch.zeros(1, *self.model.input_shape),), str(self.config.run_dir / "model.onnx"),
+                              dynamo=False, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+        self.model.net.train()
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,3 @@
+from firmware_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""``cpsl-agent``: run on each board; registers with the edge server and trains what it assigns."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from firmware_agent.agent import AgentConfig, DeviceAgent
+from toolkit.allocator import pin_malloc_thresholds
+from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
+from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
+from toolkit.errors import UserError
+from toolkit.models import load_model
+from toolkit.protocol.topics import check_id
+from toolkit.transport import parse_broker_url
+
+PROG = "cpsl-agent"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cpsl-edge" / "profiles"
+
+
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog=PROG, description="CPSL device agent: registers with the edge server "
+                                   "over MQTT and runs the device-side training loop.")  # fmt: skip
+    parser.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    parser.add_argument("--device-id", required=True)
+    parser.add_argument("--data", required=True, help="builtin:mnist5k, builtin:digits, idx:FOLDER, folder:FOLDER")
+    parser.add_argument("--partition", default="0/1", help="I/N: this device holds share I of N (default 0/1)")
+    parser.add_argument("--non-iid", help="dirichlet:ALPHA or shards:K (default IID)")
+    parser.add_argument("--seed", type=int, default=0, help="data split and partition seed (same as the server's)")
+    parser.add_argument("--profile", type=Path, help="device profile JSON from cpsl-profile")
+    parser.add_argument("--model", default="lenet5", help="model to profile when no profile is given or cached")
+    parser.add_argument("--no-profile", action="store_true", help="register without a profile")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for training")
+    parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _profile_bytes(args, model_name: str, threads: int) -> tuple[bytes | None, str]:
+    """The profile to register with: given, cached, or measured now (and cached)."""
+    from toolkit.profile_format import load_profile, save_profile
+
+    if args.no_profile:
+        return None, ""
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+        return args.profile.read_bytes(), profile.model.fingerprint
+    model = load_model(model_name)
+    cached = CACHE / f"{model.name}-{model.fingerprint()}-t{threads}.json"
+    if not cached.is_file():
+        from toolkit.profiler.runner import ProfileRequest, run_profile
+
+        logging.getLogger("cpsl.agent").info("no profile given or cached: profiling %s (about a minute)", model.name)
+        profile = run_profile(ProfileRequest(model=model, batch_sizes=[16], repeats=10, passes=1, threads=threads,
+                                             device_id=args.device_id))  # fmt: skip
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_profile(profile, cached)
+    return cached.read_bytes(), load_profile(cached).model.fingerprint
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
+    check_id(args.device_id, "device id")
+    broker = parse_broker_url(args.broker)
+    index, count = parse_partition(args.partition)
+    parse_scheme(args.non_iid)
+    pin_malloc_thresholds()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = load_dataset(args.data, args.seed)
+    indices = partition_indices(data.train_y.numpy(), count, args.non_iid or "iid", args.seed)[index]
+    profile, fingerprint = _profile_bytes(args, args.model, args.threads)
+    config = AgentConfig(broker=broker, device_id=args.device_id, partition=args.partition, seed=args.seed,
+                         heartbeat_s=args.heartbeat, threads=args.threads, model_hint=args.model,
+                         model_fingerprint=fingerprint)  # fmt: skip
+    agent = DeviceAgent(config, data, indices, profile)
+
+    def stop(signum: int, frame: object) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        agent.start()
+        agent.serve_forever()
+    except UserError:
+        raise
+    finally:
+        agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
