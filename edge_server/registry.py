@@ -22,6 +22,7 @@ class DeviceRecord:
     profile_json: bytes | None
     online: bool
     last_seen: float
+    registered_seq: int = 0
 
 
 class Registry:
@@ -44,13 +45,16 @@ class Registry:
                 profile_json=bytes(profile.numpy().tobytes()) if profile is not None else None,
                 online=True,
                 last_seen=time.monotonic(),
+                registered_seq=message.header.seq,
             )
             if was is None or not was.online:
                 log.info("device %s online (%d samples, partition %s)", device, body.num_samples, body.partition)
             return True
         if message.kind is Kind.OFFLINE:
             record = self.devices.get(device)
-            if record is not None and record.online:
+            # A will older than the latest registration belongs to a session the device has
+            # already replaced (it crashed and came back): it must not mark the new one offline.
+            if record is not None and record.online and message.header.seq >= record.registered_seq:
                 record.online = False
                 log.warning("device %s went offline: %s", device, message.body.reason)
             return True

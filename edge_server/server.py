@@ -58,6 +58,7 @@ class ServerConfig:
     iteration_timeout_s: float = 30.0
     register_timeout_s: float = 120.0
     heartbeat_timeout_s: float = 10.0
+    max_frame_bytes: int = 64 << 20
 
 
 @dataclass
@@ -89,7 +90,7 @@ class EdgeServer:
         self.scheduler = scheduler or FixedScheduler(config.scheme, config.cut, config.clusters)
         self.on_round = on_round or (lambda record: None)
         self.registry = Registry(config.heartbeat_timeout_s)
-        self.endpoint = Endpoint("server")
+        self.endpoint = Endpoint("server", max_frame_bytes=config.max_frame_bytes)
         self.loss_fn = nn.CrossEntropyLoss()
         self.server_optimizer: torch.optim.Optimizer | None = None
         self.server_cut: int | None = None
@@ -155,9 +156,21 @@ class EdgeServer:
                                 f"within {self.config.register_timeout_s:g} s")  # fmt: skip
             self._poll(0.2)
 
-    def _collect(self, kind: Kind, round_: int, iteration: int, expected: set[str],
-                 stats: TurnStats, deadline: float) -> dict[str, Received]:  # fmt: skip
-        """Messages of ``kind`` for this round/iteration from each expected device, until the deadline."""
+    def _collect(
+        self,
+        kind: Kind,
+        round_: int,
+        iteration: int,
+        expected: set[str],
+        stats: TurnStats,
+        deadline: float,
+        check: Callable[[Received], str | None] | None = None,
+    ) -> dict[str, Received]:
+        """Messages of ``kind`` for this round/iteration from each expected device, until the deadline.
+
+        A message that fails ``check`` is rejected and the device stays expected: a forged or
+        corrupt message must not knock a genuine device out of the round.
+        """
         got: dict[str, Received] = {}
         while expected - got.keys() - stats.dropped:
             for device in expected - got.keys():
@@ -180,6 +193,10 @@ class EdgeServer:
                 continue
             if device not in expected or device in stats.dropped:
                 self.endpoint.reject(item.topic, f"{device} is not active in this cluster")
+                continue
+            problem = check(item) if check is not None else None
+            if problem:
+                self.endpoint.reject(item.topic, problem)
                 continue
             got[device] = item
         return got
@@ -241,13 +258,8 @@ class EdgeServer:
         active = set(devices)
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
-            got = self._collect(Kind.SMASHED, round_, iteration, active, stats, deadline)
-            for device, item in list(got.items()):
-                problem = self._check_smashed(item, cut)
-                if problem:
-                    self.endpoint.reject(item.topic, problem)
-                    stats.dropped.add(device)
-                    del got[device]
+            got = self._collect(Kind.SMASHED, round_, iteration, active, stats, deadline,
+                                check=lambda item: self._check_smashed(item, cut))  # fmt: skip
             active = set(got)
             if not active:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
@@ -265,8 +277,8 @@ class EdgeServer:
             stats.downlink_s += time.monotonic() - t1
             stats.train_losses.append(loss)
         t_weights = time.monotonic()
-        uploads = self._collect(Kind.WEIGHTS_UP, round_, 0, active, stats, t_weights + self.config.iteration_timeout_s)
-        good = {d: u for d, u in uploads.items() if self._fits(u.message.tensors, state, u.topic)}
+        good = self._collect(Kind.WEIGHTS_UP, round_, 0, active, stats, t_weights + self.config.iteration_timeout_s,
+                             check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
         if good:
             averaged = weighted_average([good[d].message.tensors for d in sorted(good)],
                                         [good[d].message.body.num_samples for d in sorted(good)])  # fmt: skip
@@ -283,21 +295,21 @@ class EdgeServer:
         self.endpoint.transport.flush(self.config.iteration_timeout_s)
         stats.model_transfer_s += time.monotonic() - started
         deadline = time.monotonic() + self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
-        uploads = self._collect(Kind.WEIGHTS_UP, round_, 0, set(devices), stats, deadline)
-        good = {d: u for d, u in uploads.items() if self._fits(u.message.tensors, state, u.topic)}
+        good = self._collect(Kind.WEIGHTS_UP, round_, 0, set(devices), stats, deadline,
+                             check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
         if good:
             averaged = weighted_average([good[d].message.tensors for d in sorted(good)],
                                         [good[d].message.body.num_samples for d in sorted(good)])  # fmt: skip
             self.model.net.load_state_dict(averaged)
         self._account_device_timings(round_, sorted(good), stats)
 
-    def _fits(self, tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], topic: str) -> bool:
+    @staticmethod
+    def _misfit(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
         if tensors.keys() != reference.keys() or any(
             tensors[k].shape != reference[k].shape or tensors[k].dtype != reference[k].dtype for k in reference
         ):
-            self.endpoint.reject(topic, "uploaded weights do not match the model")
-            return False
-        return True
+            return "uploaded weights do not match the model"
+        return None
 
     def _account_device_timings(self, round_: int, devices: list[str], stats: TurnStats) -> None:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
@@ -367,9 +379,16 @@ class EdgeServer:
         frozen = self.model.net.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(frozen, (torch.zeros(1, *self.model.input_shape),), str(self.config.run_dir / "model.onnx"),
-                              dynamo=False, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+            example = (torch.zeros(1, *self.model.input_shape),)
+            torch.onnx.export(
+                frozen,
+                example,
+                str(self.config.run_dir / "model.onnx"),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
         self.model.net.train()
 
 

@@ -67,7 +67,7 @@ class DeviceAgent:
 
     # lifecycle ---------------------------------------------------------------------------
     def _offline_frame(self, reason: str) -> bytes:
-        header = make_header(IDLE_RUN, self.config.device_id)
+        header = make_header(IDLE_RUN, self.config.device_id, seq=self.endpoint.next_seq())
         return encode(Kind.OFFLINE, header, m.Offline(reason=reason))
 
     def start(self) -> None:

@@ -108,6 +108,9 @@ class Endpoint:
         except queue.Empty:
             return None
 
+    def next_seq(self) -> int:
+        return next(self._seq)
+
     def send(
         self,
         topic: str,
@@ -122,7 +125,7 @@ class Endpoint:
         retain: bool = False,
     ) -> int:
         """Encode, chunk if needed, publish; returns the bytes put on the wire."""
-        header = Header(run=run, device=device, round=round_, iteration=iteration, seq=next(self._seq),
+        header = Header(run=run, device=device, round=round_, iteration=iteration, seq=self.next_seq(),
                         sent_at=time.time())  # fmt: skip
         frame = encode(kind, header, body, tensors)
         pieces = [frame] if retain else split(frame, header, self.chunk_bytes)
