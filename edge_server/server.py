@@ -189,7 +189,8 @@ class EdgeServer:
                 continue
             message, device = item.message, item.message.header.device
             if message.kind is not kind or message.header.round != round_ or message.header.iteration != iteration:
-                log.debug("late or unexpected %s from %s ignored", message.kind.name, device)
+                where = f"round {message.header.round} iteration {message.header.iteration}"
+                self.endpoint.reject(item.topic, f"unexpected {message.kind.name} for {where} (late or early)")
                 continue
             if device not in expected or device in stats.dropped:
                 self.endpoint.reject(item.topic, f"{device} is not active in this cluster")

@@ -1,0 +1,246 @@
+"""The training system over a real Mosquitto, real torch: oracles against centralized training,
+raw data never on the wire, malformed messages, a device killed mid-round that rejoins."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edge_server.server import EdgeServer, ServerConfig
+from firmware_agent.agent import AgentConfig, DeviceAgent, stream_seed
+from toolkit.data import load_dataset, partition_indices
+from toolkit.models import load_model
+from toolkit.protocol import Kind, decode, encode, make_header, topics
+from toolkit.protocol import messages as m
+from toolkit.training import BatchStream, weighted_average
+from toolkit.transport import MqttTransport, parse_broker_url
+
+DATA = "builtin:digits"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DATA, seed=0)
+
+
+def start_agents(broker: str, data, count: int, scheme: str = "iid") -> tuple[list[DeviceAgent], dict[str, np.ndarray]]:
+    parts = partition_indices(data.train_y.numpy(), count, scheme, 0)
+    agents, shares = [], {}
+    for index in range(count):
+        device = f"dev{index}"
+        shares[device] = parts[index]
+        agent = DeviceAgent(AgentConfig(parse_broker_url(broker), device, f"{index}/{count}", heartbeat_s=0.5),
+                            data, parts[index], None)  # fmt: skip
+        agent.start()
+        threading.Thread(target=agent.serve_forever, daemon=True).start()
+        agents.append(agent)
+    return agents, shares
+
+
+def server_config(broker: str, tmp_path, **overrides) -> ServerConfig:
+    values = dict(broker=parse_broker_url(broker), scheme="cpsl", rounds=2, min_devices=1, batch_size=8,
+                  iterations=3, lr=0.05, momentum=0.0, clusters=1, cut=6, run_dir=tmp_path / "run",
+                  run_id="test-run", iteration_timeout_s=10, register_timeout_s=20)  # fmt: skip
+    values.update(overrides)
+    return ServerConfig(**values)
+
+
+def centralized(data, order: list[list[str]], shares: dict, config: ServerConfig) -> dict[str, torch.Tensor]:
+    """The whole model trained in one place on the batches the devices would draw, in schedule order."""
+    model = load_model("lenet5", seed=0)
+    optimizer = torch.optim.SGD(model.net.parameters(), lr=config.lr)
+    streams = {d: BatchStream(shares[d], config.batch_size, stream_seed(config.data_seed, d)) for d in shares}
+    for _ in range(config.rounds):
+        for cluster in order:
+            for _ in range(config.iterations):
+                batches = [streams[d].next() for d in sorted(cluster)]
+                x = torch.cat([data.train_x[b] for b in batches])
+                y = torch.cat([data.train_y[b] for b in batches])
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model.net(x), y).backward()
+                optimizer.step()
+    return model.net.state_dict()
+
+
+def run_server(config: ServerConfig, data) -> EdgeServer:
+    server = EdgeServer(config, load_model("lenet5", seed=0), data)
+    server.run()
+    return server
+
+
+def close(agents) -> None:
+    for agent in agents:
+        agent.close()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_cpsl_with_one_device_equals_centralized_training(broker, digits, tmp_path) -> None:
+    agents, shares = start_agents(broker, digits, 1)
+    config = server_config(broker, tmp_path, rounds=2, iterations=4)
+    server = run_server(config, digits)
+    close(agents)
+    assert_same_weights(server.model.net.state_dict(), centralized(digits, [["dev0"]], shares, config))
+
+
+def test_sl_over_three_devices_equals_centralized_training_in_turn(broker, digits, tmp_path) -> None:
+    agents, shares = start_agents(broker, digits, 3)
+    config = server_config(broker, tmp_path, scheme="sl", min_devices=3, rounds=2, iterations=3)
+    server = run_server(config, digits)
+    close(agents)
+    assert [r["clusters"] for r in server.history] == [[["dev0"], ["dev1"], ["dev2"]]] * 2
+    expected = centralized(digits, [["dev0"], ["dev1"], ["dev2"]], shares, config)
+    assert_same_weights(server.model.net.state_dict(), expected)
+
+
+def test_fedavg_weights_by_sample_count_by_hand() -> None:
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}
+    averaged = weighted_average([a, b], [100, 300])
+    # (1*100 + 4*300)/400 = 3.25 ; (2*100 + 8*300)/400 = 6.5 ; integer buffers are not averaged
+    assert torch.equal(averaged["w"], torch.tensor([3.25, 6.5])) and int(averaged["n"]) == 3
+
+
+def test_every_scheme_trains_and_writes_its_files(broker, digits, tmp_path) -> None:
+    agents, _ = start_agents(broker, digits, 2)
+    for scheme in ("cpsl", "sfl", "fl"):
+        config = server_config(broker, tmp_path / scheme, scheme=scheme, min_devices=2, rounds=2, clusters=2, iterations=15, batch_size=16,
+                               cut=None if scheme == "fl" else 3, run_id=f"r-{scheme}")  # fmt: skip
+        server = run_server(config, digits)
+        records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [0, 1] and records[-1]["scheme"] == scheme
+        for key in ("accuracy", "loss", "latency_s", "clusters", "cut", "breakdown"):
+            assert key in records[-1]
+        assert records[-1]["accuracy"] > 0.2, scheme  # 10 classes: well above chance after two rounds
+        assert {"device_compute_s", "uplink_s", "server_compute_s", "downlink_s", "model_transfer_s",
+                "waiting_s"} <= records[-1]["breakdown"].keys()  # fmt: skip
+        for name in ("checkpoint.pt", "model.pt", "model.onnx"):
+            assert (config.run_dir / name).stat().st_size > 1000
+        state = torch.load(config.run_dir / "model.pt", weights_only=True)
+        assert_same_weights(state, server.model.net.state_dict(), atol=0)
+    close(agents)
+
+
+def test_no_message_ever_carries_raw_inputs(broker, digits, tmp_path) -> None:
+    wire: queue.Queue = queue.Queue()
+    sniffer = MqttTransport(parse_broker_url(broker), "sniffer", lambda topic, data: wire.put(data))
+    sniffer.subscribe("cpsl/#")
+    sniffer.connect(5)
+    agents, shares = start_agents(broker, digits, 2)
+    run_server(server_config(broker, tmp_path, min_devices=2, cut=1), digits)
+    close(agents)
+    sniffer.close()
+    frames = []
+    while not wire.empty():
+        frames.append(wire.get())
+    assert len(frames) > 20
+    raw = [digits.train_x[i].numpy().tobytes() for share in shares.values() for i in share[:50]]
+    for frame in frames:
+        for image in raw:
+            assert image[1000:1256] not in frame
+        message = decode(frame)
+        for tensor in message.tensors.values():
+            assert tuple(tensor.shape[1:]) != (1, 28, 28)
+
+
+def _publish_raw(broker: str, topic: str, path) -> None:
+    port = broker.rsplit(":", 1)[1]
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", "-t", topic, "-f", str(path)],
+                   check=True, timeout=20)  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients is not installed")
+def test_malformed_messages_are_logged_and_training_finishes(broker, digits, tmp_path, caplog) -> None:
+    agents, _ = start_agents(broker, digits, 2)
+    config = server_config(broker, tmp_path, min_devices=2, rounds=3, iterations=4, max_frame_bytes=1 << 20)
+    server = EdgeServer(config, load_model("lenet5", seed=0), digits)
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    up = topics.up("test-run", "dev0")
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00garbage that is not a frame" * 10)
+    wrong_shape = tmp_path / "wrong_shape"
+    wrong_shape.write_bytes(
+        encode(
+            Kind.SMASHED,
+            make_header("test-run", "dev0", 1, 0, seq=1),
+            m.Smashed(),
+            {"smashed": torch.randn(8, 3, 3), "labels": torch.zeros(8, dtype=torch.int64)},
+        )
+    )
+    wrong_run = tmp_path / "wrong_run"
+    wrong_run.write_bytes(
+        encode(
+            Kind.SMASHED,
+            make_header("other-run", "dev0", 1, 0, seq=2),
+            m.Smashed(),
+            {"smashed": torch.randn(8, 16, 5, 5), "labels": torch.zeros(8, dtype=torch.int64)},
+        )
+    )
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"CPSL" + bytes(2 << 20))  # fmt: skip
+    time.sleep(1.0)
+    for path in (garbage, wrong_shape, wrong_run, huge):
+        _publish_raw(broker, up, path)
+    thread.join(timeout=120)
+    close(agents)
+    assert not thread.is_alive()
+    assert [r["round"] for r in server.history] == [0, 1, 2]
+    assert all(not r["dropped"] for r in server.history)
+    rejected = server.endpoint.rejected
+    assert rejected["not a cpsl frame (bad magic)"] == 1
+    assert rejected["wrong run id 'other-run'"] == 1
+    assert any(reason.startswith("frame of") for reason in rejected)
+    # the wrong-shape frame is refused for its shape, or for its round if it arrived at another time
+    assert any(reason.startswith(("smashed shape", "unexpected SMASHED")) for reason in rejected), rejected
+
+
+def _agent_process(broker: str, index: int, count: int, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "firmware_agent", "--broker", broker, "--device-id", f"dev{index}",
+                             "--data", DATA, "--partition", f"{index}/{count}", "--no-profile", "--heartbeat", "0.5"],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path) -> None:
+    log = (tmp_path / "agents.log").open("w")
+    processes = {i: _agent_process(broker, i, 3, log) for i in range(3)}
+    killed = threading.Event()
+
+    def on_round(record: dict) -> None:
+        if record["round"] == 0:
+
+            def kill_then_restart() -> None:
+                time.sleep(0.3)
+                processes[1].kill()  # mid round 1: no goodbye, as if the board lost power
+                killed.set()
+                time.sleep(3.0)
+                processes[3] = _agent_process(broker, 1, 3, log)
+
+            threading.Thread(target=kill_then_restart, daemon=True).start()
+
+    config = server_config(broker, tmp_path, scheme="cpsl", min_devices=3, rounds=5, iterations=10, clusters=3,
+                           iteration_timeout_s=4, heartbeat_timeout_s=2)  # fmt: skip
+    server = EdgeServer(config, load_model("lenet5", seed=0), digits, on_round=on_round)
+    try:
+        server.run()
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+    assert killed.is_set()
+    history = server.history
+    assert len(history) == 5
+    assert "dev1" in history[1]["dropped"]
+    assert any("dev1" in sum(r["clusters"], []) and "dev1" not in r["dropped"] for r in history[2:])
