@@ -116,8 +116,9 @@ def test_fedavg_weights_by_sample_count_by_hand() -> None:
 def test_every_scheme_trains_and_writes_its_files(broker, digits, tmp_path) -> None:
     agents, _ = start_agents(broker, digits, 2)
     for scheme in ("cpsl", "sfl", "fl"):
-        config = server_config(broker, tmp_path / scheme, scheme=scheme, min_devices=2, rounds=2, clusters=2, iterations=15, batch_size=16,
-                               cut=None if scheme == "fl" else 3, run_id=f"r-{scheme}")  # fmt: skip
+        config = server_config(broker, tmp_path / scheme, scheme=scheme, min_devices=2, rounds=2, clusters=2,
+                               iterations=15, batch_size=16, cut=None if scheme == "fl" else 3,
+                               run_id=f"r-{scheme}")  # fmt: skip
         server = run_server(config, digits)
         records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [0, 1] and records[-1]["scheme"] == scheme

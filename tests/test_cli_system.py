@@ -1,0 +1,61 @@
+"""The training CLIs as users run them: bad input is one line and a non-zero exit; the demo learns."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+from tests.brokers import free_port
+from tests.conftest import run_cli
+
+BAD_AGENT = [
+    (["--data", "builtin:cifar"], "unknown data spec 'builtin:cifar'"),
+    (["--data", "builtin:digits", "--partition", "4/4"], "partition '4/4' is out of range"),
+    (["--data", "builtin:digits", "--non-iid", "dirichlet:-1"], "non-IID scheme"),
+    (["--data", "builtin:digits", "--device-id", "bad/id"], "device id 'bad/id'"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_AGENT)
+def test_agent_bad_input(flags, message) -> None:
+    args = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d0", "--no-profile", *flags]
+    result = run_cli("firmware_agent", *args, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_agent_unreachable_broker() -> None:
+    result = run_cli("firmware_agent", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d0",
+                     "--data", "builtin:digits", "--no-profile", timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "cannot reach broker" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cut", "pool9"], "cut 'pool9' does not exist"),
+        (["--data", "nope:x"], "unknown data spec"),
+        (["--model", "resnet"], "unknown model"),
+        (["--broker", "http://x"], "only mqtt://HOST:PORT"),
+    ],
+)
+def test_server_bad_input(flags, message) -> None:
+    args = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--min-devices", "1", "--data", "builtin:digits", *flags]
+    result = run_cli("edge_server", *args, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_learns_on_the_embedded_broker_and_leaves_no_process(tmp_path) -> None:
+    before = {p.pid for p in psutil.process_iter()}
+    result = run_cli("edge_server", "demo", "--run-dir", str(tmp_path / "demo"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and records[-1]["scheme"] == "cpsl" and len(records[-1]["clusters"]) == 2
+    assert records[-1]["accuracy"] >= 0.90, [r["accuracy"] for r in records]
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before and p.pid != os.getpid()
+                 and "firmware_agent" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    assert leftovers == []
