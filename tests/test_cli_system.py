@@ -59,3 +59,24 @@ def test_demo_learns_on_the_embedded_broker_and_leaves_no_process(tmp_path) -> N
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before and p.pid != os.getpid()
                  and "firmware_agent" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
     assert leftovers == []
+
+
+def test_demo_interrupted_with_ctrl_c_leaves_no_process(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    demo = subprocess.Popen([sys.executable, "-m", "edge_server", "demo", "--run-dir", str(tmp_path / "d"),
+                             "--rounds", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (tmp_path / "d" / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (tmp_path / "d" / "metrics.jsonl").exists(), "the demo did not start training"
+    children = [p.pid for p in psutil.Process(demo.pid).children(recursive=True)]
+    assert len(children) >= 4
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=30) != 0
+    time.sleep(1)
+    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert alive == []
