@@ -363,11 +363,18 @@ class EdgeServer:
                 with metrics.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
                 self._checkpoint(round_)
+                self._publish_metrics(record)
                 self.on_round(record)
             self._save_final()
         finally:
             self.close()
         return self.history
+
+    def _publish_metrics(self, record: dict) -> None:
+        """The round's evaluation, retained on the run's metrics topic for dashboards and agents."""
+        values = {"accuracy": record["accuracy"], "loss": record["loss"], "latency_s": record["latency_s"]}
+        self.endpoint.send(topics.run_metrics(self.run_id), Kind.METRICS, m.Metrics(values=values), run=self.run_id,
+                           device="server", round_=record["round"], retain=True)  # fmt: skip
 
     # files -------------------------------------------------------------------------------
     def _checkpoint(self, round_: int) -> None:
