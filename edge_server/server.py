@@ -95,6 +95,7 @@ class EdgeServer:
         self.server_optimizer: torch.optim.Optimizer | None = None
         self.server_cut: int | None = None
         self.timings: dict[tuple[int, str], m.Timings] = {}
+        self._smashed_shapes: dict[int, tuple[int, ...]] = {}
         self.history: list[dict] = []
 
     # connection --------------------------------------------------------------------------
@@ -240,8 +241,15 @@ class EdgeServer:
         return None
 
     def _smashed_shape(self, cut: int) -> tuple[int, ...]:
-        with torch.no_grad():
-            return tuple(self.model.net[:cut].eval()(torch.zeros(1, *self.model.input_shape)).shape[1:])
+        """Per-sample shape of the cut's activations; one probe forward per cut, not per message."""
+        if cut not in self._smashed_shapes:
+            part = self.model.net[:cut]
+            was_training = part.training
+            with torch.no_grad():
+                shape = tuple(part.eval()(torch.zeros(1, *self.model.input_shape)).shape[1:])
+            part.train(was_training)
+            self._smashed_shapes[cut] = shape
+        return self._smashed_shapes[cut]
 
     def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
         """One cluster's turn: weights down, I parallel iterations against the server model, average."""
@@ -249,13 +257,7 @@ class EdgeServer:
         device_part, server_part = self.model.net[:cut], self.model.net[cut:]
         self._ensure_server_optimizer(cut)
         server_part.train()
-        state = {k: v.detach().clone() for k, v in device_part.state_dict().items()}
-        started = time.monotonic()
-        for device in devices:
-            self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
-            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(), round_, tensors=state)
-        self.endpoint.transport.flush(self.config.iteration_timeout_s)
-        stats.model_transfer_s += time.monotonic() - started
+        state = self._hand_out(device_part, round_, cluster, devices, plan, stats)
         active = set(devices)
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
@@ -280,29 +282,37 @@ class EdgeServer:
         t_weights = time.monotonic()
         good = self._collect(Kind.WEIGHTS_UP, round_, 0, active, stats, t_weights + self.config.iteration_timeout_s,
                              check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
-        if good:
-            averaged = weighted_average([good[d].message.tensors for d in sorted(good)],
-                                        [good[d].message.body.num_samples for d in sorted(good)])  # fmt: skip
-            device_part.load_state_dict(averaged)
+        self._average_into(device_part, good)
         stats.model_transfer_s += time.monotonic() - t_weights
         self._account_device_timings(round_, sorted(good), stats)
 
     def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
-        state = {k: v.detach().clone() for k, v in self.model.net.state_dict().items()}
-        started = time.monotonic()
-        for device in devices:
-            self._send(device, Kind.ASSIGN, self._assign(device, round_, 0, devices, plan), round_)
-            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(), round_, tensors=state)
-        self.endpoint.transport.flush(self.config.iteration_timeout_s)
-        stats.model_transfer_s += time.monotonic() - started
+        state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
         deadline = time.monotonic() + self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
         good = self._collect(Kind.WEIGHTS_UP, round_, 0, set(devices), stats, deadline,
                              check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
-        if good:
-            averaged = weighted_average([good[d].message.tensors for d in sorted(good)],
-                                        [good[d].message.body.num_samples for d in sorted(good)])  # fmt: skip
-            self.model.net.load_state_dict(averaged)
+        self._average_into(self.model.net, good)
         self._account_device_timings(round_, sorted(good), stats)
+
+    def _hand_out(self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan,
+                  stats: TurnStats) -> dict[str, torch.Tensor]:  # fmt: skip
+        """ASSIGN and the current weights of ``part`` to each device; returns the weights sent."""
+        state = {k: v.detach().clone() for k, v in part.state_dict().items()}
+        started = time.monotonic()
+        for device in devices:
+            self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
+            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(), round_, tensors=state)
+        self.endpoint.transport.flush(self.config.iteration_timeout_s)
+        stats.model_transfer_s += time.monotonic() - started
+        return state
+
+    @staticmethod
+    def _average_into(part: nn.Module, uploads: dict[str, Received]) -> None:
+        """FedAvg of the uploaded weights, weighted by each device's sample count, loaded into ``part``."""
+        if uploads:
+            order = sorted(uploads)
+            part.load_state_dict(weighted_average([uploads[d].message.tensors for d in order],
+                                                  [uploads[d].message.body.num_samples for d in order]))  # fmt: skip
 
     @staticmethod
     def _misfit(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
