@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from toolkit.cli.common import (
     OneLineArgumentParser,
@@ -19,6 +18,7 @@ from toolkit.cli.common import (
     non_negative_int,
     parse_shape,
     positive_int,
+    progress_bar,
     run_cli,
 )
 from toolkit.errors import UserError
@@ -129,14 +129,7 @@ def _main(argv: Sequence[str] | None) -> int:
         optimizer=args.optimizer,
         seed=args.seed,
     )
-    with Progress(
-        TextColumn("[bold]{task.description:<40}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
+    with progress_bar(console, 40) as progress:
         task = progress.add_task("starting", total=request.planned_steps())
 
         def advance(description: str) -> None:

@@ -1,0 +1,183 @@
+"""Scheme against scheme on simulated rounds: what resource management buys.
+
+Every scheme sees the same devices, the same model costs and the same per-round channel
+and compute states (one :class:`ChannelModel`, seeded), so the differences are the
+schemes' decisions alone:
+
+- ``sl``: the middle candidate cut, devices one after another (each with the whole band);
+- ``sfl``: the middle cut, all devices in one cluster, equal shares;
+- ``fl``: the whole model on every device, equal shares for the model transfers;
+- ``cpsl-random``: the middle cut, random clusters (as many as ``cpsl`` may use, sizes
+  as equal as possible, redrawn every round), equal shares;
+- ``cpsl``: the cut chosen by SAA (re-chosen every K rounds or on drift), clusters and
+  shares optimised every round from that round's state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from toolkit.errors import UserError
+from toolkit.planning.allocation import allocate_shares, equal_shares
+from toolkit.planning.channel import ChannelModel
+from toolkit.planning.clustering import ClusterBounds, cluster_devices
+from toolkit.planning.costs import ModelCosts
+from toolkit.planning.cut_selection import CutReselection, select_cut
+from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings, plan_fl_round, plan_split_round
+
+SCHEMES = ("sl", "sfl", "fl", "cpsl-random", "cpsl")
+SAA_STREAM_OFFSET = 1_000_000  # SAA samples are rounds the run never plays
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    latency_s: float
+    cut: int | None
+    cut_name: str
+    clusters: list[list[int]]
+    decision_s: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        record = {
+            "round": self.round,
+            "latency_s": self.latency_s,
+            "cut": self.cut,
+            "cut_name": self.cut_name,
+            "clusters": self.clusters,
+            "decision_s": self.decision_s,
+        }
+        if self.note:
+            record["note"] = self.note
+        return record
+
+
+@dataclass
+class SchemeResult:
+    scheme: str
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    @property
+    def latencies(self) -> list[float]:
+        return [r.latency_s for r in self.rounds]
+
+    @property
+    def mean_latency_s(self) -> float:
+        return float(np.mean(self.latencies)) if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "mean_latency_s": self.mean_latency_s,
+            "round_latency_s": self.latencies,
+            "rounds": [r.to_dict() for r in self.rounds],
+        }
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    rounds: int = 20
+    seed: int = 0
+    settings: TrainingSettings = field(default_factory=TrainingSettings)
+    bounds: ClusterBounds = field(default_factory=lambda: ClusterBounds(max_cluster_size=5))
+    saa_samples: int = 10
+    reselect_every: int = 10
+    drift_threshold: float = 0.3
+    cpsl_cut: int | None = None  # pin cpsl's cut (no SAA): separates the cut's gain from clustering's
+
+
+def random_clusters(devices: int, count: int, rng: np.random.Generator) -> list[list[int]]:
+    order = rng.permutation(devices)
+    return [sorted(int(d) for d in order[k::count]) for k in range(count) if len(order[k::count])]
+
+
+class _Schemes:
+    def __init__(self, costs: ModelCosts, channel: ChannelModel, config: SimulationConfig):
+        self.costs, self.channel, self.config = costs, channel, config
+        self.middle = costs.middle_cut()
+        self.cluster_count = config.bounds.resolve(channel.size)[1]
+        self.reselection = CutReselection(config.reselect_every, config.drift_threshold)
+        self.cpsl_cut = None
+
+    def sl(self, round_: int, state: FleetState) -> RoundRecord:
+        problem = SplitProblem.build(self.middle, state, self.config.settings)
+        clusters = [[n] for n in range(state.size)]
+        plan = plan_split_round(problem, clusters, equal_shares)
+        return RoundRecord(round_, plan.latency_s, self.middle.cut, self.middle.name, clusters)
+
+    def sfl(self, round_: int, state: FleetState) -> RoundRecord:
+        problem = SplitProblem.build(self.middle, state, self.config.settings)
+        clusters = [list(range(state.size))]
+        plan = plan_split_round(problem, clusters, equal_shares)
+        return RoundRecord(round_, plan.latency_s, self.middle.cut, self.middle.name, clusters)
+
+    def fl(self, round_: int, state: FleetState) -> RoundRecord:
+        plan = plan_fl_round(self.costs, state, self.config.settings, equal_shares)
+        return RoundRecord(round_, plan.latency_s, None, "full model", [list(range(state.size))])
+
+    def cpsl_random(self, round_: int, state: FleetState) -> RoundRecord:
+        rng = np.random.default_rng([self.config.seed, 0xA11, round_])
+        clusters = random_clusters(state.size, self.cluster_count, rng)
+        problem = SplitProblem.build(self.middle, state, self.config.settings)
+        plan = plan_split_round(problem, clusters, equal_shares)
+        return RoundRecord(round_, plan.latency_s, self.middle.cut, self.middle.name, clusters)
+
+    def cpsl(self, round_: int, state: FleetState) -> RoundRecord:
+        started = time.perf_counter()
+        note = ""
+        reason = None if self.config.cpsl_cut is not None else self.reselection.due(round_, state)
+        if self.cpsl_cut is None and self.config.cpsl_cut is not None:
+            self.cpsl_cut = self.costs.cut(self.config.cpsl_cut)
+        if reason is not None:
+            base = SAA_STREAM_OFFSET + round_ * self.config.saa_samples
+            samples = self.channel.states(range(base, base + self.config.saa_samples))
+            choice = select_cut(self.costs, samples, self.config.settings, self.config.bounds, self.config.seed)
+            self.reselection.selected(round_, samples)
+            if self.cpsl_cut is None or choice.cut != self.cpsl_cut.cut:
+                note = f"cut {choice.cut}:{choice.name} ({reason})"
+            self.cpsl_cut = self.costs.cut(choice.cut)
+        problem = SplitProblem.build(self.cpsl_cut, state, self.config.settings)
+        clusters = cluster_devices(problem, self.config.bounds, seed=self.config.seed + round_)
+        plan = plan_split_round(problem, clusters, allocate_shares)
+        elapsed = time.perf_counter() - started
+        return RoundRecord(round_, plan.latency_s, self.cpsl_cut.cut, self.cpsl_cut.name, clusters, elapsed, note)
+
+    def runner(self, scheme: str) -> Callable[[int, FleetState], RoundRecord]:
+        return {
+            "sl": self.sl,
+            "sfl": self.sfl,
+            "fl": self.fl,
+            "cpsl-random": self.cpsl_random,
+            "cpsl": self.cpsl,
+        }[scheme]
+
+
+def parse_schemes(text: str) -> list[str]:
+    schemes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown or not schemes:
+        raise UserError(f"unknown scheme(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(SCHEMES)}")
+    return list(dict.fromkeys(schemes))
+
+
+def simulate(
+    costs: ModelCosts,
+    channel: ChannelModel,
+    schemes: Sequence[str],
+    config: SimulationConfig,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, SchemeResult]:
+    """Every scheme over ``config.rounds`` rounds of the same channel."""
+    runners = _Schemes(costs, channel, config)
+    results = {scheme: SchemeResult(scheme) for scheme in schemes}
+    for round_ in range(config.rounds):
+        state = channel.state(round_)
+        for scheme in schemes:
+            results[scheme].rounds.append(runners.runner(scheme)(round_, state))
+            if progress:
+                progress(scheme, round_)
+    return results
