@@ -2,12 +2,15 @@
 
 A :class:`Scheduler` turns the online devices into a :class:`RoundPlan`: the cut, the
 clusters (trained one after another; devices inside a cluster in parallel) and each
-device's transmission grant. :class:`FixedScheduler` takes them from flags; the
-resource-management issue adds an optimising scheduler behind the same interface.
+device's transmission grant. :class:`FixedScheduler` takes them from flags;
+:class:`edge_server.auto.AutoScheduler` decides them live (``--auto``), and also offers
+``needs_probe``/``add_device`` (the server probes new devices for it) and ``observe``
+(the server hands it every round's measurements).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,10 +21,25 @@ SCHEMES = ("cpsl", "sl", "sfl", "fl")
 
 
 @dataclass
+class ClusterTiming:
+    """What running a cluster's slots needs: when the first slots open after the weights
+    go down, and when the next iteration's open after the gradients go out (seconds)."""
+
+    model_down_s: float
+    downlink_s: float
+    downlink_order: list[str]  # gradients go out in this order (longest backward pass first)
+    predicted_turn_s: float
+    predicted_iteration_s: float
+
+
+@dataclass
 class RoundPlan:
     cut: int | None  # None: FL, the whole model trains on the devices
     clusters: list[list[str]]
     grants: dict[str, m.Grant] = field(default_factory=dict)
+    timing: dict[int, ClusterTiming] = field(default_factory=dict)  # by cluster index; empty: no slots
+    predicted_latency_s: float | None = None
+    decision: dict = field(default_factory=dict)  # logged to metrics.jsonl as is
 
 
 class Scheduler(Protocol):
@@ -30,15 +48,22 @@ class Scheduler(Protocol):
 
 @dataclass
 class FixedScheduler:
-    """cpsl: ``clusters`` groups dealt round-robin by device id; sl: one device per cluster;
-    sfl: one cluster of all; fl: all devices, whole model."""
+    """cpsl: ``clusters`` groups dealt round-robin by device id (or, with
+    ``random_clusters``, by a permutation drawn per round from ``seed``); sl: one device
+    per cluster; sfl: one cluster of all; fl: all devices, whole model. No slots: every
+    device sends as soon as its data is ready."""
 
     scheme: str
     cut: int | None
     clusters: int = 2
+    random_clusters: bool = False
+    seed: int = 0
 
     def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
         ids = sorted(device.id for device in devices)
+        if self.random_clusters:
+            order = random.Random(f"{self.seed}/{round_}")
+            order.shuffle(ids)
         if self.scheme == "sl":
             groups = [[device] for device in ids]
         elif self.scheme in ("sfl", "fl"):

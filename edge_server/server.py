@@ -59,6 +59,13 @@ class ServerConfig:
     register_timeout_s: float = 120.0
     heartbeat_timeout_s: float = 10.0
     max_frame_bytes: int = 64 << 20
+    auto: bool = False  # cpsl only: cut, clusters and slots decided live (edge_server.auto)
+    max_cluster_size: int | None = None
+    server_profile: Path | None = None
+    reselect_every: int = 10
+    drift_threshold: float = 0.3
+    random_clusters: bool = False  # fixed cpsl: clusters drawn at random each round
+    target_accuracy: float | None = None  # stop once the test accuracy reaches it
 
 
 @dataclass
@@ -72,6 +79,8 @@ class TurnStats:
     model_transfer_s: float = 0.0
     train_losses: list[float] = field(default_factory=list)
     dropped: set[str] = field(default_factory=set)
+    server_steps: list[tuple[int, float]] = field(default_factory=list)  # (samples, seconds)
+    arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> wall clock
 
 
 class EdgeServer:
@@ -87,7 +96,7 @@ class EdgeServer:
         self.model = model
         self.data = data
         self.run_id = config.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        self.scheduler = scheduler or FixedScheduler(config.scheme, config.cut, config.clusters)
+        self.scheduler = scheduler or self._default_scheduler()
         self.on_round = on_round or (lambda record: None)
         self.registry = Registry(config.heartbeat_timeout_s)
         self.endpoint = Endpoint("server", max_frame_bytes=config.max_frame_bytes)
@@ -97,6 +106,19 @@ class EdgeServer:
         self.timings: dict[tuple[int, str], m.Timings] = {}
         self._smashed_shapes: dict[int, tuple[int, ...]] = {}
         self.history: list[dict] = []
+
+    def _default_scheduler(self) -> Scheduler:
+        c = self.config
+        if c.auto and c.scheme == "cpsl":
+            from edge_server.auto import AutoScheduler
+            from toolkit.planning.clustering import ClusterBounds
+            from toolkit.profile_format import load_profile
+
+            server_profile = load_profile(c.server_profile, self.model.fingerprint()) if c.server_profile else None
+            bounds = ClusterBounds(max_cluster_size=c.max_cluster_size, min_clusters=c.clusters)
+            return AutoScheduler(self.model.fingerprint(), c.batch_size, c.iterations, bounds, server_profile,
+                                 c.reselect_every, c.drift_threshold, fixed_cut=c.cut)  # fmt: skip
+        return FixedScheduler(c.scheme, c.cut, c.clusters, c.random_clusters, c.data_seed)
 
     # connection --------------------------------------------------------------------------
     def _status_frame(self, state: str) -> bytes:
@@ -264,6 +286,8 @@ class EdgeServer:
             got = self._collect(Kind.SMASHED, round_, iteration, active, stats, deadline,
                                 check=lambda item: self._check_smashed(item, cut))  # fmt: skip
             active = set(got)
+            for device, item in got.items():
+                stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
             if not active:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
                 return
@@ -273,8 +297,17 @@ class EdgeServer:
                                       [got[d].message.tensors["smashed"] for d in order],
                                       [got[d].message.tensors["labels"] for d in order], self.loss_fn)  # fmt: skip
             t1 = time.monotonic()
-            for device, grad in zip(order, grads, strict=True):
-                self._send(device, Kind.GRADIENT, m.Gradient(), round_, iteration, tensors={"grad": grad})
+            stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
+            gradient_of = dict(zip(order, grads, strict=True))
+            timing = plan.timing.get(cluster)
+            if timing is not None:  # slots: longest backward first, and the next slots' epoch
+                order = [d for d in timing.downlink_order if d in gradient_of] + sorted(
+                    set(gradient_of) - set(timing.downlink_order)
+                )
+            epoch = time.time() + timing.downlink_s if timing is not None else None
+            for device in order:
+                self._send(device, Kind.GRADIENT, m.Gradient(uplink_epoch=epoch), round_, iteration,
+                           tensors={"grad": gradient_of[device]})  # fmt: skip
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
@@ -299,9 +332,11 @@ class EdgeServer:
         """ASSIGN and the current weights of ``part`` to each device; returns the weights sent."""
         state = {k: v.detach().clone() for k, v in part.state_dict().items()}
         started = time.monotonic()
+        timing = plan.timing.get(cluster)
+        epoch = time.time() + timing.model_down_s if timing is not None else None
         for device in devices:
             self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
-            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(), round_, tensors=state)
+            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
         self.endpoint.transport.flush(self.config.iteration_timeout_s)
         stats.model_transfer_s += time.monotonic() - started
         return state
@@ -335,8 +370,28 @@ class EdgeServer:
             stats.device_compute_s += max(row.forward_s for row in rows) + max(row.backward_s for row in rows)
             stats.uplink_s += max(row.upload_s for row in rows)
 
+    def _probe_new_devices(self, round_: int, devices: list) -> None:
+        """Measure the link of every device the scheduler has not seen (all of them at first)."""
+        needs_probe = getattr(self.scheduler, "needs_probe", None)
+        if needs_probe is None:
+            return
+        from edge_server.probe import LinkProber, ProbeTimeoutError
+
+        def send(device: str, body: m.Probe, tensors) -> None:
+            self._send(device, Kind.PROBE, body, round_, tensors=tensors)
+            self.endpoint.transport.flush(self.config.iteration_timeout_s)
+
+        prober = LinkProber(send, self._poll, timeout_s=self.config.iteration_timeout_s)
+        for record in devices:
+            if needs_probe(record.id):
+                try:
+                    self.scheduler.add_device(record, prober.measure(record.id), devices)
+                except ProbeTimeoutError as exc:
+                    log.warning("probe failed, %s sits this round out: %s", record.id, exc)
+
     def run_round(self, round_: int) -> dict:
         devices = self.registry.online()
+        self._probe_new_devices(round_, devices)
         plan = self.scheduler.plan(round_, devices)
         stats = TurnStats()
         started = time.monotonic()
@@ -346,6 +401,10 @@ class EdgeServer:
             for cluster, members in enumerate(plan.clusters):
                 self._split_turn(round_, cluster, members, plan, stats)
         latency = time.monotonic() - started
+        observe = getattr(self.scheduler, "observe", None)
+        if observe is not None and plan.cut is not None:
+            reports = {d: t for (r, d), t in self.timings.items() if r == round_}
+            observe(plan.cut, reports, stats.server_steps, stats.arrivals)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         parts = {"device_compute_s": stats.device_compute_s, "uplink_s": stats.uplink_s,
                  "server_compute_s": stats.server_compute_s, "downlink_s": stats.downlink_s,
@@ -356,9 +415,18 @@ class EdgeServer:
             "cut_name": self.model.cut_name(plan.cut) if plan.cut else None, "clusters": plan.clusters,
             "accuracy": accuracy, "loss": loss,
             "train_loss": sum(stats.train_losses) / len(stats.train_losses) if stats.train_losses else None,
-            "latency_s": latency, "breakdown": parts, "dropped": sorted(stats.dropped),
-            "rejected_messages": dict(self.endpoint.rejected), "time": time.time(),
+            "latency_s": latency, "predicted_latency_s": plan.predicted_latency_s, "breakdown": parts,
+            "dropped": sorted(stats.dropped), "rejected_messages": dict(self.endpoint.rejected), "time": time.time(),
         }  # fmt: skip
+        if plan.timing:
+            rows = [row for (r, _), t in self.timings.items() if r == round_ for row in t.iterations]
+            record["slots"] = {
+                "late_iterations": sum(1 for row in rows if row.slot_late_s > 0.001),
+                "iterations": len(rows),
+                "max_late_s": max((row.slot_late_s for row in rows), default=0.0),
+            }
+        if plan.decision:
+            record["decision"] = plan.decision
         return record
 
     def run(self) -> list[dict]:
@@ -375,6 +443,9 @@ class EdgeServer:
                 self._checkpoint(round_)
                 self._publish_metrics(record)
                 self.on_round(record)
+                if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
+                    log.warning("target accuracy %.2f reached in round %d", self.config.target_accuracy, round_)
+                    break
             self._save_final()
         finally:
             self.close()

@@ -64,13 +64,37 @@ class DeviceAgent:
         self._model: LayeredModel | None = None
         self._streams: dict[tuple[str, int], BatchStream] = {}
         self._stop = threading.Event()
+        self._uplink_epoch: float | None = None  # server clock; the current iteration's slots count from it
 
     # lifecycle ---------------------------------------------------------------------------
     def _offline_frame(self, reason: str) -> bytes:
         header = make_header(IDLE_RUN, self.config.device_id, seq=self.endpoint.next_seq())
         return encode(Kind.OFFLINE, header, m.Offline(reason=reason))
 
+    def warm_up(self) -> None:
+        """Build the model we expect to train and run one training step on a dummy batch.
+
+        Torch's first forward and backward pay one-off costs (kernel selection, allocator
+        growth, lazy imports): about 1 s of CPU, which a slow board turns into many
+        seconds. Paid here, before registering, it does not stall the first round's upload
+        slot. The model is kept if the server assigns the same one.
+        """
+        if not self.config.model_hint:
+            return
+        try:
+            model = load_model(self.config.model_hint)
+        except Exception as exc:  # an unknown hint: the server's ASSIGN decides anyway
+            log.info("no warm-up: cannot build %s (%s)", self.config.model_hint, exc)
+            return
+        started = time.monotonic()
+        batch = torch.zeros(2, *model.input_shape)
+        nn.functional.cross_entropy(model.net(batch), torch.zeros(2, dtype=torch.int64)).backward()
+        model.net.zero_grad(set_to_none=True)
+        self._model = model
+        log.info("warmed up %s in %.1f s", model.name, time.monotonic() - started)
+
     def start(self) -> None:
+        self.warm_up()
         status = topics.device_status(self.config.device_id)
         transport = MqttTransport(
             self.config.broker,
@@ -146,11 +170,24 @@ class DeviceAgent:
                 log.warning("turn abandoned: %s", reason)
             finally:
                 self.state = "idle"
+        elif message.kind is Kind.PROBE:
+            self._echo(item)
         elif message.kind is Kind.STOP:
             log.info("run %s stopped: %s", message.header.run, message.body.reason)
             self.assignment = None
         else:
             log.debug("ignoring %s outside a turn", message.kind.name)
+
+    def _echo(self, item: Received) -> None:
+        """Answer a link probe at once: when the probe arrived, and the payload asked for."""
+        probe: m.Probe = item.message.body
+        tensors = {}
+        if probe.echo_bytes:
+            tensors["payload"] = torch.zeros(probe.echo_bytes, dtype=torch.uint8)
+        body = m.ProbeEcho(probe_id=probe.probe_id, received_at=item.arrived_wall)
+        self.endpoint.send(topics.up(item.message.header.run, self.config.device_id), Kind.PROBE_ECHO, body,
+                           run=item.message.header.run, device=self.config.device_id,
+                           round_=item.message.header.round, tensors=tensors)  # fmt: skip
 
     def _accept_assignment(self, message: Message) -> None:
         body: m.Assign = message.body
@@ -192,6 +229,7 @@ class DeviceAgent:
         up = topics.up(run, self.config.device_id)
         optimizer = make_optimizer(list(part.parameters()), a.hyper.lr, a.hyper.momentum, a.hyper.weight_decay)
         stream = self._stream(run, a.hyper.batch_size)
+        self._uplink_epoch = weights.body.uplink_epoch
         started = time.monotonic()
         timings = []
         for iteration, batch in enumerate(stream.take(a.hyper.iterations)):
@@ -222,18 +260,40 @@ class DeviceAgent:
         return m.IterationTiming(iteration=iteration, forward_s=t1 - t0, backward_s=t2 - t1, upload_s=0.0,
                                  wait_gradient_s=0.0, up_bytes=0, down_bytes=0)  # fmt: skip
 
+    def _wait_for_slot(self) -> tuple[float, float]:
+        """Hold the upload until this iteration's slot opens; returns (waited, late) seconds.
+
+        No slot granted, or no epoch from the server: send at once. A device whose forward
+        pass ends after its slot opened sends at once and reports how late it was.
+        """
+        grant = self.assignment.grant
+        if grant.slot_duration_s is None or self._uplink_epoch is None:
+            return 0.0, 0.0
+        opens = self._uplink_epoch + grant.clock_offset_s + grant.slot_offset_s
+        delay = opens - time.time()
+        if delay <= 0:
+            return 0.0, -delay
+        # never wait past the gradient timeout: a bad epoch must not freeze the device
+        self._stop.wait(min(delay, self.assignment.gradient_timeout_s))
+        return delay, 0.0
+
     def _split_step(self, part, optimizer, x, y, run: str, round_: int, iteration: int, up: str) -> m.IterationTiming:
         a = self.assignment
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         smashed = part(x)
         t1 = time.perf_counter()
+        waited, late = self._wait_for_slot()
+        upload_start = time.time()
+        t_send = time.perf_counter()
         sent = self.endpoint.send(up, Kind.SMASHED, m.Smashed(), run=run, device=self.config.device_id,
                                   round_=round_, iteration=iteration,
                                   tensors={"smashed": smashed.detach(), "labels": y})  # fmt: skip
         self.endpoint.transport.flush(a.gradient_timeout_s)
+        upload_end = time.time()
         t2 = time.perf_counter()
-        gradient = self._wait_gradient(run, round_, iteration, a.gradient_timeout_s)
+        received = self._wait_gradient(run, round_, iteration, a.gradient_timeout_s)
+        gradient = received.message
         t3 = time.perf_counter()
         grad = gradient.tensors.get("grad")
         if grad is None or grad.shape != smashed.shape or grad.dtype != smashed.dtype:
@@ -241,17 +301,24 @@ class DeviceAgent:
         smashed.backward(grad)
         optimizer.step()
         t4 = time.perf_counter()
+        self._uplink_epoch = gradient.body.uplink_epoch
+        transit = received.arrived_wall - a.grant.clock_offset_s - gradient.header.sent_at
         return m.IterationTiming(
             iteration=iteration,
             forward_s=t1 - t0,
             backward_s=t4 - t3,
-            upload_s=t2 - t1,
+            upload_s=t2 - t_send,
             wait_gradient_s=t3 - t2,
             up_bytes=sent,
             down_bytes=_nbytes(gradient.tensors),
+            upload_start_at=upload_start,
+            upload_end_at=upload_end,
+            slot_wait_s=waited,
+            slot_late_s=late,
+            gradient_transit_s=max(0.0, transit),
         )
 
-    def _wait_gradient(self, run: str, round_: int, iteration: int, timeout_s: float) -> Message:
+    def _wait_gradient(self, run: str, round_: int, iteration: int, timeout_s: float) -> Received:
         deadline = time.monotonic() + timeout_s
         while not self._stop.is_set():
             item = self.endpoint.receive(deadline - time.monotonic())
@@ -266,7 +333,10 @@ class DeviceAgent:
                 round_,
                 iteration,
             ):
-                return message
+                return item
+            if message.kind is Kind.PROBE:
+                self._echo(item)
+                continue
             if message.kind in (Kind.STOP, Kind.ASSIGN) and header.run == run:
                 self.handle(item)
                 raise TurnAbortedError(f"server sent {message.kind.name} during the turn")

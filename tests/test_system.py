@@ -192,7 +192,11 @@ def test_malformed_messages_are_logged_and_training_finishes(broker, digits, tmp
     )
     huge = tmp_path / "huge"
     huge.write_bytes(b"CPSL" + bytes(2 << 20))  # fmt: skip
-    time.sleep(1.0)
+    # publish only once the server is subscribed (it has seen both devices register): under load,
+    # a fixed sleep let the first frame reach the broker before the server's subscription did
+    deadline = time.monotonic() + 60
+    while len(server.registry.online()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     for path in (garbage, wrong_shape, wrong_run, huge):
         _publish_raw(broker, up, path)
     thread.join(timeout=120)
@@ -245,3 +249,27 @@ def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path)
     assert len(history) == 5
     assert "dev1" in history[1]["dropped"]
     assert any(any("dev1" in c for c in r["clusters"]) and "dev1" not in r["dropped"] for r in history[2:])
+
+
+class MovingCutScheduler:
+    """A different cut every round: the live scheduler may move the cut between rounds."""
+
+    def __init__(self, cuts: list[int]):
+        self.cuts = cuts
+
+    def plan(self, round_, devices):
+        from edge_server.scheduler import RoundPlan
+
+        return RoundPlan(cut=self.cuts[round_], clusters=[[d.id for d in devices]])
+
+
+def test_moving_the_cut_between_rounds_keeps_training_exact(broker, digits, tmp_path) -> None:
+    """The server holds the whole model, so a new cut just splits it elsewhere: with the cut
+    moving every round, one device still trains exactly what centralized training does."""
+    agents, shares = start_agents(broker, digits, 1)
+    config = server_config(broker, tmp_path, rounds=3, iterations=3)
+    server = EdgeServer(config, load_model("lenet5", seed=0), digits, scheduler=MovingCutScheduler([6, 3, 10]))
+    server.run()
+    close(agents)
+    assert [r["cut"] for r in server.history] == [6, 3, 10]
+    assert_same_weights(server.model.net.state_dict(), centralized(digits, [["dev0"]], shares, config))

@@ -36,7 +36,8 @@ class Received:
     topic: str
     message: Message
     size: int
-    received_at: float
+    received_at: float  # time.monotonic(), for durations on this host
+    arrived_wall: float = 0.0  # time.time() when the (last piece of the) frame arrived, for cross-host timing
 
 
 class Endpoint:
@@ -65,6 +66,7 @@ class Endpoint:
 
     # network thread ------------------------------------------------------------------------
     def on_frame(self, topic: str, payload: bytes) -> None:
+        arrived = time.time()
         try:
             message = decode(payload, self.max_frame_bytes)
             if message.kind is Kind.CHUNK:
@@ -81,7 +83,7 @@ class Endpoint:
                 raise ProtocolError(f"header names device {message.header.device!r} but the topic is {sender!r}'s")
             if self._duplicate(message.header):
                 return
-            self._inbox.put_nowait(Received(topic, message, payload_size, time.monotonic()))
+            self._inbox.put_nowait(Received(topic, message, payload_size, time.monotonic(), arrived))
         except ProtocolError as exc:
             self.reject(topic, str(exc))
         except queue.Full:

@@ -24,9 +24,11 @@ class Kind(enum.IntEnum):
     WEIGHTS_DOWN = 11
     GRADIENT = 12
     STOP = 13
+    PROBE = 14
     SMASHED = 20
     WEIGHTS_UP = 21
     TIMINGS = 22
+    PROBE_ECHO = 23
     METRICS = 30
     CHUNK = 40
 
@@ -86,11 +88,21 @@ class Hyperparameters(Body):
 
 
 class Grant(Body):
-    """When and how fast a device may upload in each iteration (enforced from issue #5 on)."""
+    """When a device may upload its smashed data in each iteration.
+
+    With ``slot_duration_s`` set, the device starts its upload no earlier than
+    ``uplink_epoch + clock_offset_s + slot_offset_s`` on its own clock, where the epoch
+    (server clock) comes with the weights (iteration 0) or the previous gradient, and the
+    server planned the slot so that the upload ends within ``slot_duration_s``.
+    ``clock_offset_s`` is the device clock minus the server clock, as the server's probes
+    estimated it. ``rate_bps`` is the rate the plan expects inside the slot. Without a
+    slot the device sends as soon as its forward pass is done.
+    """
 
     slot_offset_s: float = Field(default=0.0, ge=0)
     slot_duration_s: float | None = Field(default=None, gt=0)
     rate_bps: float | None = Field(default=None, gt=0)
+    clock_offset_s: float = 0.0
 
 
 class Assign(Body):
@@ -109,15 +121,39 @@ class Assign(Body):
 
 
 class WeightsDown(Body):
-    """Tensors: the device-side state dict (the whole model for FL)."""
+    """Tensors: the device-side state dict (the whole model for FL).
+
+    ``uplink_epoch``: server-clock time the first iteration's upload slots count from."""
+
+    uplink_epoch: float | None = Field(default=None, ge=0)
 
 
 class Gradient(Body):
-    """Tensors: ``grad``, the loss gradient with respect to this device's smashed data."""
+    """Tensors: ``grad``, the loss gradient with respect to this device's smashed data.
+
+    ``uplink_epoch``: server-clock time the next iteration's upload slots count from."""
+
+    uplink_epoch: float | None = Field(default=None, ge=0)
 
 
 class Stop(Body):
     reason: str = "training finished"
+
+
+class Probe(Body):
+    """Link measurement. Tensors: optional ``payload`` (uint8) to time the downlink; the
+    device answers at once with a PROBE_ECHO carrying ``echo_bytes`` of payload back."""
+
+    probe_id: int = Field(ge=0)
+    echo_bytes: int = Field(default=0, ge=0, le=64 << 20)
+
+
+class ProbeEcho(Body):
+    """The device's answer to a PROBE: when it had the whole probe (device clock);
+    ``header.sent_at`` is when it sent this. Tensors: optional ``payload``."""
+
+    probe_id: int = Field(ge=0)
+    received_at: float = Field(ge=0)
 
 
 class Smashed(Body):
@@ -136,6 +172,12 @@ class IterationTiming(Body):
     wait_gradient_s: float = Field(ge=0)
     up_bytes: int = Field(ge=0)
     down_bytes: int = Field(ge=0)
+    # device wall clock (time.time()) when the smashed data started and finished its upload
+    upload_start_at: float = Field(default=0.0, ge=0)
+    upload_end_at: float = Field(default=0.0, ge=0)
+    slot_wait_s: float = Field(default=0.0, ge=0)  # waited for the slot after the forward pass
+    slot_late_s: float = Field(default=0.0, ge=0)  # ready after the slot had started
+    gradient_transit_s: float | None = None  # gradient sent (server clock) to received, offset-corrected
 
 
 class Timings(Body):
@@ -165,9 +207,11 @@ BODIES: dict[Kind, type[Body]] = {
     Kind.WEIGHTS_DOWN: WeightsDown,
     Kind.GRADIENT: Gradient,
     Kind.STOP: Stop,
+    Kind.PROBE: Probe,
     Kind.SMASHED: Smashed,
     Kind.WEIGHTS_UP: WeightsUp,
     Kind.TIMINGS: Timings,
+    Kind.PROBE_ECHO: ProbeEcho,
     Kind.METRICS: Metrics,
     Kind.CHUNK: Chunk,
 }

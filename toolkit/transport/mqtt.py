@@ -9,7 +9,9 @@ because the embedded amqtt broker refuses v5.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 
@@ -52,6 +54,15 @@ class MqttTransport:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_socket_open = self._on_socket_open
+
+    @staticmethod
+    def _on_socket_open(client, userdata, sock) -> None:
+        """TCP_NODELAY: paho writes a PUBLISH in more than one piece, and with Nagle on, the
+        last piece waits for the broker's delayed ACK -- 40 ms added to a message now and
+        then (measured: QoS 1 acknowledgement median 44 ms with Nagle, 0.23 ms without)."""
+        with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (unix socket, wrapper)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     # paho callbacks (network thread) ------------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

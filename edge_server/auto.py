@@ -1,0 +1,210 @@
+"""``--auto``: the cut, the clusters and every device's transmission slot, decided live.
+
+Two timescales (docs/latency-model.md):
+- every round: cluster the online devices and give each an upload slot inside its
+  cluster's iteration, from the current estimates (:mod:`edge_server.estimates`);
+- every ``reselect_every`` rounds, or when the estimated state drifts: choose the cut by
+  sample average approximation over the states of the last rounds.
+
+Moving the cut between rounds needs no weight surgery: the server holds the whole
+current model (the averaged device-side layers and its own), and the next round splits
+it at the new cut. The server-side optimiser is rebuilt for the new set of server layers
+(with momentum, its state restarts; the log says so).
+
+The plan also carries what the server needs to run the slots: when each cluster's first
+upload slots open after the weights go down, and how long after the gradients go out the
+next iteration's slots open (the predicted downlink phase: delivery in Jackson order,
+longest backward pass first, plus that backward pass). Every message also pays a one-way
+latency through the broker, half the probed round trip, which the prediction adds to
+each phase; a 2 ms guard absorbs jitter.
+
+Cluster sizes: with ``--clusters K`` (the fewest clusters) and no explicit
+``--max-cluster-size``, clusters hold at most ceil(N / K) devices, so the K sequential
+hand-overs per round stay balanced -- an unbalanced last cluster of one device would pull
+the model toward that device's data every round -- and the algorithm chooses who trains
+with whom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_server.estimates import LiveEstimates
+from edge_server.probe import LinkMeasurement
+from edge_server.registry import DeviceRecord
+from edge_server.scheduler import ClusterTiming, RoundPlan
+from toolkit.errors import ProfileError, UserError
+from toolkit.planning.allocation import slot_schedule
+from toolkit.planning.clustering import ClusterBounds, cluster_devices
+from toolkit.planning.costs import ModelCosts, fit_affine, model_costs
+from toolkit.planning.cut_selection import CutReselection, select_cut
+from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
+from toolkit.profile_format import Profile, parse_profile
+from toolkit.protocol import messages as m
+
+log = logging.getLogger("cpsl.server")
+
+GUARD_S = 0.002
+
+
+def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
+    if record.profile_json is None:
+        return None
+    try:
+        profile = parse_profile(json.loads(record.profile_json), f"profile of {record.id}")
+    except (ProfileError, ValueError) as exc:
+        log.warning("ignoring the profile %s registered with: %s", record.id, exc)
+        return None
+    if profile.model.fingerprint != fingerprint:
+        log.warning("profile of %s is of model %s (%s), not the run's (%s): ignored", record.id,
+                    profile.model.name, profile.model.fingerprint, fingerprint)  # fmt: skip
+        return None
+    return profile
+
+
+@dataclass
+class AutoScheduler:
+    model_fingerprint: str
+    batch_size: int
+    iterations: int
+    bounds: ClusterBounds
+    server_profile: Profile | None = None
+    reselect_every: int = 10
+    drift_threshold: float = 0.3
+    saa_window: int = 10
+    fixed_cut: int | None = None  # pinned by the user: no SAA, clusters and slots still live
+    estimates: LiveEstimates = field(default_factory=LiveEstimates)
+    costs: ModelCosts | None = None
+    cut: int | None = None
+    history: list[FleetState] = field(default_factory=list)
+    reference_step_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.reselection = CutReselection(self.reselect_every, self.drift_threshold)
+
+    # setup ---------------------------------------------------------------------------------
+    def needs_probe(self, device: str) -> bool:
+        return device not in self.estimates.devices
+
+    def _ensure_costs(self, devices: list[DeviceRecord]) -> None:
+        if self.costs is not None:
+            return
+        profiles = [p for p in (_profile_of(d, self.model_fingerprint) for d in devices) if p is not None]
+        reference = profiles[0] if profiles else self.server_profile
+        if reference is None:
+            raise UserError(
+                "cpsl --auto needs a profile of the run's model: start the agents with a profile "
+                "(not --no-profile) or give the server --server-profile"
+            )
+        cuts = None
+        if self.fixed_cut is not None:
+            from toolkit.planning.costs import candidate_cuts
+
+            cuts = sorted({*candidate_cuts(reference), self.fixed_cut})
+            self.cut = self.fixed_cut
+        self.costs = model_costs(reference, self.server_profile, cuts)
+        self.reference_step_s = self._full_step(reference)
+        log.info("auto: reference profile %s (%s); candidate cuts %s", reference.device.id, reference.model.name,
+                 ", ".join(f"{c.cut}:{c.name}" for c in self.costs.cuts))  # fmt: skip
+
+    def _full_step(self, profile: Profile) -> float:
+        return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(self.batch_size)
+
+    def add_device(self, record: DeviceRecord, link: LinkMeasurement, devices: list[DeviceRecord]) -> None:
+        """A newly probed device: its speed from its own profile if it sent one, else 1."""
+        self._ensure_costs(devices)
+        profile = _profile_of(record, self.model_fingerprint)
+        speed = self.reference_step_s / self._full_step(profile) if profile is not None else 1.0
+        self.estimates.add(record.id, speed, link)
+        log.info("auto: %s speed %.2f, uplink %.1f Mbit/s, downlink %.1f Mbit/s, rtt %.1f ms, clock offset %+.1f ms",
+                 record.id, speed, link.up_bps / 1e6, link.down_bps / 1e6, 1e3 * link.rtt_s,
+                 1e3 * link.clock_offset_s)  # fmt: skip
+
+    # per round -----------------------------------------------------------------------------
+    def _settings(self) -> TrainingSettings:
+        return TrainingSettings(self.batch_size, self.iterations, self.estimates.server_speed)
+
+    def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
+        self._ensure_costs(devices)
+        ids = [d.id for d in devices if d.id in self.estimates.devices]
+        if not ids:
+            return RoundPlan(cut=self.cut, clusters=[])
+        state = self.estimates.fleet_state(ids)
+        bounds = self.bounds
+        if bounds.max_cluster_size is None:
+            bounds = ClusterBounds(-(-len(ids) // max(1, bounds.min_clusters)), bounds.min_clusters,
+                                   bounds.max_clusters)  # fmt: skip
+        decision: dict = {"estimates": {d: self.estimates.devices[d].to_dict() for d in ids},
+                          "server_speed": self.estimates.server_speed}  # fmt: skip
+        reason = self.reselection.due(round_, state) if self.fixed_cut is None else None
+        if reason is not None:
+            samples = [*self.history[-(self.saa_window - 1) :], state] if self.history else [state]
+            samples = [s for s in samples if s.size == state.size] or [state]
+            choice = select_cut(self.costs, samples, self._settings(), bounds, seed=round_)
+            self.reselection.selected(round_, samples)
+            decision["cut_selection"] = {"reason": reason, "samples": len(samples), **choice.to_dict()}
+            if choice.cut != self.cut:
+                log.warning("auto: cut %s -> %d:%s (%s)", self.cut, choice.cut, choice.name, reason)
+                self.cut = choice.cut
+        self.history.append(state)
+        cut = self.costs.cut(self.cut)
+        problem = SplitProblem.build(cut, state, self._settings())
+        groups = cluster_devices(problem, bounds, seed=round_)
+        latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
+        clusters, grants, timing = [], {}, {}
+        total = 0.0
+        for index, group in enumerate(groups):
+            members = [ids[i] for i in group]
+            clusters.append(members)
+            rows = np.asarray(group)
+            one_way = latency[rows]
+            uplink = slot_schedule(state.uplink, rows, problem.uplink_bits, lead=problem.forward_s[rows])
+            downlink = slot_schedule(
+                state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way
+            )
+            model_down = slot_schedule(state.downlink, rows, problem.model_bits, tail=one_way)
+            model_up = slot_schedule(state.uplink, rows, problem.model_bits, lead=problem.backward_s[rows])
+            server_s = problem.server_s(len(members))
+            iteration_s = uplink.finish_s + one_way.max() + server_s + downlink.finish_s + GUARD_S
+            turn_s = model_down.finish_s + GUARD_S + self.iterations * iteration_s + model_up.finish_s + one_way.max()
+            total += turn_s
+            for slot in uplink.slots:
+                device = ids[slot.device]
+                estimate = self.estimates.devices[device]
+                grants[device] = m.Grant(slot_offset_s=slot.start_s, slot_duration_s=max(slot.duration_s, 1e-6),
+                                         rate_bps=estimate.up_bps, clock_offset_s=estimate.clock_offset_s)  # fmt: skip
+            timing[index] = ClusterTiming(
+                model_down_s=model_down.finish_s + GUARD_S,
+                downlink_s=downlink.finish_s + GUARD_S,
+                downlink_order=[ids[s.device] for s in downlink.slots],
+                predicted_turn_s=turn_s,
+                predicted_iteration_s=iteration_s,
+            )
+        decision["grants"] = {d: g.model_dump() for d, g in grants.items()}
+        decision["predicted_turn_s"] = [timing[i].predicted_turn_s for i in range(len(clusters))]
+        return RoundPlan(cut=self.cut, clusters=clusters, grants=grants, timing=timing, predicted_latency_s=total,
+                         decision=decision)  # fmt: skip
+
+    def observe(
+        self,
+        cut: int,
+        timings: dict[str, m.Timings],
+        server_steps: list[tuple[int, float]],
+        arrivals: dict[str, dict[int, float]] | None = None,
+    ) -> None:
+        """Fold a round's measurements into the estimates (``arrivals``: per device, per
+        iteration, when its smashed data reached the server, server clock)."""
+        if self.costs is None:
+            return
+        cost = self.costs.cut(cut) if any(c.cut == cut for c in self.costs.cuts) else None
+        if cost is None:
+            return
+        for device, report in timings.items():
+            self.estimates.observe_turn(device, cost, self.batch_size, report, (arrivals or {}).get(device))
+        if server_steps:
+            samples = sorted(server_steps)[len(server_steps) // 2]
+            self.estimates.observe_server(cost, samples[0], samples[1])

@@ -1,0 +1,129 @@
+"""What the server believes about each device, from probes, profiles and the last rounds.
+
+Per device: compute speed relative to the reference profile, uplink and downlink rate
+with the whole medium, round-trip time and clock offset. Each round's observations move
+the estimate part of the way (exponential smoothing in log space, so a 2x slowdown and a
+2x speedup count alike): quick enough that a device throttled mid-run is re-planned
+within a round or two, slow enough that one noisy iteration does not reshuffle clusters.
+
+Observations:
+- compute: the median over a turn's iterations of forward + backward (+ step) time,
+  against what the reference profile predicts for the cut and batch;
+- uplink: smashed bytes over upload time (send until the broker acknowledged), less one
+  round trip, median over the turn -- in a slot the device has the medium to itself, so
+  this is its full-medium rate. Only uploads of 64 KiB or more count: smaller ones fit in
+  a shaper's or an access point's burst allowance and pass at line speed, which says
+  nothing about the sustained rate (the probes measure that with larger payloads);
+- latency and clock offset: the gradient's transit (server send to device arrival) and
+  the smashed data's (device send to server arrival), each less its transfer time, sum
+  to the round trip whatever the clocks say, and their difference corrects the offset;
+- server: measured server steps against the server-side cost the profile predicts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_server.probe import LinkMeasurement
+from toolkit.planning.costs import CutCost
+from toolkit.planning.latency import FleetState
+from toolkit.planning.rates import LinearRates
+from toolkit.protocol import messages as m
+
+RATE_SAMPLE_BYTES = 64 << 10  # smaller messages pass a link's token bucket at line speed: no rate to read
+
+
+@dataclass
+class DeviceEstimate:
+    speed: float
+    up_bps: float
+    down_bps: float
+    rtt_s: float = 0.0
+    clock_offset_s: float = 0.0
+    observed_rounds: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "speed": self.speed,
+            "up_bps": self.up_bps,
+            "down_bps": self.down_bps,
+            "rtt_s": self.rtt_s,
+            "clock_offset_s": self.clock_offset_s,
+        }
+
+
+def _blend(old: float, new: float, weight: float) -> float:
+    if not (new > 0 and math.isfinite(new)):
+        return old
+    return math.exp((1 - weight) * math.log(old) + weight * math.log(new))
+
+
+@dataclass
+class LiveEstimates:
+    smoothing: float = 0.5  # weight of the newest observation
+    devices: dict[str, DeviceEstimate] = field(default_factory=dict)
+    server_speed: float = 1.0
+
+    def add(self, device: str, speed: float, link: LinkMeasurement) -> None:
+        self.devices[device] = DeviceEstimate(
+            speed=speed, up_bps=link.up_bps, down_bps=link.down_bps, rtt_s=link.rtt_s,
+            clock_offset_s=link.clock_offset_s,
+        )  # fmt: skip
+
+    def observe_turn(
+        self, device: str, cut: CutCost, batch_size: int, timings: m.Timings, arrivals: dict[int, float] | None = None
+    ) -> None:
+        """One turn's report; ``arrivals``: server-clock arrival of each iteration's smashed data."""
+        estimate = self.devices.get(device)
+        if estimate is None or not timings.iterations:
+            return
+        rows = timings.iterations
+        compute = statistics.median(r.forward_s + r.backward_s for r in rows)
+        predicted = cut.device_forward(batch_size) + cut.device_backward(batch_size)
+        estimate.speed = _blend(estimate.speed, predicted / max(compute, 1e-9), self.smoothing)
+        uploads = [
+            8.0 * r.up_bytes / (r.upload_s - estimate.rtt_s)
+            for r in rows
+            if r.up_bytes >= RATE_SAMPLE_BYTES and r.upload_s > 2 * estimate.rtt_s
+        ]
+        if uploads:
+            estimate.up_bps = _blend(estimate.up_bps, statistics.median(uploads), self.smoothing)
+        self._observe_latency(estimate, rows, arrivals or {})
+        estimate.observed_rounds += 1
+
+    def _observe_latency(self, estimate: DeviceEstimate, rows: list, arrivals: dict[int, float]) -> None:
+        """Round trip and clock offset from both directions of every iteration, offset-free.
+
+        The gradient's transit as the device measured it is ``L_down + theta`` (theta: the
+        error of our offset estimate), the smashed data's as the server measures it
+        ``L_up - theta``, each after its transfer time. Their sum is the round trip, whatever
+        the clocks; their half-difference corrects the offset (assuming ``L_up = L_down``).
+        """
+        trips, errors = [], []
+        for row in rows:
+            arrival = arrivals.get(row.iteration)
+            if row.gradient_transit_s is None or arrival is None or row.upload_start_at <= 0:
+                continue
+            down = row.gradient_transit_s - 8.0 * row.down_bytes / estimate.down_bps
+            up = (arrival - row.upload_start_at + estimate.clock_offset_s) - 8.0 * row.up_bytes / estimate.up_bps
+            trips.append(max(down + up, 1e-5))
+            errors.append((down - up) / 2)
+        if trips:
+            estimate.rtt_s = _blend(max(estimate.rtt_s, 1e-5), statistics.median(trips), self.smoothing)
+            estimate.clock_offset_s += self.smoothing * statistics.median(errors)
+
+    def observe_server(self, cut: CutCost, samples: int, seconds: float) -> None:
+        if seconds > 0:
+            self.server_speed = _blend(self.server_speed, cut.server_step(samples) / seconds, self.smoothing)
+
+    def fleet_state(self, devices: list[str]) -> FleetState:
+        rows = [self.devices[d] for d in devices]
+        return FleetState(
+            speed=np.array([r.speed for r in rows]),
+            uplink=LinearRates(np.array([r.up_bps for r in rows])),
+            downlink=LinearRates(np.array([r.down_bps for r in rows])),
+        )

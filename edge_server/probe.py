@@ -1,0 +1,103 @@
+"""Measuring each device's link through the broker: round-trip time, clock offset, throughput.
+
+Devices are probed one at a time, so each measurement is the device alone on the medium:
+its capacity with the whole medium, which is what the latency model's linear rate law
+needs. For each device:
+
+1. eight empty pings: round-trip time ``(t3 - t0) - (t2 - t1)`` and clock offset
+   ``((t1 - t0) + (t2 - t3)) / 2`` (NTP's formulas; t0/t3 server clock, t1/t2 device
+   clock), keeping the sample with the shortest round trip;
+2. a payload down (echo empty) and a payload up (probe empty, echo with payload): the
+   extra round-trip time over the ping is the transfer time, so the rate is
+   ``8 bytes / extra`` through the broker, MQTT framing included. A first 64 KB probe
+   sizes a second one to take about ``target_s``.
+
+Every wait has a timeout; a device that does not answer is reported unmeasured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.protocol import Kind
+from toolkit.protocol import messages as m
+from toolkit.protocol.endpoint import Received
+
+log = logging.getLogger("cpsl.server")
+
+FIRST_PROBE_BYTES = 64 << 10
+MAX_PROBE_BYTES = 8 << 20
+PINGS = 8  # the shortest round trip has the least asymmetric queueing: its offset is kept
+
+
+@dataclass(frozen=True)
+class LinkMeasurement:
+    rtt_s: float
+    clock_offset_s: float  # device clock minus server clock
+    up_bps: float
+    down_bps: float
+
+
+class ProbeTimeoutError(Exception):
+    pass
+
+
+class LinkProber:
+    def __init__(
+        self,
+        send: Callable[[str, m.Probe, dict[str, torch.Tensor] | None], None],
+        receive: Callable[[float], Received | None],
+        timeout_s: float = 10.0,
+        target_s: float = 0.3,
+    ) -> None:
+        self._send, self._receive = send, receive
+        self.timeout_s, self.target_s = timeout_s, target_s
+        self._next_id = 1
+
+    def _exchange(self, device: str, down_bytes: int, echo_bytes: int) -> tuple[float, float, float, float]:
+        """(t0, t1, t2, t3) of one probe and its echo."""
+        probe_id = self._next_id
+        self._next_id += 1
+        tensors = {"payload": torch.zeros(down_bytes, dtype=torch.uint8)} if down_bytes else None
+        t0 = time.time()
+        self._send(device, m.Probe(probe_id=probe_id, echo_bytes=echo_bytes), tensors)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            item = self._receive(min(0.5, max(0.0, deadline - time.monotonic())))
+            if item is None:
+                continue
+            message = item.message
+            echo = message.kind is Kind.PROBE_ECHO and message.header.device == device
+            if echo and message.body.probe_id == probe_id:
+                return t0, message.body.received_at, message.header.sent_at, item.arrived_wall
+            log.debug("ignored %s from %s while probing %s", message.kind.name, message.header.device, device)
+        raise ProbeTimeoutError(f"{device} did not answer probe {probe_id} within {self.timeout_s:g} s")
+
+    @staticmethod
+    def _round_trip(t0: float, t1: float, t2: float, t3: float) -> float:
+        return max(0.0, (t3 - t0) - (t2 - t1))
+
+    def _rate(self, device: str, rtt: float, down: bool) -> float:
+        size = FIRST_PROBE_BYTES
+        for _ in range(2):
+            times = self._exchange(device, size if down else 0, 0 if down else size)
+            extra = max(self._round_trip(*times) - rtt, 1e-6)
+            rate = 8.0 * size / extra
+            if extra >= self.target_s / 3 or size >= MAX_PROBE_BYTES:
+                return rate
+            size = int(min(MAX_PROBE_BYTES, max(size * 2, rate * self.target_s / 8.0)))
+        return rate
+
+    def measure(self, device: str) -> LinkMeasurement:
+        samples = [self._exchange(device, 0, 0) for _ in range(PINGS)]
+        t0, t1, t2, t3 = min(samples, key=lambda s: self._round_trip(*s))
+        rtt = self._round_trip(t0, t1, t2, t3)
+        offset = ((t1 - t0) + (t2 - t3)) / 2.0
+        down = self._rate(device, rtt, down=True)
+        up = self._rate(device, rtt, down=False)
+        return LinkMeasurement(rtt_s=rtt, clock_offset_s=offset, up_bps=up, down_bps=down)

@@ -1,0 +1,191 @@
+"""Live resource management: estimates, the automatic scheduler, and slots obeyed on the wire."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_server.auto import AutoScheduler
+from edge_server.estimates import LiveEstimates
+from edge_server.probe import LinkMeasurement
+from edge_server.registry import DeviceRecord
+from edge_server.scheduler import FixedScheduler
+from edge_server.server import EdgeServer, ServerConfig
+from firmware_agent.agent import AgentConfig, DeviceAgent
+from toolkit.data import load_dataset, partition_indices
+from toolkit.models import load_model
+from toolkit.planning.clustering import ClusterBounds
+from toolkit.planning.costs import model_costs
+from toolkit.profile_format import load_profile
+from toolkit.protocol import messages as m
+from toolkit.transport import parse_broker_url
+
+PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "epyc-vm-2vcpu" / "lenet5.json"
+FINGERPRINT = load_model("lenet5", seed=0).fingerprint()
+
+
+def record(device: str, profile: bool = True) -> DeviceRecord:
+    return DeviceRecord(device, 500, m.Capabilities(), "0/1", PROFILE.read_bytes() if profile else None, True, 0.0)
+
+
+def link(up_mbit: float, down_mbit: float | None = None, rtt: float = 0.002) -> LinkMeasurement:
+    return LinkMeasurement(rtt_s=rtt, clock_offset_s=0.0, up_bps=up_mbit * 1e6, down_bps=(down_mbit or up_mbit) * 1e6)
+
+
+def timings(forward: float, backward: float, upload: float, up_bytes: int, transit: float, down_bytes: int):
+    row = m.IterationTiming(iteration=0, forward_s=forward, backward_s=backward, upload_s=upload, wait_gradient_s=0.0,
+                            up_bytes=up_bytes, down_bytes=down_bytes, gradient_transit_s=transit)  # fmt: skip
+    return m.Timings(iterations=[row] * 5, weights_down_bytes=0, weights_up_bytes=0, turn_s=1.0)
+
+
+def test_estimates_follow_a_slower_device_and_a_slower_link():
+    costs = model_costs(load_profile(PROFILE))
+    cut = costs.resolve("pool2")
+    estimates = LiveEstimates(smoothing=0.5)
+    estimates.add("d", 1.0, link(10))
+    predicted = cut.device_forward(32) + cut.device_backward(32)
+    # the device computes 4x slower than its profile, and its uplink gives 2.5 Mbit/s
+    up_bytes = 200_000
+    report = timings(4 * predicted / 2, 4 * predicted / 2, 8 * up_bytes / 2.5e6 + 0.002, up_bytes, 0.05, 50_000)
+    for _ in range(6):
+        estimates.observe_turn("d", cut, 32, report)
+    estimate = estimates.devices["d"]
+    assert estimate.speed == pytest.approx(0.25, rel=0.05)
+    assert estimate.up_bps == pytest.approx(2.5e6, rel=0.05)
+    assert 0 < estimate.rtt_s < 0.1
+    state = estimates.fleet_state(["d"])
+    assert state.uplink.capacity_bps(np.array([0]))[0] == pytest.approx(estimate.up_bps)
+
+
+def scheduler(**overrides) -> AutoScheduler:
+    values = dict(model_fingerprint=FINGERPRINT, batch_size=32, iterations=5, bounds=ClusterBounds(min_clusters=2))
+    values.update(overrides)
+    return AutoScheduler(**values)
+
+
+def test_auto_plan_has_balanced_clusters_and_non_overlapping_slots():
+    auto = scheduler()
+    devices = [record(f"dev{i}") for i in range(6)]
+    for i, device in enumerate(devices):
+        auto.add_device(device, link([20, 5, 1][i % 3]), devices)
+    plan = auto.plan(0, devices)
+    assert sorted(itertools.chain.from_iterable(plan.clusters)) == [d.id for d in devices]
+    assert len(plan.clusters) == 2 and all(len(c) == 3 for c in plan.clusters)
+    assert plan.predicted_latency_s == pytest.approx(sum(t.predicted_turn_s for t in plan.timing.values()))
+    for index, members in enumerate(plan.clusters):
+        slots = sorted((plan.grants[d].slot_offset_s, plan.grants[d].slot_duration_s) for d in members)
+        for (start, duration), (next_start, _) in itertools.pairwise(slots):
+            assert start + duration <= next_start + 1e-12
+        assert sorted(plan.timing[index].downlink_order) == sorted(members)
+    assert plan.decision["cut_selection"]["reason"] == "first round"
+    json.dumps(plan.decision)  # goes to metrics.jsonl as is
+
+
+def test_auto_moves_the_cut_when_the_uplinks_collapse():
+    auto = scheduler(iterations=20, reselect_every=100, drift_threshold=0.3)
+    devices = [record(f"dev{i}") for i in range(4)]
+    for device in devices:
+        auto.add_device(device, link(1000), devices)
+        auto.estimates.devices[device.id].speed = 0.05  # slow devices on a fast link: cut early
+    auto.estimates.server_speed = 20.0
+    first = auto.plan(0, devices)
+    for estimate in auto.estimates.devices.values():
+        estimate.up_bps = estimate.down_bps = 0.05e6
+    second = auto.plan(1, devices)
+    assert "drifted" in second.decision["cut_selection"]["reason"]
+    costs = auto.costs
+    assert costs.cut(second.cut).smashed_bytes_per_sample < costs.cut(first.cut).smashed_bytes_per_sample
+
+
+def test_a_pinned_cut_is_kept_and_devices_without_profiles_start_at_reference_speed():
+    auto = scheduler(fixed_cut=6)
+    devices = [record("a"), record("b", profile=False)]
+    for device in devices:
+        auto.add_device(device, link(10), devices)
+    assert auto.estimates.devices["b"].speed == 1.0
+    assert auto.plan(0, devices).cut == 6
+    assert auto.plan(1, devices).cut == 6
+
+
+def test_auto_without_any_profile_says_what_to_do():
+    from toolkit.errors import UserError
+
+    auto = scheduler()
+    with pytest.raises(UserError, match="needs a profile"):
+        auto.add_device(record("a", profile=False), link(10), [record("a", profile=False)])
+
+
+# slots on the wire ------------------------------------------------------------------------------
+
+
+class KnownLinkScheduler(AutoScheduler):
+    """Real probes, but the planned rate is what a 4 Mbit/s shared link would give, so the
+    slots are long (hundreds of ms) against loopback's jitter: the test checks that the
+    agents keep to them, on the real broker, with real training."""
+
+    def add_device(self, record, link, devices):
+        super().add_device(record, LinkMeasurement(link.rtt_s, link.clock_offset_s, 4e6, 8e6), devices)
+
+
+def run_cluster(broker: str, tmp_path, scheduler) -> EdgeServer:
+    data = load_dataset("builtin:digits", seed=0)
+    parts = partition_indices(data.train_y.numpy(), 3, "iid", 0)
+    agents = []
+    for index in range(3):
+        agent = DeviceAgent(AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
+                            data, parts[index], PROFILE.read_bytes())  # fmt: skip
+        agent.start()
+        threading.Thread(target=agent.serve_forever, daemon=True).start()
+        agents.append(agent)
+    config = ServerConfig(broker=parse_broker_url(broker), scheme="cpsl", rounds=2, min_devices=3, batch_size=16,
+                          iterations=4, clusters=1, cut=1, run_dir=tmp_path / "run", run_id="slots",
+                          iteration_timeout_s=20, register_timeout_s=20)  # fmt: skip
+    server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=scheduler)
+    try:
+        server.run()
+    finally:
+        for agent in agents:
+            agent.close()
+    return server
+
+
+def upload_intervals(server: EdgeServer, round_: int) -> dict[int, list[tuple[float, float, str]]]:
+    by_iteration: dict[int, list] = {}
+    for (r, device), report in server.timings.items():
+        if r == round_:
+            for row in report.iterations:
+                by_iteration.setdefault(row.iteration, []).append((row.upload_start_at, row.upload_end_at, device))
+    return by_iteration
+
+
+def overlaps(intervals) -> int:
+    ordered = sorted(intervals)
+    return sum(1 for (_, end, _), (start, _, _) in itertools.pairwise(ordered) if start < end)
+
+
+def test_uploads_keep_to_their_slots_and_never_overlap(broker, tmp_path):
+    auto = KnownLinkScheduler(FINGERPRINT, 16, 4, ClusterBounds(min_clusters=1), fixed_cut=1)
+    server = run_cluster(broker, tmp_path, auto)
+    records = server.history
+    assert len(records) == 2 and all(r["slots"]["iterations"] == 12 for r in records)
+    for round_ in range(2):
+        intervals = upload_intervals(server, round_)
+        assert len(intervals) == 4
+        for iteration, rows in intervals.items():
+            assert len(rows) == 3
+            assert overlaps(rows) == 0, f"round {round_} iteration {iteration}: uploads overlap {sorted(rows)}"
+    # the prediction sits next to the measurement in metrics.jsonl
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["predicted_latency_s"] > 0 and "grants" in line["decision"] for line in lines)
+
+
+def test_without_slots_the_same_uploads_do_overlap(broker, tmp_path):
+    """The control: the overlap check above can fail -- without slots, devices send together."""
+    server = run_cluster(broker, tmp_path, FixedScheduler("cpsl", cut=1, clusters=1))
+    total = sum(overlaps(rows) for round_ in range(2) for rows in upload_intervals(server, round_).values())
+    assert total > 0

@@ -1,0 +1,96 @@
+"""The emulated testbed as a user runs it: refuses without root, trains, and leaves nothing behind.
+
+The runs need root, iproute2, the cgroup v1 cpu controller and Mosquitto; they are skipped
+where any is missing. They use the fixed names cpsl-*: do not run them beside a testbed
+benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.testbed.topology import CGROUP_CPU, leftovers
+
+CLI = [sys.executable, "-m", "toolkit.cli.testbed"]
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0
+    or shutil.which("tc") is None
+    or not CGROUP_CPU.is_dir()
+    or (shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists()),
+    reason="needs root, tc, cgroup v1 cpu and mosquitto",
+)
+
+
+def assert_nothing_left() -> None:
+    namespaces, groups = leftovers()
+    assert namespaces == [] and groups == [], (namespaces, groups)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs setpriv, run as root")
+def test_without_root_it_says_so_and_creates_nothing(tmp_path):
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, "run",
+                             "--devices", "2", "--run-dir", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cpsl-testbed: error: the testbed creates network namespaces, tc shapers and cgroups: run it as root"
+    ]
+    assert_nothing_left()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--throttle", "dev9:1:2"], "there is no device 9 among 2"),
+        (["--throttle", "dev0:1"], "expected devI:ROUND:MBIT"),
+        (["--drop", "nonsense"], "expected devI:ROUND"),
+    ],
+)
+@ROOT_ONLY
+def test_bad_events_are_refused_before_anything_is_built(tmp_path, args, message):
+    result = subprocess.run([*CLI, "run", "--devices", "2", "--run-dir", str(tmp_path), *args],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr
+    assert_nothing_left()
+
+
+@ROOT_ONLY
+def test_a_short_auto_run_trains_predicts_and_cleans_up(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([*CLI, "run", "--devices", "2", "--rounds", "2", "--local-iterations", "4",
+                             "--target-accuracy", "0.999", "--run-dir", str(run_dir)],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    assert all(r["predicted_latency_s"] > 0 and r["cut"] and r["slots"]["iterations"] == 8 for r in records)
+    assert sorted(d for c in records[-1]["clusters"] for d in c) == ["dev0", "dev1"]
+    estimates = records[-1]["decision"]["estimates"]
+    # dev0 is capped at 16 Mbit/s up, dev1 at 6: the probes must see the difference
+    assert estimates["dev0"]["up_bps"] > 1.5 * estimates["dev1"]["up_bps"]
+    assert_nothing_left()
+
+
+@ROOT_ONLY
+def test_sigterm_mid_run_removes_everything(tmp_path):
+    process = subprocess.Popen([*CLI, "run", "--devices", "2", "--rounds", "50", "--target-accuracy", "0.999",
+                                "--run-dir", str(tmp_path / "run")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not leftovers()[0]:
+        time.sleep(0.2)
+    time.sleep(8)  # into profiling or training
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert_nothing_left()

@@ -1,0 +1,126 @@
+"""``cpsl-testbed``: train on N emulated heterogeneous devices on this host (needs root).
+
+    cpsl-testbed run --devices 8 --scheme cpsl --run-dir runs/testbed [--throttle dev3:4:1] [--drop dev5:6]
+    cpsl-testbed cleanup        # remove what a killed run left (cpsl-* namespaces and cgroups)
+
+Thin: flags in, :mod:`toolkit.testbed` does the work. The namespaces, links and CPU groups
+are removed when the run ends, fails, or is interrupted (Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
+from toolkit.errors import UserError
+from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
+from toolkit.testbed.topology import DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
+
+PROG = "cpsl-testbed"
+CPU_CLASSES = (0.30, 0.15, 0.08)  # fraction of one core: fast, medium, slow
+UPLINK_CLASSES = (16.0, 6.0, 2.5)  # Mbit/s: good, fair, poor channel
+
+
+def default_spec(devices: int, medium_up: float = 20.0, medium_down: float = 40.0) -> TestbedSpec:
+    """Device i: compute class i mod 3, channel class (i // 3 + i) mod 3 (so the two do not
+    line up), downlink twice its uplink; the shared medium 20 Mbit/s up, 40 down."""
+    return TestbedSpec(
+        tuple(
+            DeviceSpec(
+                f"dev{i}", UPLINK_CLASSES[(i // 3 + i) % 3], 2 * UPLINK_CLASSES[(i // 3 + i) % 3], CPU_CLASSES[i % 3]
+            )
+            for i in range(devices)
+        ),
+        medium_up,
+        medium_down,
+    )
+
+
+def load_spec(path: Path) -> TestbedSpec:
+    try:
+        data = json.loads(path.read_text())
+        devices = tuple(DeviceSpec(str(d["name"]), float(d["uplink_mbit"]), float(d["downlink_mbit"]),
+                                   float(d["cpu_share"])) for d in data["devices"])  # fmt: skip
+        return TestbedSpec(devices, float(data.get("medium_up_mbit", 20)), float(data.get("medium_down_mbit", 40)))
+    except OSError as exc:
+        raise UserError(f"cannot read testbed spec {path}: {exc.strerror or exc}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"testbed spec {path}: needs devices [{{name, uplink_mbit, downlink_mbit, cpu_share}}] "
+                        f"({type(exc).__name__}: {exc})") from exc  # fmt: skip
+
+
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog=PROG, description="Emulated testbed of heterogeneous devices (root only).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="train once on the testbed")
+    run_parser.add_argument("--devices", type=positive_int, default=8)
+    run_parser.add_argument("--spec", type=Path, help="JSON testbed spec instead of the default classes")
+    run_parser.add_argument("--scheme", choices=("cpsl", "sl", "sfl", "fl"), default="cpsl")
+    run_parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None)
+    run_parser.add_argument("--random-clusters", action="store_true")
+    run_parser.add_argument("--cut")
+    run_parser.add_argument("--clusters", type=positive_int, default=2)
+    run_parser.add_argument("--rounds", type=positive_int, default=30)
+    run_parser.add_argument("--target-accuracy", type=float, default=0.9)
+    run_parser.add_argument("--local-iterations", type=positive_int, default=20)
+    run_parser.add_argument("--seed", type=int, default=0)
+    run_parser.add_argument("--run-dir", type=Path, default=Path("runs/testbed"))
+    run_parser.add_argument("--throttle", action="append", default=[], metavar="devI:ROUND:MBIT",
+                            help="after ROUND, cap device I's uplink at MBIT")  # fmt: skip
+    run_parser.add_argument("--drop", action="append", default=[], metavar="devI:ROUND",
+                            help="after ROUND, kill device I's agent")  # fmt: skip
+    run_parser.add_argument("--debug", action="store_true")
+    cleanup = sub.add_parser("cleanup", help="remove cpsl-* namespaces and cgroups left by a killed run")
+    cleanup.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s testbed %(message)s")
+    if args.command == "cleanup":
+        namespaces, groups = remove_leftovers()
+        print(f"removed {namespaces} namespaces and {groups} CPU groups")
+        return 0
+    require_root()
+    spec = load_spec(args.spec) if args.spec else default_spec(args.devices)
+    count = len(spec.devices)
+    events = [Event.parse("throttle", t, count) for t in args.throttle] + [Event.parse("drop", d, count)
+                                                                           for d in args.drop]  # fmt: skip
+    run_spec = RunSpec(scheme=args.scheme, auto=args.auto, random_clusters=args.random_clusters, cut=args.cut,
+                       clusters=args.clusters, rounds=args.rounds, target_accuracy=args.target_accuracy,
+                       local_iterations=args.local_iterations, seed=args.seed, events=events)  # fmt: skip
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
+    testbed = Testbed(spec)
+    try:
+        testbed.create()
+        profiles = profile_devices(testbed, args.run_dir / "profiles", run_spec.batch_size)
+        records = run(testbed, run_spec, args.run_dir, profiles)
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"testbed run failed: {exc}") from exc
+    finally:
+        testbed.destroy()
+    for record in records:
+        predicted = record.get("predicted_latency_s")
+        extra = f", predicted {predicted:.2f} s" if predicted else ""
+        print(f"round {record['round']:3d}: accuracy {record['accuracy']:.2%}, latency {record['latency_s']:.2f} s"
+              f"{extra}, cut {record['cut_name']}, clusters {record['clusters']}")  # fmt: skip
+    print(f"metrics in {args.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""One training run on the emulated testbed: broker, agents and edge server as real processes.
+
+Mosquitto and the edge server run in the access point's namespace; every agent runs in
+its device's namespace and CPU group, with a profile measured *inside* that CPU group (so
+the server starts from what the emulated device really does). Events change the testbed
+mid-run: a device's uplink slows, or its agent is killed. Every process started is
+stopped when the run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.errors import UserError
+from toolkit.testbed.topology import AP_ADDRESS, Testbed
+
+log = logging.getLogger("cpsl.testbed")
+
+BROKER_PORT = 1883
+MODEL, DATA = "lenet5", "builtin:mnist5k"
+
+
+@dataclass(frozen=True)
+class Event:
+    """After round ``after_round`` completes: ``throttle`` a device's uplink to ``mbit``, or ``drop`` it."""
+
+    kind: str  # "throttle" | "drop"
+    device: int
+    after_round: int
+    mbit: float = 0.0
+
+    @classmethod
+    def parse(cls, kind: str, text: str, devices: int) -> Event:
+        parts = text.split(":")
+        try:
+            if kind == "throttle" and len(parts) == 3:
+                event = cls(kind, int(parts[0].removeprefix("dev")), int(parts[1]), float(parts[2]))
+            elif kind == "drop" and len(parts) == 2:
+                event = cls(kind, int(parts[0].removeprefix("dev")), int(parts[1]))
+            else:
+                raise ValueError
+        except ValueError:
+            form = "devI:ROUND:MBIT" if kind == "throttle" else "devI:ROUND"
+            raise UserError(f"--{kind} {text!r}: expected {form}") from None
+        if not 0 <= event.device < devices:
+            raise UserError(f"--{kind} {text!r}: there is no device {event.device} among {devices}")
+        if kind == "throttle" and not event.mbit > 0:
+            raise UserError(f"--{kind} {text!r}: the rate must be positive")
+        return event
+
+
+@dataclass
+class RunSpec:
+    scheme: str = "cpsl"
+    auto: bool | None = None
+    random_clusters: bool = False
+    cut: str | None = None
+    clusters: int = 2
+    rounds: int = 30
+    target_accuracy: float | None = 0.9
+    batch_size: int = 32
+    local_iterations: int = 20
+    lr: float = 0.05
+    seed: int = 0
+    non_iid: str = "dirichlet:0.5"
+    timeout_s: float = 60.0
+    events: list[Event] = field(default_factory=list)
+
+    def server_flags(self) -> list[str]:
+        flags = ["--scheme", self.scheme, "--rounds", str(self.rounds), "--clusters", str(self.clusters),
+                 "--batch-size", str(self.batch_size), "--local-iterations", str(self.local_iterations),
+                 "--lr", str(self.lr), "--seed", str(self.seed), "--timeout", str(self.timeout_s)]  # fmt: skip
+        if self.auto is not None:
+            flags.append("--auto" if self.auto else "--no-auto")
+        if self.random_clusters:
+            flags.append("--random-clusters")
+        if self.cut:
+            flags += ["--cut", self.cut]
+        if self.target_accuracy is not None:
+            flags += ["--target-accuracy", str(self.target_accuracy)]
+        return flags
+
+
+def _stop(process: subprocess.Popen, grace_s: float = 5.0) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def profile_devices(testbed: Testbed, folder: Path, batch_size: int) -> dict[int, Path]:
+    """A short profile per distinct CPU share, measured inside that device's CPU group."""
+    folder.mkdir(parents=True, exist_ok=True)
+    by_share: dict[float, Path] = {}
+    result = {}
+    for index, device in enumerate(testbed.spec.devices):
+        if device.cpu_share not in by_share:
+            path = folder / f"cpu{device.cpu_share:g}.json"
+            if not path.exists():
+                name = f"testbed-cpu{device.cpu_share:g}"
+                command = [sys.executable, "-m", "toolkit.cli.profile", "--model", MODEL, "--batch-size",
+                           str(batch_size), "--repeats", "6", "--warmup", "2", "--passes", "1", "--threads", "1",
+                           "--no-onnx", "--device-id", name, "--out", str(path)]  # fmt: skip
+                done = subprocess.run(testbed.device_command(index, command), capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"profiling device {index} failed: {done.stderr.strip()[-400:]}")
+            by_share[device.cpu_share] = path
+        result[index] = by_share[device.cpu_share]
+    return result
+
+
+def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path]) -> list[dict]:
+    """Train once; returns the metrics records (also in ``run_dir/metrics.jsonl``)."""
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(mosquitto).exists():
+        raise UserError("the testbed needs mosquitto (apt-get install mosquitto)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    config = run_dir / "mosquitto.conf"
+    config.write_text(f"listener {BROKER_PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\n")
+    processes: list[subprocess.Popen] = []
+
+    def start(command: list[str], log_name: str) -> subprocess.Popen:
+        handle = (logs / log_name).open("w")
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        processes.append(process)
+        return process
+
+    broker_url = f"mqtt://{AP_ADDRESS}:{BROKER_PORT}"
+    devices = len(testbed.spec.devices)
+    try:
+        start(testbed.ap_command([mosquitto, "-c", str(config)]), "mosquitto.log")
+        time.sleep(0.5)
+        agents = {}
+        for index in range(devices):
+            command = [sys.executable, "-m", "firmware_agent", "--broker", broker_url, "--device-id", f"dev{index}",
+                       "--data", DATA, "--partition", f"{index}/{devices}", "--non-iid", spec.non_iid,
+                       "--seed", str(spec.seed), "--profile", str(profiles[index]), "--threads", "1",
+                       "--heartbeat", "1"]  # fmt: skip
+            agents[index] = start(testbed.device_command(index, command), f"agent-{index}.log")
+        server_command = [sys.executable, "-m", "edge_server", "--broker", broker_url, "--model", MODEL, "--data",
+                          DATA, "--min-devices", str(devices), "--wait-devices", "120", "--run-dir", str(run_dir),
+                          "--run-id", f"testbed-{spec.scheme}", "--log-level", "WARNING",
+                          *spec.server_flags()]  # fmt: skip
+        server = start(testbed.ap_command(server_command), "server.log")
+        watcher = threading.Thread(target=_apply_events, args=(testbed, spec.events, metrics, agents, server),
+                                   daemon=True)  # fmt: skip
+        watcher.start()
+        deadline = time.monotonic() + 60 * 60
+        while server.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the edge server ran for more than an hour")
+            time.sleep(0.5)
+        if server.returncode != 0:
+            tail = (logs / "server.log").read_text()[-600:]
+            raise RuntimeError(f"edge server exited with {server.returncode}: {tail}")
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def _apply_events(testbed: Testbed, events: list[Event], metrics: Path, agents: dict, server) -> None:
+    pending = sorted(events, key=lambda e: e.after_round)
+    while pending and server.poll() is None:
+        done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        while pending and done > pending[0].after_round:
+            event = pending.pop(0)
+            if event.kind == "throttle":
+                testbed.set_uplink(event.device, event.mbit)
+                log.warning("after round %d: dev%d uplink throttled to %g Mbit/s", event.after_round, event.device,
+                            event.mbit)  # fmt: skip
+            else:  # vanish without a goodbye: the broker publishes its last will
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(agents[event.device].pid, signal.SIGKILL)
+                log.warning("after round %d: dev%d dropped (agent killed)", event.after_round, event.device)
+        time.sleep(0.2)

@@ -1,0 +1,233 @@
+"""An access point and N devices on one Linux host: network namespaces, shaped links, CPU quotas.
+
+    cpsl-d0 ──d0═╗                       (d_i egress: device i's uplink cap,
+    cpsl-d1 ──d1═╬══ br0 (cpsl-sw) ══ap0s══ap0── cpsl-ap   d_i-s egress: its downlink cap)
+    ...        ══╝                       (ap0s egress: the shared uplink medium,
+                                          ap0 egress: the shared downlink medium)
+
+- every device has its own namespace ``cpsl-d<i>`` with a veth into a bridge in the
+  switch namespace ``cpsl-sw``; the access point's namespace ``cpsl-ap`` (broker and edge
+  server) hangs off the same bridge through one veth: that veth is the shared medium,
+  shaped with tbf in both directions;
+- each device's veth is shaped too (both ends: tbf shapes egress only), to its own rate
+  cap -- its channel quality;
+- each device's processes run in a cgroup v1 CPU group ``cpsl-d<i>`` with a CFS quota --
+  its compute class.
+
+Everything created is recorded as it is created and removed by :meth:`Testbed.destroy`,
+which is idempotent and tolerates half-built state; :func:`remove_leftovers` clears
+anything named ``cpsl-*`` that an earlier killed run left behind. Needs root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.errors import UserError
+
+log = logging.getLogger("cpsl.testbed")
+
+PREFIX = "cpsl-"
+AP_NS, SWITCH_NS = "cpsl-ap", "cpsl-sw"
+SUBNET = "10.77.0"
+AP_ADDRESS = f"{SUBNET}.1"
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 20_000  # short periods: a slow device, not one that stops for 90 ms at a time (quota >= 1 ms)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    uplink_mbit: float
+    downlink_mbit: float
+    cpu_share: float  # fraction of one core (CFS quota / period)
+
+    def __post_init__(self) -> None:
+        if not (self.uplink_mbit > 0 and self.downlink_mbit > 0):
+            raise UserError(f"device {self.name}: link rates must be positive")
+        if not 0.05 <= self.cpu_share <= 64:
+            raise UserError(f"device {self.name}: cpu share must be between 0.05 and 64 cores")
+
+
+@dataclass(frozen=True)
+class TestbedSpec:
+    devices: tuple[DeviceSpec, ...]
+    medium_up_mbit: float = 20.0  # the shared uplink medium (the access point's air time)
+    medium_down_mbit: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.devices) <= 200:
+            raise UserError("a testbed has 1 to 200 devices")
+        if not (self.medium_up_mbit > 0 and self.medium_down_mbit > 0):
+            raise UserError("medium rates must be positive")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise UserError("the testbed creates network namespaces, tc shapers and cgroups: run it as root")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            raise UserError(f"the testbed needs `{tool}` (iproute2), which is not installed")
+    if not CGROUP_CPU.is_dir():
+        raise UserError(f"the testbed needs the cgroup v1 cpu controller at {CGROUP_CPU}")
+
+
+def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(command), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+def _tbf(namespace: str, interface: str, mbit: float, change: bool = False) -> None:
+    rate_bit = int(mbit * 1e6)
+    burst = max(16 * 1024, rate_bit // 8 // 100)  # 10 ms at the rate, at least 16 KiB
+    verb = "change" if change else "add"
+    _run("ip", "netns", "exec", namespace, "tc", "qdisc", verb, "dev", interface, "root", "tbf",
+         "rate", f"{rate_bit}bit", "burst", str(burst), "latency", "2s")  # fmt: skip
+
+
+@dataclass
+class Testbed:
+    spec: TestbedSpec
+    namespaces: list[str] = field(default_factory=list)
+    cgroups: list[Path] = field(default_factory=list)
+
+    @staticmethod
+    def device_namespace(index: int) -> str:
+        return f"{PREFIX}d{index}"
+
+    @staticmethod
+    def device_address(index: int) -> str:
+        return f"{SUBNET}.{10 + index}"
+
+    def _namespace(self, name: str) -> None:
+        _run("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        _run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+
+    def _veth(self, inside_ns: str, inside: str, switch_side: str, address: str) -> None:
+        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", switch_side)
+        _run("ip", "link", "set", inside, "netns", inside_ns)
+        _run("ip", "link", "set", switch_side, "netns", SWITCH_NS)
+        _run("ip", "netns", "exec", inside_ns, "ip", "addr", "add", f"{address}/24", "dev", inside)
+        _run("ip", "netns", "exec", inside_ns, "ip", "link", "set", inside, "up")
+        _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", switch_side, "master", "br0")
+        _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", switch_side, "up")
+
+    def create(self) -> None:
+        """Build it all; on any failure, remove what was built and re-raise."""
+        require_root()
+        namespaces, groups = leftovers()
+        if namespaces or groups:
+            raise UserError(
+                f"testbed state exists already ({', '.join(namespaces + [g.name for g in groups])}): another testbed "
+                "is running, or a killed one left it; `cpsl-testbed cleanup` removes it"
+            )
+        try:
+            self._namespace(SWITCH_NS)
+            _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "add", "br0", "type", "bridge")
+            _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", "br0", "up")
+            self._namespace(AP_NS)
+            self._veth(AP_NS, "ap0", "ap0s", AP_ADDRESS)
+            _tbf(SWITCH_NS, "ap0s", self.spec.medium_up_mbit)  # devices -> access point
+            _tbf(AP_NS, "ap0", self.spec.medium_down_mbit)  # access point -> devices
+            for index, device in enumerate(self.spec.devices):
+                namespace = self.device_namespace(index)
+                self._namespace(namespace)
+                self._veth(namespace, f"d{index}", f"d{index}s", self.device_address(index))
+                _tbf(namespace, f"d{index}", device.uplink_mbit)
+                _tbf(SWITCH_NS, f"d{index}s", device.downlink_mbit)
+                group = CGROUP_CPU / namespace
+                group.mkdir(exist_ok=True)
+                self.cgroups.append(group)
+                (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(int(device.cpu_share * CFS_PERIOD_US)))
+        except BaseException:
+            self.destroy()
+            raise
+
+    def set_uplink(self, index: int, mbit: float) -> None:
+        """Change a device's uplink cap while it runs (a link that slows mid-run)."""
+        _tbf(self.device_namespace(index), f"d{index}", mbit, change=True)
+
+    def set_cpu(self, index: int, cpu_share: float) -> None:
+        (CGROUP_CPU / self.device_namespace(index) / "cpu.cfs_quota_us").write_text(str(int(cpu_share * CFS_PERIOD_US)))
+
+    def device_command(self, index: int, command: list[str]) -> list[str]:
+        """``command`` run in device ``index``'s namespace and CPU group."""
+        group = CGROUP_CPU / self.device_namespace(index) / "cgroup.procs"
+        inner = " ".join(_quote(part) for part in command)
+        return ["sh", "-c", f"echo $$ > {group} && exec ip netns exec {self.device_namespace(index)} {inner}"]
+
+    @staticmethod
+    def ap_command(command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", AP_NS, *command]
+
+    def destroy(self) -> None:
+        """Remove every namespace and cgroup made (veths and qdiscs go with their namespaces)."""
+        for group in reversed(self.cgroups):
+            _remove_cgroup(group)
+        self.cgroups.clear()
+        for namespace in reversed(self.namespaces):
+            _kill_namespace_processes(namespace)
+            _run("ip", "netns", "delete", namespace, check=False)
+        self.namespaces.clear()
+
+
+def _quote(part: str) -> str:
+    import shlex
+
+    return shlex.quote(part)
+
+
+def _kill_namespace_processes(namespace: str) -> None:
+    result = _run("ip", "netns", "pids", namespace, check=False)
+    for pid in result.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+            os.kill(int(pid), 9)
+
+
+def _remove_cgroup(group: Path) -> None:
+    procs = group / "cgroup.procs"
+    if procs.exists():
+        for pid in procs.read_text().split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), 9)
+    try:
+        group.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # processes still exiting: one retry after they are reaped
+        import time
+
+        time.sleep(0.5)
+        try:
+            group.rmdir()
+        except OSError:
+            log.warning("could not remove cgroup %s: %s", group, exc)
+
+
+def leftovers() -> tuple[list[str], list[Path]]:
+    namespaces = [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
+                  if line.startswith(PREFIX)]  # fmt: skip
+    groups = sorted(CGROUP_CPU.glob(f"{PREFIX}*")) if CGROUP_CPU.is_dir() else []
+    return namespaces, groups
+
+
+def remove_leftovers() -> tuple[int, int]:
+    """Remove every ``cpsl-*`` namespace and CPU cgroup (what a killed run may leave)."""
+    require_root()
+    namespaces, groups = leftovers()
+    for group in groups:
+        _remove_cgroup(group)
+    for namespace in namespaces:
+        _kill_namespace_processes(namespace)
+        _run("ip", "netns", "delete", namespace, check=False)
+    return len(namespaces), len(groups)
