@@ -167,22 +167,28 @@ class AutoScheduler:
                 state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way
             )
             model_down = slot_schedule(state.downlink, rows, problem.model_bits, tail=one_way)
-            model_up = slot_schedule(state.uplink, rows, problem.model_bits, lead=problem.backward_s[rows])
+            # counted from the last gradient's epoch, when every backward pass is predicted done
+            model_up = slot_schedule(state.uplink, rows, problem.model_bits)
             server_s = problem.server_s(len(members))
             iteration_s = uplink.finish_s + one_way.max() + server_s + downlink.finish_s + GUARD_S
             turn_s = model_down.finish_s + GUARD_S + self.iterations * iteration_s + model_up.finish_s + one_way.max()
             total += turn_s
+            weights_slot = {ids[slot.device]: slot.start_s for slot in model_up.slots}
             for slot in uplink.slots:
                 device = ids[slot.device]
                 estimate = self.estimates.devices[device]
                 grants[device] = m.Grant(slot_offset_s=slot.start_s, slot_duration_s=max(slot.duration_s, 1e-6),
-                                         rate_bps=estimate.up_bps, clock_offset_s=estimate.clock_offset_s)  # fmt: skip
+                                         rate_bps=estimate.up_bps, clock_offset_s=estimate.clock_offset_s,
+                                         weights_slot_offset_s=weights_slot.get(device))  # fmt: skip
             timing[index] = ClusterTiming(
                 model_down_s=model_down.finish_s + GUARD_S,
                 downlink_s=downlink.finish_s + GUARD_S,
                 downlink_order=[ids[s.device] for s in downlink.slots],
                 predicted_turn_s=turn_s,
                 predicted_iteration_s=iteration_s,
+                predicted_model_up_s=downlink.finish_s + model_up.finish_s + one_way.max(),
+                weights_down_offsets={ids[slot.device]: slot.start_s for slot in model_down.slots},
+                gradient_offsets={ids[slot.device]: slot.start_s for slot in downlink.slots},
             )
         decision["grants"] = {d: g.model_dump() for d, g in grants.items()}
         decision["predicted_turn_s"] = [timing[i].predicted_turn_s for i in range(len(clusters))]

@@ -30,6 +30,19 @@ class ClusterTiming:
     downlink_order: list[str]  # gradients go out in this order (longest backward pass first)
     predicted_turn_s: float
     predicted_iteration_s: float
+    predicted_model_up_s: float = 0.0  # last gradient out until every device's weights are in
+    # seconds after the turn starts / the server step ends when each device's weights /
+    # gradient go out: one transfer at a time on the shared medium, as the plan assumed
+    weights_down_offsets: dict[str, float] = field(default_factory=dict)
+    gradient_offsets: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "predicted_turn_s": self.predicted_turn_s,
+            "predicted_model_down_s": self.model_down_s,
+            "predicted_iteration_s": self.predicted_iteration_s,
+            "predicted_model_up_s": self.predicted_model_up_s,
+        }
 
 
 @dataclass

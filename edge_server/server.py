@@ -17,7 +17,7 @@ import secrets
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +81,7 @@ class TurnStats:
     dropped: set[str] = field(default_factory=set)
     server_steps: list[tuple[int, float]] = field(default_factory=list)  # (samples, seconds)
     arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> wall clock
+    turns: list[dict] = field(default_factory=list)  # per cluster: measured phases (and predicted, with slots)
 
 
 class EdgeServer:
@@ -279,13 +280,16 @@ class EdgeServer:
         device_part, server_part = self.model.net[:cut], self.model.net[cut:]
         self._ensure_server_optimizer(cut)
         server_part.train()
+        turn_started = time.monotonic()
         state = self._hand_out(device_part, round_, cluster, devices, plan, stats)
         active = set(devices)
+        smashed_in: list[float] = []  # when each iteration's last smashed data arrived
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
             got = self._collect(Kind.SMASHED, round_, iteration, active, stats, deadline,
                                 check=lambda item: self._check_smashed(item, cut))  # fmt: skip
             active = set(got)
+            smashed_in.append(time.monotonic())
             for device, item in got.items():
                 stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
             if not active:
@@ -305,7 +309,8 @@ class EdgeServer:
                     set(gradient_of) - set(timing.downlink_order)
                 )
             epoch = time.time() + timing.downlink_s if timing is not None else None
-            for device in order:
+            offsets = timing.gradient_offsets if timing is not None else {}
+            for device in self._in_slots(order, offsets, time.monotonic()):
                 self._send(device, Kind.GRADIENT, m.Gradient(uplink_epoch=epoch), round_, iteration,
                            tensors={"grad": gradient_of[device]})  # fmt: skip
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
@@ -316,8 +321,24 @@ class EdgeServer:
         good = self._collect(Kind.WEIGHTS_UP, round_, 0, active, stats, t_weights + self.config.iteration_timeout_s,
                              check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
         self._average_into(device_part, good)
-        stats.model_transfer_s += time.monotonic() - t_weights
+        turn_ended = time.monotonic()
+        stats.model_transfer_s += turn_ended - t_weights
+        stats.turns.append(self._turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
         self._account_device_timings(round_, sorted(good), stats)
+
+    @staticmethod
+    def _turn_record(cluster: int, plan: RoundPlan, started: float, smashed_in: list[float], last_gradient: float,
+                     ended: float) -> dict:  # fmt: skip
+        """A turn's phases as measured, next to the plan's prediction: where a prediction misses."""
+        gaps = len(smashed_in) - 1
+        record = {"cluster": cluster, "measured_s": ended - started,
+                  "first_smashed_s": smashed_in[0] - started if smashed_in else None,
+                  "iteration_s": (smashed_in[-1] - smashed_in[0]) / gaps if gaps > 0 else None,
+                  "model_up_s": ended - last_gradient}  # fmt: skip
+        timing = plan.timing.get(cluster)
+        if timing is not None:
+            record.update(timing.to_dict())
+        return record
 
     def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
         state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
@@ -336,10 +357,25 @@ class EdgeServer:
         epoch = time.time() + timing.model_down_s if timing is not None else None
         for device in devices:
             self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
+        offsets = timing.weights_down_offsets if timing is not None else {}
+        for device in self._in_slots(devices, offsets, started):
             self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
         self.endpoint.transport.flush(self.config.iteration_timeout_s)
         stats.model_transfer_s += time.monotonic() - started
         return state
+
+    def _in_slots(self, devices: list[str], offsets: dict[str, float], start: float) -> Iterator[str]:
+        """``devices`` in slot order, each when its slot opens (``start`` + offset, monotonic).
+
+        The plan shares the medium one transfer at a time (TDMA, as Wi-Fi airtime is shared);
+        sending everything at once would let the access point interleave the transfers and
+        the plan's finish times would be fiction. Devices without a slot go first, at once.
+        """
+        for device in sorted(devices, key=lambda d: (offsets.get(d, -1.0), d)):
+            delay = start + offsets.get(device, 0.0) - time.monotonic()
+            if delay > 0:
+                time.sleep(min(delay, self.config.iteration_timeout_s))
+            yield device
 
     @staticmethod
     def _average_into(part: nn.Module, uploads: dict[str, Received]) -> None:
@@ -418,6 +454,8 @@ class EdgeServer:
             "latency_s": latency, "predicted_latency_s": plan.predicted_latency_s, "breakdown": parts,
             "dropped": sorted(stats.dropped), "rejected_messages": dict(self.endpoint.rejected), "time": time.time(),
         }  # fmt: skip
+        if stats.turns:
+            record["turns"] = stats.turns
         if plan.timing:
             rows = [row for (r, _), t in self.timings.items() if r == round_ for row in t.iterations]
             record["slots"] = {

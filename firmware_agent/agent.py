@@ -75,10 +75,15 @@ class DeviceAgent:
         """Build the model we expect to train and run one training step on a dummy batch.
 
         Torch's first forward and backward pay one-off costs (kernel selection, allocator
-        growth, lazy imports): about 1 s of CPU, which a slow board turns into many
-        seconds. Paid here, before registering, it does not stall the first round's upload
-        slot. The model is kept if the server assigns the same one.
+        growth, lazy imports), and so does the first optimiser step (it imports
+        torch._dynamo, some 800 modules): about 1 s of CPU, which a board at 8% of a core
+        turns into 12 s -- measured on the testbed as a first round of sl eight times 12 s
+        longer than the rest. Paid here, before registering, it does not stall the first
+        round. The model is kept if the server assigns the same one.
         """
+        scratch = torch.zeros(1, requires_grad=True)
+        scratch.grad = torch.zeros(1)
+        make_optimizer([scratch], lr=0.1, momentum=0.9, weight_decay=0.0).step()
         if not self.config.model_hint:
             return
         try:
@@ -239,6 +244,8 @@ class DeviceAgent:
             else:
                 timings.append(self._split_step(part, optimizer, x, y, run, round_, iteration, up))
         state = {k: v.detach() for k, v in part.state_dict().items()}
+        if a.cut is not None:
+            self._wait_until_granted(a.grant.weights_slot_offset_s)
         sent = self.endpoint.send(up, Kind.WEIGHTS_UP, m.WeightsUp(num_samples=len(self.indices)), run=run,
                                   device=self.config.device_id, round_=round_, tensors=state)  # fmt: skip
         report = m.Timings(iterations=timings, weights_down_bytes=_nbytes(weights.tensors), weights_up_bytes=sent,
@@ -267,9 +274,13 @@ class DeviceAgent:
         pass ends after its slot opened sends at once and reports how late it was.
         """
         grant = self.assignment.grant
-        if grant.slot_duration_s is None or self._uplink_epoch is None:
+        return self._wait_until_granted(grant.slot_offset_s if grant.slot_duration_s is not None else None)
+
+    def _wait_until_granted(self, offset_s: float | None) -> tuple[float, float]:
+        """Wait until ``epoch + clock offset + offset_s``; (waited, late). None: no slot, go now."""
+        if offset_s is None or self._uplink_epoch is None:
             return 0.0, 0.0
-        opens = self._uplink_epoch + grant.clock_offset_s + grant.slot_offset_s
+        opens = self._uplink_epoch + self.assignment.grant.clock_offset_s + offset_s
         delay = opens - time.time()
         if delay <= 0:
             return 0.0, -delay

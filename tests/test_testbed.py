@@ -21,12 +21,25 @@ import pytest
 from toolkit.testbed.topology import CGROUP_CPU, leftovers
 
 CLI = [sys.executable, "-m", "toolkit.cli.testbed"]
+
+
+def _can_make_namespaces() -> bool:
+    """Root in a container without CAP_NET_ADMIN cannot: try, rather than trust the uid."""
+    name = f"capcheck-{os.getpid()}"  # not cpsl-*: never mistaken for a leftover
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    return made
+
+
 ROOT_ONLY = pytest.mark.skipif(
     os.geteuid() != 0
     or shutil.which("tc") is None
+    or shutil.which("ip") is None
     or not CGROUP_CPU.is_dir()
-    or (shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists()),
-    reason="needs root, tc, cgroup v1 cpu and mosquitto",
+    or (shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists())
+    or not _can_make_namespaces(),
+    reason="needs root with CAP_NET_ADMIN, iproute2, tc, cgroup v1 cpu and mosquitto",
 )
 
 

@@ -103,6 +103,8 @@ class Grant(Body):
     slot_duration_s: float | None = Field(default=None, gt=0)
     rate_bps: float | None = Field(default=None, gt=0)
     clock_offset_s: float = 0.0
+    # the trained weights go up no earlier than the last gradient's epoch + clock offset + this
+    weights_slot_offset_s: float | None = Field(default=None, ge=0)
 
 
 class Assign(Body):
