@@ -81,9 +81,7 @@ class DeviceAgent:
         longer than the rest. Paid here, before registering, it does not stall the first
         round. The model is kept if the server assigns the same one.
         """
-        scratch = torch.zeros(1, requires_grad=True)
-        scratch.grad = torch.zeros(1)
-        make_optimizer([scratch], lr=0.1, momentum=0.9, weight_decay=0.0).step()
+        warm_up_optimizer()
         if not self.config.model_hint:
             return
         try:
@@ -246,10 +244,13 @@ class DeviceAgent:
         state = {k: v.detach() for k, v in part.state_dict().items()}
         if a.cut is not None:
             self._wait_until_granted(a.grant.weights_slot_offset_s)
+        weights_up_start = time.time()
         sent = self.endpoint.send(up, Kind.WEIGHTS_UP, m.WeightsUp(num_samples=len(self.indices)), run=run,
                                   device=self.config.device_id, round_=round_, tensors=state)  # fmt: skip
+        self.endpoint.transport.flush(a.gradient_timeout_s)
         report = m.Timings(iterations=timings, weights_down_bytes=_nbytes(weights.tensors), weights_up_bytes=sent,
-                           turn_s=time.monotonic() - started)  # fmt: skip
+                           turn_s=time.monotonic() - started, weights_up_start_at=weights_up_start,
+                           weights_up_end_at=time.time())  # fmt: skip
         self.endpoint.send(up, Kind.TIMINGS, report, run=run, device=self.config.device_id, round_=round_)
         self.endpoint.transport.flush(10.0)
 
@@ -354,6 +355,13 @@ class DeviceAgent:
             log.debug("ignoring %s (round %d, iteration %d) while waiting", message.kind.name, header.round,
                       header.iteration)  # fmt: skip
         raise TurnAbortedError("agent is stopping")
+
+
+def warm_up_optimizer() -> None:
+    """One SGD step on a scratch tensor: the first step anywhere imports torch._dynamo."""
+    scratch = torch.zeros(1, requires_grad=True)
+    scratch.grad = torch.zeros(1)
+    make_optimizer([scratch], lr=0.1, momentum=0.9, weight_decay=0.0).step()
 
 
 def stream_seed(data_seed: int, device_id: str) -> int:

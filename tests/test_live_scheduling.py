@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +85,16 @@ def test_auto_plan_has_balanced_clusters_and_non_overlapping_slots():
         for (start, duration), (next_start, _) in itertools.pairwise(slots):
             assert start + duration <= next_start + 1e-12
         assert sorted(plan.timing[index].downlink_order) == sorted(members)
+        # the bulk transfers take turns: weights down, gradients and weights up, one device at a time
+        model_bits = 8 * auto.costs.cut(plan.cut).device_model_bytes
+        for offsets, rate in ((plan.timing[index].weights_down_offsets, "down_bps"),
+                              ({d: plan.grants[d].weights_slot_offset_s for d in members}, "up_bps")):  # fmt: skip
+            assert sorted(offsets) == sorted(members)
+            turns = sorted((offset, d) for d, offset in offsets.items())
+            for (start, device), (next_start, _) in itertools.pairwise(turns):
+                duration = model_bits / getattr(auto.estimates.devices[device], rate)
+                assert next_start == pytest.approx(start + duration, rel=1e-9, abs=1e-12)
+        assert sorted(plan.timing[index].gradient_offsets) == sorted(members)
     assert plan.decision["cut_selection"]["reason"] == "first round"
     json.dumps(plan.decision)  # goes to metrics.jsonl as is
 
@@ -189,3 +202,39 @@ def test_without_slots_the_same_uploads_do_overlap(broker, tmp_path):
     server = run_cluster(broker, tmp_path, FixedScheduler("cpsl", cut=1, clusters=1))
     total = sum(overlaps(rows) for round_ in range(2) for rows in upload_intervals(server, round_).values())
     assert total > 0
+
+
+# what makes the plan come true -------------------------------------------------------------------
+
+
+def test_agent_warm_up_takes_the_first_optimiser_steps_cost_before_training():
+    """The first SGD step of a process imports torch._dynamo (~1 s of CPU; 12 s on a board
+    at 8% of a core). After the agent's warm-up, the first real step must be cheap."""
+    code = (
+        "import time, torch\n"
+        "from firmware_agent.agent import warm_up_optimizer\n"
+        "from toolkit.training import make_optimizer\n"
+        "warm_up_optimizer()\n"
+        "layer = torch.nn.Linear(4, 4)\n"
+        "layer(torch.zeros(2, 4)).sum().backward()\n"
+        "started = time.process_time()\n"
+        "make_optimizer(list(layer.parameters()), 0.1, 0.0, 0.0).step()\n"
+        "print(time.process_time() - started)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert float(result.stdout) < 0.1
+
+
+def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens(tmp_path):
+    config = ServerConfig(broker=parse_broker_url("mqtt://127.0.0.1:1"), scheme="cpsl", rounds=1, min_devices=1,
+                          run_dir=tmp_path)  # fmt: skip
+    server = EdgeServer(config, load_model("lenet5", seed=0), load_dataset("builtin:digits", seed=0),
+                        scheduler=FixedScheduler("cpsl", cut=1, clusters=1))  # fmt: skip
+    offsets = {"late": 0.20, "early": 0.0, "middle": 0.10}
+    start = time.monotonic()
+    sent = [(device, time.monotonic() - start) for device in server._in_slots(["late", "early", "middle", "free"],
+                                                                              offsets, start)]  # fmt: skip
+    assert [device for device, _ in sent] == ["free", "early", "middle", "late"]
+    for device, at in sent:
+        assert at >= offsets.get(device, 0.0) - 1e-3
+    assert sent[-1][1] < 0.20 + 0.15

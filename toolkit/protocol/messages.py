@@ -187,6 +187,8 @@ class Timings(Body):
     weights_down_bytes: int = Field(ge=0)
     weights_up_bytes: int = Field(ge=0)
     turn_s: float = Field(ge=0)
+    weights_up_start_at: float = Field(default=0.0, ge=0)  # device wall clock; 0: not measured
+    weights_up_end_at: float = Field(default=0.0, ge=0)
 
 
 class Metrics(Body):
