@@ -85,10 +85,13 @@ class LiveEstimates:
         compute = statistics.median(r.forward_s + r.backward_s for r in rows)
         predicted = cut.device_forward(batch_size) + cut.device_backward(batch_size)
         estimate.speed = _blend(estimate.speed, predicted / max(compute, 1e-9), self.smoothing)
+        transfers = [(r.up_bytes, r.upload_s) for r in rows]
+        if timings.weights_up_end_at > timings.weights_up_start_at > 0:  # the trained weights, in their own slot
+            transfers.append((timings.weights_up_bytes, timings.weights_up_end_at - timings.weights_up_start_at))
         uploads = [
-            8.0 * r.up_bytes / (r.upload_s - estimate.rtt_s)
-            for r in rows
-            if r.up_bytes >= RATE_SAMPLE_BYTES and r.upload_s > 2 * estimate.rtt_s
+            8.0 * size / (seconds - estimate.rtt_s)
+            for size, seconds in transfers
+            if size >= RATE_SAMPLE_BYTES and seconds > 2 * estimate.rtt_s
         ]
         if uploads:
             estimate.up_bps = _blend(estimate.up_bps, statistics.median(uploads), self.smoothing)

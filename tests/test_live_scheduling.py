@@ -65,6 +65,23 @@ def test_estimates_follow_a_slower_device_and_a_slower_link():
     assert state.uplink.capacity_bps(np.array([0]))[0] == pytest.approx(estimate.up_bps)
 
 
+def test_a_slower_link_is_noticed_from_the_weight_upload_when_smashed_data_is_small():
+    """At a late cut the smashed data fits a link's burst allowance and says nothing of its
+    rate; the turn's weight upload is the one large transfer, and it must count."""
+    cut = model_costs(load_profile(PROFILE)).resolve("fc2")
+    estimates = LiveEstimates(smoothing=0.5)
+    estimates.add("d", 1.0, link(16))
+    small = timings(0.01, 0.01, 0.003, 10_000, 0.01, 10_000)  # 10 kB at "line speed"
+    estimates.observe_turn("d", cut, 32, small)
+    assert estimates.devices["d"].up_bps == pytest.approx(16e6)  # nothing to learn from it
+    weights = 240_000
+    slow = small.model_copy(update={"weights_up_bytes": weights, "weights_up_start_at": 1000.0,
+                                    "weights_up_end_at": 1000.0 + 8 * weights / 0.3e6 + 0.002})  # fmt: skip
+    for _ in range(8):
+        estimates.observe_turn("d", cut, 32, slow)
+    assert estimates.devices["d"].up_bps == pytest.approx(0.3e6, rel=0.05)
+
+
 def scheduler(**overrides) -> AutoScheduler:
     values = dict(model_fingerprint=FINGERPRINT, batch_size=32, iterations=5, bounds=ClusterBounds(min_clusters=2))
     values.update(overrides)
