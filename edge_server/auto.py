@@ -183,7 +183,6 @@ class AutoScheduler:
             timing[index] = ClusterTiming(
                 model_down_s=model_down.finish_s + GUARD_S,
                 downlink_s=downlink.finish_s + GUARD_S,
-                downlink_order=[ids[s.device] for s in downlink.slots],
                 predicted_turn_s=turn_s,
                 predicted_iteration_s=iteration_s,
                 predicted_model_up_s=downlink.finish_s + model_up.finish_s + one_way.max(),

@@ -27,7 +27,6 @@ class ClusterTiming:
 
     model_down_s: float
     downlink_s: float
-    downlink_order: list[str]  # gradients go out in this order (longest backward pass first)
     predicted_turn_s: float
     predicted_iteration_s: float
     predicted_model_up_s: float = 0.0  # last gradient out until every device's weights are in
@@ -35,6 +34,11 @@ class ClusterTiming:
     # gradient go out: one transfer at a time on the shared medium, as the plan assumed
     weights_down_offsets: dict[str, float] = field(default_factory=dict)
     gradient_offsets: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def downlink_order(self) -> list[str]:
+        """The order the gradients go out in (longest backward pass first)."""
+        return sorted(self.gradient_offsets, key=self.gradient_offsets.__getitem__)
 
     def to_dict(self) -> dict:
         return {

@@ -280,6 +280,8 @@ class EdgeServer:
         device_part, server_part = self.model.net[:cut], self.model.net[cut:]
         self._ensure_server_optimizer(cut)
         server_part.train()
+        timing = plan.timing.get(cluster)  # with slots: the downlink slots, and the next uplink slots' epoch
+        gradient_offsets = timing.gradient_offsets if timing is not None else {}
         turn_started = time.monotonic()
         state = self._hand_out(device_part, round_, cluster, devices, plan, stats)
         active = set(devices)
@@ -303,14 +305,8 @@ class EdgeServer:
             t1 = time.monotonic()
             stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
             gradient_of = dict(zip(order, grads, strict=True))
-            timing = plan.timing.get(cluster)
-            if timing is not None:  # slots: longest backward first, and the next slots' epoch
-                order = [d for d in timing.downlink_order if d in gradient_of] + sorted(
-                    set(gradient_of) - set(timing.downlink_order)
-                )
             epoch = time.time() + timing.downlink_s if timing is not None else None
-            offsets = timing.gradient_offsets if timing is not None else {}
-            for device in self._in_slots(order, offsets, time.monotonic()):
+            for device in self._in_slots(order, gradient_offsets, time.monotonic()):
                 self._send(device, Kind.GRADIENT, m.Gradient(uplink_epoch=epoch), round_, iteration,
                            tensors={"grad": gradient_of[device]})  # fmt: skip
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
