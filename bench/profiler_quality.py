@@ -46,8 +46,16 @@ def additivity(profile: Profile) -> list[dict]:
         for batch in cut.batches:
             whole = batch.forward_s.median + batch.backward_s.median
             summed = batch.forward_layer_sum_s + batch.backward_layer_sum_s
-            rows.append({"cut": cut.cut, "after": cut.after, "batch_size": batch.batch_size,
-                         "whole_s": whole, "layer_sum_s": summed, "error": (summed - whole) / whole})  # fmt: skip
+            rows.append(
+                {
+                    "cut": cut.cut,
+                    "after": cut.after,
+                    "batch_size": batch.batch_size,
+                    "whole_s": whole,
+                    "layer_sum_s": summed,
+                    "error": (summed - whole) / whole,
+                }
+            )
     return rows
 
 
@@ -131,8 +139,12 @@ def draw(report: dict, path: Path) -> None:
         for run, rows in enumerate(report["models"][model]["additivity_rows"]):
             for batch_size in sorted({r["batch_size"] for r in rows}):
                 picked = [r for r in rows if r["batch_size"] == batch_size]
-                axis.plot([r["cut"] for r in picked], [100 * r["error"] for r in picked], marker="o",
-                          label=f"run {run + 1}, batch {batch_size}")  # fmt: skip
+                axis.plot(
+                    [r["cut"] for r in picked],
+                    [100 * r["error"] for r in picked],
+                    marker="o",
+                    label=f"run {run + 1}, batch {batch_size}",
+                )
         axis.axhspan(-15, 15, color="green", alpha=0.1, label="target ±15%")
         axis.set_title(f"{model}: per-layer sum vs whole device-side part")
         axis.set_xlabel("cut")

@@ -44,11 +44,25 @@ def publisher(broker: str, count: int, size: int, out: Path) -> None:
     started = time.time()
     sent = 0
     for index in range(count):
-        sent += endpoint.send(TOPIC, Kind.SMASHED, m.Smashed(), run="bench", device="dev0", iteration=index,
-                              tensors={"smashed": smashed, "labels": labels})  # fmt: skip
+        sent += endpoint.send(
+            TOPIC,
+            Kind.SMASHED,
+            m.Smashed(),
+            run="bench",
+            device="dev0",
+            iteration=index,
+            tensors={"smashed": smashed, "labels": labels},
+        )
         transport.flush(60.0)
-    out.write_text(json.dumps({"started": started, "wire_bytes": sent, "payload_bytes": count * (
-        smashed.numel() * 4 + labels.numel() * 8)}))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "started": started,
+                "wire_bytes": sent,
+                "payload_bytes": count * (smashed.numel() * 4 + labels.numel() * 8),
+            }
+        )
+    )
     transport.close()
 
 
@@ -84,17 +98,40 @@ def measure(rate: float, size: int, count: int, work: Path) -> dict:
     try:
         testbed.create()
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        processes.append(subprocess.Popen(testbed.ap_command([mosquitto, "-c", str(config)]),
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                testbed.ap_command([mosquitto, "-c", str(config)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         time.sleep(0.5)
         me = [sys.executable, str(Path(__file__).resolve())]
-        sub = subprocess.Popen(testbed.ap_command([*me, "--role", "sub", "--broker", broker, "--count", str(count),
-                                                   "--result", str(work / "sub.json")]))  # fmt: skip
+        sub = subprocess.Popen(
+            testbed.ap_command(
+                [*me, "--role", "sub", "--broker", broker, "--count", str(count), "--result", str(work / "sub.json")]
+            )
+        )
         processes.append(sub)
         time.sleep(1.0)
-        subprocess.run(testbed.device_command(0, [*me, "--role", "pub", "--broker", broker, "--count", str(count),
-                                                  "--size", str(size), "--result", str(work / "pub.json")]),
-                       check=True, timeout=600)  # fmt: skip
+        subprocess.run(
+            testbed.device_command(
+                0,
+                [
+                    *me,
+                    "--role",
+                    "pub",
+                    "--broker",
+                    broker,
+                    "--count",
+                    str(count),
+                    "--size",
+                    str(size),
+                    "--result",
+                    str(work / "pub.json"),
+                ],
+            ),
+            check=True,
+            timeout=600,
+        )
         sub.wait(timeout=300)
         pub = json.loads((work / "pub.json").read_text())
         arrivals = json.loads((work / "sub.json").read_text())["arrivals"]
@@ -140,18 +177,29 @@ def main() -> None:
         for rate in (float(r) for r in args.rates.split(",")):
             runs = [measure(rate, size, args.count, args.out) for _ in range(args.repeats)]
             payload = statistics.median(r["payload_mbit_s"] for r in runs)
-            row = {**runs[0], "payload_mbit_s": payload, "runs": [r["payload_mbit_s"] for r in runs],
-                   "efficiency": payload / rate}  # fmt: skip
+            row = {
+                **runs[0],
+                "payload_mbit_s": payload,
+                "runs": [r["payload_mbit_s"] for r in runs],
+                "efficiency": payload / rate,
+            }
             rows.append(row)
             print(
                 f"smashed {size:>7d} B/frame, link {rate:5.1f} Mbit/s: payload {payload:6.2f} Mbit/s "
                 f"({100 * payload / rate:.0f}% of the link; runs {[round(x, 2) for x in row['runs']]})",
                 flush=True,
             )
-    (args.out / "transport.json").write_text(json.dumps({"command": "python bench/testbed_transport.py "
-                                                         f"--rates {args.rates} --sizes {args.sizes} --count "
-                                                         f"{args.count} --repeats {args.repeats}", "rows": rows},
-                                                        indent=1))  # fmt: skip
+    (args.out / "transport.json").write_text(
+        json.dumps(
+            {
+                "command": "python bench/testbed_transport.py "
+                f"--rates {args.rates} --sizes {args.sizes} --count "
+                f"{args.count} --repeats {args.repeats}",
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,8 +208,12 @@ def main() -> None:
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     for size in sorted({r["frame_payload_bytes"] for r in rows}):
         points = [r for r in rows if r["frame_payload_bytes"] == size]
-        axis.plot([r["rate_mbit"] for r in points], [r["payload_mbit_s"] for r in points], marker="o",
-                  label=f"{size / 1024:.0f} KiB frames")  # fmt: skip
+        axis.plot(
+            [r["rate_mbit"] for r in points],
+            [r["payload_mbit_s"] for r in points],
+            marker="o",
+            label=f"{size / 1024:.0f} KiB frames",
+        )
     top = max(r["rate_mbit"] for r in rows)
     axis.plot([0, top], [0, top], color="gray", linestyle=":", label="link capacity")
     axis.set_xlabel("shaped link [Mbit/s]")

@@ -60,8 +60,13 @@ def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
         log.warning("ignoring the profile %s registered with: %s", record.id, exc)
         return None
     if profile.model.fingerprint != fingerprint:
-        log.warning("profile of %s is of model %s (%s), not the run's (%s): ignored", record.id,
-                    profile.model.name, profile.model.fingerprint, fingerprint)  # fmt: skip
+        log.warning(
+            "profile of %s is of model %s (%s), not the run's (%s): ignored",
+            record.id,
+            profile.model.name,
+            profile.model.fingerprint,
+            fingerprint,
+        )
         return None
     return profile
 
@@ -108,8 +113,12 @@ class AutoScheduler:
             self.cut = self.fixed_cut
         self.costs = model_costs(reference, self.server_profile, cuts)
         self.reference_step_s = self._full_step(reference)
-        log.info("auto: reference profile %s (%s); candidate cuts %s", reference.device.id, reference.model.name,
-                 ", ".join(f"{c.cut}:{c.name}" for c in self.costs.cuts))  # fmt: skip
+        log.info(
+            "auto: reference profile %s (%s); candidate cuts %s",
+            reference.device.id,
+            reference.model.name,
+            ", ".join(f"{c.cut}:{c.name}" for c in self.costs.cuts),
+        )
 
     def _full_step(self, profile: Profile) -> float:
         return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(self.batch_size)
@@ -120,9 +129,15 @@ class AutoScheduler:
         profile = _profile_of(record, self.model_fingerprint)
         speed = self.reference_step_s / self._full_step(profile) if profile is not None else 1.0
         self.estimates.add(record.id, speed, link)
-        log.info("auto: %s speed %.2f, uplink %.1f Mbit/s, downlink %.1f Mbit/s, rtt %.1f ms, clock offset %+.1f ms",
-                 record.id, speed, link.up_bps / 1e6, link.down_bps / 1e6, 1e3 * link.rtt_s,
-                 1e3 * link.clock_offset_s)  # fmt: skip
+        log.info(
+            "auto: %s speed %.2f, uplink %.1f Mbit/s, downlink %.1f Mbit/s, rtt %.1f ms, clock offset %+.1f ms",
+            record.id,
+            speed,
+            link.up_bps / 1e6,
+            link.down_bps / 1e6,
+            1e3 * link.rtt_s,
+            1e3 * link.clock_offset_s,
+        )
 
     # per round -----------------------------------------------------------------------------
     def _settings(self) -> TrainingSettings:
@@ -136,10 +151,13 @@ class AutoScheduler:
         state = self.estimates.fleet_state(ids)
         bounds = self.bounds
         if bounds.max_cluster_size is None:
-            bounds = ClusterBounds(-(-len(ids) // max(1, bounds.min_clusters)), bounds.min_clusters,
-                                   bounds.max_clusters)  # fmt: skip
-        decision: dict = {"estimates": {d: self.estimates.devices[d].to_dict() for d in ids},
-                          "server_speed": self.estimates.server_speed}  # fmt: skip
+            bounds = ClusterBounds(
+                -(-len(ids) // max(1, bounds.min_clusters)), bounds.min_clusters, bounds.max_clusters
+            )
+        decision: dict = {
+            "estimates": {d: self.estimates.devices[d].to_dict() for d in ids},
+            "server_speed": self.estimates.server_speed,
+        }
         reason = self.reselection.due(round_, state) if self.fixed_cut is None else None
         if reason is not None:
             samples = [*self.history[-(self.saa_window - 1) :], state] if self.history else [state]
@@ -177,9 +195,13 @@ class AutoScheduler:
             for slot in uplink.slots:
                 device = ids[slot.device]
                 estimate = self.estimates.devices[device]
-                grants[device] = m.Grant(slot_offset_s=slot.start_s, slot_duration_s=max(slot.duration_s, 1e-6),
-                                         rate_bps=estimate.up_bps, clock_offset_s=estimate.clock_offset_s,
-                                         weights_slot_offset_s=weights_slot.get(device))  # fmt: skip
+                grants[device] = m.Grant(
+                    slot_offset_s=slot.start_s,
+                    slot_duration_s=max(slot.duration_s, 1e-6),
+                    rate_bps=estimate.up_bps,
+                    clock_offset_s=estimate.clock_offset_s,
+                    weights_slot_offset_s=weights_slot.get(device),
+                )
             timing[index] = ClusterTiming(
                 model_down_s=model_down.finish_s + GUARD_S,
                 downlink_s=downlink.finish_s + GUARD_S,
@@ -191,8 +213,9 @@ class AutoScheduler:
             )
         decision["grants"] = {d: g.model_dump() for d, g in grants.items()}
         decision["predicted_turn_s"] = [timing[i].predicted_turn_s for i in range(len(clusters))]
-        return RoundPlan(cut=self.cut, clusters=clusters, grants=grants, timing=timing, predicted_latency_s=total,
-                         decision=decision)  # fmt: skip
+        return RoundPlan(
+            cut=self.cut, clusters=clusters, grants=grants, timing=timing, predicted_latency_s=total, decision=decision
+        )
 
     def observe(
         self,

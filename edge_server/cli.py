@@ -33,8 +33,9 @@ PROG = "edge_server"
 def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--scheme", choices=SCHEMES, default=defaults.get("scheme", "cpsl"))
     parser.add_argument("--rounds", type=positive_int, default=defaults.get("rounds", 10))
-    parser.add_argument("--clusters", type=positive_int, default=2,
-                        help="clusters per round (cpsl; with --auto, the fewest)")  # fmt: skip
+    parser.add_argument(
+        "--clusters", type=positive_int, default=2, help="clusters per round (cpsl; with --auto, the fewest)"
+    )
     parser.add_argument("--cut", help="cut layer, by name or index (default: chosen live with --auto, else pool2)")
     parser.add_argument(
         "--auto",
@@ -43,12 +44,17 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         help="cpsl: probe the links, choose cut, clusters and upload slots live (default for cpsl)",
     )
     parser.add_argument("--max-cluster-size", type=positive_int, help="--auto: most devices trained in parallel")
-    parser.add_argument("--random-clusters", action="store_true",
-                        help="--no-auto cpsl: draw the clusters at random every round")  # fmt: skip
+    parser.add_argument(
+        "--random-clusters", action="store_true", help="--no-auto cpsl: draw the clusters at random every round"
+    )
     parser.add_argument("--server-profile", type=Path, help="--auto: this server's cpsl-profile of the model")
     parser.add_argument("--reselect-every", type=positive_int, default=10, help="--auto: rounds between cut choices")
-    parser.add_argument("--drift-threshold", type=positive_float, default=0.3,
-                        help="--auto: estimated-state drift (log) that forces a new cut choice")  # fmt: skip
+    parser.add_argument(
+        "--drift-threshold",
+        type=positive_float,
+        default=0.3,
+        help="--auto: estimated-state drift (log) that forces a new cut choice",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--local-iterations", type=positive_int, default=20, help="iterations per cluster turn")
     parser.add_argument("--lr", type=positive_float, default=0.05)
@@ -74,8 +80,10 @@ def build_parser() -> OneLineArgumentParser:
 
 
 def build_demo_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog=f"{PROG} demo", description="Start a broker, N agents and the server on "
-                                   "this machine, and train LeNet-5 on builtin:mnist5k.")  # fmt: skip
+    parser = OneLineArgumentParser(
+        prog=f"{PROG} demo",
+        description="Start a broker, N agents and the server on this machine, and train LeNet-5 on builtin:mnist5k.",
+    )
     parser.add_argument("--devices", type=positive_int, default=4)
     parser.add_argument("--non-iid", default="dirichlet:0.5")
     parser.add_argument("--broker", help="use this broker instead of the embedded one")
@@ -120,13 +128,29 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
     else:
         cut = model.cut_index(args.cut or "pool2")
     run_dir = args.run_dir or Path("runs") / (run_id or time.strftime("run-%Y%m%d-%H%M%S"))
-    return ServerConfig(broker=broker, scheme=args.scheme, rounds=args.rounds, min_devices=min_devices,
-                        batch_size=args.batch_size, iterations=args.local_iterations, lr=args.lr,
-                        momentum=args.momentum, clusters=args.clusters, cut=cut, run_dir=run_dir, run_id=run_id,
-                        data_seed=args.seed, iteration_timeout_s=args.timeout, auto=auto,
-                        max_cluster_size=args.max_cluster_size, server_profile=args.server_profile,
-                        reselect_every=args.reselect_every, drift_threshold=args.drift_threshold,
-                        random_clusters=args.random_clusters, target_accuracy=args.target_accuracy)  # fmt: skip
+    return ServerConfig(
+        broker=broker,
+        scheme=args.scheme,
+        rounds=args.rounds,
+        min_devices=min_devices,
+        batch_size=args.batch_size,
+        iterations=args.local_iterations,
+        lr=args.lr,
+        momentum=args.momentum,
+        clusters=args.clusters,
+        cut=cut,
+        run_dir=run_dir,
+        run_id=run_id,
+        data_seed=args.seed,
+        iteration_timeout_s=args.timeout,
+        auto=auto,
+        max_cluster_size=args.max_cluster_size,
+        server_profile=args.server_profile,
+        reselect_every=args.reselect_every,
+        drift_threshold=args.drift_threshold,
+        random_clusters=args.random_clusters,
+        target_accuracy=args.target_accuracy,
+    )
 
 
 def train(config: ServerConfig, model, data) -> int:
@@ -143,8 +167,10 @@ def train(config: ServerConfig, model, data) -> int:
         server = EdgeServer(config, model, data, on_round=show)
         server.run()
     console.print()
-    console.print(f"run {server.run_id}: final accuracy {history[-1]['accuracy']:.2%}; "
-                  f"metrics, checkpoint and model (state dict + ONNX) in {config.run_dir}")  # fmt: skip
+    console.print(
+        f"run {server.run_id}: final accuracy {history[-1]['accuracy']:.2%}; "
+        f"metrics, checkpoint and model (state dict + ONNX) in {config.run_dir}"
+    )
     return 0
 
 

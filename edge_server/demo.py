@@ -33,8 +33,17 @@ def _quick_profile(run_dir: Path, batch_size: int) -> Path:
     from toolkit.profiler.runner import ProfileRequest, run_profile
 
     path = run_dir / "device-profile.json"
-    profile = run_profile(ProfileRequest(model=load_model(MODEL), batch_sizes=[batch_size], repeats=5, warmup=1,
-                                         passes=1, threads=1, device_id="demo-device"))  # fmt: skip
+    profile = run_profile(
+        ProfileRequest(
+            model=load_model(MODEL),
+            batch_sizes=[batch_size],
+            repeats=5,
+            warmup=1,
+            passes=1,
+            threads=1,
+            device_id="demo-device",
+        )
+    )
     save_profile(profile, path)
     return path
 
@@ -43,9 +52,27 @@ def _spawn_agents(count: int, broker_url: str, args: argparse.Namespace, profile
     processes = []
     for index in range(count):
         log = (logs / f"agent-{index}.log").open("w")
-        command = [sys.executable, "-m", "firmware_agent", "--broker", broker_url, "--device-id", f"dev{index}",
-                   "--data", DATA, "--partition", f"{index}/{count}", "--non-iid", args.non_iid,
-                   "--seed", str(args.seed), "--profile", str(profile), "--threads", "1"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "firmware_agent",
+            "--broker",
+            broker_url,
+            "--device-id",
+            f"dev{index}",
+            "--data",
+            DATA,
+            "--partition",
+            f"{index}/{count}",
+            "--non-iid",
+            args.non_iid,
+            "--seed",
+            str(args.seed),
+            "--profile",
+            str(profile),
+            "--threads",
+            "1",
+        ]
         processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return processes
 

@@ -8,17 +8,37 @@ from rich.table import Table
 
 def rounds_table(history: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for header in ("round", "acc", "loss", "latency s", "device", "uplink", "server", "downlink", "model", "wait",
-                   "clusters", "dropped"):  # fmt: skip
+    for header in (
+        "round",
+        "acc",
+        "loss",
+        "latency s",
+        "device",
+        "uplink",
+        "server",
+        "downlink",
+        "model",
+        "wait",
+        "clusters",
+        "dropped",
+    ):
         table.add_column(header, justify="left" if header in ("clusters", "dropped") else "right")
     for record in history:
         b = record["breakdown"]
         table.add_row(
-            str(record["round"]), f"{record['accuracy']:.2%}", f"{record['loss']:.3f}", f"{record['latency_s']:.2f}",
-            f"{b['device_compute_s']:.2f}", f"{b['uplink_s']:.2f}", f"{b['server_compute_s']:.2f}",
-            f"{b['downlink_s']:.2f}", f"{b['model_transfer_s']:.2f}", f"{b['waiting_s']:.2f}",
-            " | ".join(",".join(c) for c in record["clusters"]), ",".join(record["dropped"]) or "-",
-        )  # fmt: skip
+            str(record["round"]),
+            f"{record['accuracy']:.2%}",
+            f"{record['loss']:.3f}",
+            f"{record['latency_s']:.2f}",
+            f"{b['device_compute_s']:.2f}",
+            f"{b['uplink_s']:.2f}",
+            f"{b['server_compute_s']:.2f}",
+            f"{b['downlink_s']:.2f}",
+            f"{b['model_transfer_s']:.2f}",
+            f"{b['waiting_s']:.2f}",
+            " | ".join(",".join(c) for c in record["clusters"]),
+            ",".join(record["dropped"]) or "-",
+        )
     return table
 
 

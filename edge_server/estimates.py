@@ -70,9 +70,12 @@ class LiveEstimates:
 
     def add(self, device: str, speed: float, link: LinkMeasurement) -> None:
         self.devices[device] = DeviceEstimate(
-            speed=speed, up_bps=link.up_bps, down_bps=link.down_bps, rtt_s=link.rtt_s,
+            speed=speed,
+            up_bps=link.up_bps,
+            down_bps=link.down_bps,
+            rtt_s=link.rtt_s,
             clock_offset_s=link.clock_offset_s,
-        )  # fmt: skip
+        )
 
     def observe_turn(
         self, device: str, cut: CutCost, batch_size: int, timings: m.Timings, arrivals: dict[int, float] | None = None

@@ -117,8 +117,16 @@ class EdgeServer:
 
             server_profile = load_profile(c.server_profile, self.model.fingerprint()) if c.server_profile else None
             bounds = ClusterBounds(max_cluster_size=c.max_cluster_size, min_clusters=c.clusters)
-            return AutoScheduler(self.model.fingerprint(), c.batch_size, c.iterations, bounds, server_profile,
-                                 c.reselect_every, c.drift_threshold, fixed_cut=c.cut)  # fmt: skip
+            return AutoScheduler(
+                self.model.fingerprint(),
+                c.batch_size,
+                c.iterations,
+                bounds,
+                server_profile,
+                c.reselect_every,
+                c.drift_threshold,
+                fixed_cut=c.cut,
+            )
         return FixedScheduler(c.scheme, c.cut, c.clusters, c.random_clusters, c.data_seed)
 
     # connection --------------------------------------------------------------------------
@@ -149,10 +157,25 @@ class EdgeServer:
         transport.flush(5.0)
         transport.close()
 
-    def _send(self, device: str, kind: Kind, body: m.Body, round_: int, iteration: int = 0,
-              tensors: dict[str, torch.Tensor] | None = None) -> int:  # fmt: skip
-        return self.endpoint.send(topics.down(self.run_id, device), kind, body, run=self.run_id, device=device,
-                                  round_=round_, iteration=iteration, tensors=tensors)  # fmt: skip
+    def _send(
+        self,
+        device: str,
+        kind: Kind,
+        body: m.Body,
+        round_: int,
+        iteration: int = 0,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> int:
+        return self.endpoint.send(
+            topics.down(self.run_id, device),
+            kind,
+            body,
+            run=self.run_id,
+            device=device,
+            round_=round_,
+            iteration=iteration,
+            tensors=tensors,
+        )
 
     # intake ------------------------------------------------------------------------------
     def _poll(self, timeout_s: float) -> Received | None:
@@ -176,8 +199,10 @@ class EdgeServer:
         deadline = time.monotonic() + self.config.register_timeout_s
         while len(self.registry.online()) < self.config.min_devices:
             if time.monotonic() > deadline:
-                raise UserError(f"only {len(self.registry.online())} of {self.config.min_devices} devices registered "
-                                f"within {self.config.register_timeout_s:g} s")  # fmt: skip
+                raise UserError(
+                    f"only {len(self.registry.online())} of {self.config.min_devices} devices registered "
+                    f"within {self.config.register_timeout_s:g} s"
+                )
             self._poll(0.2)
 
     def _collect(
@@ -204,8 +229,13 @@ class EdgeServer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 for device in expected - got.keys() - stats.dropped:
-                    log.warning("device %s sent no %s for round %d iteration %d in time: dropped from the round",
-                                device, kind.name, round_, iteration)  # fmt: skip
+                    log.warning(
+                        "device %s sent no %s for round %d iteration %d in time: dropped from the round",
+                        device,
+                        kind.name,
+                        round_,
+                        iteration,
+                    )
                     stats.dropped.add(device)
                 break
             item = self._poll(min(remaining, 0.5))
@@ -230,21 +260,33 @@ class EdgeServer:
     def _assign(self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan) -> m.Assign:
         c = self.config
         return m.Assign(
-            scheme=c.scheme, model=self.model.name, model_fingerprint=self.model.fingerprint(),
-            input_shape=list(self.model.input_shape), num_classes=self.data.num_classes, cut=plan.cut,
-            cluster=cluster, cluster_devices=devices,
-            hyper=m.Hyperparameters(batch_size=c.batch_size, iterations=c.iterations, lr=c.lr, momentum=c.momentum,
-                                    weight_decay=c.weight_decay),
-            grant=plan.grants.get(device, m.Grant()), gradient_timeout_s=c.iteration_timeout_s * 2,
+            scheme=c.scheme,
+            model=self.model.name,
+            model_fingerprint=self.model.fingerprint(),
+            input_shape=list(self.model.input_shape),
+            num_classes=self.data.num_classes,
+            cut=plan.cut,
+            cluster=cluster,
+            cluster_devices=devices,
+            hyper=m.Hyperparameters(
+                batch_size=c.batch_size,
+                iterations=c.iterations,
+                lr=c.lr,
+                momentum=c.momentum,
+                weight_decay=c.weight_decay,
+            ),
+            grant=plan.grants.get(device, m.Grant()),
+            gradient_timeout_s=c.iteration_timeout_s * 2,
             data_seed=c.data_seed,
-        )  # fmt: skip
+        )
 
     def _ensure_server_optimizer(self, cut: int) -> None:
         if self.server_cut != cut:
             self.server_cut = cut
             server_part = self.model.net[cut:]
-            self.server_optimizer = make_optimizer(list(server_part.parameters()), self.config.lr,
-                                                   self.config.momentum, self.config.weight_decay)  # fmt: skip
+            self.server_optimizer = make_optimizer(
+                list(server_part.parameters()), self.config.lr, self.config.momentum, self.config.weight_decay
+            )
 
     def _check_smashed(self, item: Received, cut: int) -> str | None:
         smashed, labels = item.message.tensors.get("smashed"), item.message.tensors.get("labels")
@@ -288,8 +330,15 @@ class EdgeServer:
         smashed_in: list[float] = []  # when each iteration's last smashed data arrived
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
-            got = self._collect(Kind.SMASHED, round_, iteration, active, stats, deadline,
-                                check=lambda item: self._check_smashed(item, cut))  # fmt: skip
+            got = self._collect(
+                Kind.SMASHED,
+                round_,
+                iteration,
+                active,
+                stats,
+                deadline,
+                check=lambda item: self._check_smashed(item, cut),
+            )
             active = set(got)
             smashed_in.append(time.monotonic())
             for device, item in got.items():
@@ -299,23 +348,40 @@ class EdgeServer:
                 return
             order = sorted(got)
             t0 = time.monotonic()
-            grads, loss = server_step(server_part, self.server_optimizer,
-                                      [got[d].message.tensors["smashed"] for d in order],
-                                      [got[d].message.tensors["labels"] for d in order], self.loss_fn)  # fmt: skip
+            grads, loss = server_step(
+                server_part,
+                self.server_optimizer,
+                [got[d].message.tensors["smashed"] for d in order],
+                [got[d].message.tensors["labels"] for d in order],
+                self.loss_fn,
+            )
             t1 = time.monotonic()
             stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
             gradient_of = dict(zip(order, grads, strict=True))
             epoch = time.time() + timing.downlink_s if timing is not None else None
             for device in self._in_slots(order, gradient_offsets, time.monotonic()):
-                self._send(device, Kind.GRADIENT, m.Gradient(uplink_epoch=epoch), round_, iteration,
-                           tensors={"grad": gradient_of[device]})  # fmt: skip
+                self._send(
+                    device,
+                    Kind.GRADIENT,
+                    m.Gradient(uplink_epoch=epoch),
+                    round_,
+                    iteration,
+                    tensors={"grad": gradient_of[device]},
+                )
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
             stats.train_losses.append(loss)
         t_weights = time.monotonic()
-        good = self._collect(Kind.WEIGHTS_UP, round_, 0, active, stats, t_weights + self.config.iteration_timeout_s,
-                             check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
+        good = self._collect(
+            Kind.WEIGHTS_UP,
+            round_,
+            0,
+            active,
+            stats,
+            t_weights + self.config.iteration_timeout_s,
+            check=lambda item: self._misfit(item.message.tensors, state),
+        )
         self._average_into(device_part, good)
         turn_ended = time.monotonic()
         stats.model_transfer_s += turn_ended - t_weights
@@ -323,14 +389,18 @@ class EdgeServer:
         self._account_device_timings(round_, sorted(good), stats)
 
     @staticmethod
-    def _turn_record(cluster: int, plan: RoundPlan, started: float, smashed_in: list[float], last_gradient: float,
-                     ended: float) -> dict:  # fmt: skip
+    def _turn_record(
+        cluster: int, plan: RoundPlan, started: float, smashed_in: list[float], last_gradient: float, ended: float
+    ) -> dict:
         """A turn's phases as measured, next to the plan's prediction: where a prediction misses."""
         gaps = len(smashed_in) - 1
-        record = {"cluster": cluster, "measured_s": ended - started,
-                  "first_smashed_s": smashed_in[0] - started if smashed_in else None,
-                  "iteration_s": (smashed_in[-1] - smashed_in[0]) / gaps if gaps > 0 else None,
-                  "model_up_s": ended - last_gradient}  # fmt: skip
+        record = {
+            "cluster": cluster,
+            "measured_s": ended - started,
+            "first_smashed_s": smashed_in[0] - started if smashed_in else None,
+            "iteration_s": (smashed_in[-1] - smashed_in[0]) / gaps if gaps > 0 else None,
+            "model_up_s": ended - last_gradient,
+        }
         timing = plan.timing.get(cluster)
         if timing is not None:
             record.update(timing.to_dict())
@@ -339,13 +409,21 @@ class EdgeServer:
     def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
         state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
         deadline = time.monotonic() + self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
-        good = self._collect(Kind.WEIGHTS_UP, round_, 0, set(devices), stats, deadline,
-                             check=lambda item: self._misfit(item.message.tensors, state))  # fmt: skip
+        good = self._collect(
+            Kind.WEIGHTS_UP,
+            round_,
+            0,
+            set(devices),
+            stats,
+            deadline,
+            check=lambda item: self._misfit(item.message.tensors, state),
+        )
         self._average_into(self.model.net, good)
         self._account_device_timings(round_, sorted(good), stats)
 
-    def _hand_out(self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan,
-                  stats: TurnStats) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _hand_out(
+        self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+    ) -> dict[str, torch.Tensor]:
         """ASSIGN and the current weights of ``part`` to each device; returns the weights sent."""
         state = {k: v.detach().clone() for k, v in part.state_dict().items()}
         started = time.monotonic()
@@ -378,8 +456,11 @@ class EdgeServer:
         """FedAvg of the uploaded weights, weighted by each device's sample count, loaded into ``part``."""
         if uploads:
             order = sorted(uploads)
-            part.load_state_dict(weighted_average([uploads[d].message.tensors for d in order],
-                                                  [uploads[d].message.body.num_samples for d in order]))  # fmt: skip
+            part.load_state_dict(
+                weighted_average(
+                    [uploads[d].message.tensors for d in order], [uploads[d].message.body.num_samples for d in order]
+                )
+            )
 
     @staticmethod
     def _misfit(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
@@ -438,18 +519,31 @@ class EdgeServer:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
             observe(plan.cut, reports, stats.server_steps, stats.arrivals)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
-        parts = {"device_compute_s": stats.device_compute_s, "uplink_s": stats.uplink_s,
-                 "server_compute_s": stats.server_compute_s, "downlink_s": stats.downlink_s,
-                 "model_transfer_s": stats.model_transfer_s}  # fmt: skip
+        parts = {
+            "device_compute_s": stats.device_compute_s,
+            "uplink_s": stats.uplink_s,
+            "server_compute_s": stats.server_compute_s,
+            "downlink_s": stats.downlink_s,
+            "model_transfer_s": stats.model_transfer_s,
+        }
         parts["waiting_s"] = max(0.0, latency - sum(parts.values()))
         record = {
-            "round": round_, "run": self.run_id, "scheme": self.config.scheme, "cut": plan.cut,
-            "cut_name": self.model.cut_name(plan.cut) if plan.cut else None, "clusters": plan.clusters,
-            "accuracy": accuracy, "loss": loss,
+            "round": round_,
+            "run": self.run_id,
+            "scheme": self.config.scheme,
+            "cut": plan.cut,
+            "cut_name": self.model.cut_name(plan.cut) if plan.cut else None,
+            "clusters": plan.clusters,
+            "accuracy": accuracy,
+            "loss": loss,
             "train_loss": sum(stats.train_losses) / len(stats.train_losses) if stats.train_losses else None,
-            "latency_s": latency, "predicted_latency_s": plan.predicted_latency_s, "breakdown": parts,
-            "dropped": sorted(stats.dropped), "rejected_messages": dict(self.endpoint.rejected), "time": time.time(),
-        }  # fmt: skip
+            "latency_s": latency,
+            "predicted_latency_s": plan.predicted_latency_s,
+            "breakdown": parts,
+            "dropped": sorted(stats.dropped),
+            "rejected_messages": dict(self.endpoint.rejected),
+            "time": time.time(),
+        }
         if stats.turns:
             record["turns"] = stats.turns
         if plan.timing:
@@ -488,14 +582,27 @@ class EdgeServer:
     def _publish_metrics(self, record: dict) -> None:
         """The round's evaluation, retained on the run's metrics topic for dashboards and agents."""
         values = {"accuracy": record["accuracy"], "loss": record["loss"], "latency_s": record["latency_s"]}
-        self.endpoint.send(topics.run_metrics(self.run_id), Kind.METRICS, m.Metrics(values=values), run=self.run_id,
-                           device="server", round_=record["round"], retain=True)  # fmt: skip
+        self.endpoint.send(
+            topics.run_metrics(self.run_id),
+            Kind.METRICS,
+            m.Metrics(values=values),
+            run=self.run_id,
+            device="server",
+            round_=record["round"],
+            retain=True,
+        )
 
     # files -------------------------------------------------------------------------------
     def _checkpoint(self, round_: int) -> None:
-        _atomic_torch_save({"round": round_, "model": self.model.name, "fingerprint": self.model.fingerprint(),
-                            "state_dict": self.model.net.state_dict()},
-                           self.config.run_dir / "checkpoint.pt")  # fmt: skip
+        _atomic_torch_save(
+            {
+                "round": round_,
+                "model": self.model.name,
+                "fingerprint": self.model.fingerprint(),
+                "state_dict": self.model.net.state_dict(),
+            },
+            self.config.run_dir / "checkpoint.pt",
+        )
 
     def _save_final(self) -> None:
         _atomic_torch_save(self.model.net.state_dict(), self.config.run_dir / "model.pt")

@@ -110,8 +110,9 @@ class DeviceAgent:
         transport.connect(self.config.connect_timeout_s)
         self._register()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        log.info("%s registered at %s with %d samples", self.config.device_id, self.config.broker.url,
-                 len(self.indices))  # fmt: skip
+        log.info(
+            "%s registered at %s with %d samples", self.config.device_id, self.config.broker.url, len(self.indices)
+        )
 
     def _register(self) -> None:
         tensors = {}
@@ -124,8 +125,15 @@ class DeviceAgent:
             model=self.config.model_hint,
             model_fingerprint=self.config.model_fingerprint,
         )
-        self.endpoint.send(topics.device_status(self.config.device_id), Kind.REGISTER, body, run=IDLE_RUN,
-                           device=self.config.device_id, tensors=tensors, retain=True)  # fmt: skip
+        self.endpoint.send(
+            topics.device_status(self.config.device_id),
+            Kind.REGISTER,
+            body,
+            run=IDLE_RUN,
+            device=self.config.device_id,
+            tensors=tensors,
+            retain=True,
+        )
 
     def _heartbeats(self) -> None:
         topic = topics.device_heartbeat(self.config.device_id)
@@ -146,8 +154,9 @@ class DeviceAgent:
         if transport is None:
             return
         if transport.connected:
-            transport.publish(topics.device_status(self.config.device_id), self._offline_frame("agent stopped"),
-                              qos=1, retain=True)  # fmt: skip
+            transport.publish(
+                topics.device_status(self.config.device_id), self._offline_frame("agent stopped"), qos=1, retain=True
+            )
             transport.flush(2.0)
         transport.close()
 
@@ -164,8 +173,11 @@ class DeviceAgent:
             self._accept_assignment(message)
         elif message.kind is Kind.WEIGHTS_DOWN:
             if (message.header.run, message.header.round) != (self.assigned_run, self.assigned_round):
-                log.warning("weights for run %s round %d do not match the assignment; ignored",
-                            message.header.run, message.header.round)  # fmt: skip
+                log.warning(
+                    "weights for run %s round %d do not match the assignment; ignored",
+                    message.header.run,
+                    message.header.round,
+                )
                 return
             try:
                 self._train_turn(message)
@@ -188,9 +200,15 @@ class DeviceAgent:
         if probe.echo_bytes:
             tensors["payload"] = torch.zeros(probe.echo_bytes, dtype=torch.uint8)
         body = m.ProbeEcho(probe_id=probe.probe_id, received_at=item.arrived_wall)
-        self.endpoint.send(topics.up(item.message.header.run, self.config.device_id), Kind.PROBE_ECHO, body,
-                           run=item.message.header.run, device=self.config.device_id,
-                           round_=item.message.header.round, tensors=tensors)  # fmt: skip
+        self.endpoint.send(
+            topics.up(item.message.header.run, self.config.device_id),
+            Kind.PROBE_ECHO,
+            body,
+            run=item.message.header.run,
+            device=self.config.device_id,
+            round_=item.message.header.round,
+            tensors=tensors,
+        )
 
     def _accept_assignment(self, message: Message) -> None:
         body: m.Assign = message.body
@@ -201,8 +219,12 @@ class DeviceAgent:
                 log.error("cannot build model %s for run %s: %s", body.model, message.header.run, exc)
                 return
             if model.fingerprint() != body.model_fingerprint:
-                log.error("model %s here has fingerprint %s, the server's has %s: not training", body.model,
-                          model.fingerprint(), body.model_fingerprint)  # fmt: skip
+                log.error(
+                    "model %s here has fingerprint %s, the server's has %s: not training",
+                    body.model,
+                    model.fingerprint(),
+                    body.model_fingerprint,
+                )
                 return
             self._model = model
         if body.cut is not None and not 1 <= body.cut < self._model.num_layers:
@@ -245,12 +267,24 @@ class DeviceAgent:
         if a.cut is not None:
             self._wait_until_granted(a.grant.weights_slot_offset_s)
         weights_up_start = time.time()
-        sent = self.endpoint.send(up, Kind.WEIGHTS_UP, m.WeightsUp(num_samples=len(self.indices)), run=run,
-                                  device=self.config.device_id, round_=round_, tensors=state)  # fmt: skip
+        sent = self.endpoint.send(
+            up,
+            Kind.WEIGHTS_UP,
+            m.WeightsUp(num_samples=len(self.indices)),
+            run=run,
+            device=self.config.device_id,
+            round_=round_,
+            tensors=state,
+        )
         self.endpoint.transport.flush(a.gradient_timeout_s)
-        report = m.Timings(iterations=timings, weights_down_bytes=_nbytes(weights.tensors), weights_up_bytes=sent,
-                           turn_s=time.monotonic() - started, weights_up_start_at=weights_up_start,
-                           weights_up_end_at=time.time())  # fmt: skip
+        report = m.Timings(
+            iterations=timings,
+            weights_down_bytes=_nbytes(weights.tensors),
+            weights_up_bytes=sent,
+            turn_s=time.monotonic() - started,
+            weights_up_start_at=weights_up_start,
+            weights_up_end_at=time.time(),
+        )
         self.endpoint.send(up, Kind.TIMINGS, report, run=run, device=self.config.device_id, round_=round_)
         self.endpoint.transport.flush(10.0)
 
@@ -265,8 +299,15 @@ class DeviceAgent:
         loss.backward()
         optimizer.step()
         t2 = time.perf_counter()
-        return m.IterationTiming(iteration=iteration, forward_s=t1 - t0, backward_s=t2 - t1, upload_s=0.0,
-                                 wait_gradient_s=0.0, up_bytes=0, down_bytes=0)  # fmt: skip
+        return m.IterationTiming(
+            iteration=iteration,
+            forward_s=t1 - t0,
+            backward_s=t2 - t1,
+            upload_s=0.0,
+            wait_gradient_s=0.0,
+            up_bytes=0,
+            down_bytes=0,
+        )
 
     def _wait_for_slot(self) -> tuple[float, float]:
         """Hold the upload until this iteration's slot opens; returns (waited, late) seconds.
@@ -298,9 +339,16 @@ class DeviceAgent:
         waited, late = self._wait_for_slot()
         upload_start = time.time()
         t_send = time.perf_counter()
-        sent = self.endpoint.send(up, Kind.SMASHED, m.Smashed(), run=run, device=self.config.device_id,
-                                  round_=round_, iteration=iteration,
-                                  tensors={"smashed": smashed.detach(), "labels": y})  # fmt: skip
+        sent = self.endpoint.send(
+            up,
+            Kind.SMASHED,
+            m.Smashed(),
+            run=run,
+            device=self.config.device_id,
+            round_=round_,
+            iteration=iteration,
+            tensors={"smashed": smashed.detach(), "labels": y},
+        )
         self.endpoint.transport.flush(a.gradient_timeout_s)
         upload_end = time.time()
         t2 = time.perf_counter()
@@ -352,8 +400,9 @@ class DeviceAgent:
             if message.kind in (Kind.STOP, Kind.ASSIGN) and header.run == run:
                 self.handle(item)
                 raise TurnAbortedError(f"server sent {message.kind.name} during the turn")
-            log.debug("ignoring %s (round %d, iteration %d) while waiting", message.kind.name, header.round,
-                      header.iteration)  # fmt: skip
+            log.debug(
+                "ignoring %s (round %d, iteration %d) while waiting", message.kind.name, header.round, header.iteration
+            )
         raise TurnAbortedError("agent is stopping")
 
 

@@ -22,8 +22,11 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cpsl-e
 
 
 def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog=PROG, description="CPSL device agent: registers with the edge server "
-                                   "over MQTT and runs the device-side training loop.")  # fmt: skip
+    parser = OneLineArgumentParser(
+        prog=PROG,
+        description="CPSL device agent: registers with the edge server "
+        "over MQTT and runs the device-side training loop.",
+    )
     parser.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
     parser.add_argument("--device-id", required=True)
     parser.add_argument("--data", required=True, help="builtin:mnist5k, builtin:digits, idx:FOLDER, folder:FOLDER")
@@ -59,8 +62,11 @@ def _profile_bytes(args, model_name: str, threads: int) -> tuple[bytes | None, s
         from toolkit.profiler.runner import ProfileRequest, run_profile
 
         logging.getLogger("cpsl.agent").info("no profile given or cached: profiling %s (about a minute)", model.name)
-        profile = run_profile(ProfileRequest(model=model, batch_sizes=[16], repeats=10, passes=1, threads=threads,
-                                             device_id=args.device_id))  # fmt: skip
+        profile = run_profile(
+            ProfileRequest(
+                model=model, batch_sizes=[16], repeats=10, passes=1, threads=threads, device_id=args.device_id
+            )
+        )
         cached.parent.mkdir(parents=True, exist_ok=True)
         save_profile(profile, cached)
     return cached.read_bytes(), load_profile(cached).model.fingerprint
@@ -80,9 +86,16 @@ def _main(argv: Sequence[str] | None) -> int:
     data = load_dataset(args.data, args.seed)
     indices = partition_indices(data.train_y.numpy(), count, args.non_iid or "iid", args.seed)[index]
     profile, fingerprint = _profile_bytes(args, args.model, args.threads)
-    config = AgentConfig(broker=broker, device_id=args.device_id, partition=args.partition, seed=args.seed,
-                         heartbeat_s=args.heartbeat, threads=args.threads, model_hint=args.model,
-                         model_fingerprint=fingerprint)  # fmt: skip
+    config = AgentConfig(
+        broker=broker,
+        device_id=args.device_id,
+        partition=args.partition,
+        seed=args.seed,
+        heartbeat_s=args.heartbeat,
+        threads=args.threads,
+        model_hint=args.model,
+        model_fingerprint=fingerprint,
+    )
     agent = DeviceAgent(config, data, indices, profile)
 
     def stop(signum: int, frame: object) -> None:

@@ -27,16 +27,38 @@ def explodes(input_shape):
 def test_lenet_profile_onnx_table_and_plot(tmp_path) -> None:
     out = tmp_path / "out" / "lenet.json"
     plot = tmp_path / "lenet.png"
-    result = run_cli(CLI, "--model", "lenet5", "--batch-size", "4", "--batch-size", "8", "--input-shape", "1,28,28",
-                     "--out", str(out), "--onnx-dir", str(tmp_path / "onnx"), "--device-id", "pi-7",
-                     "--plot", str(plot), "--cuts", "pool2,fc1,3", *FAST)  # fmt: skip
+    result = run_cli(
+        CLI,
+        "--model",
+        "lenet5",
+        "--batch-size",
+        "4",
+        "--batch-size",
+        "8",
+        "--input-shape",
+        "1,28,28",
+        "--out",
+        str(out),
+        "--onnx-dir",
+        str(tmp_path / "onnx"),
+        "--device-id",
+        "pi-7",
+        "--plot",
+        str(plot),
+        "--cuts",
+        "pool2,fc1,3",
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr
     profile = load_profile(out)
     assert profile.device.id == "pi-7"
     assert [cut.cut for cut in profile.cuts] == [3, 6, 8]
     assert [b.batch_size for b in profile.cuts[0].batches] == [4, 8]
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
-        "lenet5_cut03_pool1.onnx", "lenet5_cut06_pool2.onnx", "lenet5_cut08_fc1.onnx"]  # fmt: skip
+        "lenet5_cut03_pool1.onnx",
+        "lenet5_cut06_pool2.onnx",
+        "lenet5_cut08_fc1.onnx",
+    ]
     assert (out.parent / profile.cuts[0].onnx.file).is_file()
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert "lenet5 on pi-7" in result.stdout and "pool2" in result.stdout and "FL" in result.stdout
@@ -44,8 +66,12 @@ def test_lenet_profile_onnx_table_and_plot(tmp_path) -> None:
 
 def test_show_prints_an_existing_profile(tmp_path) -> None:
     out = tmp_path / "p.json"
-    assert run_cli(CLI, "--model", "lenet", "--batch-size", "4", "--out", str(out), "--no-onnx", "--cuts", "6",
-                   *FAST).returncode == 0  # fmt: skip
+    assert (
+        run_cli(
+            CLI, "--model", "lenet", "--batch-size", "4", "--out", str(out), "--no-onnx", "--cuts", "6", *FAST
+        ).returncode
+        == 0
+    )
     shown = run_cli(CLI, "--show", str(out), "--plot", str(tmp_path / "p.svg"))
     assert shown.returncode == 0, shown.stderr
     assert "pool2" in shown.stdout and (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
@@ -55,8 +81,9 @@ def test_user_model_file(tmp_path) -> None:
     source = tmp_path / "mine.py"
     source.write_text(USER_MODEL)
     out = tmp_path / "mine.json"
-    result = run_cli(CLI, "--model", f"{source}:tiny", "--input-shape", "1,10,10", "--batch-size", "4",
-                     "--out", str(out), *FAST)  # fmt: skip
+    result = run_cli(
+        CLI, "--model", f"{source}:tiny", "--input-shape", "1,10,10", "--batch-size", "4", "--out", str(out), *FAST
+    )
     assert result.returncode == 0, result.stderr
     profile = load_profile(out)
     assert profile.model.layer_names == ["conv2d0", "relu1", "flatten2", "linear3"]
@@ -80,20 +107,23 @@ def test_unknown_model(tmp_path) -> None:
 
 @pytest.mark.parametrize("shape", ["1,28", "a,b,c", "0,28,28"])
 def test_malformed_input_shape(tmp_path, shape) -> None:
-    line = _bad(tmp_path, "--model", "lenet5", "--batch-size", "4", "--input-shape", shape,
-                "--out", str(tmp_path / "x.json"))  # fmt: skip
+    line = _bad(
+        tmp_path, "--model", "lenet5", "--batch-size", "4", "--input-shape", shape, "--out", str(tmp_path / "x.json")
+    )
     assert "input shape" in line or "C,H,W" in line
 
 
 def test_input_shape_the_model_cannot_take(tmp_path) -> None:
-    line = _bad(tmp_path, "--model", "lenet5", "--batch-size", "4", "--input-shape", "1,3,3",
-                "--out", str(tmp_path / "x.json"))  # fmt: skip
+    line = _bad(
+        tmp_path, "--model", "lenet5", "--batch-size", "4", "--input-shape", "1,3,3", "--out", str(tmp_path / "x.json")
+    )
     assert "1,3,3" in line
 
 
 def test_cut_that_does_not_exist(tmp_path) -> None:
-    line = _bad(tmp_path, "--model", "lenet5", "--batch-size", "4", "--cuts", "pool9",
-                "--out", str(tmp_path / "x.json"))  # fmt: skip
+    line = _bad(
+        tmp_path, "--model", "lenet5", "--batch-size", "4", "--cuts", "pool9", "--out", str(tmp_path / "x.json")
+    )
     assert "cut 'pool9' does not exist" in line
 
 
@@ -107,16 +137,34 @@ def test_unwritable_output(tmp_path) -> None:
 def test_user_model_that_raises(tmp_path) -> None:
     source = tmp_path / "mine.py"
     source.write_text(USER_MODEL)
-    line = _bad(tmp_path, "--model", f"{source}:explodes", "--input-shape", "1,8,8", "--batch-size", "4",
-                "--out", str(tmp_path / "x.json"))  # fmt: skip
+    line = _bad(
+        tmp_path,
+        "--model",
+        f"{source}:explodes",
+        "--input-shape",
+        "1,8,8",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "x.json"),
+    )
     assert "raised RuntimeError: model zoo is closed" in line
 
 
 def test_user_model_file_that_fails_to_import(tmp_path) -> None:
     source = tmp_path / "syntax.py"
     source.write_text("def broken(:\n")
-    line = _bad(tmp_path, "--model", f"{source}:broken", "--input-shape", "1,8,8", "--batch-size", "4",
-                "--out", str(tmp_path / "x.json"))  # fmt: skip
+    line = _bad(
+        tmp_path,
+        "--model",
+        f"{source}:broken",
+        "--input-shape",
+        "1,8,8",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path / "x.json"),
+    )
     assert "SyntaxError" in line
 
 

@@ -28,8 +28,17 @@ def test_agent_bad_input(flags, message) -> None:
 
 
 def test_agent_unreachable_broker() -> None:
-    result = run_cli("firmware_agent", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d0",
-                     "--data", "builtin:digits", "--no-profile", timeout=60)  # fmt: skip
+    result = run_cli(
+        "firmware_agent",
+        "--broker",
+        f"mqtt://127.0.0.1:{free_port()}",
+        "--device-id",
+        "d0",
+        "--data",
+        "builtin:digits",
+        "--no-profile",
+        timeout=60,
+    )
     assert result.returncode == 2 and "cannot reach broker" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -58,8 +67,11 @@ def test_demo_learns_on_the_embedded_broker_and_leaves_no_process(tmp_path) -> N
     assert records[-1]["accuracy"] >= 0.90, [r["accuracy"] for r in records]
     # cpsl manages its resources by default: every round has its plan's prediction and grants
     assert all(r["predicted_latency_s"] > 0 and len(r["decision"]["grants"]) == 4 for r in records)
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before and p.pid != os.getpid()
-                 and "firmware_agent" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    leftovers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before and p.pid != os.getpid() and "firmware_agent" in " ".join(p.info["cmdline"] or [])
+    ]
     assert leftovers == []
 
 
@@ -69,8 +81,11 @@ def test_demo_interrupted_with_ctrl_c_leaves_no_process(tmp_path) -> None:
     import sys
     import time
 
-    demo = subprocess.Popen([sys.executable, "-m", "edge_server", "demo", "--run-dir", str(tmp_path / "d"),
-                             "--rounds", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "edge_server", "demo", "--run-dir", str(tmp_path / "d"), "--rounds", "50"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (tmp_path / "d" / "metrics.jsonl").exists():
         time.sleep(0.5)

@@ -35,8 +35,12 @@ def test_idx_folder(tmp_path, compress) -> None:
 
 
 def test_corrupt_idx_is_one_clear_error(tmp_path) -> None:
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):  # fmt: skip
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (tmp_path / stem).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
     with pytest.raises(UserError, match="header says"):
         load_dataset(f"idx:{tmp_path}")

@@ -41,8 +41,16 @@ def link(up_mbit: float, down_mbit: float | None = None, rtt: float = 0.002) -> 
 
 
 def timings(forward: float, backward: float, upload: float, up_bytes: int, transit: float, down_bytes: int):
-    row = m.IterationTiming(iteration=0, forward_s=forward, backward_s=backward, upload_s=upload, wait_gradient_s=0.0,
-                            up_bytes=up_bytes, down_bytes=down_bytes, gradient_transit_s=transit)  # fmt: skip
+    row = m.IterationTiming(
+        iteration=0,
+        forward_s=forward,
+        backward_s=backward,
+        upload_s=upload,
+        wait_gradient_s=0.0,
+        up_bytes=up_bytes,
+        down_bytes=down_bytes,
+        gradient_transit_s=transit,
+    )
     return m.Timings(iterations=[row] * 5, weights_down_bytes=0, weights_up_bytes=0, turn_s=1.0)
 
 
@@ -75,8 +83,13 @@ def test_a_slower_link_is_noticed_from_the_weight_upload_when_smashed_data_is_sm
     estimates.observe_turn("d", cut, 32, small)
     assert estimates.devices["d"].up_bps == pytest.approx(16e6)  # nothing to learn from it
     weights = 240_000
-    slow = small.model_copy(update={"weights_up_bytes": weights, "weights_up_start_at": 1000.0,
-                                    "weights_up_end_at": 1000.0 + 8 * weights / 0.3e6 + 0.002})  # fmt: skip
+    slow = small.model_copy(
+        update={
+            "weights_up_bytes": weights,
+            "weights_up_start_at": 1000.0,
+            "weights_up_end_at": 1000.0 + 8 * weights / 0.3e6 + 0.002,
+        }
+    )
     for _ in range(8):
         estimates.observe_turn("d", cut, 32, slow)
     assert estimates.devices["d"].up_bps == pytest.approx(0.3e6, rel=0.05)
@@ -104,8 +117,10 @@ def test_auto_plan_has_balanced_clusters_and_non_overlapping_slots():
         assert sorted(plan.timing[index].downlink_order) == sorted(members)
         # the bulk transfers take turns: weights down, gradients and weights up, one device at a time
         model_bits = 8 * auto.costs.cut(plan.cut).device_model_bytes
-        for offsets, rate in ((plan.timing[index].weights_down_offsets, "down_bps"),
-                              ({d: plan.grants[d].weights_slot_offset_s for d in members}, "up_bps")):  # fmt: skip
+        for offsets, rate in (
+            (plan.timing[index].weights_down_offsets, "down_bps"),
+            ({d: plan.grants[d].weights_slot_offset_s for d in members}, "up_bps"),
+        ):
             assert sorted(offsets) == sorted(members)
             turns = sorted((offset, d) for d, offset in offsets.items())
             for (start, device), (next_start, _) in itertools.pairwise(turns):
@@ -167,14 +182,29 @@ def run_cluster(broker: str, tmp_path, scheduler) -> EdgeServer:
     parts = partition_indices(data.train_y.numpy(), 3, "iid", 0)
     agents = []
     for index in range(3):
-        agent = DeviceAgent(AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
-                            data, parts[index], PROFILE.read_bytes())  # fmt: skip
+        agent = DeviceAgent(
+            AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
+            data,
+            parts[index],
+            PROFILE.read_bytes(),
+        )
         agent.start()
         threading.Thread(target=agent.serve_forever, daemon=True).start()
         agents.append(agent)
-    config = ServerConfig(broker=parse_broker_url(broker), scheme="cpsl", rounds=2, min_devices=3, batch_size=16,
-                          iterations=4, clusters=1, cut=1, run_dir=tmp_path / "run", run_id="slots",
-                          iteration_timeout_s=20, register_timeout_s=20)  # fmt: skip
+    config = ServerConfig(
+        broker=parse_broker_url(broker),
+        scheme="cpsl",
+        rounds=2,
+        min_devices=3,
+        batch_size=16,
+        iterations=4,
+        clusters=1,
+        cut=1,
+        run_dir=tmp_path / "run",
+        run_id="slots",
+        iteration_timeout_s=20,
+        register_timeout_s=20,
+    )
     server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=scheduler)
     try:
         server.run()
@@ -243,14 +273,21 @@ def test_agent_warm_up_takes_the_first_optimiser_steps_cost_before_training():
 
 
 def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens(tmp_path):
-    config = ServerConfig(broker=parse_broker_url("mqtt://127.0.0.1:1"), scheme="cpsl", rounds=1, min_devices=1,
-                          run_dir=tmp_path)  # fmt: skip
-    server = EdgeServer(config, load_model("lenet5", seed=0), load_dataset("builtin:digits", seed=0),
-                        scheduler=FixedScheduler("cpsl", cut=1, clusters=1))  # fmt: skip
+    config = ServerConfig(
+        broker=parse_broker_url("mqtt://127.0.0.1:1"), scheme="cpsl", rounds=1, min_devices=1, run_dir=tmp_path
+    )
+    server = EdgeServer(
+        config,
+        load_model("lenet5", seed=0),
+        load_dataset("builtin:digits", seed=0),
+        scheduler=FixedScheduler("cpsl", cut=1, clusters=1),
+    )
     offsets = {"late": 0.20, "early": 0.0, "middle": 0.10}
     start = time.monotonic()
-    sent = [(device, time.monotonic() - start) for device in server._in_slots(["late", "early", "middle", "free"],
-                                                                              offsets, start)]  # fmt: skip
+    sent = [
+        (device, time.monotonic() - start)
+        for device in server._in_slots(["late", "early", "middle", "free"], offsets, start)
+    ]
     assert [device for device, _ in sent] == ["free", "early", "middle", "late"]
     for device, at in sent:
         assert at >= offsets.get(device, 0.0) - 1e-3

@@ -7,8 +7,7 @@ from torch import nn
 from toolkit.errors import UserError
 from toolkit.models import BUILTIN_MODELS, load_model, split
 
-LENET_NAMES = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten",
-               "fc1", "relu3", "fc2", "relu4", "fc3"]  # fmt: skip
+LENET_NAMES = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "flatten", "fc1", "relu3", "fc2", "relu4", "fc3"]
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))

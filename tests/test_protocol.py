@@ -19,8 +19,9 @@ def header(**overrides):
 
 
 def smashed_frame(batch: int = 4) -> bytes:
-    return encode(Kind.SMASHED, header(), m.Smashed(),
-                  {"smashed": torch.randn(batch, 16, 5, 5), "labels": torch.arange(batch)})  # fmt: skip
+    return encode(
+        Kind.SMASHED, header(), m.Smashed(), {"smashed": torch.randn(batch, 16, 5, 5), "labels": torch.arange(batch)}
+    )
 
 
 def test_round_trip_keeps_dtype_shape_values_and_header() -> None:
@@ -40,9 +41,18 @@ def test_round_trip_keeps_dtype_shape_values_and_header() -> None:
 
 
 def test_typed_body_round_trip() -> None:
-    body = m.Assign(scheme="cpsl", model="lenet5", model_fingerprint="a1ed2c1a51521309", input_shape=[1, 28, 28],
-                    num_classes=10, cut=6, cluster=1, cluster_devices=["a", "b"],
-                    hyper=m.Hyperparameters(batch_size=16, iterations=10, lr=0.05), gradient_timeout_s=5)  # fmt: skip
+    body = m.Assign(
+        scheme="cpsl",
+        model="lenet5",
+        model_fingerprint="a1ed2c1a51521309",
+        input_shape=[1, 28, 28],
+        num_classes=10,
+        cut=6,
+        cluster=1,
+        cluster_devices=["a", "b"],
+        hyper=m.Hyperparameters(batch_size=16, iterations=10, lr=0.05),
+        gradient_timeout_s=5,
+    )
     assert decode(encode(Kind.ASSIGN, header(), body)).body == body
 
 

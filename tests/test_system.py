@@ -38,8 +38,9 @@ def start_agents(broker: str, data, count: int, scheme: str = "iid") -> tuple[li
     for index in range(count):
         device = f"dev{index}"
         shares[device] = parts[index]
-        agent = DeviceAgent(AgentConfig(parse_broker_url(broker), device, f"{index}/{count}", heartbeat_s=0.5),
-                            data, parts[index], None)  # fmt: skip
+        agent = DeviceAgent(
+            AgentConfig(parse_broker_url(broker), device, f"{index}/{count}", heartbeat_s=0.5), data, parts[index], None
+        )
         agent.start()
         threading.Thread(target=agent.serve_forever, daemon=True).start()
         agents.append(agent)
@@ -47,9 +48,22 @@ def start_agents(broker: str, data, count: int, scheme: str = "iid") -> tuple[li
 
 
 def server_config(broker: str, tmp_path, **overrides) -> ServerConfig:
-    values = dict(broker=parse_broker_url(broker), scheme="cpsl", rounds=2, min_devices=1, batch_size=8,
-                  iterations=3, lr=0.05, momentum=0.0, clusters=1, cut=6, run_dir=tmp_path / "run",
-                  run_id="test-run", iteration_timeout_s=10, register_timeout_s=20)  # fmt: skip
+    values = dict(
+        broker=parse_broker_url(broker),
+        scheme="cpsl",
+        rounds=2,
+        min_devices=1,
+        batch_size=8,
+        iterations=3,
+        lr=0.05,
+        momentum=0.0,
+        clusters=1,
+        cut=6,
+        run_dir=tmp_path / "run",
+        run_id="test-run",
+        iteration_timeout_s=10,
+        register_timeout_s=20,
+    )
     values.update(overrides)
     return ServerConfig(**values)
 
@@ -116,17 +130,32 @@ def test_fedavg_weights_by_sample_count_by_hand() -> None:
 def test_every_scheme_trains_and_writes_its_files(broker, digits, tmp_path) -> None:
     agents, _ = start_agents(broker, digits, 2)
     for scheme in ("cpsl", "sfl", "fl"):
-        config = server_config(broker, tmp_path / scheme, scheme=scheme, min_devices=2, rounds=2, clusters=2,
-                               iterations=15, batch_size=16, cut=None if scheme == "fl" else 3,
-                               run_id=f"r-{scheme}")  # fmt: skip
+        config = server_config(
+            broker,
+            tmp_path / scheme,
+            scheme=scheme,
+            min_devices=2,
+            rounds=2,
+            clusters=2,
+            iterations=15,
+            batch_size=16,
+            cut=None if scheme == "fl" else 3,
+            run_id=f"r-{scheme}",
+        )
         server = run_server(config, digits)
         records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [0, 1] and records[-1]["scheme"] == scheme
         for key in ("accuracy", "loss", "latency_s", "clusters", "cut", "breakdown"):
             assert key in records[-1]
         assert records[-1]["accuracy"] > 0.2, scheme  # 10 classes: well above chance after two rounds
-        assert {"device_compute_s", "uplink_s", "server_compute_s", "downlink_s", "model_transfer_s",
-                "waiting_s"} <= records[-1]["breakdown"].keys()  # fmt: skip
+        assert {
+            "device_compute_s",
+            "uplink_s",
+            "server_compute_s",
+            "downlink_s",
+            "model_transfer_s",
+            "waiting_s",
+        } <= records[-1]["breakdown"].keys()
         for name in ("checkpoint.pt", "model.pt", "model.onnx"):
             assert (config.run_dir / name).stat().st_size > 1000
         state = torch.load(config.run_dir / "model.pt", weights_only=True)
@@ -158,8 +187,11 @@ def test_no_message_ever_carries_raw_inputs(broker, digits, tmp_path) -> None:
 
 def _publish_raw(broker: str, topic: str, path) -> None:
     port = broker.rsplit(":", 1)[1]
-    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", "-t", topic, "-f", str(path)],
-                   check=True, timeout=20)  # fmt: skip
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", "-t", topic, "-f", str(path)],
+        check=True,
+        timeout=20,
+    )
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto-clients is not installed")
@@ -191,7 +223,7 @@ def test_malformed_messages_are_logged_and_training_finishes(broker, digits, tmp
         )
     )
     huge = tmp_path / "huge"
-    huge.write_bytes(b"CPSL" + bytes(2 << 20))  # fmt: skip
+    huge.write_bytes(b"CPSL" + bytes(2 << 20))
     # publish only once the server is subscribed (it has seen both devices register): under load,
     # a fixed sleep let the first frame reach the broker before the server's subscription did
     deadline = time.monotonic() + 60
@@ -213,9 +245,26 @@ def test_malformed_messages_are_logged_and_training_finishes(broker, digits, tmp
 
 
 def _agent_process(broker: str, index: int, count: int, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "firmware_agent", "--broker", broker, "--device-id", f"dev{index}",
-                             "--data", DATA, "--partition", f"{index}/{count}", "--no-profile", "--heartbeat", "0.5"],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "firmware_agent",
+            "--broker",
+            broker,
+            "--device-id",
+            f"dev{index}",
+            "--data",
+            DATA,
+            "--partition",
+            f"{index}/{count}",
+            "--no-profile",
+            "--heartbeat",
+            "0.5",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path) -> None:
@@ -241,8 +290,17 @@ def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path)
             while time.monotonic() < deadline and not (killed.is_set() and server.registry.is_online("dev1")):
                 server._poll(0.1)
 
-    config = server_config(broker, tmp_path, scheme="cpsl", min_devices=3, rounds=5, iterations=10, clusters=3,
-                           iteration_timeout_s=4, heartbeat_timeout_s=2)  # fmt: skip
+    config = server_config(
+        broker,
+        tmp_path,
+        scheme="cpsl",
+        min_devices=3,
+        rounds=5,
+        iterations=10,
+        clusters=3,
+        iteration_timeout_s=4,
+        heartbeat_timeout_s=2,
+    )
     server = EdgeServer(config, load_model("lenet5", seed=0), digits, on_round=on_round)
     try:
         server.run()

@@ -50,9 +50,24 @@ def assert_nothing_left() -> None:
 
 @pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs setpriv, run as root")
 def test_without_root_it_says_so_and_creates_nothing(tmp_path):
-    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *CLI, "run",
-                             "--devices", "2", "--run-dir", str(tmp_path / "x")],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *CLI,
+            "run",
+            "--devices",
+            "2",
+            "--run-dir",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "cpsl-testbed: error: the testbed creates network namespaces, tc shapers and cgroups: run it as root"
@@ -70,8 +85,9 @@ def test_without_root_it_says_so_and_creates_nothing(tmp_path):
 )
 @ROOT_ONLY
 def test_bad_events_are_refused_before_anything_is_built(tmp_path, args, message):
-    result = subprocess.run([*CLI, "run", "--devices", "2", "--run-dir", str(tmp_path), *args],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*CLI, "run", "--devices", "2", "--run-dir", str(tmp_path), *args], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and message in result.stderr
     assert_nothing_left()
 
@@ -79,9 +95,25 @@ def test_bad_events_are_refused_before_anything_is_built(tmp_path, args, message
 @ROOT_ONLY
 def test_a_short_auto_run_trains_predicts_and_cleans_up(tmp_path):
     run_dir = tmp_path / "run"
-    result = subprocess.run([*CLI, "run", "--devices", "2", "--rounds", "2", "--local-iterations", "4",
-                             "--target-accuracy", "0.999", "--run-dir", str(run_dir)],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--devices",
+            "2",
+            "--rounds",
+            "2",
+            "--local-iterations",
+            "4",
+            "--target-accuracy",
+            "0.999",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
@@ -95,9 +127,23 @@ def test_a_short_auto_run_trains_predicts_and_cleans_up(tmp_path):
 
 @ROOT_ONLY
 def test_sigterm_mid_run_removes_everything(tmp_path):
-    process = subprocess.Popen([*CLI, "run", "--devices", "2", "--rounds", "50", "--target-accuracy", "0.999",
-                                "--run-dir", str(tmp_path / "run")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            *CLI,
+            "run",
+            "--devices",
+            "2",
+            "--rounds",
+            "50",
+            "--target-accuracy",
+            "0.999",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not leftovers()[0]:
         time.sleep(0.2)

@@ -36,8 +36,9 @@ def test_last_will_is_published_when_a_client_vanishes(broker) -> None:
     watcher = client(broker, "watcher", inbox)
     watcher.subscribe("status/#")
     time.sleep(0.2)
-    doomed = MqttTransport(parse_broker_url(broker), "doomed", lambda *_: None,
-                           will=Will("status/doomed", b"offline"), keepalive_s=1)  # fmt: skip
+    doomed = MqttTransport(
+        parse_broker_url(broker), "doomed", lambda *_: None, will=Will("status/doomed", b"offline"), keepalive_s=1
+    )
     doomed.connect(timeout_s=5)
     doomed.publish("status/doomed", b"online", retain=True)
     assert inbox.get(timeout=5) == ("status/doomed", b"online")

@@ -44,14 +44,18 @@ def default_spec(devices: int, medium_up: float = 20.0, medium_down: float = 40.
 def load_spec(path: Path) -> TestbedSpec:
     try:
         data = json.loads(path.read_text())
-        devices = tuple(DeviceSpec(str(d["name"]), float(d["uplink_mbit"]), float(d["downlink_mbit"]),
-                                   float(d["cpu_share"])) for d in data["devices"])  # fmt: skip
+        devices = tuple(
+            DeviceSpec(str(d["name"]), float(d["uplink_mbit"]), float(d["downlink_mbit"]), float(d["cpu_share"]))
+            for d in data["devices"]
+        )
         return TestbedSpec(devices, float(data.get("medium_up_mbit", 20)), float(data.get("medium_down_mbit", 40)))
     except OSError as exc:
         raise UserError(f"cannot read testbed spec {path}: {exc.strerror or exc}") from exc
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"testbed spec {path}: needs devices [{{name, uplink_mbit, downlink_mbit, cpu_share}}] "
-                        f"({type(exc).__name__}: {exc})") from exc  # fmt: skip
+        raise UserError(
+            f"testbed spec {path}: needs devices [{{name, uplink_mbit, downlink_mbit, cpu_share}}] "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -70,10 +74,16 @@ def build_parser() -> OneLineArgumentParser:
     run_parser.add_argument("--local-iterations", type=positive_int, default=20)
     run_parser.add_argument("--seed", type=int, default=0)
     run_parser.add_argument("--run-dir", type=Path, default=Path("runs/testbed"))
-    run_parser.add_argument("--throttle", action="append", default=[], metavar="devI:ROUND:MBIT",
-                            help="after ROUND, cap device I's uplink at MBIT")  # fmt: skip
-    run_parser.add_argument("--drop", action="append", default=[], metavar="devI:ROUND",
-                            help="after ROUND, kill device I's agent")  # fmt: skip
+    run_parser.add_argument(
+        "--throttle",
+        action="append",
+        default=[],
+        metavar="devI:ROUND:MBIT",
+        help="after ROUND, cap device I's uplink at MBIT",
+    )
+    run_parser.add_argument(
+        "--drop", action="append", default=[], metavar="devI:ROUND", help="after ROUND, kill device I's agent"
+    )
     run_parser.add_argument("--debug", action="store_true")
     cleanup = sub.add_parser("cleanup", help="remove cpsl-* namespaces and cgroups left by a killed run")
     cleanup.add_argument("--debug", action="store_true")
@@ -98,11 +108,21 @@ def _main(argv: Sequence[str] | None) -> int:
     require_root()
     spec = load_spec(args.spec) if args.spec else default_spec(args.devices)
     count = len(spec.devices)
-    events = [Event.parse("throttle", t, count) for t in args.throttle] + [Event.parse("drop", d, count)
-                                                                           for d in args.drop]  # fmt: skip
-    run_spec = RunSpec(scheme=args.scheme, auto=args.auto, random_clusters=args.random_clusters, cut=args.cut,
-                       clusters=args.clusters, rounds=args.rounds, target_accuracy=args.target_accuracy,
-                       local_iterations=args.local_iterations, seed=args.seed, events=events)  # fmt: skip
+    events = [Event.parse("throttle", t, count) for t in args.throttle] + [
+        Event.parse("drop", d, count) for d in args.drop
+    ]
+    run_spec = RunSpec(
+        scheme=args.scheme,
+        auto=args.auto,
+        random_clusters=args.random_clusters,
+        cut=args.cut,
+        clusters=args.clusters,
+        rounds=args.rounds,
+        target_accuracy=args.target_accuracy,
+        local_iterations=args.local_iterations,
+        seed=args.seed,
+        events=events,
+    )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
     testbed = Testbed(spec)
     try:
@@ -116,8 +136,10 @@ def _main(argv: Sequence[str] | None) -> int:
     for record in records:
         predicted = record.get("predicted_latency_s")
         extra = f", predicted {predicted:.2f} s" if predicted else ""
-        print(f"round {record['round']:3d}: accuracy {record['accuracy']:.2%}, latency {record['latency_s']:.2f} s"
-              f"{extra}, cut {record['cut_name']}, clusters {record['clusters']}")  # fmt: skip
+        print(
+            f"round {record['round']:3d}: accuracy {record['accuracy']:.2%}, latency {record['latency_s']:.2f} s"
+            f"{extra}, cut {record['cut_name']}, clusters {record['clusters']}"
+        )
     print(f"metrics in {args.run_dir / 'metrics.jsonl'}")
     return 0
 

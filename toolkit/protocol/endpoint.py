@@ -127,8 +127,9 @@ class Endpoint:
         retain: bool = False,
     ) -> int:
         """Encode, chunk if needed, publish; returns the bytes put on the wire."""
-        header = Header(run=run, device=device, round=round_, iteration=iteration, seq=self.next_seq(),
-                        sent_at=time.time())  # fmt: skip
+        header = Header(
+            run=run, device=device, round=round_, iteration=iteration, seq=self.next_seq(), sent_at=time.time()
+        )
         frame = encode(kind, header, body, tensors)
         pieces = [frame] if retain else split(frame, header, self.chunk_bytes)
         for piece in pieces:

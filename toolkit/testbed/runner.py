@@ -78,9 +78,24 @@ class RunSpec:
     events: list[Event] = field(default_factory=list)
 
     def server_flags(self) -> list[str]:
-        flags = ["--scheme", self.scheme, "--rounds", str(self.rounds), "--clusters", str(self.clusters),
-                 "--batch-size", str(self.batch_size), "--local-iterations", str(self.local_iterations),
-                 "--lr", str(self.lr), "--seed", str(self.seed), "--timeout", str(self.timeout_s)]  # fmt: skip
+        flags = [
+            "--scheme",
+            self.scheme,
+            "--rounds",
+            str(self.rounds),
+            "--clusters",
+            str(self.clusters),
+            "--batch-size",
+            str(self.batch_size),
+            "--local-iterations",
+            str(self.local_iterations),
+            "--lr",
+            str(self.lr),
+            "--seed",
+            str(self.seed),
+            "--timeout",
+            str(self.timeout_s),
+        ]
         if self.auto is not None:
             flags.append("--auto" if self.auto else "--no-auto")
         if self.random_clusters:
@@ -114,9 +129,28 @@ def profile_devices(testbed: Testbed, folder: Path, batch_size: int) -> dict[int
             path = folder / f"cpu{device.cpu_share:g}.json"
             if not path.exists():
                 name = f"testbed-cpu{device.cpu_share:g}"
-                command = [sys.executable, "-m", "toolkit.cli.profile", "--model", MODEL, "--batch-size",
-                           str(batch_size), "--repeats", "6", "--warmup", "2", "--passes", "1", "--threads", "1",
-                           "--no-onnx", "--device-id", name, "--out", str(path)]  # fmt: skip
+                command = [
+                    sys.executable,
+                    "-m",
+                    "toolkit.cli.profile",
+                    "--model",
+                    MODEL,
+                    "--batch-size",
+                    str(batch_size),
+                    "--repeats",
+                    "6",
+                    "--warmup",
+                    "2",
+                    "--passes",
+                    "1",
+                    "--threads",
+                    "1",
+                    "--no-onnx",
+                    "--device-id",
+                    name,
+                    "--out",
+                    str(path),
+                ]
                 done = subprocess.run(testbed.device_command(index, command), capture_output=True, text=True)
                 if done.returncode != 0:
                     raise RuntimeError(f"profiling device {index} failed: {done.stderr.strip()[-400:]}")
@@ -152,18 +186,56 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
         time.sleep(0.5)
         agents = {}
         for index in range(devices):
-            command = [sys.executable, "-m", "firmware_agent", "--broker", broker_url, "--device-id", f"dev{index}",
-                       "--data", DATA, "--partition", f"{index}/{devices}", "--non-iid", spec.non_iid,
-                       "--seed", str(spec.seed), "--profile", str(profiles[index]), "--threads", "1",
-                       "--heartbeat", "1"]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "firmware_agent",
+                "--broker",
+                broker_url,
+                "--device-id",
+                f"dev{index}",
+                "--data",
+                DATA,
+                "--partition",
+                f"{index}/{devices}",
+                "--non-iid",
+                spec.non_iid,
+                "--seed",
+                str(spec.seed),
+                "--profile",
+                str(profiles[index]),
+                "--threads",
+                "1",
+                "--heartbeat",
+                "1",
+            ]
             agents[index] = start(testbed.device_command(index, command), f"agent-{index}.log")
-        server_command = [sys.executable, "-m", "edge_server", "--broker", broker_url, "--model", MODEL, "--data",
-                          DATA, "--min-devices", str(devices), "--wait-devices", "120", "--run-dir", str(run_dir),
-                          "--run-id", f"testbed-{spec.scheme}", "--log-level", "WARNING",
-                          *spec.server_flags()]  # fmt: skip
+        server_command = [
+            sys.executable,
+            "-m",
+            "edge_server",
+            "--broker",
+            broker_url,
+            "--model",
+            MODEL,
+            "--data",
+            DATA,
+            "--min-devices",
+            str(devices),
+            "--wait-devices",
+            "120",
+            "--run-dir",
+            str(run_dir),
+            "--run-id",
+            f"testbed-{spec.scheme}",
+            "--log-level",
+            "WARNING",
+            *spec.server_flags(),
+        ]
         server = start(testbed.ap_command(server_command), "server.log")
-        watcher = threading.Thread(target=_apply_events, args=(testbed, spec.events, metrics, agents, server),
-                                   daemon=True)  # fmt: skip
+        watcher = threading.Thread(
+            target=_apply_events, args=(testbed, spec.events, metrics, agents, server), daemon=True
+        )
         watcher.start()
         deadline = time.monotonic() + 60 * 60
         while server.poll() is None:
@@ -187,8 +259,9 @@ def _apply_events(testbed: Testbed, events: list[Event], metrics: Path, agents: 
             event = pending.pop(0)
             if event.kind == "throttle":
                 testbed.set_uplink(event.device, event.mbit)
-                log.warning("after round %d: dev%d uplink throttled to %g Mbit/s", event.after_round, event.device,
-                            event.mbit)  # fmt: skip
+                log.warning(
+                    "after round %d: dev%d uplink throttled to %g Mbit/s", event.after_round, event.device, event.mbit
+                )
             else:  # vanish without a goodbye: the broker publishes its last will
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(agents[event.device].pid, signal.SIGKILL)

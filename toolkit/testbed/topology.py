@@ -89,8 +89,25 @@ def _tbf(namespace: str, interface: str, mbit: float, change: bool = False) -> N
     rate_bit = int(mbit * 1e6)
     burst = max(16 * 1024, rate_bit // 8 // 100)  # 10 ms at the rate, at least 16 KiB
     verb = "change" if change else "add"
-    _run("ip", "netns", "exec", namespace, "tc", "qdisc", verb, "dev", interface, "root", "tbf",
-         "rate", f"{rate_bit}bit", "burst", str(burst), "latency", "2s")  # fmt: skip
+    _run(
+        "ip",
+        "netns",
+        "exec",
+        namespace,
+        "tc",
+        "qdisc",
+        verb,
+        "dev",
+        interface,
+        "root",
+        "tbf",
+        "rate",
+        f"{rate_bit}bit",
+        "burst",
+        str(burst),
+        "latency",
+        "2s",
+    )
 
 
 @dataclass
@@ -215,8 +232,11 @@ def _remove_cgroup(group: Path) -> None:
 
 
 def leftovers() -> tuple[list[str], list[Path]]:
-    namespaces = [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
-                  if line.startswith(PREFIX)]  # fmt: skip
+    namespaces = [
+        line.split()[0]
+        for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
+        if line.startswith(PREFIX)
+    ]
     groups = sorted(CGROUP_CPU.glob(f"{PREFIX}*")) if CGROUP_CPU.is_dir() else []
     return namespaces, groups
 
