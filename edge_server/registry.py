@@ -1,4 +1,10 @@
-"""Which devices exist and which are online, from registrations, last wills and heartbeats."""
+"""Which devices exist and which are online, from registrations, last wills and heartbeats.
+
+A registration belongs to one agent session (a random id the agent draws at start and
+repeats in every OFFLINE, its last will included). An OFFLINE ends the registration of its
+own session only: a will from an earlier life of the device, delivered late, cannot
+unregister the device that came back, and it needs no sequence-number arithmetic.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from toolkit.protocol.endpoint import Received
 
 log = logging.getLogger("cpsl.server")
 
+MAX_PROFILE_BYTES = 4 << 20  # a LeNet profile is 60 KB, a MobileNetV2 one about 400 KB
+
 
 @dataclass
 class DeviceRecord:
@@ -22,7 +30,9 @@ class DeviceRecord:
     profile_json: bytes | None
     online: bool
     last_seen: float
-    registered_seq: int = 0
+    session: str = ""
+    models: tuple[str, ...] = ()
+    refused: str = ""  # why the device refused this run's assignment; it is not planned again until it re-registers
 
 
 class Registry:
@@ -34,27 +44,11 @@ class Registry:
         """Apply a REGISTER, OFFLINE or HEARTBEAT; returns False for any other kind."""
         message, device = item.message, item.message.header.device
         if message.kind is Kind.REGISTER:
-            body: m.Register = message.body
-            profile = message.tensors.get("profile")
-            was = self.devices.get(device)
-            self.devices[device] = DeviceRecord(
-                id=device,
-                num_samples=body.num_samples,
-                capabilities=body.capabilities,
-                partition=body.partition,
-                profile_json=bytes(profile.numpy().tobytes()) if profile is not None else None,
-                online=True,
-                last_seen=time.monotonic(),
-                registered_seq=message.header.seq,
-            )
-            if was is None or not was.online:
-                log.info("device %s online (%d samples, partition %s)", device, body.num_samples, body.partition)
+            self._register(device, message.body, message.tensors.get("profile"))
             return True
         if message.kind is Kind.OFFLINE:
             record = self.devices.get(device)
-            # A will older than the latest registration belongs to a session the device has
-            # already replaced (it crashed and came back): it must not mark the new one offline.
-            if record is not None and record.online and message.header.seq >= record.registered_seq:
+            if record is not None and record.online and message.body.session == record.session:
                 record.online = False
                 log.warning("device %s went offline: %s", device, message.body.reason)
             return True
@@ -65,9 +59,47 @@ class Registry:
             return True
         return False
 
+    def _register(self, device: str, body: m.Register, profile) -> None:
+        profile_json = None
+        if profile is not None:
+            if profile.dtype.is_floating_point or profile.dim() != 1 or profile.numel() > MAX_PROFILE_BYTES:
+                log.warning("device %s registered with an unusable profile tensor: ignored", device)
+            else:
+                profile_json = bytes(profile.numpy().tobytes())
+        was = self.devices.get(device)
+        self.devices[device] = DeviceRecord(
+            id=device,
+            num_samples=body.num_samples,
+            capabilities=body.capabilities,
+            partition=body.partition,
+            profile_json=profile_json,
+            online=True,
+            last_seen=time.monotonic(),
+            session=body.session,
+            models=tuple(body.models),
+        )
+        if was is None or not was.online:
+            log.info("device %s online (%d samples, partition %s)", device, body.num_samples, body.partition)
+
+    def refuse(self, device: str, reason: str) -> None:
+        """The device refused the run's assignment: leave it out of plans until it registers anew."""
+        record = self.devices.get(device)
+        if record is not None and not record.refused:
+            record.refused = reason
+            log.warning("device %s refused the assignment: %s", device, reason)
+
     def is_online(self, device: str) -> bool:
         record = self.devices.get(device)
-        return record is not None and record.online and time.monotonic() - record.last_seen <= self.heartbeat_timeout_s
+        return (
+            record is not None
+            and record.online
+            and not record.refused
+            and time.monotonic() - record.last_seen <= self.heartbeat_timeout_s
+        )
 
     def online(self) -> list[DeviceRecord]:
         return sorted((r for r in self.devices.values() if self.is_online(r.id)), key=lambda r: r.id)
+
+    def registered_samples(self, device: str) -> int:
+        record = self.devices.get(device)
+        return record.num_samples if record is not None else 0

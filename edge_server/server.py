@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -24,8 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge_server.intake import Intake, check_smashed, check_weights
 from edge_server.registry import Registry
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
+from edge_server.strategy import BoundedFedAvg, Upload
 from toolkit.data import Dataset
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
@@ -33,7 +36,7 @@ from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import encode, make_header
 from toolkit.protocol.endpoint import Endpoint, Received
-from toolkit.training import evaluate, make_optimizer, server_step, weighted_average
+from toolkit.training import evaluate, make_optimizer, server_step
 from toolkit.transport import BrokerAddress, MqttTransport, Will
 
 log = logging.getLogger("cpsl.server")
@@ -66,6 +69,7 @@ class ServerConfig:
     drift_threshold: float = 0.3
     random_clusters: bool = False  # fixed cpsl: clusters drawn at random each round
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
+    norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
 
 
 @dataclass
@@ -101,10 +105,11 @@ class EdgeServer:
         self.on_round = on_round or (lambda record: None)
         self.registry = Registry(config.heartbeat_timeout_s)
         self.endpoint = Endpoint("server", max_frame_bytes=config.max_frame_bytes)
+        self.intake = Intake(self.endpoint, self.registry, self.run_id)
+        self.strategy = BoundedFedAvg(config.norm_factor)
         self.loss_fn = nn.CrossEntropyLoss()
         self.server_optimizer: torch.optim.Optimizer | None = None
         self.server_cut: int | None = None
-        self.timings: dict[tuple[int, str], m.Timings] = {}
         self._smashed_shapes: dict[int, tuple[int, ...]] = {}
         self.history: list[dict] = []
 
@@ -137,7 +142,7 @@ class EdgeServer:
     def connect(self) -> None:
         transport = MqttTransport(
             self.config.broker,
-            client_id=f"cpsl-server-{self.run_id}",
+            client_id=f"cpsl-server-{self.run_id}-{secrets.token_hex(4)}",
             on_message=self.endpoint.on_frame,
             will=Will(topics.server_status(), self._status_frame("offline")),
         )
@@ -178,22 +183,27 @@ class EdgeServer:
         )
 
     # intake ------------------------------------------------------------------------------
+    @property
+    def timings(self) -> dict[tuple[int, str], m.Timings]:
+        return self.intake.timings
+
     def _poll(self, timeout_s: float) -> Received | None:
-        """One message for the caller, after registry traffic and validation have been dealt with."""
-        item = self.endpoint.receive(timeout_s)
-        if item is None or self.registry.update(item):
-            return None
-        header = item.message.header
-        if header.run != self.run_id:
-            self.endpoint.reject(item.topic, f"wrong run id {header.run!r}")
-            return None
-        if header.device not in self.registry.devices:
-            self.endpoint.reject(item.topic, f"unknown device {header.device!r}")
-            return None
-        if item.message.kind is Kind.TIMINGS:
-            self.timings[(header.round, header.device)] = item.message.body
-            return None
-        return item
+        return self.intake.poll(timeout_s)
+
+    def _devices_for_round(self, round_: int) -> list:
+        """The online devices; with none online, wait for one (up to the registration timeout)
+        instead of running and counting an empty round."""
+        devices = self.registry.online()
+        if devices:
+            return devices
+        log.warning("round %d: no device online; waiting up to %g s", round_, self.config.register_timeout_s)
+        deadline = time.monotonic() + self.config.register_timeout_s
+        while not devices:
+            if time.monotonic() > deadline:
+                raise UserError(f"no device online for round {round_} within {self.config.register_timeout_s:g} s")
+            self._poll(0.2)
+            devices = self.registry.online()
+        return devices
 
     def wait_for_devices(self) -> None:
         deadline = time.monotonic() + self.config.register_timeout_s
@@ -289,21 +299,7 @@ class EdgeServer:
             )
 
     def _check_smashed(self, item: Received, cut: int) -> str | None:
-        smashed, labels = item.message.tensors.get("smashed"), item.message.tensors.get("labels")
-        if smashed is None or labels is None:
-            return "smashed data needs tensors smashed and labels"
-        expected = self._smashed_shape(cut)
-        if smashed.dtype != torch.float32 or tuple(smashed.shape[1:]) != expected:
-            return (
-                f"smashed shape {tuple(smashed.shape)} {smashed.dtype} does not fit cut {cut} (per sample {expected})"
-            )
-        if not 1 <= smashed.shape[0] <= self.config.batch_size:
-            return f"batch of {smashed.shape[0]} is outside 1..{self.config.batch_size}"
-        if labels.dtype != torch.int64 or tuple(labels.shape) != (smashed.shape[0],):
-            return "labels must be int64, one per sample"
-        if labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < self.data.num_classes):
-            return "labels out of range"
-        return None
+        return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
 
     def _smashed_shape(self, cut: int) -> tuple[int, ...]:
         """Per-sample shape of the cut's activations; one probe forward per cut, not per message."""
@@ -356,6 +352,12 @@ class EdgeServer:
                 self.loss_fn,
             )
             t1 = time.monotonic()
+            if not math.isfinite(loss):
+                # the server part was not stepped; the devices get zero gradients and go on
+                self.endpoint.rejected["non-finite server loss"] += 1
+                log.warning("round %d iteration %d: the server loss is %s; step skipped", round_, iteration, loss)
+            else:
+                stats.train_losses.append(loss)
             stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
             gradient_of = dict(zip(order, grads, strict=True))
             epoch = time.time() + timing.downlink_s if timing is not None else None
@@ -371,7 +373,6 @@ class EdgeServer:
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
-            stats.train_losses.append(loss)
         t_weights = time.monotonic()
         good = self._collect(
             Kind.WEIGHTS_UP,
@@ -380,9 +381,9 @@ class EdgeServer:
             active,
             stats,
             t_weights + self.config.iteration_timeout_s,
-            check=lambda item: self._misfit(item.message.tensors, state),
+            check=lambda item: check_weights(item.message.tensors, state),
         )
-        self._average_into(device_part, good)
+        self._average_into(device_part, state, good)
         turn_ended = time.monotonic()
         stats.model_transfer_s += turn_ended - t_weights
         stats.turns.append(self._turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
@@ -416,9 +417,9 @@ class EdgeServer:
             set(devices),
             stats,
             deadline,
-            check=lambda item: self._misfit(item.message.tensors, state),
+            check=lambda item: check_weights(item.message.tensors, state),
         )
-        self._average_into(self.model.net, good)
+        self._average_into(self.model.net, state, good)
         self._account_device_timings(round_, sorted(good), stats)
 
     def _hand_out(
@@ -451,24 +452,24 @@ class EdgeServer:
                 time.sleep(min(delay, self.config.iteration_timeout_s))
             yield device
 
-    @staticmethod
-    def _average_into(part: nn.Module, uploads: dict[str, Received]) -> None:
-        """FedAvg of the uploaded weights, weighted by each device's sample count, loaded into ``part``."""
-        if uploads:
-            order = sorted(uploads)
-            part.load_state_dict(
-                weighted_average(
-                    [uploads[d].message.tensors for d in order], [uploads[d].message.body.num_samples for d in order]
+    def _average_into(self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received]) -> None:
+        """The strategy's average of the uploads (bounded weights, outliers rejected), loaded into ``part``."""
+        result = self.strategy.aggregate(
+            handed_out,
+            {
+                device: Upload(
+                    item.message.tensors, item.message.body.num_samples, self.registry.registered_samples(device)
                 )
-            )
-
-    @staticmethod
-    def _misfit(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
-        if tensors.keys() != reference.keys() or any(
-            tensors[k].shape != reference[k].shape or tensors[k].dtype != reference[k].dtype for k in reference
-        ):
-            return "uploaded weights do not match the model"
-        return None
+                for device, item in uploads.items()
+            },
+        )
+        for device, reason in sorted(result.rejected.items()):
+            self.endpoint.reject(topics.up(self.run_id, device), f"update norm outlier: weights of {device}: {reason}")
+        if result.state is None:
+            if uploads:
+                log.warning("no upload carried weight (%s): the weights stay as they were", sorted(uploads))
+            return
+        part.load_state_dict(result.state)
 
     def _account_device_timings(self, round_: int, devices: list[str], stats: TurnStats) -> None:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
@@ -503,12 +504,16 @@ class EdgeServer:
                     log.warning("probe failed, %s sits this round out: %s", record.id, exc)
 
     def run_round(self, round_: int) -> dict:
-        devices = self.registry.online()
+        self.intake.start_round(round_)
+        devices = self._devices_for_round(round_)
         self._probe_new_devices(round_, devices)
         plan = self.scheduler.plan(round_, devices)
+        plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats()
         started = time.monotonic()
-        if plan.cut is None:
+        if not plan.clusters:
+            log.warning("round %d: the plan has no devices; nothing trained", round_)
+        elif plan.cut is None:
             self._fl_round(round_, plan.clusters[0], plan, stats)
         else:
             for cluster, members in enumerate(plan.clusters):
@@ -542,6 +547,7 @@ class EdgeServer:
             "breakdown": parts,
             "dropped": sorted(stats.dropped),
             "rejected_messages": dict(self.endpoint.rejected),
+            "refusals": dict(self.intake.refusals),
             "time": time.time(),
         }
         if stats.turns:

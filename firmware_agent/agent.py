@@ -5,11 +5,18 @@ whatever the server assigns. All work happens on the main thread; the transport'
 thread only decodes and queues (``toolkit.protocol.endpoint``), and a small thread
 sends heartbeats. Raw inputs never leave :meth:`DeviceAgent._train_turn`: only
 smashed data (cut-layer activations), labels, weights and timings are published.
+
+Nothing received names code. The agent trains only the models its owner configured
+(``AgentConfig.models``: built-in names or the owner's own ``file.py:function`` specs),
+built for the input shape and classes of its own data; an ASSIGN naming anything else,
+or another shape, is refused with a REJECT the server counts, and the agent keeps
+serving. No message can end the serve loop: a handler that fails costs that message.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from torch import nn
 
 from toolkit.data import Dataset
 from toolkit.models import LayeredModel, load_model
+from toolkit.models.registry import canonical_name
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import Message, encode, make_header
@@ -41,8 +49,15 @@ class AgentConfig:
     heartbeat_s: float = 2.0
     connect_timeout_s: float = 10.0
     threads: int = 1
-    model_hint: str = ""
+    # The models this device may train, as its owner configured them (--model, or the config
+    # file): built-in names or user specs. The first is warmed up and announced.
+    models: tuple[str, ...] = ("lenet5",)
     model_fingerprint: str = ""
+    max_probe_bytes: int = m.MAX_PROBE_BYTES
+
+
+class RefusedError(Exception):
+    """A command this device will not carry out; the message is the reason sent to the server."""
 
 
 class TurnAbortedError(Exception):
@@ -56,12 +71,15 @@ class DeviceAgent:
         self.indices = np.asarray(indices)
         self.profile_json = profile_json
         self.endpoint = Endpoint(config.device_id)
+        self.session = secrets.token_hex(16)  # repeated in our OFFLINE frames, last will included
         self.started = time.monotonic()
         self.state = "idle"
         self.assignment: m.Assign | None = None
         self.assigned_run = ""
         self.assigned_round = -1
         self._model: LayeredModel | None = None
+        self._built: dict[str, LayeredModel] = {}  # configured spec -> model built for our data
+        self.failures = 0  # messages whose handling failed; the loop went on
         self._streams: dict[tuple[str, int], BatchStream] = {}
         self._stop = threading.Event()
         self._uplink_epoch: float | None = None  # server clock; the current iteration's slots count from it
@@ -69,7 +87,13 @@ class DeviceAgent:
     # lifecycle ---------------------------------------------------------------------------
     def _offline_frame(self, reason: str) -> bytes:
         header = make_header(IDLE_RUN, self.config.device_id, seq=self.endpoint.next_seq())
-        return encode(Kind.OFFLINE, header, m.Offline(reason=reason))
+        return encode(Kind.OFFLINE, header, m.Offline(session=self.session, reason=reason))
+
+    def _build(self, spec: str) -> LayeredModel:
+        """A configured model, built once for the shape and classes of this device's data."""
+        if spec not in self._built:
+            self._built[spec] = load_model(spec, self.data.input_shape, self.data.num_classes)
+        return self._built[spec]
 
     def warm_up(self) -> None:
         """Build the model we expect to train and run one training step on a dummy batch.
@@ -82,12 +106,12 @@ class DeviceAgent:
         round. The model is kept if the server assigns the same one.
         """
         warm_up_optimizer()
-        if not self.config.model_hint:
+        if not self.config.models:
             return
         try:
-            model = load_model(self.config.model_hint)
-        except Exception as exc:  # an unknown hint: the server's ASSIGN decides anyway
-            log.info("no warm-up: cannot build %s (%s)", self.config.model_hint, exc)
+            model = self._build(self.config.models[0])
+        except Exception as exc:  # the owner's model does not build for this data: every ASSIGN will say so
+            log.warning("no warm-up: cannot build %s (%s)", self.config.models[0], exc)
             return
         started = time.monotonic()
         batch = torch.zeros(2, *model.input_shape)
@@ -101,7 +125,7 @@ class DeviceAgent:
         status = topics.device_status(self.config.device_id)
         transport = MqttTransport(
             self.config.broker,
-            client_id=f"cpsl-agent-{self.config.device_id}",
+            client_id=f"cpsl-agent-{self.config.device_id}-{secrets.token_hex(4)}",
             on_message=self.endpoint.on_frame,
             will=Will(status, self._offline_frame("connection lost"), qos=1, retain=True),
         )
@@ -119,11 +143,13 @@ class DeviceAgent:
         if self.profile_json is not None:
             tensors["profile"] = torch.frombuffer(bytearray(self.profile_json), dtype=torch.uint8)
         body = m.Register(
+            session=self.session,
             num_samples=len(self.indices),
             partition=self.config.partition,
             capabilities=m.Capabilities(board=_board(), torch=torch.__version__, threads=self.config.threads),
-            model=self.config.model_hint,
+            model=self.config.models[0] if self.config.models else "",
             model_fingerprint=self.config.model_fingerprint,
+            models=list(self.config.models),
         )
         self.endpoint.send(
             topics.device_status(self.config.device_id),
@@ -161,16 +187,28 @@ class DeviceAgent:
         transport.close()
 
     def serve_forever(self) -> None:
+        """Serve until stopped; no message ends the loop, whatever it says or however it fails."""
         while not self._stop.is_set():
             item = self.endpoint.receive(0.5)
             if item is not None:
-                self.handle(item)
+                self.handle_safely(item)
+
+    def handle_safely(self, item: Received) -> None:
+        try:
+            self.handle(item)
+        except Exception:
+            self.failures += 1
+            log.exception("handling %s failed; serving on", item.message.kind.name)
+            self.state = "idle"
 
     # commands ----------------------------------------------------------------------------
     def handle(self, item: Received) -> None:
         message = item.message
         if message.kind is Kind.ASSIGN:
-            self._accept_assignment(message)
+            try:
+                self._accept_assignment(message)
+            except RefusedError as reason:
+                self._refuse(message, str(reason))
         elif message.kind is Kind.WEIGHTS_DOWN:
             if (message.header.run, message.header.round) != (self.assigned_run, self.assigned_round):
                 log.warning(
@@ -196,6 +234,11 @@ class DeviceAgent:
     def _echo(self, item: Received) -> None:
         """Answer a link probe at once: when the probe arrived, and the payload asked for."""
         probe: m.Probe = item.message.body
+        if probe.echo_bytes > self.config.max_probe_bytes:
+            self._refuse(
+                item.message, f"probe asks for {probe.echo_bytes} bytes, more than {self.config.max_probe_bytes}"
+            )
+            return
         tensors = {}
         if probe.echo_bytes:
             tensors["payload"] = torch.zeros(probe.echo_bytes, dtype=torch.uint8)
@@ -210,26 +253,55 @@ class DeviceAgent:
             tensors=tensors,
         )
 
+    def _refuse(self, message: Message, reason: str) -> None:
+        """Tell the server we will not do what ``message`` asks, and why; log it here too."""
+        log.error("refused %s for run %s: %s", message.kind.name, message.header.run, reason)
+        body = m.Reject(refused=message.kind.name, reason=reason[: m.MAX_TEXT])
+        up = topics.up(message.header.run, self.config.device_id)
+        try:
+            self.endpoint.send(up, Kind.REJECT, body, run=message.header.run, device=self.config.device_id,
+                               round_=message.header.round)  # fmt: skip
+        except Exception:  # the refusal stands even if the server cannot be told
+            log.debug("refusal not sent", exc_info=True)
+
+    def _configured_spec(self, name: str) -> str:
+        """The owner's spec that the assignment's model name refers to, or RefusedError.
+
+        A built-in matches by its canonical name; a user model by its spec, or by the
+        function name (the owner's file may live at another path than the server's).
+        Nothing outside ``AgentConfig.models`` is ever built, imported or run.
+        """
+        wanted = canonical_name(name)
+        for spec in self.config.models:
+            if canonical_name(spec) == wanted:
+                return spec
+        if ":" in name:
+            function = name.rpartition(":")[2]
+            for spec in self.config.models:
+                if ":" in spec and spec.rpartition(":")[2] == function:
+                    return spec
+        configured = ", ".join(self.config.models) or "none"
+        raise RefusedError(f"model {name!r} is not one this device is configured to train ({configured})")
+
     def _accept_assignment(self, message: Message) -> None:
         body: m.Assign = message.body
-        if self._model is None or self._model.name != body.model or self._model.fingerprint() != body.model_fingerprint:
-            try:
-                model = load_model(body.model, tuple(body.input_shape), body.num_classes)
-            except Exception as exc:  # the server asked for something we cannot build
-                log.error("cannot build model %s for run %s: %s", body.model, message.header.run, exc)
-                return
-            if model.fingerprint() != body.model_fingerprint:
-                log.error(
-                    "model %s here has fingerprint %s, the server's has %s: not training",
-                    body.model,
-                    model.fingerprint(),
-                    body.model_fingerprint,
-                )
-                return
-            self._model = model
-        if body.cut is not None and not 1 <= body.cut < self._model.num_layers:
-            log.error("assignment names cut %d, which %s does not have", body.cut, body.model)
-            return
+        spec = self._configured_spec(body.model)
+        if tuple(body.input_shape) != self.data.input_shape or body.num_classes != self.data.num_classes:
+            raise RefusedError(
+                f"assignment is for input {tuple(body.input_shape)} with {body.num_classes} classes; this device's "
+                f"data is {self.data.input_shape} with {self.data.num_classes}"
+            )
+        try:
+            model = self._build(spec)
+        except Exception as exc:  # the owner's model does not build: say so, keep serving
+            raise RefusedError(f"cannot build the configured model {spec}: {str(exc)[:200]}") from None
+        if model.fingerprint() != body.model_fingerprint:
+            raise RefusedError(
+                f"model {spec} here has fingerprint {model.fingerprint()}, the server's has {body.model_fingerprint}"
+            )
+        if body.cut is not None and not 1 <= body.cut < model.num_layers:
+            raise RefusedError(f"assignment names cut {body.cut}, which {spec} does not have")
+        self._model = model
         self.assignment = body
         self.assigned_run, self.assigned_round = message.header.run, message.header.round
 

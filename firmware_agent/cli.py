@@ -1,21 +1,26 @@
-"""``cpsl-agent``: run on each board; registers with the edge server and trains what it assigns."""
+"""``cpsl-agent``: run on each board; registers with the edge server and trains what it assigns.
+
+It trains only the models its owner names here (``--model``, repeatable, or ``model`` in
+the ``--config`` file): an assignment for anything else is refused.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from firmware_agent.agent import AgentConfig, DeviceAgent
 from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
+from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
 from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
 from toolkit.errors import UserError
 from toolkit.models import load_model
 from toolkit.protocol.topics import check_id
-from toolkit.transport import parse_broker_url
 
 PROG = "cpsl-agent"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cpsl-edge" / "profiles"
@@ -27,14 +32,22 @@ def build_parser() -> OneLineArgumentParser:
         description="CPSL device agent: registers with the edge server "
         "over MQTT and runs the device-side training loop.",
     )
-    parser.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    parser.add_argument("--device-id", required=True)
-    parser.add_argument("--data", required=True, help="builtin:mnist5k, builtin:digits, idx:FOLDER, folder:FOLDER")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file of settings (any long flag; e.g. a provisioned agent.toml)"
+    )
+    add_broker_flags(parser)
+    parser.add_argument("--device-id", help="this device's id (with TLS: its certificate's name)")
+    parser.add_argument("--data", help="builtin:mnist5k, builtin:digits, idx:FOLDER, folder:FOLDER")
     parser.add_argument("--partition", default="0/1", help="I/N: this device holds share I of N (default 0/1)")
     parser.add_argument("--non-iid", help="dirichlet:ALPHA or shards:K (default IID)")
     parser.add_argument("--seed", type=int, default=0, help="data split and partition seed (same as the server's)")
     parser.add_argument("--profile", type=Path, help="device profile JSON from cpsl-profile")
-    parser.add_argument("--model", default="lenet5", help="model to profile when no profile is given or cached")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="a model this device may train (repeatable; built-in name or your file.py:function); "
+        "the first is profiled when no profile is given (default: lenet5)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="register without a profile")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for training")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
@@ -47,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(PROG, _main, argv)
 
 
-def _profile_bytes(args, model_name: str, threads: int) -> tuple[bytes | None, str]:
+def _profile_bytes(args, model_name: str, threads: int, data) -> tuple[bytes | None, str]:
     """The profile to register with: given, cached, or measured now (and cached)."""
     from toolkit.profile_format import load_profile, save_profile
 
@@ -56,7 +69,7 @@ def _profile_bytes(args, model_name: str, threads: int) -> tuple[bytes | None, s
     if args.profile is not None:
         profile = load_profile(args.profile)
         return args.profile.read_bytes(), profile.model.fingerprint
-    model = load_model(model_name)
+    model = load_model(model_name, data.input_shape, data.num_classes)
     cached = CACHE / f"{model.name}-{model.fingerprint()}-t{threads}.json"
     if not cached.is_file():
         from toolkit.profiler.runner import ProfileRequest, run_profile
@@ -73,10 +86,17 @@ def _profile_bytes(args, model_name: str, threads: int) -> tuple[bytes | None, s
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    apply_config_file(parser, argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--device-id", args.device_id), ("--data", args.data)):
+        if not value:
+            parser.error(f"{flag} is required (on the command line or in --config)")
+    models = args.model or ["lenet5"]
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
     check_id(args.device_id, "device id")
-    broker = parse_broker_url(args.broker)
+    broker = broker_from_args(args)
     index, count = parse_partition(args.partition)
     parse_scheme(args.non_iid)
     pin_malloc_thresholds()
@@ -85,7 +105,7 @@ def _main(argv: Sequence[str] | None) -> int:
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data, args.seed)
     indices = partition_indices(data.train_y.numpy(), count, args.non_iid or "iid", args.seed)[index]
-    profile, fingerprint = _profile_bytes(args, args.model, args.threads)
+    profile, fingerprint = _profile_bytes(args, models[0], args.threads, data)
     config = AgentConfig(
         broker=broker,
         device_id=args.device_id,
@@ -93,7 +113,7 @@ def _main(argv: Sequence[str] | None) -> int:
         seed=args.seed,
         heartbeat_s=args.heartbeat,
         threads=args.threads,
-        model_hint=args.model,
+        models=tuple(models),
         model_fingerprint=fingerprint,
     )
     agent = DeviceAgent(config, data, indices, profile)

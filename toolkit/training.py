@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -57,16 +58,26 @@ def server_step(
     """Forward/backward/step on the concatenated batch; returns per-device gradients and the loss.
 
     The loss is the mean over the whole concatenated batch, so with one device this is
-    exactly centralized training of the whole model on that device's batch.
+    exactly centralized training of the whole model on that device's batch. A loss that
+    is not finite (smashed data crafted to overflow, say) is not back-propagated: the
+    server part is left as it was and every device gets a zero gradient.
     """
     inputs = torch.cat(smashed).detach().requires_grad_(True)
     targets = torch.cat(labels)
+    sizes = [len(part) for part in smashed]
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(server_part(inputs), targets)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        return [torch.zeros_like(part) for part in smashed], value
     loss.backward()
+    gradients = [inputs.grad, *(p.grad for p in server_part.parameters() if p.grad is not None)]
+    if not all(bool(torch.isfinite(g).all()) for g in gradients):
+        optimizer.zero_grad(set_to_none=True)
+        return [torch.zeros_like(part) for part in smashed], math.nan
     optimizer.step()
-    sizes = [len(part) for part in smashed]
-    return list(torch.split(inputs.grad.detach(), sizes)), float(loss.detach())
+    return list(torch.split(inputs.grad.detach(), sizes)), value
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

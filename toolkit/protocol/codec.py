@@ -29,13 +29,17 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from toolkit.protocol.bounded_json import JsonLimitError, load_bounded_json
 from toolkit.protocol.messages import BODIES, Body, Header, Kind
 
 MAGIC = b"CPSL"
 VERSION = 1
 _PREFIX = struct.Struct(">4sBBI")
 MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 8  # header JSON: {"body": {"iterations": [{...}]}} is 4 deep; nothing needs more
 MAX_RANK = 8
+MAX_DIM = 1 << 31
+MAX_TENSORS = 4096  # a VGG state dict has 40 tensors; MobileNetV2's about 300
 DEFAULT_MAX_FRAME_BYTES = 64 << 20
 
 # dtype name on the wire -> (numpy little-endian dtype, torch dtype)
@@ -84,6 +88,18 @@ def encode(kind: Kind, header: Header, body: Body, tensors: dict[str, torch.Tens
 
 
 def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """The message in ``frame``, or :class:`ProtocolError`: no other exception escapes."""
+    try:
+        return _decode(frame, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a defect of ours must still be a counted rejection, never a crash
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__})") from None
+
+
+def _decode(frame: bytes, max_bytes: int) -> Message:
+    if not isinstance(frame, bytes | bytearray | memoryview):
+        raise ProtocolError(f"a frame is bytes, not {type(frame).__name__}")
     if len(frame) > max_bytes:
         raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
     if len(frame) < _PREFIX.size:
@@ -100,9 +116,11 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     if header_length > MAX_HEADER_BYTES or _PREFIX.size + header_length > len(frame):
         raise ProtocolError(f"header length {header_length} does not fit a {len(frame)}-byte frame")
     try:
-        meta = json.loads(frame[_PREFIX.size : _PREFIX.size + header_length].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+        meta = load_bounded_json(
+            frame[_PREFIX.size : _PREFIX.size + header_length], max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH
+        )
+    except JsonLimitError as exc:
+        raise ProtocolError(f"header: {exc}") from None
     if not isinstance(meta, dict) or set(meta) != {"header", "body", "tensors"}:
         raise ProtocolError("header JSON must be an object with exactly header, body and tensors")
     try:
@@ -117,8 +135,8 @@ def decode(frame: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
 
 
 def _decode_tensors(table: object, payload: memoryview) -> dict[str, torch.Tensor]:
-    if not isinstance(table, list):
-        raise ProtocolError("tensor table must be a list")
+    if not isinstance(table, list) or len(table) > MAX_TENSORS:
+        raise ProtocolError(f"tensor table must be a list of at most {MAX_TENSORS} entries")
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
     for position, entry in enumerate(table):
@@ -132,7 +150,7 @@ def _decode_tensors(table: object, payload: memoryview) -> dict[str, torch.Tenso
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
         ):
             raise ProtocolError(f"tensor {name!r}: shape {shape!r} is not a list of at most {MAX_RANK} sizes")
         numpy_dtype, _ = DTYPES[dtype]

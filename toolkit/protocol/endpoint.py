@@ -1,11 +1,13 @@
 """One side of a conversation over the transport: frames out (chunked if large), messages in (validated).
 
 Incoming frames are handled on the transport's network thread only as far as
-decoding: decode (size limit first), reassemble chunks, drop duplicates (QoS 1 may
-deliver twice: the sender's sequence number tells), then queue. A frame that fails
-any check is logged with its reason, counted in ``rejected``, and dropped; nothing
-raises into the network thread and nothing reaches a model. The owner's main loop
-takes messages from :meth:`receive` with a timeout.
+decoding: decode (size limit first), check the kind may travel on that topic and the
+header's device is the topic's, reassemble chunks (linear time, byte budgets per
+sender and overall), drop duplicates (QoS 1 may deliver twice: the sender's sequence
+number tells), then queue (the inbox is bounded in frames and in bytes). A frame that
+fails any check is logged with its reason, counted in ``rejected``, and dropped;
+nothing raises into the network thread and nothing reaches a model. The owner's main
+loop takes messages from :meth:`receive` with a timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import re
+import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -29,6 +33,31 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 QOS_BY_KIND = {Kind.HEARTBEAT: 0}  # everything else: QoS 1 (at least once, duplicates dropped by seq)
+MAX_REASONS = 64  # distinct rejection reasons counted; the rest go under "other"
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(\.\d+)?")
+
+
+def reason_key(reason: str) -> str:
+    """The counted form of a rejection reason: its text before any colon, with quoted values
+    and numbers taken out, so a sender cannot grow the counter with made-up strings."""
+    head = reason.split(":")[0]
+    return _VARIABLE.sub("#", head)[:80].strip() or "other"
+
+
+class RateLimitedLog:
+    """Logs the first ``burst`` events of each key, then one in ``every``: a flood of bad
+    frames must not fill the disk with log lines."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, every: int = 1000) -> None:
+        self.logger, self.burst, self.every = logger, burst, every
+        self._counts: Counter[str] = Counter()
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        self._counts[key] += 1
+        count = self._counts[key]
+        if count <= self.burst or count % self.every == 0:
+            suffix = f" ({count} so far)" if count > self.burst else ""
+            self.logger.warning(message + suffix, *args)
 
 
 @dataclass
@@ -47,51 +76,87 @@ class Endpoint:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         inbox_limit: int = 10_000,
+        inbox_max_bytes: int | None = None,
     ) -> None:
         self.name = name
         self.max_frame_bytes = max_frame_bytes
         self.chunk_bytes = chunk_bytes
+        self.inbox_max_bytes = inbox_max_bytes or 4 * max_frame_bytes
         self.transport = None  # set by attach(); the transport calls on_frame
         self.rejected: Counter[str] = Counter()
         self._inbox: queue.Queue[Received] = queue.Queue(maxsize=inbox_limit)
+        self._inbox_bytes = 0
         self._reassembler = Reassembler(max_frame_bytes=max_frame_bytes)
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
-        # Sequence numbers start at the current time in microseconds, so a restarted sender
-        # never reuses numbers the receiver remembers from its previous life.
-        self._seq = itertools.count(time.time_ns() // 1000)
+        # Sequence numbers start at a random point of a 62-bit space: nobody can predict the
+        # next one from outside, and a restarted sender does not reuse numbers the receiver
+        # still remembers from its previous life (the chance is below 1e-13).
+        self._seq = itertools.count(secrets.randbits(62))
         self._lock = threading.Lock()
+        self._log_limiter = RateLimitedLog(log)
 
     def attach(self, transport: object) -> None:
         self.transport = transport
 
     # network thread ------------------------------------------------------------------------
     def on_frame(self, topic: str, payload: bytes) -> None:
-        arrived = time.time()
+        """Decode, check and queue one frame; never raises (the transport's thread calls it)."""
         try:
-            message = decode(payload, self.max_frame_bytes)
-            if message.kind is Kind.CHUNK:
-                with self._lock:
-                    frame = self._reassembler.add(message)
-                if frame is None:
-                    return
-                payload_size = len(frame)
-                message = decode(frame, self.max_frame_bytes)
-            else:
-                payload_size = len(payload)
-            sender = topics.device_of(topic)
-            if sender is not None and message.header.device != sender and message.kind is not Kind.SERVER_STATUS:
-                raise ProtocolError(f"header names device {message.header.device!r} but the topic is {sender!r}'s")
-            if self._duplicate(message.header):
-                return
-            self._inbox.put_nowait(Received(topic, message, payload_size, time.monotonic(), arrived))
+            self._take(topic, payload)
         except ProtocolError as exc:
             self.reject(topic, str(exc))
+        except Exception as exc:  # a defect here must cost one frame, not the network thread
+            self.reject(topic, f"frame handling failed ({type(exc).__name__})")
+
+    def _take(self, topic: str, payload: bytes) -> None:
+        arrived = time.time()
+        role = topics.role_of(topic)
+        if role is None:
+            raise ProtocolError("not a cpsl topic")
+        message = decode(payload, self.max_frame_bytes)
+        payload_size = len(payload)
+        self._check_topic(topic, role, message)
+        if message.kind is Kind.CHUNK:
+            with self._lock:
+                frame = self._reassembler.add(message)
+            if frame is None:
+                return
+            payload_size = len(frame)
+            message = decode(frame, self.max_frame_bytes)
+            self._check_topic(topic, role, message)
+        if self._duplicate(message.header):
+            return
+        with self._lock:
+            if self._inbox_bytes + payload_size > self.inbox_max_bytes:
+                raise ProtocolError(f"inbox full: {self._inbox_bytes} bytes wait to be handled")
+            self._inbox_bytes += payload_size
+        try:
+            self._inbox.put_nowait(Received(topic, message, payload_size, time.monotonic(), arrived))
         except queue.Full:
-            self.reject(topic, "inbox full")
+            with self._lock:
+                self._inbox_bytes -= payload_size
+            raise ProtocolError("inbox full: too many frames wait to be handled") from None
+
+    @staticmethod
+    def _check_topic(topic: str, role: str, message: Message) -> None:
+        allowed = topics.KINDS_BY_ROLE[role]
+        if message.kind not in allowed and not (message.kind is Kind.CHUNK and role in topics.CHUNKED_ROLES):
+            raise ProtocolError(f"{message.kind.name} may not travel on a {role} topic")
+        sender = topics.device_of(topic)
+        if sender is not None and message.header.device != sender:
+            raise ProtocolError("header names another device than the topic")
+        run = topics.run_of(topic)
+        if run is not None and message.header.run != run:
+            raise ProtocolError("header names another run than the topic")
 
     def reject(self, topic: str, reason: str) -> None:
-        self.rejected[reason.split(":")[0]] += 1
-        log.warning("dropped a message on %s: %s", topic, reason)
+        """Count a dropped frame under a bounded set of reasons, and log it (rate-limited)."""
+        key = reason_key(reason)
+        with self._lock:
+            if key not in self.rejected and len(self.rejected) >= MAX_REASONS:
+                key = "other"
+            self.rejected[key] += 1
+        self._log_limiter.warning(key, "dropped a message on %s: %s", topic[:200], reason[:300])
 
     def _duplicate(self, header: Header) -> bool:
         key = (header.device, header.seq)
@@ -106,9 +171,12 @@ class Endpoint:
     # owner's thread ------------------------------------------------------------------------
     def receive(self, timeout_s: float) -> Received | None:
         try:
-            return self._inbox.get(timeout=max(0.0, timeout_s))
+            item = self._inbox.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return None
+        with self._lock:
+            self._inbox_bytes -= item.size
+        return item
 
     def next_seq(self) -> int:
         return next(self._seq)

@@ -8,11 +8,17 @@ as dtype + shape + raw bytes (see ``codec``).
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+SESSION_PATTERN = r"^[0-9a-f]{16,64}$"
+MAX_TEXT = 512  # free-text fields (reasons, board names): bounded like everything from outside
+MAX_LIST = 100_000  # list fields (cluster members, per-iteration timings)
+MAX_PROBE_BYTES = 8 << 20  # the most payload a probe may carry or ask to be echoed: the server's policy
+MAX_SAMPLES = 1 << 31  # a device's local sample count
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class Kind(enum.IntEnum):
@@ -29,6 +35,7 @@ class Kind(enum.IntEnum):
     WEIGHTS_UP = 21
     TIMINGS = 22
     PROBE_ECHO = 23
+    REJECT = 24
     METRICS = 30
     CHUNK = 40
 
@@ -42,25 +49,31 @@ class Header(Body):
 
     run: str = Field(pattern=ID_PATTERN)
     device: str = Field(pattern=ID_PATTERN)
-    round: int = Field(ge=0)
-    iteration: int = Field(ge=0)
-    seq: int = Field(ge=0)
-    sent_at: float = Field(ge=0)
+    round: int = Field(ge=0, le=1 << 31)
+    iteration: int = Field(ge=0, le=1 << 31)
+    seq: int = Field(ge=0, lt=1 << 63)
+    sent_at: float = Field(ge=0, le=1e11)
 
 
 class Capabilities(Body):
-    board: str = ""
-    torch: str = ""
+    board: Text = ""
+    torch: Text = ""
     threads: int = Field(default=1, ge=1)
     accelerator: Literal["cpu", "cuda"] = "cpu"
 
 
 class Register(Body):
-    num_samples: int = Field(ge=0)
-    partition: str = ""
+    """``session``: random per agent process, repeated in its OFFLINE frames (its last will
+    included): an OFFLINE ends only the registration of the same session, so a stale will
+    from an earlier life never unregisters a device that came back."""
+
+    session: str = Field(pattern=SESSION_PATTERN)
+    num_samples: int = Field(ge=0, le=MAX_SAMPLES)
+    partition: Text = ""
     capabilities: Capabilities
-    model: str = ""
-    model_fingerprint: str = ""
+    model: Text = ""
+    model_fingerprint: Text = ""
+    models: list[Text] = Field(default_factory=list, max_length=64)  # what this device's owner lets it train
     # The full device profile travels as a uint8 tensor named "profile" (JSON text).
 
 
@@ -70,13 +83,14 @@ class Heartbeat(Body):
 
 
 class Offline(Body):
-    reason: str = "connection lost"
+    session: str = Field(pattern=SESSION_PATTERN)
+    reason: Text = "connection lost"
 
 
 class ServerStatus(Body):
     state: Literal["online", "offline"]
-    model: str = ""
-    scheme: str = ""
+    model: Text = ""
+    scheme: Text = ""
 
 
 class Hyperparameters(Body):
@@ -109,13 +123,13 @@ class Grant(Body):
 
 class Assign(Body):
     scheme: Literal["cpsl", "sl", "sfl", "fl"]
-    model: str
-    model_fingerprint: str
-    input_shape: list[int]
-    num_classes: int = Field(ge=2)
-    cut: int | None = Field(default=None, ge=1)  # None for FL: the whole model trains on the device
+    model: Text
+    model_fingerprint: Text
+    input_shape: list[Annotated[int, Field(ge=1, le=1 << 16)]] = Field(min_length=1, max_length=8)
+    num_classes: int = Field(ge=2, le=1 << 20)
+    cut: int | None = Field(default=None, ge=1, le=100_000)  # None for FL: the whole model trains on the device
     cluster: int = Field(ge=0)
-    cluster_devices: list[str]
+    cluster_devices: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(max_length=MAX_LIST)
     hyper: Hyperparameters
     grant: Grant = Grant()
     gradient_timeout_s: float = Field(gt=0, le=3600)
@@ -139,22 +153,22 @@ class Gradient(Body):
 
 
 class Stop(Body):
-    reason: str = "training finished"
+    reason: Text = "training finished"
 
 
 class Probe(Body):
     """Link measurement. Tensors: optional ``payload`` (uint8) to time the downlink; the
     device answers at once with a PROBE_ECHO carrying ``echo_bytes`` of payload back."""
 
-    probe_id: int = Field(ge=0)
-    echo_bytes: int = Field(default=0, ge=0, le=64 << 20)
+    probe_id: int = Field(ge=0, lt=1 << 63)
+    echo_bytes: int = Field(default=0, ge=0, le=MAX_PROBE_BYTES)
 
 
 class ProbeEcho(Body):
     """The device's answer to a PROBE: when it had the whole probe (device clock);
     ``header.sent_at`` is when it sent this. Tensors: optional ``payload``."""
 
-    probe_id: int = Field(ge=0)
+    probe_id: int = Field(ge=0, lt=1 << 63)
     received_at: float = Field(ge=0)
 
 
@@ -163,7 +177,8 @@ class Smashed(Body):
 
 
 class WeightsUp(Body):
-    num_samples: int = Field(ge=0)  # samples that trained them this turn: the averaging weight
+    # the device's local samples: the averaging weight, which the server caps at the count it registered
+    num_samples: int = Field(ge=0, le=MAX_SAMPLES)
 
 
 class IterationTiming(Body):
@@ -183,7 +198,7 @@ class IterationTiming(Body):
 
 
 class Timings(Body):
-    iterations: list[IterationTiming]
+    iterations: list[IterationTiming] = Field(max_length=MAX_LIST)
     weights_down_bytes: int = Field(ge=0)
     weights_up_bytes: int = Field(ge=0)
     turn_s: float = Field(ge=0)
@@ -192,7 +207,15 @@ class Timings(Body):
 
 
 class Metrics(Body):
-    values: dict[str, float]
+    values: dict[Annotated[str, Field(max_length=64)], float] = Field(max_length=64)
+
+
+class Reject(Body):
+    """A device refuses a command (an ASSIGN naming a model its owner did not configure, say)
+    and says why; the server counts it and shows it. ``refused`` names the refused kind."""
+
+    refused: Literal["ASSIGN", "WEIGHTS_DOWN", "GRADIENT", "PROBE", "STOP"]
+    reason: Text
 
 
 class Chunk(Body):
@@ -216,6 +239,7 @@ BODIES: dict[Kind, type[Body]] = {
     Kind.WEIGHTS_UP: WeightsUp,
     Kind.TIMINGS: Timings,
     Kind.PROBE_ECHO: ProbeEcho,
+    Kind.REJECT: Reject,
     Kind.METRICS: Metrics,
     Kind.CHUNK: Chunk,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from toolkit.errors import UserError
+from toolkit.protocol.messages import Kind
 
 ROOT = "cpsl/v1"
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -78,4 +79,34 @@ def run_of(topic: str) -> str | None:
     parts = topic.split("/")
     if len(parts) >= 4 and "/".join(parts[:2]) == ROOT and parts[2] == "runs" and _ID.match(parts[3]):
         return parts[3]
+    return None
+
+
+# What may travel on each kind of topic. A frame of any other kind there is refused by the
+# receiving endpoint: a device cannot, say, send an ASSIGN on its up topic to its peers.
+KINDS_BY_ROLE: dict[str, frozenset[Kind]] = {
+    "server_status": frozenset({Kind.SERVER_STATUS}),
+    "device_status": frozenset({Kind.REGISTER, Kind.OFFLINE}),
+    "heartbeat": frozenset({Kind.HEARTBEAT}),
+    "down": frozenset({Kind.ASSIGN, Kind.WEIGHTS_DOWN, Kind.GRADIENT, Kind.STOP, Kind.PROBE}),
+    "up": frozenset({Kind.SMASHED, Kind.WEIGHTS_UP, Kind.TIMINGS, Kind.PROBE_ECHO, Kind.REJECT}),
+    "metrics": frozenset({Kind.METRICS}),
+}
+CHUNKED_ROLES = frozenset({"down", "up"})  # large frames travel as CHUNKs on these
+
+
+def role_of(topic: str) -> str | None:
+    """Which kind of topic of the tree above ``topic`` is, or None if it is not one of ours."""
+    parts = topic.split("/")
+    if "/".join(parts[:2]) != ROOT:
+        return None
+    rest = parts[2:]
+    if rest == ["server", "status"]:
+        return "server_status"
+    if len(rest) == 3 and rest[0] == "devices" and _ID.match(rest[1]) and rest[2] in ("status", "heartbeat"):
+        return "device_status" if rest[2] == "status" else "heartbeat"
+    if len(rest) == 3 and rest[0] == "runs" and _ID.match(rest[1]) and rest[2] == "metrics":
+        return "metrics"
+    if len(rest) == 5 and rest[0] == "runs" and _ID.match(rest[1]) and rest[2] == "devices" and _ID.match(rest[3]):
+        return rest[4] if rest[4] in ("up", "down") else None
     return None

@@ -13,6 +13,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from toolkit.errors import UserError
+from toolkit.transport.tls import TlsFiles
 
 MessageHandler = Callable[[str, bytes], None]
 
@@ -31,24 +32,32 @@ class Will:
 class BrokerAddress:
     host: str
     port: int
+    tls: TlsFiles | None = None  # set: mqtts, the broker verified against tls.ca, our certificate presented
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://host[:port]`` (port 1883 by default)."""
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def parse_broker_url(url: str, tls: TlsFiles | None = None) -> BrokerAddress:
+    """``mqtt://host[:port]`` (1883 by default) or ``mqtts://host[:port]`` (8883), which needs ``tls``."""
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme != "mqtt":
-        raise UserError(f"broker URL {url!r}: only mqtt://HOST:PORT is supported")
+    if parsed.scheme not in DEFAULT_PORTS:
+        raise UserError(f"broker URL {url!r}: give mqtt://HOST:PORT or mqtts://HOST:PORT")
     try:
-        port = parsed.port or 1883
+        port = parsed.port or DEFAULT_PORTS[parsed.scheme]
     except ValueError:
         raise UserError(f"broker URL {url!r} has an invalid port") from None
     if not parsed.hostname:
         raise UserError(f"broker URL {url!r} has no host")
-    return BrokerAddress(parsed.hostname, port)
+    if parsed.scheme == "mqtts" and tls is None:
+        raise UserError(f"broker URL {url!r} is TLS: give the CA (--ca, or --bundle DIR from edge_server provision)")
+    if parsed.scheme == "mqtt" and tls is not None:
+        raise UserError(f"TLS files were given but broker URL {url!r} is plaintext: use mqtts://")
+    return BrokerAddress(parsed.hostname, port, tls)
 
 
 class Transport(Protocol):

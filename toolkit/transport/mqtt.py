@@ -5,6 +5,12 @@ Follows paho's client lifecycle: callbacks API version 2, ``connect_async`` +
 ``min_delay`` and ``max_delay``), subscriptions renewed in ``on_connect`` so they
 survive a reconnect, ``disconnect`` + ``loop_stop`` on close. MQTT 3.1.1 is used
 because the embedded amqtt broker refuses v5.
+
+With ``broker.tls`` the connection is TLS 1.2+ with the broker's certificate verified
+against the provisioned CA and its hostname checked, and our certificate presented. At
+start-up a TLS or authorisation failure ends :meth:`connect` at once with one line that
+says what is wrong (``toolkit.transport.tls.diagnose``); once running, a lost connection
+is retried with backoff whatever the cause.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import paho.mqtt.client as mqtt
 
 from toolkit.errors import UserError
 from toolkit.transport.base import BrokerAddress, MessageHandler, Will
+from toolkit.transport.tls import client_context, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,8 @@ class MqttTransport:
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._failed = threading.Event()  # a connection attempt failed before it was ever up
+        self._ever_connected = False
         self._pending: list[mqtt.MQTTMessageInfo] = []
         self._last_error = ""
         self._keepalive_s = keepalive_s
@@ -45,6 +54,8 @@ class MqttTransport:
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=True
         )
+        if broker.tls is not None:
+            self._client.tls_set_context(client_context(broker.tls))
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(0)
         self._client.reconnect_delay_set(*reconnect_delay_s)
@@ -68,7 +79,9 @@ class MqttTransport:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._last_error = f"broker refused the connection: {reason_code}"
+            self._failed.set()
             return
+        self._ever_connected = True
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
@@ -79,10 +92,15 @@ class MqttTransport:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._closing:
             log.warning("lost the broker at %s (%s); reconnecting", self.broker.url, reason_code)
+        if not self._ever_connected:
+            self._failed.set()
         self._connected.clear()
 
     def _on_connect_fail(self, client, userdata) -> None:
         self._last_error = "connection failed"
+        self._failed.set()
+        if self._ever_connected and not self._closing:
+            log.warning("cannot reconnect to %s yet; retrying with backoff", self.broker.url)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:
@@ -97,10 +115,26 @@ class MqttTransport:
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot reach broker {self.broker.url}: {exc}") from exc
         self._client.loop_start()
-        if not self._connected.wait(timeout_s):
-            self.close()
-            reason = self._last_error or "no answer"
-            raise UserError(f"cannot reach broker {self.broker.url} within {timeout_s:g} s ({reason})")
+        deadline = time.monotonic() + timeout_s
+        while not self._connected.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self._failed.is_set():
+                self._failed.clear()
+                verdict = self._verdict()
+                if verdict is not None:
+                    self.close()
+                    raise UserError(f"cannot connect to broker {self.broker.url}: {verdict}")
+            if time.monotonic() >= deadline:
+                self.close()
+                reason = self._last_error or "no answer"
+                raise UserError(f"cannot reach broker {self.broker.url} within {timeout_s:g} s ({reason})")
+
+    def _verdict(self) -> str | None:
+        """A failure worth stopping for at start-up (TLS, authorisation), or None to keep trying."""
+        if self._last_error.startswith("broker refused"):
+            return self._last_error
+        if self.broker.tls is None:
+            return None
+        return diagnose(self.broker.host, self.broker.port, self.broker.tls)
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)

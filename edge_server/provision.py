@@ -1,0 +1,245 @@
+"""``edge_server provision``: a deployment's CA, the broker's and the server's certificates, one
+bundle per device, Mosquitto's configuration and ACL, and revocation.
+
+Layout of DIR (everything a later ``add-device`` or ``revoke`` needs is read back from it)::
+
+    provision.json           settings and every issued device certificate (serial, expiry, revoked)
+    ca/ca.crt  ca/ca.key     the deployment's CA (the key never leaves this machine: keep DIR safe)
+    broker/broker.crt .key   the broker's certificate, with the server's host names and addresses
+    crl.pem                  revoked certificates; Mosquitto reads it (crlfile)
+    acl                      per-identity topic rules; Mosquitto reads it (acl_file)
+    mosquitto.conf           `mosquitto -c DIR/mosquitto.conf` runs it as it is
+    server/                  the edge server's bundle: ca.crt, client.crt, client.key
+    devices/ID/              a device's bundle: ca.crt, client.crt, client.key (0600), agent.toml
+
+Identity is the certificate: Mosquitto requires a client certificate signed by the CA
+(``require_certificate``), takes its common name as the MQTT user
+(``use_identity_as_username``), and the ACL lets each identity touch only its own topics.
+Every file is written atomically (temporary file, then rename); keys with mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from edge_server import pki
+from toolkit.errors import UserError
+from toolkit.protocol import topics
+from toolkit.protocol.topics import check_id
+
+SERVER_IDENTITY = "cpsl-edge-server"  # the edge server's certificate CN; no device may take it
+STATE_FILE = "provision.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class Deployment:
+    root: Path
+    state: dict
+
+    @property
+    def port(self) -> int:
+        return int(self.state["port"])
+
+    @property
+    def server_hosts(self) -> list[str]:
+        return list(self.state["server_hosts"])
+
+    def ca(self) -> pki.Issued:
+        return pki.load_issued((self.root / "ca/ca.crt").read_bytes(), (self.root / "ca/ca.key").read_bytes())
+
+    def device_bundle(self, device: str) -> Path:
+        return self.root / "devices" / device
+
+    @property
+    def server_bundle(self) -> Path:
+        return self.root / "server"
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomically: a half-written key or ACL must never be what a broker or agent reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_issued(folder: Path, issued: pki.Issued, ca: pki.Issued, cert_name: str, key_name: str) -> None:
+    _write(folder / "ca.crt", ca.cert_pem())
+    _write(folder / cert_name, issued.cert_pem())
+    _write(folder / key_name, issued.key_pem(), 0o600)
+
+
+def init(root: Path, server_hosts: list[str], port: int = 8883, days: int = pki.LEAF_DAYS) -> Deployment:
+    """A new deployment in ``root`` (which must not hold one already)."""
+    if not server_hosts or any(not host.strip() for host in server_hosts):
+        raise UserError("--server-host needs at least one host name or address")
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port")
+    if (root / STATE_FILE).exists():
+        raise UserError(f"{root} already holds a deployment ({STATE_FILE}); use add-device or revoke")
+    root.mkdir(parents=True, exist_ok=True)
+    ca = pki.make_ca()
+    _write(root / "ca/ca.crt", ca.cert_pem())
+    _write(root / "ca/ca.key", ca.key_pem(), 0o600)
+    broker = pki.issue(ca, server_hosts[0], server_hosts=server_hosts, days=days)
+    _write(root / "broker/broker.crt", broker.cert_pem())
+    _write(root / "broker/broker.key", broker.key_pem(), 0o600)
+    server = pki.issue(ca, SERVER_IDENTITY, days=days)
+    _write_issued(root / "server", server, ca, "client.crt", "client.key")
+    deployment = Deployment(
+        root.resolve(),
+        {"version": STATE_VERSION, "server_hosts": server_hosts, "port": port, "days": days, "devices": {}},
+    )
+    _save(deployment)
+    return deployment
+
+
+def load(root: Path) -> Deployment:
+    path = root / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{root} holds no deployment: run edge_server provision init --out {root} first") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise UserError(f"{path} is not a provisioning state of version {STATE_VERSION}")
+    return Deployment(root.resolve(), state)
+
+
+def add_device(deployment: Deployment, device: str, days: int | None = None, broker_host: str | None = None) -> Path:
+    """Issue ``device`` its certificate and write its bundle; returns the bundle folder."""
+    check_id(device, "device id")
+    if device == SERVER_IDENTITY:
+        raise UserError(f"device id {device!r} is the edge server's identity")
+    known = deployment.state["devices"].get(device)
+    if known is not None and not known.get("revoked_at"):
+        raise UserError(f"device {device} is already provisioned; revoke it first to issue it a new certificate")
+    ca = deployment.ca()
+    issued = pki.issue(ca, device, days=days or int(deployment.state["days"]))
+    folder = deployment.device_bundle(device)
+    _write_issued(folder, issued, ca, "client.crt", "client.key")
+    host = broker_host or deployment.server_hosts[0]
+    _write(folder / "agent.toml", agent_config(device, host, deployment.port).encode())
+    deployment.state["devices"][device] = {
+        "serial": format(issued.cert.serial_number, "x"),
+        "not_after": issued.cert.not_valid_after_utc.isoformat(),
+        "revoked_at": None,
+    }
+    _save(deployment)
+    return folder
+
+
+def revoke(deployment: Deployment, device: str) -> None:
+    """Take ``device`` out: its certificate goes on the CRL and its ACL entries go; the others are untouched."""
+    entry = deployment.state["devices"].get(device)
+    if entry is None:
+        raise UserError(f"device {device} was never provisioned here")
+    if entry.get("revoked_at"):
+        raise UserError(f"device {device} is already revoked")
+    entry["revoked_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    _save(deployment)
+    folder = deployment.device_bundle(device)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+
+
+def _save(deployment: Deployment) -> None:
+    """provision.json, and everything derived from it: the CRL, the ACL and mosquitto.conf."""
+    root = deployment.root
+    _write(root / STATE_FILE, (json.dumps(deployment.state, indent=2) + "\n").encode(), 0o600)
+    revoked = [
+        (int(entry["serial"], 16), dt.datetime.fromisoformat(entry["revoked_at"]))
+        for entry in deployment.state["devices"].values()
+        if entry.get("revoked_at")
+    ]
+    crl = pki.make_crl(deployment.ca(), revoked)
+    _write(root / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+    active = sorted(d for d, entry in deployment.state["devices"].items() if not entry.get("revoked_at"))
+    _write(root / "acl", acl_text(active).encode())
+    _write(root / "mosquitto.conf", mosquitto_conf(root, deployment.port).encode())
+
+
+def acl_text(devices: list[str]) -> str:
+    """Mosquitto ACL: the server may use the whole tree; each device only its own topics.
+
+    A device publishes only its registration/will, heartbeats and uploads, under its own
+    id, and reads only what is addressed to it and the server's broadcasts. Explicit
+    ``user`` blocks rather than one ``pattern`` with %u: a revoked device loses its rules
+    at once (on the broker's next reload), even before its certificate is refused.
+    """
+    root = topics.ROOT
+    lines = [
+        "# Written by edge_server provision; regenerated by add-device and revoke. Do not edit by hand.",
+        "# Users are certificate common names (use_identity_as_username).",
+        "",
+        f"user {SERVER_IDENTITY}",
+        f"topic readwrite {root}/#",
+    ]
+    for device in devices:
+        lines += [
+            "",
+            f"user {device}",
+            f"topic write {topics.device_status(device)}",
+            f"topic write {topics.device_heartbeat(device)}",
+            f"topic write {topics.up('+', device)}",
+            f"topic read {topics.all_down_for(device)}",
+            f"topic read {topics.server_status()}",
+            f"topic read {topics.run_metrics('+')}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_conf(root: Path, port: int) -> str:
+    # Mosquitto started as root drops to the user named here before it reads certificates;
+    # we name the user who provisioned (who can read the keys). See docs/security.md.
+    user = getpass.getuser()
+    return f"""# Written by edge_server provision: `mosquitto -c {root}/mosquitto.conf`.
+# One TLS listener, nothing else: no anonymous clients, a CA-signed client certificate
+# required, its common name is the MQTT user, and the ACL says what each user may touch.
+per_listener_settings false
+allow_anonymous false
+acl_file {root}/acl
+persistence false
+user {user}
+
+listener {port}
+cafile {root}/ca/ca.crt
+certfile {root}/broker/broker.crt
+keyfile {root}/broker/broker.key
+crlfile {root}/crl.pem
+require_certificate true
+use_identity_as_username true
+"""
+
+
+def agent_config(device: str, host: str, port: int) -> str:
+    return f"""# cpsl-agent configuration for {device}, written by edge_server provision.
+# Copy this folder to the board (e.g. /etc/cpsl-agent/) and run: cpsl-agent --config agent.toml
+# Relative paths are relative to this file. Any key is also a command-line flag (--data, ...).
+broker = "mqtts://{host}:{port}"
+device-id = "{device}"
+bundle = "."
+# The models this device may train (built-in names, or your own file.py:function):
+# nothing the network sends can make it build anything else.
+model = ["lenet5"]
+# Where its data is, and which share of it (set these for each board):
+# data = "builtin:mnist5k"
+# partition = "0/1"
+"""
