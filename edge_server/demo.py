@@ -1,7 +1,10 @@
 """``edge_server demo``: a broker, N agent processes and the server, all on this machine.
 
 The agents are real ``cpsl-agent`` processes with their own data partitions, talking
-MQTT to an embedded amqtt broker (or ``--broker``). Every child runs in its own
+MQTT to an embedded amqtt broker (or ``--broker``). With ``--secure`` the demo provisions
+a CA and one certificate per device into RUN_DIR/pki, starts Mosquitto with the generated
+configuration (TLS, certificates required, the ACL), and every process connects with its
+own bundle, as a deployment on real boards does. Every child runs in its own
 process group and is terminated, then killed if it lingers, when the demo ends,
 fails or is interrupted, so no process is left behind.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,13 +21,15 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from edge_server.cli import make_config, train
+from edge_server.launch import make_config, train
 from toolkit.data import load_dataset, parse_scheme
 from toolkit.errors import UserError
 from toolkit.models import load_model
 from toolkit.profile_format import save_profile
-from toolkit.transport import parse_broker_url
-from toolkit.transport.embedded_broker import EmbeddedBroker
+from toolkit.transport import BrokerAddress, parse_broker_url
+from toolkit.transport.embedded_broker import EmbeddedBroker, free_loopback_port
+from toolkit.transport.mosquitto import MosquittoProcess
+from toolkit.transport.tls import bundle_files
 
 MODEL, DATA = "lenet5", "builtin:mnist5k"
 
@@ -48,7 +54,9 @@ def _quick_profile(run_dir: Path, batch_size: int) -> Path:
     return path
 
 
-def _spawn_agents(count: int, broker_url: str, args: argparse.Namespace, profile: Path, logs: Path) -> list:
+def _spawn_agents(
+    count: int, broker_url: str, args: argparse.Namespace, profile: Path, logs: Path, bundles: Path | None = None
+) -> list:
     processes = []
     for index in range(count):
         log = (logs / f"agent-{index}.log").open("w")
@@ -73,6 +81,8 @@ def _spawn_agents(count: int, broker_url: str, args: argparse.Namespace, profile
             "--threads",
             "1",
         ]
+        if bundles is not None:
+            command += ["--bundle", str(bundles / f"dev{index}")]
         processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return processes
 
@@ -90,6 +100,22 @@ def _stop_all(processes: list, grace_s: float = 5.0) -> None:
             process.wait()
 
 
+def _secure_broker(stack: ExitStack, run_dir: Path, devices: int) -> tuple[BrokerAddress, Path]:
+    """Provision RUN_DIR/pki afresh, start Mosquitto on it; the server's address and the device bundles."""
+    from edge_server import provision
+
+    folder = run_dir / "pki"
+    if folder.exists():
+        shutil.rmtree(folder)
+    port = free_loopback_port()
+    deployment = provision.init(folder, ["127.0.0.1", "localhost"], port, listen="127.0.0.1")
+    for index in range(devices):
+        provision.add_device(deployment, f"dev{index}")
+    stack.enter_context(MosquittoProcess(deployment.root / "mosquitto.conf", port))
+    print(f"secure demo: Mosquitto with TLS and per-device certificates on 127.0.0.1:{port} ({folder})")
+    return BrokerAddress("127.0.0.1", port, bundle_files(deployment.server_bundle)), deployment.root / "devices"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     parse_scheme(args.non_iid)
     model = load_model(MODEL, seed=args.seed)
@@ -99,9 +125,17 @@ def run_demo(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     with ExitStack() as stack:
-        broker = parse_broker_url(args.broker) if args.broker else stack.enter_context(EmbeddedBroker())
+        bundles = None
+        if args.secure:
+            if args.broker:
+                raise UserError("--secure starts its own Mosquitto; drop --broker")
+            broker, bundles = _secure_broker(stack, run_dir, args.devices)
+        elif args.broker:
+            broker = parse_broker_url(args.broker)
+        else:
+            broker = stack.enter_context(EmbeddedBroker())
         profile = _quick_profile(run_dir, args.batch_size)
-        processes = _spawn_agents(args.devices, broker.url, args, profile, logs)
+        processes = _spawn_agents(args.devices, broker.url, args, profile, logs, bundles)
         stack.callback(_stop_all, processes)
         config = make_config(args, broker, model, args.devices, "")
         config.register_timeout_s = 120.0

@@ -85,7 +85,9 @@ def _write_issued(folder: Path, issued: pki.Issued, ca: pki.Issued, cert_name: s
     _write(folder / key_name, issued.key_pem(), 0o600)
 
 
-def init(root: Path, server_hosts: list[str], port: int = 8883, days: int = pki.LEAF_DAYS) -> Deployment:
+def init(
+    root: Path, server_hosts: list[str], port: int = 8883, days: int = pki.LEAF_DAYS, listen: str | None = None
+) -> Deployment:
     """A new deployment in ``root`` (which must not hold one already)."""
     if not server_hosts or any(not host.strip() for host in server_hosts):
         raise UserError("--server-host needs at least one host name or address")
@@ -104,7 +106,14 @@ def init(root: Path, server_hosts: list[str], port: int = 8883, days: int = pki.
     _write_issued(root / "server", server, ca, "client.crt", "client.key")
     deployment = Deployment(
         root.resolve(),
-        {"version": STATE_VERSION, "server_hosts": server_hosts, "port": port, "days": days, "devices": {}},
+        {
+            "version": STATE_VERSION,
+            "server_hosts": server_hosts,
+            "port": port,
+            "listen": listen,
+            "days": days,
+            "devices": {},
+        },
     )
     _save(deployment)
     return deployment
@@ -173,7 +182,7 @@ def _save(deployment: Deployment) -> None:
     _write(root / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
     active = sorted(d for d, entry in deployment.state["devices"].items() if not entry.get("revoked_at"))
     _write(root / "acl", acl_text(active).encode())
-    _write(root / "mosquitto.conf", mosquitto_conf(root, deployment.port).encode())
+    _write(root / "mosquitto.conf", mosquitto_conf(root, deployment.port, deployment.state.get("listen")).encode())
 
 
 def acl_text(devices: list[str]) -> str:
@@ -206,7 +215,7 @@ def acl_text(devices: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mosquitto_conf(root: Path, port: int) -> str:
+def mosquitto_conf(root: Path, port: int, listen: str | None = None) -> str:
     # Mosquitto started as root drops to the user named here before it reads certificates;
     # we name the user who provisioned (who can read the keys). See docs/security.md.
     user = getpass.getuser()
@@ -219,7 +228,7 @@ acl_file {root}/acl
 persistence false
 user {user}
 
-listener {port}
+listener {port}{" " + listen if listen else ""}
 cafile {root}/ca/ca.crt
 certfile {root}/broker/broker.crt
 keyfile {root}/broker/broker.key

@@ -48,7 +48,7 @@ def test_agent_unreachable_broker() -> None:
         (["--cut", "pool9"], "cut 'pool9' does not exist"),
         (["--data", "nope:x"], "unknown data spec"),
         (["--model", "resnet"], "unknown model"),
-        (["--broker", "http://x"], "only mqtt://HOST:PORT"),
+        (["--broker", "http://x"], "give mqtt://HOST:PORT or mqtts://HOST:PORT"),
     ],
 )
 def test_server_bad_input(flags, message) -> None:

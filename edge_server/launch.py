@@ -1,0 +1,127 @@
+"""Starting a training run: the flags every way of starting one shares, the config they make, the live view.
+
+Used by ``edge_server`` (a run against an existing broker) and ``edge_server demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.live import Live
+
+from edge_server.display import make_console, rounds_table
+from edge_server.scheduler import SCHEMES
+from edge_server.server import EdgeServer, ServerConfig
+from toolkit.allocator import pin_malloc_thresholds
+from toolkit.cli.common import positive_float, positive_int
+from toolkit.errors import UserError
+
+
+def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument("--scheme", choices=SCHEMES, default=defaults.get("scheme", "cpsl"))
+    parser.add_argument("--rounds", type=positive_int, default=defaults.get("rounds", 10))
+    parser.add_argument(
+        "--clusters", type=positive_int, default=2, help="clusters per round (cpsl; with --auto, the fewest)"
+    )
+    parser.add_argument("--cut", help="cut layer, by name or index (default: chosen live with --auto, else pool2)")
+    parser.add_argument(
+        "--auto",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cpsl: probe the links, choose cut, clusters and upload slots live (default for cpsl)",
+    )
+    parser.add_argument("--max-cluster-size", type=positive_int, help="--auto: most devices trained in parallel")
+    parser.add_argument(
+        "--random-clusters", action="store_true", help="--no-auto cpsl: draw the clusters at random every round"
+    )
+    parser.add_argument("--server-profile", type=Path, help="--auto: this server's cpsl-profile of the model")
+    parser.add_argument("--reselect-every", type=positive_int, default=10, help="--auto: rounds between cut choices")
+    parser.add_argument(
+        "--drift-threshold",
+        type=positive_float,
+        default=0.3,
+        help="--auto: estimated-state drift (log) that forces a new cut choice",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--local-iterations", type=positive_int, default=20, help="iterations per cluster turn")
+    parser.add_argument("--lr", type=positive_float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="data split, partitions and initial weights")
+    parser.add_argument("--run-dir", type=Path, default=defaults.get("run_dir"))
+    parser.add_argument("--target-accuracy", type=positive_float, help="stop once test accuracy reaches it (0-1)")
+    parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for a device")
+    parser.add_argument(
+        "--norm-factor",
+        type=float,
+        default=10.0,
+        help="reject an upload whose update norm is over this times the median of the cluster's and recent ones "
+        "(default 10; 0 turns the check off)",
+    )
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--debug", action="store_true")
+
+
+def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_id: str) -> ServerConfig:
+    auto = args.scheme == "cpsl" if args.auto is None else args.auto
+    if auto and args.scheme != "cpsl":
+        raise UserError(f"--auto manages cpsl only; scheme {args.scheme} runs as configured (drop --auto)")
+    if args.random_clusters and (auto or args.scheme != "cpsl"):
+        raise UserError("--random-clusters is for cpsl with --no-auto")
+    if not (args.norm_factor == 0 or args.norm_factor >= 1):
+        raise UserError(f"--norm-factor {args.norm_factor:g} must be 0 (off) or at least 1")
+    if args.target_accuracy is not None and args.target_accuracy > 1:
+        raise UserError(f"--target-accuracy {args.target_accuracy:g} is a fraction: give a number in (0, 1]")
+    if args.scheme == "fl":
+        cut = None
+    elif auto:
+        cut = model.cut_index(args.cut) if args.cut else None  # None: chosen live
+    else:
+        cut = model.cut_index(args.cut or "pool2")
+    run_dir = args.run_dir or Path("runs") / (run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+    return ServerConfig(
+        broker=broker,
+        scheme=args.scheme,
+        rounds=args.rounds,
+        min_devices=min_devices,
+        batch_size=args.batch_size,
+        iterations=args.local_iterations,
+        lr=args.lr,
+        momentum=args.momentum,
+        clusters=args.clusters,
+        cut=cut,
+        run_dir=run_dir,
+        run_id=run_id,
+        data_seed=args.seed,
+        iteration_timeout_s=args.timeout,
+        auto=auto,
+        max_cluster_size=args.max_cluster_size,
+        server_profile=args.server_profile,
+        reselect_every=args.reselect_every,
+        drift_threshold=args.drift_threshold,
+        random_clusters=args.random_clusters,
+        norm_factor=args.norm_factor,
+        target_accuracy=args.target_accuracy,
+    )
+
+
+def train(config: ServerConfig, model, data) -> int:
+    pin_malloc_thresholds()
+    console = make_console()
+    history: list[dict] = []
+    title = f"{config.scheme} · {model.name} · {config.rounds} rounds · run dir {config.run_dir}"
+    with Live(rounds_table(history, title + " (waiting for devices)"), console=console, refresh_per_second=4) as live:
+
+        def show(record: dict) -> None:
+            history.append(record)
+            live.update(rounds_table(history, title))
+
+        server = EdgeServer(config, model, data, on_round=show)
+        server.run()
+    console.print()
+    console.print(
+        f"run {server.run_id}: final accuracy {history[-1]['accuracy']:.2%}; "
+        f"metrics, checkpoint and model (state dict + ONNX) in {config.run_dir}"
+    )
+    return 0
