@@ -27,7 +27,6 @@ with whom.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement
-from edge_server.registry import DeviceRecord
+from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
 from edge_server.scheduler import ClusterTiming, RoundPlan
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.allocation import slot_schedule
@@ -45,6 +44,7 @@ from toolkit.planning.cut_selection import CutReselection, select_cut
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
 from toolkit.profile_format import Profile, parse_profile
 from toolkit.protocol import messages as m
+from toolkit.protocol.bounded_json import load_bounded_json
 
 log = logging.getLogger("cpsl.server")
 
@@ -55,8 +55,9 @@ def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
     if record.profile_json is None:
         return None
     try:
-        profile = parse_profile(json.loads(record.profile_json), f"profile of {record.id}")
-    except (ProfileError, ValueError) as exc:
+        document = load_bounded_json(record.profile_json, max_bytes=MAX_PROFILE_BYTES, what=f"profile of {record.id}")
+        profile = parse_profile(document, f"profile of {record.id}")
+    except (ProfileError, ValueError) as exc:  # JsonLimitError is a ValueError
         log.warning("ignoring the profile %s registered with: %s", record.id, exc)
         return None
     if profile.model.fingerprint != fingerprint:

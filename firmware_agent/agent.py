@@ -259,8 +259,9 @@ class DeviceAgent:
         body = m.Reject(refused=message.kind.name, reason=reason[: m.MAX_TEXT])
         up = topics.up(message.header.run, self.config.device_id)
         try:
-            self.endpoint.send(up, Kind.REJECT, body, run=message.header.run, device=self.config.device_id,
-                               round_=message.header.round)  # fmt: skip
+            self.endpoint.send(
+                up, Kind.REJECT, body, run=message.header.run, device=self.config.device_id, round_=message.header.round
+            )
         except Exception:  # the refusal stands even if the server cannot be told
             log.debug("refusal not sent", exc_info=True)
 

@@ -1,0 +1,173 @@
+"""Every network-input path bounded and counted, without a broker: codec, JSON, chunks, inbox,
+topics, sessions, the aggregation strategy and the server step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_server.registry import Registry
+from edge_server.strategy import BoundedFedAvg, Upload
+from toolkit.protocol import Kind, ProtocolError, Reassembler, decode, encode, make_header, split, topics
+from toolkit.protocol import messages as m
+from toolkit.protocol.bounded_json import JsonLimitError, load_bounded_json
+from toolkit.protocol.codec import MAGIC
+from toolkit.protocol.endpoint import Endpoint, Received, reason_key
+from toolkit.training import server_step
+
+SESSION = "0123456789abcdef0123456789abcdef"
+
+
+def _frame(kind: Kind, body: m.Body, device: str = "dev0", run: str = "r", tensors=None, seq: int = 1) -> bytes:
+    return encode(kind, make_header(run, device, seq=seq), body, tensors)
+
+
+def test_deeply_nested_json_is_a_one_line_error_not_a_recursion_error() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(JsonLimitError, match="not valid JSON"):
+        load_bounded_json(deep, max_bytes=1 << 20)
+    with pytest.raises(JsonLimitError, match="nests 40 levels"):
+        load_bounded_json(b"[" * 40 + b"]" * 40, max_bytes=1 << 20, max_depth=32)
+    with pytest.raises(JsonLimitError, match="exceeds"):
+        load_bounded_json(b"[]" * 100, max_bytes=10)
+    with pytest.raises(JsonLimitError):
+        load_bounded_json(b'{"x": NaN}', max_bytes=100)
+    assert load_bounded_json(b'{"a": [1, {"b": 2}]}', max_bytes=100) == {"a": [1, {"b": 2}]}
+
+
+def test_a_frame_whose_header_nests_deeply_is_rejected() -> None:
+    meta = b'{"header":' + b"[" * 5000 + b"]" * 5000 + b',"body":{},"tensors":[]}'
+    frame = MAGIC + bytes([1, int(Kind.HEARTBEAT)]) + len(meta).to_bytes(4, "big") + meta
+    with pytest.raises(ProtocolError, match="header"):
+        decode(frame)
+
+
+def test_reassembly_budgets_refuse_a_greedy_sender_and_not_the_others() -> None:
+    reassembler = Reassembler(max_frame_bytes=10_000, max_bytes_per_sender=12_000, max_transfers_per_sender=4)
+    big = _frame(Kind.WEIGHTS_UP, m.WeightsUp(num_samples=1), tensors={"w": torch.zeros(2000)})
+    greedy = [split(big, make_header("r", "dev0", seq=s), 3000) for s in range(3)]
+    assert reassembler.add(decode(greedy[0][0])) is None
+    with pytest.raises(ProtocolError, match="would hold more than"):
+        reassembler.add(decode(greedy[1][0]))  # two transfers of ~8 KB exceed dev0's 12 KB
+    honest = split(big, make_header("r", "dev1", seq=1), 3000)
+    results = [reassembler.add(decode(piece)) for piece in honest]
+    assert results[-1] == big and all(r is None for r in results[:-1])
+    assert reassembler.in_flight == 1  # dev0's first transfer only; dev1's is done and released
+
+
+def test_reassembly_counts_each_byte_once_when_a_chunk_repeats() -> None:
+    frame = _frame(Kind.WEIGHTS_UP, m.WeightsUp(num_samples=1), tensors={"w": torch.zeros(3000)})
+    pieces = split(frame, make_header("r", "dev0", seq=1), 4096)
+    reassembler = Reassembler()
+    assert reassembler.add(decode(pieces[0])) is None
+    assert reassembler.add(decode(pieces[0])) is None  # a QoS 1 duplicate is not "more bytes than announced"
+    assert [reassembler.add(decode(p)) for p in pieces[1:]][-1] == frame
+    assert reassembler.reserved_bytes == 0
+
+
+def test_inbox_is_bounded_in_bytes() -> None:
+    endpoint = Endpoint("server", max_frame_bytes=1 << 20, inbox_max_bytes=100_000)
+    topic = topics.up("r", "dev0")
+    for seq in range(5):
+        payload = _frame(Kind.SMASHED, m.Smashed(), tensors={"smashed": torch.zeros(8000)}, seq=seq)
+        endpoint.on_frame(topic, payload)
+    assert endpoint.rejected["inbox full"] == 2  # 3 frames of 32 KB fit in 100 KB
+    while endpoint.receive(0.0) is not None:
+        pass
+    endpoint.on_frame(topic, _frame(Kind.SMASHED, m.Smashed(), tensors={"smashed": torch.zeros(8000)}, seq=99))
+    assert endpoint.receive(0.0) is not None  # the bytes were given back as the frames were taken
+
+
+def test_kinds_are_checked_against_the_topic_they_came_on() -> None:
+    endpoint = Endpoint("dev1")
+    assign_on_up = _frame(Kind.STOP, m.Stop(), device="dev0")
+    endpoint.on_frame(topics.up("r", "dev0"), assign_on_up)
+    endpoint.on_frame(topics.device_status("dev1"), _frame(Kind.OFFLINE, m.Offline(session=SESSION), device="dev0"))
+    endpoint.on_frame("somewhere/else", _frame(Kind.STOP, m.Stop(), device="dev0"))
+    assert endpoint.rejected == {
+        "STOP may not travel on a up topic": 1,
+        "header names another device than the topic": 1,
+        "not a cpsl topic": 1,
+    }
+    assert endpoint.receive(0.0) is None
+
+
+def test_rejection_reasons_cannot_grow_without_bound() -> None:
+    endpoint = Endpoint("server")
+    for index in range(500):
+        endpoint.reject("t", f"unknown device 'attacker{index}'")
+        endpoint.reject("t", f"reason number {index} of many: detail")
+        endpoint.reject("t", f"made-up reason {chr(0x4E00 + index)}")
+    assert len(endpoint.rejected) <= 65
+    assert endpoint.rejected["unknown device #"] == 500
+    assert sum(endpoint.rejected.values()) == 1500
+    assert reason_key("frame of 123 bytes exceeds the limit of 64: x") == "frame of # bytes exceeds the limit of #"
+
+
+def test_sequence_numbers_do_not_follow_the_clock() -> None:
+    first, second = Endpoint("a").next_seq(), Endpoint("a").next_seq()
+    assert abs(first - second) > 1_000_000  # two senders started together are far apart
+    endpoint = Endpoint("b")
+    assert endpoint.next_seq() + 1 == endpoint.next_seq()
+
+
+def _item(kind: Kind, body: m.Body, device: str = "dev0") -> Received:
+    message = decode(_frame(kind, body, device=device, run="idle"))
+    return Received("t", message, 0, 0.0)
+
+
+def test_a_stale_last_will_does_not_unregister_the_device_that_came_back() -> None:
+    registry = Registry()
+    old, new = "a" * 32, "b" * 32
+    capabilities = m.Capabilities()
+    registry.update(_item(Kind.REGISTER, m.Register(session=old, num_samples=5, capabilities=capabilities)))
+    registry.update(_item(Kind.REGISTER, m.Register(session=new, num_samples=5, capabilities=capabilities)))
+    registry.update(_item(Kind.OFFLINE, m.Offline(session=old)))  # the crashed life's will, delivered late
+    assert registry.is_online("dev0")
+    registry.update(_item(Kind.OFFLINE, m.Offline(session=new)))  # this life's will: honoured at once
+    assert not registry.is_online("dev0")
+
+
+def _upload(tensors: dict[str, torch.Tensor], claimed: int, registered: int = 100) -> Upload:
+    return Upload(tensors, claimed, registered)
+
+
+def test_fedavg_weight_is_capped_at_the_registered_count() -> None:
+    reference = {"w": torch.zeros(3)}
+    uploads = {"honest": _upload({"w": torch.ones(3)}, 100), "greedy": _upload({"w": torch.full((3,), 2.0)}, 10**9)}
+    result = BoundedFedAvg(norm_factor=0).aggregate(reference, uploads)
+    assert result.weights == {"greedy": 100.0, "honest": 100.0}
+    assert torch.allclose(result.state["w"], torch.full((3,), 1.5))
+
+
+def test_zero_samples_in_a_one_device_cluster_keeps_the_weights() -> None:
+    result = BoundedFedAvg().aggregate({"w": torch.zeros(2)}, {"dev0": _upload({"w": torch.ones(2)}, 0)})
+    assert result.state is None and not result.rejected
+
+
+def test_an_update_far_outside_the_others_is_rejected_also_in_clusters_of_one() -> None:
+    strategy = BoundedFedAvg(norm_factor=10)
+    reference = {"w": torch.zeros(4)}
+    for step in range(4):  # SL: one device per cluster; the history is the reference
+        honest = strategy.aggregate(reference, {f"dev{step}": _upload({"w": torch.full((4,), 0.1)}, 10)})
+        assert honest.state is not None and not honest.rejected
+    attack = strategy.aggregate(reference, {"evil": _upload({"w": torch.full((4,), 50.0)}, 10)})
+    assert attack.state is None and "evil" in attack.rejected
+    mixed = strategy.aggregate(
+        reference, {"a": _upload({"w": torch.full((4,), 0.1)}, 10), "evil": _upload({"w": torch.full((4,), -9.0)}, 10)}
+    )
+    assert set(mixed.rejected) == {"evil"} and torch.allclose(mixed.state["w"], torch.full((4,), 0.1))
+
+
+def test_a_non_finite_server_loss_changes_nothing() -> None:
+    torch.manual_seed(0)
+    server_part = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    torch.nn.init.ones_(server_part[0].weight)  # 4 x 3e38 overflows float32: the logits are infinite
+    before = {k: v.clone() for k, v in server_part.state_dict().items()}
+    optimizer = torch.optim.SGD(server_part.parameters(), lr=0.1)
+    smashed = [torch.full((2, 4), 3e38), torch.ones(1, 4)]
+    labels = [torch.tensor([0, 1]), torch.tensor([2])]
+    grads, loss = server_step(server_part, optimizer, smashed, labels, torch.nn.CrossEntropyLoss())
+    assert loss != loss or loss in (float("inf"), float("-inf"))
+    assert [g.shape for g in grads] == [(2, 4), (1, 4)] and all(not g.any() for g in grads)
+    assert all(torch.equal(before[k], v) for k, v in server_part.state_dict().items())

@@ -1,0 +1,252 @@
+"""Against a real Mosquitto started with the configuration `edge_server provision` writes:
+identities, the ACL, revocation, one-line TLS errors, hostile assignments, and training over TLS."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_server import pki, provision
+from edge_server.server import EdgeServer
+from firmware_agent.agent import AgentConfig, DeviceAgent
+from tests.brokers import free_port
+from tests.conftest import run_cli
+from tests.test_system import DATA, server_config
+from toolkit.data import load_dataset, partition_indices
+from toolkit.errors import UserError
+from toolkit.models import load_model
+from toolkit.protocol import Kind, decode, encode, make_header, topics
+from toolkit.protocol import messages as m
+from toolkit.transport import MqttTransport, parse_broker_url
+from toolkit.transport.mosquitto import MosquittoProcess, mosquitto_binary
+from toolkit.transport.tls import TlsFiles, bundle_files
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")
+
+
+class Fleet:
+    def __init__(self, root: Path, port: int, broker: MosquittoProcess) -> None:
+        self.root, self.port, self.broker = root, port, broker
+        self.deployment = provision.load(root)
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.port}"
+
+    def address(self, who: str):
+        folder = self.deployment.server_bundle if who == "server" else self.deployment.device_bundle(who)
+        return parse_broker_url(self.url, bundle_files(folder))
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    port = free_port()
+    deployment = provision.init(tmp_path / "pki", ["127.0.0.1", "localhost"], port, listen="127.0.0.1")
+    for device in ("dev0", "dev1", "dev2"):
+        provision.add_device(deployment, device)
+    with MosquittoProcess(deployment.root / "mosquitto.conf", port) as broker:
+        yield Fleet(deployment.root, port, broker)
+
+
+def _client(address, name: str, seen: list) -> MqttTransport:
+    transport = MqttTransport(address, name, lambda topic, payload: seen.append((topic, payload)))
+    transport.connect(10)
+    return transport
+
+
+def test_a_client_without_a_certificate_is_refused(fleet) -> None:
+    address = parse_broker_url(fleet.url, TlsFiles(fleet.root / "ca/ca.crt"))
+    with pytest.raises(UserError, match="client certificate"):
+        MqttTransport(address, "anon", lambda *a: None).connect(10)
+
+
+def test_a_broker_signed_by_another_ca_is_refused(fleet, tmp_path) -> None:
+    other = provision.init(tmp_path / "other", ["127.0.0.1"], 1)
+    provision.add_device(other, "dev0")
+    with pytest.raises(UserError, match="not signed by our CA"):
+        MqttTransport(parse_broker_url(fleet.url, bundle_files(other.device_bundle("dev0"))), "x", print).connect(10)
+
+
+def test_hostname_verification_is_on(tmp_path) -> None:
+    port = free_port()
+    deployment = provision.init(tmp_path / "pki", ["localhost"], port, listen="127.0.0.1")
+    provision.add_device(deployment, "dev0")
+    with MosquittoProcess(deployment.root / "mosquitto.conf", port):
+        address = parse_broker_url(f"mqtts://127.0.0.1:{port}", bundle_files(deployment.device_bundle("dev0")))
+        with pytest.raises(UserError, match=r"not valid for '127\.0\.0\.1'"):
+            MqttTransport(address, "x", print).connect(10)
+
+
+def test_an_expired_certificate_is_reported_before_connecting(fleet, tmp_path) -> None:
+    ca = fleet.deployment.ca()
+    old = pki.issue(ca, "dev0", days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
+    (tmp_path / "old.crt").write_bytes(old.cert_pem())
+    (tmp_path / "old.key").write_bytes(old.key_pem())
+    files = TlsFiles(fleet.root / "ca/ca.crt", tmp_path / "old.crt", tmp_path / "old.key")
+    with pytest.raises(UserError, match="expired on"):
+        MqttTransport(parse_broker_url(fleet.url, files), "x", print)
+
+
+def test_a_plaintext_port_given_as_mqtts_is_one_clear_line(fleet, broker) -> None:
+    port = broker.rsplit(":", 1)[1]
+    address = parse_broker_url(f"mqtts://127.0.0.1:{port}", bundle_files(fleet.deployment.device_bundle("dev0")))
+    with pytest.raises(UserError, match="TLS"):
+        MqttTransport(address, "x", print).connect(10)
+
+
+def test_the_acl_confines_each_device_to_its_own_topics(fleet) -> None:
+    server_saw, device_saw = [], []
+    server = _client(fleet.address("server"), "server", server_saw)
+    device = _client(fleet.address("dev0"), "dev0", device_saw)
+    server.subscribe("cpsl/v1/#")
+    device.subscribe(topics.all_down_for("dev0"))
+    device.subscribe(topics.all_down_for("dev1"))  # another device's commands: the broker delivers none
+    time.sleep(0.5)
+    device.publish(topics.device_heartbeat("dev0"), b"own")
+    for topic in (
+        topics.device_heartbeat("dev1"),
+        topics.device_status("dev1"),
+        topics.up("run", "dev1"),
+        topics.down("run", "dev1"),
+        topics.server_status(),
+        topics.run_metrics("run"),
+    ):
+        device.publish(topic, b"forged")
+    server.publish(topics.down("run", "dev0"), b"for dev0")
+    server.publish(topics.down("run", "dev1"), b"for dev1")
+    device.flush(5)
+    server.flush(5)
+    time.sleep(0.5)
+    assert [p for _, p in server_saw if p != b"for dev0" and p != b"for dev1"] == [b"own"]
+    assert device_saw == [(topics.down("run", "dev0"), b"for dev0")]
+    server.close()
+    device.close()
+
+
+def test_revoking_one_device_leaves_the_others_connected(fleet) -> None:
+    provision.revoke(provision.load(fleet.root), "dev1")
+    acl = (fleet.root / "acl").read_text()
+    assert "user dev1" not in acl and "user dev0" in acl
+    fleet.broker.stop()
+    fleet.broker.start()  # Mosquitto reads the CRL when its listener starts
+    assert not fleet.deployment.device_bundle("dev1").exists()  # its bundle is gone from the folder too
+    good = _client(fleet.address("dev0"), "dev0", [])  # the others are untouched
+    good.close()
+
+
+def test_a_revoked_certificate_is_refused_with_a_clear_line(tmp_path) -> None:
+    port = free_port()
+    deployment = provision.init(tmp_path / "pki", ["127.0.0.1"], port, listen="127.0.0.1")
+    folder = provision.add_device(deployment, "dev1")
+    kept = tmp_path / "board"  # what the board still holds after the revocation
+    kept.mkdir()
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (kept / name).write_bytes((folder / name).read_bytes())
+    provision.revoke(deployment, "dev1")
+    with MosquittoProcess(deployment.root / "mosquitto.conf", port), pytest.raises(UserError, match="revoked"):
+        MqttTransport(parse_broker_url(f"mqtts://127.0.0.1:{port}", bundle_files(kept)), "x", print).connect(10)
+
+
+def test_agent_with_the_wrong_ca_exits_2_with_one_line(fleet, tmp_path) -> None:
+    other = provision.init(tmp_path / "other", ["127.0.0.1"], 1)
+    provision.add_device(other, "dev0")
+    result = run_cli(
+        "firmware_agent",
+        "--config",
+        str(other.device_bundle("dev0") / "agent.toml"),
+        "--broker",
+        fleet.url,
+        "--data",
+        DATA,
+        "--no-profile",
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "not signed by our CA" in lines[0], result.stderr
+
+
+def _run_fleet(address_of, data, tmp_path, tag: str) -> list[float]:
+    parts = partition_indices(data.train_y.numpy(), 3, "iid", 0)
+    agents = []
+    for index in range(3):
+        agent = DeviceAgent(
+            AgentConfig(address_of(f"dev{index}"), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
+            data,
+            parts[index],
+            None,
+        )
+        agent.start()
+        threading.Thread(target=agent.serve_forever, daemon=True).start()
+        agents.append(agent)
+    try:
+        config = server_config("mqtt://x:1", tmp_path / tag, rounds=3, iterations=20, lr=0.1, momentum=0.9, min_devices=3)
+        config.broker = address_of("server")
+        server = EdgeServer(config, load_model("lenet5", seed=0), data)
+        server.run()
+        return [record["accuracy"] for record in server.history]
+    finally:
+        for agent in agents:
+            agent.close()
+
+
+def test_training_over_tls_matches_plaintext_with_the_same_seed(fleet, broker, tmp_path) -> None:
+    data = load_dataset(DATA, seed=0)
+    secure = _run_fleet(fleet.address, data, tmp_path, "tls")
+    plain = _run_fleet(lambda who: parse_broker_url(broker), data, tmp_path, "plain")
+    assert secure == plain and secure[-1] > 0.5
+
+
+def test_hostile_assignments_are_refused_and_the_agent_serves_on(fleet, tmp_path) -> None:
+    """An ASSIGN naming code, sent by the one identity allowed to send it (a compromised server)."""
+    data = load_dataset(DATA, seed=0)
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\ndef net(**kw):\n    pass\n")
+    agent = DeviceAgent(
+        AgentConfig(fleet.address("dev0"), "dev0", "0/1", heartbeat_s=0.5), data, torch.arange(50).numpy(), None
+    )
+    agent.start()
+    thread = threading.Thread(target=agent.serve_forever, daemon=True)
+    thread.start()
+    modules = set(sys.modules)
+    server_saw: list = []
+    server = _client(fleet.address("server"), "server", server_saw)
+    server.subscribe(topics.up("evil-run", "dev0"))
+    time.sleep(0.5)
+    lenet = load_model("lenet5")
+    specs = ["os:abort", "subprocess:getoutput", f"{evil}:net", "builtins:exec", "vgg"]
+    for seq, spec in enumerate(specs, start=1):
+        body = m.Assign(
+            scheme="cpsl",
+            model=spec,
+            model_fingerprint=lenet.fingerprint(),
+            input_shape=[1, 28, 28],
+            num_classes=10,
+            cut=6,
+            cluster=0,
+            cluster_devices=["dev0"],
+            hyper=m.Hyperparameters(batch_size=8, iterations=1, lr=0.1),
+            gradient_timeout_s=5,
+        )
+        server.publish(
+            topics.down("evil-run", "dev0"), encode(Kind.ASSIGN, make_header("evil-run", "dev0", seq=seq), body)
+        )
+    server.flush(5)
+    deadline = time.monotonic() + 20
+    while len(server_saw) < len(specs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refusals = [decode(payload) for _, payload in server_saw]
+    assert [r.kind for r in refusals] == [Kind.REJECT] * len(specs)
+    assert all("not one this device is configured to train" in r.body.reason for r in refusals)
+    assert not marker.exists()
+    assert set(sys.modules) - modules == set()
+    assert thread.is_alive() and agent.assignment is None
+    server.close()
+    agent.close()
