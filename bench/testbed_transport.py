@@ -7,8 +7,11 @@ bits / (first send to last complete arrival); the ratio to the tbf rate is what 
 protocol, MQTT, TCP/IP and the broker keep for themselves. Median of ``--repeats``.
 
     sudo python bench/testbed_transport.py [--rates 5,10,20,50] [--sizes 51200,602112]
+    sudo python bench/testbed_transport.py --tls      # plaintext and TLS side by side (issue #9)
 
-Writes bench/results/testbed_transport/transport.json and transport.png. Needs root.
+Writes bench/results/testbed_transport/transport.json and transport.png (with ``--tls``:
+transport_tls.json, each case measured over plaintext and over TLS with provisioned
+certificates, alternating, in one invocation). Needs root.
 """
 
 from __future__ import annotations
@@ -26,16 +29,23 @@ ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "cpsl/v1/runs/bench/devices/dev0/up"
 
 
-def publisher(broker: str, count: int, size: int, out: Path) -> None:
+def _address(broker: str, bundle: Path | None):
+    from toolkit.transport import parse_broker_url
+    from toolkit.transport.tls import bundle_files
+
+    return parse_broker_url(broker, bundle_files(bundle) if bundle else None)
+
+
+def publisher(broker: str, count: int, size: int, out: Path, bundle: Path | None = None) -> None:
     import torch
 
     from toolkit.protocol import Kind
     from toolkit.protocol import messages as m
     from toolkit.protocol.endpoint import Endpoint
-    from toolkit.transport import MqttTransport, parse_broker_url
+    from toolkit.transport import MqttTransport
 
     endpoint = Endpoint("dev0")
-    transport = MqttTransport(parse_broker_url(broker), client_id="bench-pub", on_message=endpoint.on_frame)
+    transport = MqttTransport(_address(broker, bundle), client_id="bench-pub", on_message=endpoint.on_frame)
     endpoint.attach(transport)
     transport.connect(10.0)
     smashed = torch.zeros(32, size // 4 // 32)
@@ -66,13 +76,13 @@ def publisher(broker: str, count: int, size: int, out: Path) -> None:
     transport.close()
 
 
-def subscriber(broker: str, count: int, out: Path) -> None:
+def subscriber(broker: str, count: int, out: Path, bundle: Path | None = None) -> None:
     from toolkit.protocol import Kind
     from toolkit.protocol.endpoint import Endpoint
-    from toolkit.transport import MqttTransport, parse_broker_url
+    from toolkit.transport import MqttTransport
 
     endpoint = Endpoint("server")
-    transport = MqttTransport(parse_broker_url(broker), client_id="bench-sub", on_message=endpoint.on_frame)
+    transport = MqttTransport(_address(broker, bundle), client_id="bench-sub", on_message=endpoint.on_frame)
     endpoint.attach(transport)
     transport.subscribe(TOPIC, qos=1)
     transport.connect(10.0)
@@ -86,14 +96,35 @@ def subscriber(broker: str, count: int, out: Path) -> None:
     transport.close()
 
 
-def measure(rate: float, size: int, count: int, work: Path) -> dict:
+def _tls_deployment(work: Path) -> Path:
+    """Certificates and a Mosquitto configuration from edge_server provision, for the AP's address."""
+    from edge_server import provision
+    from toolkit.testbed.runner import BROKER_PORT
+    from toolkit.testbed.topology import AP_ADDRESS
+
+    folder = work / "pki"
+    if folder.exists():
+        shutil.rmtree(folder)
+    deployment = provision.init(folder, [AP_ADDRESS], BROKER_PORT, listen=AP_ADDRESS)
+    provision.add_device(deployment, "dev0")
+    return deployment.root
+
+
+def measure(rate: float, size: int, count: int, work: Path, pki: Path | None = None) -> dict:
     from toolkit.testbed.runner import BROKER_PORT
     from toolkit.testbed.topology import AP_ADDRESS, DeviceSpec, Testbed, TestbedSpec
 
     testbed = Testbed(TestbedSpec((DeviceSpec("dev0", rate, rate, 1.0),), rate, rate))
-    broker = f"mqtt://{AP_ADDRESS}:{BROKER_PORT}"
+    broker = f"{'mqtts' if pki else 'mqtt'}://{AP_ADDRESS}:{BROKER_PORT}"
     config = work / "mosquitto.conf"
-    config.write_text(f"listener {BROKER_PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\n")
+    # set_tcp_nodelay as the provisioned TLS configuration has it, so that only TLS differs in --tls
+    config.write_text(
+        f"listener {BROKER_PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+    )
+    if pki is not None:
+        config = pki / "mosquitto.conf"
+    sub_tls = ["--bundle", str(pki / "server")] if pki else []
+    pub_tls = ["--bundle", str(pki / "devices" / "dev0")] if pki else []
     processes = []
     try:
         testbed.create()
@@ -107,7 +138,18 @@ def measure(rate: float, size: int, count: int, work: Path) -> dict:
         me = [sys.executable, str(Path(__file__).resolve())]
         sub = subprocess.Popen(
             testbed.ap_command(
-                [*me, "--role", "sub", "--broker", broker, "--count", str(count), "--result", str(work / "sub.json")]
+                [
+                    *me,
+                    "--role",
+                    "sub",
+                    "--broker",
+                    broker,
+                    "--count",
+                    str(count),
+                    "--result",
+                    str(work / "sub.json"),
+                    *sub_tls,
+                ]
             )
         )
         processes.append(sub)
@@ -127,6 +169,7 @@ def measure(rate: float, size: int, count: int, work: Path) -> dict:
                     str(size),
                     "--result",
                     str(work / "pub.json"),
+                    *pub_tls,
                 ],
             ),
             check=True,
@@ -162,16 +205,20 @@ def main() -> None:
     parser.add_argument("--sizes", default="51200,602112", help="smashed bytes per frame: LeNet pool2, conv1 at B=32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "testbed_transport")
+    parser.add_argument("--bundle", type=Path, help="(pub/sub roles) the TLS bundle to connect with")
+    parser.add_argument("--tls", action="store_true", help="plaintext and TLS side by side, alternating")
     args = parser.parse_args()
     if args.role == "pub":
-        return publisher(args.broker, args.count, args.size, args.result)
+        return publisher(args.broker, args.count, args.size, args.result, args.bundle)
     if args.role == "sub":
-        return subscriber(args.broker, args.count, args.result)
+        return subscriber(args.broker, args.count, args.result, args.bundle)
 
     from toolkit.testbed.topology import require_root
 
     require_root()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tls:
+        return compare_tls(args)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for rate in (float(r) for r in args.rates.split(",")):
@@ -223,6 +270,39 @@ def main() -> None:
     figure.tight_layout()
     figure.savefig(args.out / "transport.png")
     print(f"wrote {args.out / 'transport.json'} and transport.png")
+
+
+def compare_tls(args: argparse.Namespace) -> None:
+    """Each case over plaintext and over TLS (provisioned certificates), alternating, ``--repeats`` each."""
+    pki = _tls_deployment(args.out)
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        for rate in (float(r) for r in args.rates.split(",")):
+            plain, tls = [], []
+            for _ in range(args.repeats):
+                plain.append(measure(rate, size, args.count, args.out)["payload_mbit_s"])
+                tls.append(measure(rate, size, args.count, args.out, pki)["payload_mbit_s"])
+            row = {
+                "rate_mbit": rate,
+                "smashed_bytes": size,
+                "plain_mbit_s": statistics.median(plain),
+                "tls_mbit_s": statistics.median(tls),
+                "plain_runs": plain,
+                "tls_runs": tls,
+            }
+            row["tls_over_plain"] = row["tls_mbit_s"] / row["plain_mbit_s"]
+            rows.append(row)
+            print(
+                f"smashed {size:>7d} B/frame, link {rate:5.1f} Mbit/s: plaintext {row['plain_mbit_s']:6.2f}, "
+                f"TLS {row['tls_mbit_s']:6.2f} Mbit/s ({100 * (row['tls_over_plain'] - 1):+.1f}%)",
+                flush=True,
+            )
+    shutil.rmtree(pki)
+    command = (
+        f"python bench/testbed_transport.py --tls --rates {args.rates} --sizes {args.sizes} "
+        f"--count {args.count} --repeats {args.repeats}"
+    )
+    (args.out / "transport_tls.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,9 @@ allow_anonymous false
 acl_file {root}/acl
 persistence false
 user {user}
+# Nagle off towards clients: under TLS a frame leaves in several records, and with Nagle on the
+# last one waits for the client's delayed ACK (measured: -10% smashed-data throughput at 20 Mbit/s).
+set_tcp_nodelay true
 
 listener {port}{" " + listen if listen else ""}
 cafile {root}/ca/ca.crt

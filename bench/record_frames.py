@@ -1,0 +1,137 @@
+"""Record real frames of every message kind from a short run, for the fuzzing tests and benchmark.
+
+A real Mosquitto, two real agents and the edge server with live resource management (so
+probes and their echoes happen) train one round of LeNet-5 on builtin:digits while a
+sniffer subscribed to ``cpsl/v1/#`` keeps the first frames of each kind, the topic each
+came on included. A forbidden ASSIGN provokes a REJECT; a large upload split with the
+protocol's own ``split`` gives CHUNK frames.
+
+    python bench/record_frames.py [--out tests/frames]
+
+Writes OUT/NN-KIND.bin (frames) and OUT/index.json (kind, topic, size of each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PER_KIND = 3
+MAX_FRAME = 96 << 10  # keep the committed corpus small
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "frames")
+    args = parser.parse_args()
+
+    from edge_server.server import EdgeServer, ServerConfig
+    from firmware_agent.agent import AgentConfig, DeviceAgent
+    from tests.brokers import free_port
+    from toolkit.data import load_dataset, partition_indices
+    from toolkit.models import load_model
+    from toolkit.protocol import Kind, decode, encode, make_header, split, topics
+    from toolkit.protocol import messages as m
+    from toolkit.transport import MqttTransport, parse_broker_url
+    from toolkit.transport.mosquitto import MosquittoProcess
+
+    kept: dict[Kind, list[tuple[str, bytes]]] = defaultdict(list)
+
+    def sniff(topic: str, payload: bytes) -> None:
+        try:
+            kind = decode(payload).kind
+        except Exception:
+            return
+        if len(kept[kind]) < PER_KIND and len(payload) <= MAX_FRAME:
+            kept[kind].append((topic, bytes(payload)))
+
+    work = Path(tempfile.mkdtemp(prefix="cpsl-record-"))
+    port = free_port()
+    (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    data = load_dataset("builtin:digits", seed=0)
+    parts = partition_indices(data.train_y.numpy(), 2, "iid", 0)
+    with MosquittoProcess(work / "mosquitto.conf", port):
+        url = f"mqtt://127.0.0.1:{port}"
+        sniffer = MqttTransport(parse_broker_url(url), "sniffer", sniff)
+        sniffer.subscribe("cpsl/v1/#")
+        sniffer.connect(10)
+        agents = []
+        for index in range(2):
+            config = AgentConfig(parse_broker_url(url), f"dev{index}", f"{index}/2", heartbeat_s=0.5)
+            agent = DeviceAgent(config, data, parts[index], (ROOT / "profiles/epyc-vm-2vcpu/lenet5.json").read_bytes())
+            agent.start()
+            threading.Thread(target=agent.serve_forever, daemon=True).start()
+            agents.append(agent)
+        time.sleep(1.0)
+        server_config = ServerConfig(
+            broker=parse_broker_url(url),
+            scheme="cpsl",
+            rounds=1,
+            min_devices=2,
+            batch_size=8,
+            iterations=3,
+            clusters=1,
+            cut=None,
+            run_dir=work / "run",
+            run_id="recorded",
+            auto=True,
+            iteration_timeout_s=10,
+            register_timeout_s=20,
+        )
+        server = EdgeServer(server_config, load_model("lenet5", seed=0), data)
+        server.run()
+        lenet = load_model("lenet5")
+        forbidden = m.Assign(
+            scheme="cpsl",
+            model="os:abort",
+            model_fingerprint=lenet.fingerprint(),
+            input_shape=[1, 28, 28],
+            num_classes=10,
+            cut=6,
+            cluster=0,
+            cluster_devices=["dev0"],
+            hyper=m.Hyperparameters(batch_size=8, iterations=1, lr=0.1),
+            gradient_timeout_s=5,
+        )
+        sniffer.publish(
+            topics.down("recorded", "dev0"), encode(Kind.ASSIGN, make_header("recorded", "dev0"), forbidden)
+        )
+        sniffer.flush(5)
+        time.sleep(2.0)
+        for agent in agents:
+            agent.close()
+        time.sleep(1.0)
+        sniffer.close()
+    upload_topic, upload = kept[Kind.WEIGHTS_UP][0]
+    message = decode(upload)
+    for piece in split(upload, message.header, 16 << 10)[:PER_KIND]:
+        kept[Kind.CHUNK].append((upload_topic, piece))
+    missing = [kind.name for kind in Kind if not kept[kind]]
+    if missing:
+        raise SystemExit(f"no frame recorded for {', '.join(missing)}")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    index = []
+    for kind in Kind:
+        for number, (topic, frame) in enumerate(kept[kind]):
+            name = f"{int(kind):02d}-{kind.name.lower()}-{number}.bin"
+            (args.out / name).write_bytes(frame)
+            index.append({"file": name, "kind": kind.name, "topic": topic, "bytes": len(frame)})
+    (args.out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"recorded {len(index)} frames of {len(Kind)} kinds in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
