@@ -4,6 +4,7 @@
     edge_server demo [--devices 4] [--secure] [...]                                      everything here
     edge_server provision init --out DIR --server-host HOST[,IP...] [--port 8883]
     edge_server provision add-device ID [ID ...] [--dir DIR]
+    edge_server provision renew ID|server|broker [...] [--dir DIR]
     edge_server provision revoke ID [ID ...] [--dir DIR]
 
 One parser: training flags at the top level (a run is what edge_server does most), the
@@ -80,6 +81,13 @@ def _add_provision(commands) -> None:
     add.add_argument("--dir", type=Path, default=Path("pki"), help="deployment folder (default ./pki)")
     add.add_argument("--days", type=positive_int, help="validity (default: the deployment's)")
     add.add_argument("--broker-host", help="host the device's agent.toml points at (default: the first server host)")
+    renew = jobs.add_parser(
+        "renew", help="rotate: new key and certificate for devices (old ones revoked), server, broker"
+    )
+    renew.add_argument("devices", nargs="+", metavar="ID", help="device ids, or 'server', or 'broker'")
+    renew.add_argument("--dir", type=Path, default=Path("pki"), help="deployment folder (default ./pki)")
+    renew.add_argument("--days", type=positive_int, help="validity (default: the deployment's)")
+    renew.add_argument("--broker-host", help="host the device's agent.toml points at (default: the first server host)")
     revoke = jobs.add_parser("revoke", help="take devices out: CRL and ACL; the others are untouched")
     revoke.add_argument("devices", nargs="+", metavar="ID")
     revoke.add_argument("--dir", type=Path, default=Path("pki"), help="deployment folder (default ./pki)")
@@ -127,10 +135,13 @@ def _provision(args: argparse.Namespace) -> int:
         if args.job == "add-device":
             folder = provision.add_device(deployment, device, args.days, args.broker_host)
             print(f"{device}: bundle in {folder} (copy it to the board; run cpsl-agent --config agent.toml)")
+        elif args.job == "renew":
+            folder = provision.renew(deployment, device, args.days, args.broker_host)
+            print(f"{device}: new key and certificate in {folder}")
         else:
             provision.revoke(deployment, device)
             print(f"{device}: revoked (CRL and ACL updated)")
-    if args.job == "revoke":
+    if args.job in ("revoke", "renew"):
         print("reload the broker so it reads the new CRL and ACL: kill -HUP $(pidof mosquitto), or restart it")
     return 0
 

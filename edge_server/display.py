@@ -21,6 +21,7 @@ def rounds_table(history: list[dict], title: str) -> Table:
         "wait",
         "clusters",
         "dropped",
+        "rejected",
     ):
         table.add_column(header, justify="left" if header in ("clusters", "dropped") else "right")
     for record in history:
@@ -38,8 +39,19 @@ def rounds_table(history: list[dict], title: str) -> Table:
             f"{b['waiting_s']:.2f}",
             " | ".join(",".join(c) for c in record["clusters"]),
             ",".join(record["dropped"]) or "-",
+            str(sum(record.get("rejected_messages", {}).values())),
         )
     return table
+
+
+def rejections_summary(record: dict) -> list[str]:
+    """Lines on what was refused during the run: devices' refusals, then rejected messages by reason."""
+    lines = [f"device {device} refused: {reason}" for device, reason in sorted(record.get("refusals", {}).items())]
+    rejected = record.get("rejected_messages", {})
+    if rejected:
+        top = sorted(rejected.items(), key=lambda item: -item[1])[:8]
+        lines.append("rejected messages: " + "; ".join(f"{reason} x{count}" for reason, count in top))
+    return lines
 
 
 def make_console() -> Console:

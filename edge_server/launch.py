@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.live import Live
 
-from edge_server.display import make_console, rounds_table
+from edge_server.display import make_console, rejections_summary, rounds_table
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
 from toolkit.allocator import pin_malloc_thresholds
@@ -120,6 +120,8 @@ def train(config: ServerConfig, model, data) -> int:
         server = EdgeServer(config, model, data, on_round=show)
         server.run()
     console.print()
+    for line in rejections_summary(history[-1]) if history else []:
+        console.print(line, style="yellow", markup=False)
     console.print(
         f"run {server.run_id}: final accuracy {history[-1]['accuracy']:.2%}; "
         f"metrics, checkpoint and model (state dict + ONNX) in {config.run_dir}"

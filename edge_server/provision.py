@@ -113,6 +113,7 @@ def init(
             "listen": listen,
             "days": days,
             "devices": {},
+            "revoked": [],  # every certificate ever revoked: serial, device, when (the CRL is made from it)
         },
     )
     _save(deployment)
@@ -137,36 +138,69 @@ def add_device(deployment: Deployment, device: str, days: int | None = None, bro
     check_id(device, "device id")
     if device == SERVER_IDENTITY:
         raise UserError(f"device id {device!r} is the edge server's identity")
-    known = deployment.state["devices"].get(device)
-    if known is not None and not known.get("revoked_at"):
-        raise UserError(f"device {device} is already provisioned; revoke it first to issue it a new certificate")
+    if device in deployment.state["devices"]:
+        raise UserError(f"device {device} is already provisioned; `renew` gives it a new certificate")
+    _issue_device(deployment, device, days, broker_host)
+    _save(deployment)
+    return deployment.device_bundle(device)
+
+
+def renew(deployment: Deployment, identity: str, days: int | None = None, broker_host: str | None = None) -> Path:
+    """A new key and certificate for a device (its old certificate revoked), the server or the broker.
+
+    This is rotation: copy the new bundle to the board (or restart the server / reload the
+    broker with the new files); a device's old certificate stops working at the broker's next reload.
+    """
+    days = days or int(deployment.state["days"])
+    ca = deployment.ca()
+    if identity == "broker":
+        issued = pki.issue(ca, deployment.server_hosts[0], server_hosts=deployment.server_hosts, days=days)
+        _write(deployment.root / "broker/broker.crt", issued.cert_pem())
+        _write(deployment.root / "broker/broker.key", issued.key_pem(), 0o600)
+        return deployment.root / "broker"
+    if identity == "server":
+        _write_issued(
+            deployment.server_bundle, pki.issue(ca, SERVER_IDENTITY, days=days), ca, "client.crt", "client.key"
+        )
+        return deployment.server_bundle
+    if identity not in deployment.state["devices"]:
+        raise UserError(f"device {identity} was never provisioned here (add-device)")
+    _revoke_entry(deployment, identity)
+    _issue_device(deployment, identity, days, broker_host)
+    _save(deployment)
+    return deployment.device_bundle(identity)
+
+
+def _issue_device(deployment: Deployment, device: str, days: int | None, broker_host: str | None) -> None:
     ca = deployment.ca()
     issued = pki.issue(ca, device, days=days or int(deployment.state["days"]))
     folder = deployment.device_bundle(device)
+    if folder.exists():
+        shutil.rmtree(folder)  # the old bundle (key included) must not linger beside the new one
     _write_issued(folder, issued, ca, "client.crt", "client.key")
     host = broker_host or deployment.server_hosts[0]
     _write(folder / "agent.toml", agent_config(device, host, deployment.port).encode())
     deployment.state["devices"][device] = {
         "serial": format(issued.cert.serial_number, "x"),
         "not_after": issued.cert.not_valid_after_utc.isoformat(),
-        "revoked_at": None,
     }
-    _save(deployment)
-    return folder
 
 
 def revoke(deployment: Deployment, device: str) -> None:
     """Take ``device`` out: its certificate goes on the CRL and its ACL entries go; the others are untouched."""
-    entry = deployment.state["devices"].get(device)
-    if entry is None:
-        raise UserError(f"device {device} was never provisioned here")
-    if entry.get("revoked_at"):
-        raise UserError(f"device {device} is already revoked")
-    entry["revoked_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    if device not in deployment.state["devices"]:
+        raise UserError(f"device {device} is not provisioned here (never added, or already revoked)")
+    _revoke_entry(deployment, device)
     _save(deployment)
     folder = deployment.device_bundle(device)
     if folder.is_dir():
         shutil.rmtree(folder)
+
+
+def _revoke_entry(deployment: Deployment, device: str) -> None:
+    entry = deployment.state["devices"].pop(device)
+    revoked_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    deployment.state["revoked"].append({"device": device, "serial": entry["serial"], "revoked_at": revoked_at})
 
 
 def _save(deployment: Deployment) -> None:
@@ -175,13 +209,11 @@ def _save(deployment: Deployment) -> None:
     _write(root / STATE_FILE, (json.dumps(deployment.state, indent=2) + "\n").encode(), 0o600)
     revoked = [
         (int(entry["serial"], 16), dt.datetime.fromisoformat(entry["revoked_at"]))
-        for entry in deployment.state["devices"].values()
-        if entry.get("revoked_at")
+        for entry in deployment.state["revoked"]
     ]
     crl = pki.make_crl(deployment.ca(), revoked)
     _write(root / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
-    active = sorted(d for d, entry in deployment.state["devices"].items() if not entry.get("revoked_at"))
-    _write(root / "acl", acl_text(active).encode())
+    _write(root / "acl", acl_text(sorted(deployment.state["devices"])).encode())
     _write(root / "mosquitto.conf", mosquitto_conf(root, deployment.port, deployment.state.get("listen")).encode())
 
 
@@ -222,6 +254,7 @@ def mosquitto_conf(root: Path, port: int, listen: str | None = None) -> str:
     return f"""# Written by edge_server provision: `mosquitto -c {root}/mosquitto.conf`.
 # One TLS listener, nothing else: no anonymous clients, a CA-signed client certificate
 # required, its common name is the MQTT user, and the ACL says what each user may touch.
+# After add-device, renew or revoke: `kill -HUP <pid>` reloads the ACL and the CRL.
 per_listener_settings false
 allow_anonymous false
 acl_file {root}/acl
@@ -230,6 +263,9 @@ user {user}
 # Nagle off towards clients: under TLS a frame leaves in several records, and with Nagle on the
 # last one waits for the client's delayed ACK (measured: -10% smashed-data throughput at 20 Mbit/s).
 set_tcp_nodelay true
+# cpsl frames travel in chunks of at most 1 MiB (a retained registration with its profile is
+# smaller still): anything far larger is not ours, and the broker drops the client that sends it.
+max_packet_size 8388608
 
 listener {port}{" " + listen if listen else ""}
 cafile {root}/ca/ca.crt

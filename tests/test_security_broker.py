@@ -252,3 +252,96 @@ def test_hostile_assignments_are_refused_and_the_agent_serves_on(fleet, tmp_path
     assert thread.is_alive() and agent.assignment is None
     server.close()
     agent.close()
+
+
+def _registered_server(fleet, tmp_path) -> EdgeServer:
+    config = server_config("mqtt://x:1", tmp_path / "server", min_devices=2)
+    config.broker = fleet.address("server")
+    server = EdgeServer(config, load_model("lenet5", seed=0), load_dataset(DATA, seed=0))
+    server.connect()
+    return server
+
+
+def _poll_until(server: EdgeServer, condition, timeout_s: float = 20) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        server._poll(0.1)
+    return condition()
+
+
+def test_forged_offline_and_heartbeats_about_another_device_change_nothing(fleet, tmp_path) -> None:
+    data = load_dataset(DATA, seed=0)
+    agents = []
+    for index in range(2):
+        agent = DeviceAgent(
+            AgentConfig(fleet.address(f"dev{index}"), f"dev{index}", f"{index}/2", heartbeat_s=0.5),
+            data,
+            torch.arange(40).numpy(),
+            None,
+        )
+        agent.start()
+        agents.append(agent)
+    server = _registered_server(fleet, tmp_path)
+    try:
+        assert _poll_until(server, lambda: len(server.registry.online()) == 2)
+        victim = server.registry.devices["dev1"]
+        session, samples = victim.session, victim.num_samples
+        attacker = _client(fleet.address("dev0"), "dev0-attacker", [])
+        forged_offline = m.Offline(session=session, reason="forged")
+        for seq, (topic, kind, body) in enumerate(
+            [
+                (topics.device_status("dev1"), Kind.OFFLINE, forged_offline),  # the broker drops it
+                (topics.device_status("dev0"), Kind.OFFLINE, forged_offline),  # our topic, their name
+                (topics.device_heartbeat("dev1"), Kind.HEARTBEAT, m.Heartbeat(state="idle", uptime_s=1)),
+            ],
+            start=1,
+        ):
+            attacker.publish(topic, encode(kind, make_header("idle", "dev1", seq=seq), body))
+        attacker.flush(5)
+        _poll_until(server, lambda: False, timeout_s=1.5)
+        assert server.registry.is_online("dev1") and server.registry.devices["dev1"].session == session
+        assert server.registry.devices["dev1"].num_samples == samples
+        assert server.endpoint.rejected["header names another device than the topic"] == 1
+        attacker.close()
+    finally:
+        server.endpoint.transport.close()
+        for agent in agents:
+            agent.close()
+
+
+def test_a_killed_agent_is_dropped_by_its_last_will(fleet, tmp_path) -> None:
+    import signal
+    import subprocess
+
+    bundle = fleet.deployment.device_bundle("dev2")
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "firmware_agent",
+            "--config",
+            str(bundle / "agent.toml"),
+            "--broker",
+            fleet.url,
+            "--data",
+            DATA,
+            "--no-profile",
+            "--heartbeat",
+            "30",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = _registered_server(fleet, tmp_path)
+    try:
+        assert _poll_until(server, lambda: server.registry.is_online("dev2"), timeout_s=60)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        # heartbeats come every 30 s here and expire after 10 s: only the will can say it this soon
+        assert _poll_until(server, lambda: not server.registry.devices["dev2"].online, timeout_s=5)
+    finally:
+        server.endpoint.transport.close()
+        if agent.poll() is None:
+            agent.kill()
