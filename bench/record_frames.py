@@ -114,7 +114,7 @@ def main() -> None:
         sniffer.close()
     upload_topic, upload = kept[Kind.WEIGHTS_UP][0]
     message = decode(upload)
-    for piece in split(upload, message.header, 16 << 10)[:PER_KIND]:
+    for piece in split(upload, message.header, len(upload) // PER_KIND + 1100)[:PER_KIND]:  # at least 2 chunks
         kept[Kind.CHUNK].append((upload_topic, piece))
     missing = [kind.name for kind in Kind if not kept[kind]]
     if missing:

@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -102,9 +103,7 @@ def _tls_deployment(work: Path) -> Path:
     from toolkit.testbed.runner import BROKER_PORT
     from toolkit.testbed.topology import AP_ADDRESS
 
-    folder = work / "pki"
-    if folder.exists():
-        shutil.rmtree(folder)
+    folder = Path(tempfile.mkdtemp(prefix="cpsl-bench-pki-")) / "pki"  # keys never land in the results folder
     deployment = provision.init(folder, [AP_ADDRESS], BROKER_PORT, listen=AP_ADDRESS)
     provision.add_device(deployment, "dev0")
     return deployment.root
@@ -297,7 +296,7 @@ def compare_tls(args: argparse.Namespace) -> None:
                 f"TLS {row['tls_mbit_s']:6.2f} Mbit/s ({100 * (row['tls_over_plain'] - 1):+.1f}%)",
                 flush=True,
             )
-    shutil.rmtree(pki)
+    shutil.rmtree(pki.parent)
     command = (
         f"python bench/testbed_transport.py --tls --rates {args.rates} --sizes {args.sizes} "
         f"--count {args.count} --repeats {args.repeats}"

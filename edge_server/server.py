@@ -10,14 +10,10 @@ the cut implies before it touches the model; a bad one is logged and dropped.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import secrets
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +22,7 @@ import torch
 from torch import nn
 
 from edge_server.intake import Intake, check_smashed, check_weights
+from edge_server.records import RunRecords
 from edge_server.registry import Registry
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
@@ -564,23 +561,22 @@ class EdgeServer:
         return record
 
     def run(self) -> list[dict]:
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = self.config.run_dir / "metrics.jsonl"
+        records = RunRecords(self.config.run_dir)
+        records.open()
         self.connect()
         try:
             self.wait_for_devices()
             for round_ in range(self.config.rounds):
                 record = self.run_round(round_)
                 self.history.append(record)
-                with metrics.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                self._checkpoint(round_)
+                records.append(record)
+                records.checkpoint(round_, self.model)
                 self._publish_metrics(record)
                 self.on_round(record)
                 if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
                     log.warning("target accuracy %.2f reached in round %d", self.config.target_accuracy, round_)
                     break
-            self._save_final()
+            records.save_final(self.model)
         finally:
             self.close()
         return self.history
@@ -597,43 +593,3 @@ class EdgeServer:
             round_=record["round"],
             retain=True,
         )
-
-    # files -------------------------------------------------------------------------------
-    def _checkpoint(self, round_: int) -> None:
-        _atomic_torch_save(
-            {
-                "round": round_,
-                "model": self.model.name,
-                "fingerprint": self.model.fingerprint(),
-                "state_dict": self.model.net.state_dict(),
-            },
-            self.config.run_dir / "checkpoint.pt",
-        )
-
-    def _save_final(self) -> None:
-        _atomic_torch_save(self.model.net.state_dict(), self.config.run_dir / "model.pt")
-        frozen = self.model.net.eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            example = (torch.zeros(1, *self.model.input_shape),)
-            torch.onnx.export(
-                frozen,
-                example,
-                str(self.config.run_dir / "model.onnx"),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        self.model.net.train()
-
-
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -210,7 +210,10 @@ class DeviceAgent:
             except RefusedError as reason:
                 self._refuse(message, str(reason))
         elif message.kind is Kind.WEIGHTS_DOWN:
-            if (message.header.run, message.header.round) != (self.assigned_run, self.assigned_round):
+            if self.assignment is None or (message.header.run, message.header.round) != (
+                self.assigned_run,
+                self.assigned_round,
+            ):
                 log.warning(
                     "weights for run %s round %d do not match the assignment; ignored",
                     message.header.run,
@@ -227,7 +230,7 @@ class DeviceAgent:
             self._echo(item)
         elif message.kind is Kind.STOP:
             log.info("run %s stopped: %s", message.header.run, message.body.reason)
-            self.assignment = None
+            self.assignment, self.assigned_run, self.assigned_round = None, "", -1
         else:
             log.debug("ignoring %s outside a turn", message.kind.name)
 

@@ -173,6 +173,8 @@ def _tensor_table(frame: bytes, rng: random.Random) -> bytes:
         table = meta["tensors"]
     except Exception:
         return _flip(frame, rng)
+    if not isinstance(table, list) or not all(isinstance(e, dict) and isinstance(e.get("shape"), list) for e in table):
+        return _flip(frame, rng)
     if not table:
         table.append({"name": "extra", "dtype": "uint8", "shape": [len(payload) + 1]})
     entry = rng.choice(table)
@@ -181,7 +183,9 @@ def _tensor_table(frame: bytes, rng: random.Random) -> bytes:
         entry["dtype"] = rng.choice(["float64", "float16", "int64", "uint8", "bool", "complex64", "object"])
     elif choice < 0.6 and entry["shape"]:
         position = rng.randrange(len(entry["shape"]))
-        entry["shape"][position] = rng.choice([0, 1, 2 * entry["shape"][position], 2**31, -1])
+        size = entry["shape"][position]
+        doubled = 2 * size if isinstance(size, int) else 2
+        entry["shape"][position] = rng.choice([0, 1, doubled, 2**31, -1])
     elif choice < 0.8:
         entry["shape"] = [*entry["shape"], 1] if rng.random() < 0.5 else entry["shape"][:-1]
     else:
@@ -277,6 +281,7 @@ class ServerHarness:
 
     def feed(self, topic: str, frame: bytes) -> None:
         before = parameters_digest(self.server.model.net)
+        self.server.endpoint._seen.clear()  # mutants share their original's sequence number: not duplicates here
         accepted = False
         try:
             accepted = self._handle(topic, frame)
@@ -292,10 +297,12 @@ class ServerHarness:
 
     def _handle(self, topic: str, frame: bytes) -> bool:
         server = self.server
+        counted = dict(server.endpoint.rejected)
         server.endpoint.on_frame(topic, frame)
         item = server.intake.poll(0)
-        if item is None:
-            return False
+        if item is None:  # refused, or taken by the registry (REGISTER, OFFLINE, HEARTBEAT) or intake (TIMINGS, REJECT)
+            grown = [reason for reason, count in server.endpoint.rejected.items() if count != counted.get(reason)]
+            return all(reason.startswith("device refused") for reason in grown)  # a REJECT is counted on purpose
         message = item.message
         if message.kind is Kind.SMASHED:
             if server._check_smashed(item, CUT) is not None:
@@ -336,6 +343,7 @@ class AgentHarness:
     def feed(self, topic: str, frame: bytes) -> None:
         agent = self.agent
         failures = agent.failures
+        agent.endpoint._seen.clear()  # mutants share their original's sequence number: not duplicates here
         try:
             agent.endpoint.on_frame(topic, frame)
             item = agent.endpoint.receive(0)

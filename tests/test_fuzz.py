@@ -28,7 +28,7 @@ from toolkit.protocol.endpoint import Endpoint
 
 FRAMES = recorded_frames()
 DOWN = {Kind.ASSIGN, Kind.WEIGHTS_DOWN, Kind.GRADIENT, Kind.STOP, Kind.PROBE}
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
 
 def test_the_recorded_corpus_has_every_kind_and_decodes() -> None:
@@ -77,11 +77,11 @@ def test_server_handlers_survive_and_rejected_frames_change_nothing(server_harne
 
 
 @FUZZ
-@given(st.sampled_from([f for f in FRAMES if f.kind in DOWN]), seeds, st.booleans())
+@given(st.sampled_from([f for f in FRAMES if f.kind in DOWN and "/dev0/" in f.topic]), seeds, st.booleans())
 def test_agent_handlers_survive_anything_the_server_topic_carries(agent_harness, recorded, seed, intact) -> None:
     # intact frames too: replayed and out-of-order ASSIGN, WEIGHTS_DOWN, GRADIENT, STOP and PROBE
     frame = recorded.frame if intact else mutate(recorded.frame, random.Random(seed))
-    agent_harness.feed(recorded.topic.replace("/dev1/", "/dev0/"), frame)
+    agent_harness.feed(recorded.topic, frame)
     assert agent_harness.outcome.uncaught == []
 
 
