@@ -97,3 +97,29 @@ def test_demo_interrupted_with_ctrl_c_leaves_no_process(tmp_path) -> None:
     time.sleep(1)
     alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert alive == []
+
+
+def test_secure_demo_provisions_and_trains_over_tls_with_mosquitto(tmp_path) -> None:
+    from toolkit.transport.mosquitto import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (.ci/run installs it)")
+    before = {p.pid for p in psutil.process_iter()}
+    run_dir = tmp_path / "secure"
+    args = ("demo", "--secure", "--devices", "2", "--rounds", "2", "--local-iterations", "5", "--run-dir", str(run_dir))
+    result = run_cli("edge_server", *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TLS and per-device certificates" in result.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1] and not records[-1]["dropped"]
+    assert sorted(p.name for p in (run_dir / "pki" / "devices").iterdir()) == ["dev0", "dev1"]
+    for log in ("agent-0.log", "agent-1.log"):
+        assert "registered at mqtts://127.0.0.1:" in (run_dir / "logs" / log).read_text()
+    leftovers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before
+        and p.pid != os.getpid()
+        and any(name in " ".join(p.info["cmdline"] or []) for name in ("firmware_agent", str(run_dir)))
+    ]
+    assert leftovers == []

@@ -345,3 +345,52 @@ def test_a_killed_agent_is_dropped_by_its_last_will(fleet, tmp_path) -> None:
         server.endpoint.transport.close()
         if agent.poll() is None:
             agent.kill()
+
+
+def test_a_device_that_refuses_the_run_is_counted_shown_and_left_out(broker, tmp_path) -> None:
+    """A real server assigns LeNet-5; dev1's owner configured only VGG: dev1 refuses, the run goes on without it."""
+    data = load_dataset(DATA, seed=0)
+    parts = partition_indices(data.train_y.numpy(), 2, "iid", 0)
+    agents = []
+    for index, models in enumerate((("lenet5",), ("vgg",))):
+        config = AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/2", heartbeat_s=0.5, models=models)
+        agent = DeviceAgent(config, data, parts[index], None)
+        agent.start()
+        threading.Thread(target=agent.serve_forever, daemon=True).start()
+        agents.append(agent)
+    try:
+        server = EdgeServer(
+            server_config(broker, tmp_path, rounds=2, min_devices=2), load_model("lenet5", seed=0), data
+        )
+        server.run()
+    finally:
+        for agent in agents:
+            agent.close()
+    last = server.history[-1]
+    assert "not one this device is configured to train (vgg)" in last["refusals"]["dev1"]
+    assert last["rejected_messages"]["device refused ASSIGN"] == 1
+    assert [r["clusters"] for r in server.history] == [[["dev0", "dev1"]], [["dev0"]]]
+    assert agents[1].assignment is None and agents[0].failures == agents[1].failures == 0
+
+
+def test_a_running_client_reconnects_over_tls_after_the_broker_restarts(fleet) -> None:
+    seen: list = []
+    device = _client(fleet.address("dev0"), "dev0", seen)
+    device.subscribe(topics.all_down_for("dev0"))
+    fleet.broker.stop()
+    deadline = time.monotonic() + 10
+    while device.connected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not device.connected
+    fleet.broker.start()
+    assert device.wait_connected(30)
+    server = _client(fleet.address("server"), "server", [])
+    time.sleep(0.3)
+    server.publish(topics.down("run", "dev0"), b"after the restart")
+    server.flush(5)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert seen == [(topics.down("run", "dev0"), b"after the restart")]  # subscriptions renewed too
+    server.close()
+    device.close()
