@@ -1,6 +1,11 @@
 """Finding a model by name: the built-in zoo, or a user's function given as ``module:function``.
 
 The zoo is a table, not an if/elif chain: adding a model is adding a row.
+
+A user spec imports and runs the owner's code, so a spec must only ever come from local
+configuration (a flag or config file of cpsl-profile, cpsl-agent or edge_server), never
+from a message: the agent matches an assignment's model name against the specs its owner
+configured and builds only those (firmware_agent/agent.py, ``_configured_spec``).
 """
 
 from __future__ import annotations
