@@ -55,7 +55,7 @@ class Intake:
         if message.kind is Kind.REJECT:
             body: m.Reject = message.body
             self.refusals[header.device] = f"{body.refused}: {body.reason}"
-            self.endpoint.rejected[f"device refused {body.refused}"] += 1
+            self.endpoint.count(f"device refused {body.refused}")
             self.registry.refuse(header.device, body.reason)
             return None
         return item

@@ -351,7 +351,7 @@ class EdgeServer:
             t1 = time.monotonic()
             if not math.isfinite(loss):
                 # the server part was not stepped; the devices get zero gradients and go on
-                self.endpoint.rejected["non-finite server loss"] += 1
+                self.endpoint.count("non-finite server loss")
                 log.warning("round %d iteration %d: the server loss is %s; step skipped", round_, iteration, loss)
             else:
                 stats.train_losses.append(loss)

@@ -151,12 +151,16 @@ class Endpoint:
 
     def reject(self, topic: str, reason: str) -> None:
         """Count a dropped frame under a bounded set of reasons, and log it (rate-limited)."""
-        key = reason_key(reason)
+        key = self.count(reason_key(reason))
+        self._log_limiter.warning(key, "dropped a message on %s: %s", topic[:200], reason[:300])
+
+    def count(self, key: str) -> str:
+        """Add one to ``rejected[key]`` (thread-safe; past MAX_REASONS keys, under "other"); the key used."""
         with self._lock:
             if key not in self.rejected and len(self.rejected) >= MAX_REASONS:
                 key = "other"
             self.rejected[key] += 1
-        self._log_limiter.warning(key, "dropped a message on %s: %s", topic[:200], reason[:300])
+        return key
 
     def _duplicate(self, header: Header) -> bool:
         key = (header.device, header.seq)
