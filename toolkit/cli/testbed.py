@@ -19,14 +19,16 @@ from pathlib import Path
 from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
 from toolkit.errors import UserError
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
-from toolkit.testbed.topology import DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
+from toolkit.testbed.topology import MEDIA, DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
 
 PROG = "cpsl-testbed"
 CPU_CLASSES = (0.30, 0.15, 0.08)  # fraction of one core: fast, medium, slow
 UPLINK_CLASSES = (16.0, 6.0, 2.5)  # Mbit/s: good, fair, poor channel
 
 
-def default_spec(devices: int, medium_up: float = 20.0, medium_down: float = 40.0) -> TestbedSpec:
+def default_spec(
+    devices: int, medium_up: float = 20.0, medium_down: float = 40.0, medium: str = "wired"
+) -> TestbedSpec:
     """Device i: compute class i mod 3, channel class (i // 3 + i) mod 3 (so the two do not
     line up), downlink twice its uplink; the shared medium 20 Mbit/s up, 40 down."""
     return TestbedSpec(
@@ -38,17 +40,20 @@ def default_spec(devices: int, medium_up: float = 20.0, medium_down: float = 40.
         ),
         medium_up,
         medium_down,
+        medium,
     )
 
 
-def load_spec(path: Path) -> TestbedSpec:
+def load_spec(path: Path, medium: str = "wired") -> TestbedSpec:
     try:
         data = json.loads(path.read_text())
         devices = tuple(
             DeviceSpec(str(d["name"]), float(d["uplink_mbit"]), float(d["downlink_mbit"]), float(d["cpu_share"]))
             for d in data["devices"]
         )
-        return TestbedSpec(devices, float(data.get("medium_up_mbit", 20)), float(data.get("medium_down_mbit", 40)))
+        return TestbedSpec(
+            devices, float(data.get("medium_up_mbit", 20)), float(data.get("medium_down_mbit", 40)), medium
+        )
     except OSError as exc:
         raise UserError(f"cannot read testbed spec {path}: {exc.strerror or exc}") from exc
     except (ValueError, KeyError, TypeError) as exc:
@@ -64,6 +69,12 @@ def build_parser() -> OneLineArgumentParser:
     run_parser = sub.add_parser("run", help="train once on the testbed")
     run_parser.add_argument("--devices", type=positive_int, default=8)
     run_parser.add_argument("--spec", type=Path, help="JSON testbed spec instead of the default classes")
+    run_parser.add_argument(
+        "--medium",
+        choices=MEDIA,
+        default="wired",
+        help="wired: tbf shares bytes (caps plus a shared capacity); wifi: an airtime relay, 802.11's rule",
+    )
     run_parser.add_argument("--scheme", choices=("cpsl", "sl", "sfl", "fl"), default="cpsl")
     run_parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None)
     run_parser.add_argument("--random-clusters", action="store_true")
@@ -106,7 +117,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"removed {namespaces} namespaces and {groups} CPU groups")
         return 0
     require_root()
-    spec = load_spec(args.spec) if args.spec else default_spec(args.devices)
+    spec = load_spec(args.spec, args.medium) if args.spec else default_spec(args.devices, medium=args.medium)
+    if args.throttle and spec.medium != "wired":
+        raise UserError("--throttle needs --medium wired (the wifi relay's rates are fixed per run)")
     count = len(spec.devices)
     events = [Event.parse("throttle", t, count) for t in args.throttle] + [
         Event.parse("drop", d, count) for d in args.drop

@@ -170,7 +170,11 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     config = run_dir / "mosquitto.conf"
-    config.write_text(f"listener {BROKER_PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\n")
+    wifi = testbed.spec.medium == "wifi"
+    # wifi: devices reach the broker's address through the airtime relay; the broker listens on the
+    # access point's loopback, where the edge server (wired to the access point) reaches it directly
+    broker_listen = "127.0.0.1" if wifi else AP_ADDRESS
+    config.write_text(f"listener {BROKER_PORT} {broker_listen}\nallow_anonymous true\npersistence false\n")
     processes: list[subprocess.Popen] = []
 
     def start(command: list[str], log_name: str) -> subprocess.Popen:
@@ -180,9 +184,23 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
         return process
 
     broker_url = f"mqtt://{AP_ADDRESS}:{BROKER_PORT}"
+    server_broker_url = f"mqtt://{broker_listen}:{BROKER_PORT}"
     devices = len(testbed.spec.devices)
     try:
         start(testbed.ap_command([mosquitto, "-c", str(config)]), "mosquitto.log")
+        if wifi:
+            relay = [
+                sys.executable,
+                "-m",
+                "toolkit.testbed.wifi",
+                "--listen",
+                f"{AP_ADDRESS}:{BROKER_PORT}",
+                "--target",
+                f"127.0.0.1:{BROKER_PORT}",
+            ]
+            for station in testbed.wifi_stations():
+                relay += ["--station", station]
+            start(testbed.ap_command(relay), "wifi.log")
         time.sleep(0.5)
         agents = {}
         for index in range(devices):
@@ -215,7 +233,7 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
             "-m",
             "edge_server",
             "--broker",
-            broker_url,
+            server_broker_url,
             "--model",
             MODEL,
             "--data",

@@ -14,6 +14,13 @@
 - each device's processes run in a cgroup v1 CPU group ``cpsl-d<i>`` with a CFS quota --
   its compute class.
 
+That is the ``wired`` medium: tbf shares bytes (each device capped, the medium's capacity
+shared, concurrent transfers overlapping). The ``wifi`` medium shares airtime instead: no
+tbf at all, and every device's traffic to the broker crosses a user-space relay in the
+access point's namespace (``toolkit/testbed/wifi.py``) that gives backlogged devices equal
+transmit opportunities at their own PHY rates (their uplink and downlink rates), one frame
+at a time -- the 802.11 rule, performance anomaly included.
+
 Everything created is recorded as it is created and removed by :meth:`Testbed.destroy`,
 which is idempotent and tolerates half-built state; :func:`remove_leftovers` clears
 anything named ``cpsl-*`` that an earlier killed run left behind. Needs root.
@@ -38,6 +45,7 @@ AP_NS, SWITCH_NS = "cpsl-ap", "cpsl-sw"
 SUBNET = "10.77.0"
 AP_ADDRESS = f"{SUBNET}.1"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+MEDIA = ("wired", "wifi")
 CFS_PERIOD_US = 20_000  # short periods: a slow device, not one that stops for 90 ms at a time (quota >= 1 ms)
 
 
@@ -58,12 +66,15 @@ class DeviceSpec:
 @dataclass(frozen=True)
 class TestbedSpec:
     devices: tuple[DeviceSpec, ...]
-    medium_up_mbit: float = 20.0  # the shared uplink medium (the access point's air time)
+    medium_up_mbit: float = 20.0  # the shared uplink medium (wired: tbf capacity)
     medium_down_mbit: float = 20.0
+    medium: str = "wired"  # "wired": tbf shares bytes; "wifi": the airtime relay shares time
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.devices) <= 200:
             raise UserError("a testbed has 1 to 200 devices")
+        if self.medium not in MEDIA:
+            raise UserError(f"medium {self.medium!r}: choose one of {', '.join(MEDIA)}")
         if not (self.medium_up_mbit > 0 and self.medium_down_mbit > 0):
             raise UserError("medium rates must be positive")
 
@@ -153,14 +164,17 @@ class Testbed:
             _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", "br0", "up")
             self._namespace(AP_NS)
             self._veth(AP_NS, "ap0", "ap0s", AP_ADDRESS)
-            _tbf(SWITCH_NS, "ap0s", self.spec.medium_up_mbit)  # devices -> access point
-            _tbf(AP_NS, "ap0", self.spec.medium_down_mbit)  # access point -> devices
+            wired = self.spec.medium == "wired"  # the wifi relay shapes by airtime; tbf would share bytes
+            if wired:
+                _tbf(SWITCH_NS, "ap0s", self.spec.medium_up_mbit)  # devices -> access point
+                _tbf(AP_NS, "ap0", self.spec.medium_down_mbit)  # access point -> devices
             for index, device in enumerate(self.spec.devices):
                 namespace = self.device_namespace(index)
                 self._namespace(namespace)
                 self._veth(namespace, f"d{index}", f"d{index}s", self.device_address(index))
-                _tbf(namespace, f"d{index}", device.uplink_mbit)
-                _tbf(SWITCH_NS, f"d{index}s", device.downlink_mbit)
+                if wired:
+                    _tbf(namespace, f"d{index}", device.uplink_mbit)
+                    _tbf(SWITCH_NS, f"d{index}s", device.downlink_mbit)
                 group = CGROUP_CPU / namespace
                 group.mkdir(exist_ok=True)
                 self.cgroups.append(group)
@@ -171,7 +185,9 @@ class Testbed:
             raise
 
     def set_uplink(self, index: int, mbit: float) -> None:
-        """Change a device's uplink cap while it runs (a link that slows mid-run)."""
+        """Change a device's uplink cap while it runs (a link that slows mid-run); wired medium only."""
+        if self.spec.medium != "wired":
+            raise UserError("changing a link mid-run needs --medium wired (the wifi relay's rates are fixed per run)")
         _tbf(self.device_namespace(index), f"d{index}", mbit, change=True)
 
     def set_cpu(self, index: int, cpu_share: float) -> None:
@@ -182,6 +198,13 @@ class Testbed:
         group = CGROUP_CPU / self.device_namespace(index) / "cgroup.procs"
         inner = " ".join(_quote(part) for part in command)
         return ["sh", "-c", f"echo $$ > {group} && exec ip netns exec {self.device_namespace(index)} {inner}"]
+
+    def wifi_stations(self) -> list[str]:
+        """The relay's ``--station`` values: each device's address, name and PHY rates."""
+        return [
+            f"{self.device_address(i)}={device.name}:{device.uplink_mbit:g}:{device.downlink_mbit:g}"
+            for i, device in enumerate(self.spec.devices)
+        ]
 
     @staticmethod
     def ap_command(command: list[str]) -> list[str]:
