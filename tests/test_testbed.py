@@ -81,6 +81,7 @@ def test_without_root_it_says_so_and_creates_nothing(tmp_path):
         (["--throttle", "dev9:1:2"], "there is no device 9 among 2"),
         (["--throttle", "dev0:1"], "expected devI:ROUND:MBIT"),
         (["--drop", "nonsense"], "expected devI:ROUND"),
+        (["--medium", "wifi", "--throttle", "dev0:1:2"], "--throttle needs --medium wired"),
     ],
 )
 @ROOT_ONLY
@@ -152,4 +153,43 @@ def test_sigterm_mid_run_removes_everything(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr
+    assert_nothing_left()
+
+
+@ROOT_ONLY
+def test_the_wifi_medium_carries_a_run_through_its_relay_and_cleans_up(tmp_path):
+    run_dir = tmp_path / "wifi"
+    result = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--medium",
+            "wifi",
+            "--devices",
+            "2",
+            "--scheme",
+            "cpsl",
+            "--no-auto",
+            "--cut",
+            "pool2",
+            "--rounds",
+            "1",
+            "--local-iterations",
+            "3",
+            "--target-accuracy",
+            "0.999",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and not records[0]["dropped"]
+    assert "listener 1883 127.0.0.1" in (run_dir / "mosquitto.conf").read_text()  # devices reach it via the relay
+    assert all(
+        "registered at mqtt://10.77.0.1:1883" in (run_dir / "logs" / f"agent-{i}.log").read_text() for i in (0, 1)
+    )
     assert_nothing_left()
