@@ -12,7 +12,10 @@ Reported per scheme: wall time to 90% (sum of round latencies until the first ro
 above 90%), mean round latency, and for cpsl-auto the fidelity measured / predicted round
 latency per round. Optional events for the adaptation run: ``--throttle dev2:3:0.5``.
 
-    sudo python bench/testbed_compare.py [--schemes ...] [--rounds 25] [--out bench/results/testbed]
+    sudo python bench/testbed_compare.py [--schemes ...] [--rounds 25] [--medium wired|wifi] [--out DIR]
+
+``--medium wifi`` shares the medium's airtime as 802.11 does (docs/testbed.md, "Two media"),
+each device's uplink and downlink rates then being its PHY rates.
 
 Writes ``compare.json`` and ``compare.png`` under ``--out``. Needs root.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from toolkit.cli.testbed import default_spec
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
-from toolkit.testbed.topology import Testbed, require_root
+from toolkit.testbed.topology import MEDIA, Testbed, require_root
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = {
@@ -106,12 +109,13 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--throttle", action="append", default=[], help="for cpsl-auto: devI:ROUND:MBIT")
     parser.add_argument("--drop", action="append", default=[], help="for cpsl-auto: devI:ROUND")
+    parser.add_argument("--medium", choices=MEDIA, default="wired")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "testbed")
     args = parser.parse_args()
     require_root()
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))  # clean up
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = default_spec(args.devices)
+    spec = default_spec(args.devices, medium=args.medium)
     results = {}
     testbed = Testbed(spec)
     started = time.time()
@@ -140,10 +144,15 @@ def main() -> None:
         "command": "python bench/testbed_compare.py "
         + " ".join(
             [f"--schemes {args.schemes}", f"--devices {args.devices}", f"--rounds {args.rounds}"]
+            + [
+                f"--medium {args.medium}",
+                f"--out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}",
+            ]
             + [f"--throttle {t}" for t in args.throttle]
             + [f"--drop {d}" for d in args.drop]
         ),
         "spec": [vars(d) for d in spec.devices],
+        "medium": args.medium,
         "medium_mbit": {"up": spec.medium_up_mbit, "down": spec.medium_down_mbit},
         "wall_s": time.time() - started,
         "results": results,
