@@ -38,10 +38,10 @@ def main() -> None:
     from edge_server.server import EdgeServer, ServerConfig
     from firmware_agent.agent import AgentConfig, DeviceAgent
     from tests.brokers import free_port
+    from tests.fuzzing import lenet_assign
     from toolkit.data import load_dataset, partition_indices
     from toolkit.models import load_model
     from toolkit.protocol import Kind, decode, encode, make_header, split, topics
-    from toolkit.protocol import messages as m
     from toolkit.transport import MqttTransport, parse_broker_url
     from toolkit.transport.mosquitto import MosquittoProcess
 
@@ -90,19 +90,7 @@ def main() -> None:
         )
         server = EdgeServer(server_config, load_model("lenet5", seed=0), data)
         server.run()
-        lenet = load_model("lenet5")
-        forbidden = m.Assign(
-            scheme="cpsl",
-            model="os:abort",
-            model_fingerprint=lenet.fingerprint(),
-            input_shape=[1, 28, 28],
-            num_classes=10,
-            cut=6,
-            cluster=0,
-            cluster_devices=["dev0"],
-            hyper=m.Hyperparameters(batch_size=8, iterations=1, lr=0.1),
-            gradient_timeout_s=5,
-        )
+        forbidden = lenet_assign("os:abort")
         sniffer.publish(
             topics.down("recorded", "dev0"), encode(Kind.ASSIGN, make_header("recorded", "dev0"), forbidden)
         )

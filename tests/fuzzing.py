@@ -23,6 +23,7 @@ from firmware_agent.agent import AgentConfig, DeviceAgent
 from toolkit.data import load_dataset, partition_indices
 from toolkit.models import load_model
 from toolkit.protocol import Kind, ProtocolError, decode
+from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Endpoint
 from toolkit.training import server_step
 from toolkit.transport import BrokerAddress
@@ -67,6 +68,22 @@ class Recorded:
     kind: Kind
     topic: str
     frame: bytes
+
+
+def lenet_assign(model: str, cut: int = CUT) -> m.Assign:
+    """An ASSIGN for LeNet-5's shape and fingerprint that names ``model``: hostile when it is not lenet5."""
+    return m.Assign(
+        scheme="cpsl",
+        model=model,
+        model_fingerprint=load_model("lenet5").fingerprint(),
+        input_shape=[1, 28, 28],
+        num_classes=10,
+        cut=cut,
+        cluster=0,
+        cluster_devices=["dev0"],
+        hyper=m.Hyperparameters(batch_size=8, iterations=1, lr=0.1),
+        gradient_timeout_s=5,
+    )
 
 
 def recorded_frames() -> list[Recorded]:

@@ -17,6 +17,7 @@ from edge_server.server import EdgeServer
 from firmware_agent.agent import AgentConfig, DeviceAgent
 from tests.brokers import free_port
 from tests.conftest import run_cli
+from tests.fuzzing import lenet_assign
 from tests.test_system import DATA, server_config
 from toolkit.data import load_dataset, partition_indices
 from toolkit.errors import UserError
@@ -222,21 +223,9 @@ def test_hostile_assignments_are_refused_and_the_agent_serves_on(fleet, tmp_path
     server = _client(fleet.address("server"), "server", server_saw)
     server.subscribe(topics.up("evil-run", "dev0"))
     time.sleep(0.5)
-    lenet = load_model("lenet5")
     specs = ["os:abort", "subprocess:getoutput", f"{evil}:net", "builtins:exec", "vgg"]
     for seq, spec in enumerate(specs, start=1):
-        body = m.Assign(
-            scheme="cpsl",
-            model=spec,
-            model_fingerprint=lenet.fingerprint(),
-            input_shape=[1, 28, 28],
-            num_classes=10,
-            cut=6,
-            cluster=0,
-            cluster_devices=["dev0"],
-            hyper=m.Hyperparameters(batch_size=8, iterations=1, lr=0.1),
-            gradient_timeout_s=5,
-        )
+        body = lenet_assign(spec)
         server.publish(
             topics.down("evil-run", "dev0"), encode(Kind.ASSIGN, make_header("evil-run", "dev0", seq=seq), body)
         )

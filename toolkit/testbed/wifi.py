@@ -52,7 +52,6 @@ class _Pipe:
     writer: asyncio.StreamWriter
     buffer: bytearray = field(default_factory=bytearray)
     space: asyncio.Event = field(default_factory=asyncio.Event)
-    eof: bool = False
 
 
 class WifiRelay:
@@ -68,8 +67,6 @@ class WifiRelay:
         self.stations = stations
         self.queue_bytes = queue_bytes
         self.scheduler = AirtimeScheduler(frame_bytes, overhead_s)
-        self.delivered: dict[str, int] = {}  # station name -> payload bytes carried (both directions)
-        self.busy_s = 0.0  # airtime used so far
         self._pipes: dict[str, _Pipe] = {}
         self._wake = asyncio.Event()
         self._ids = itertools.count()
@@ -125,7 +122,6 @@ class WifiRelay:
                 self._wake.set()
         except (ConnectionError, OSError):
             pass
-        pipe.eof = True
         while pipe.buffer and pipe.flow in self._pipes:  # let the medium carry what is left
             pipe.space.clear()
             await pipe.space.wait()
@@ -156,7 +152,6 @@ class WifiRelay:
             # that fell due, not lost. Only CATCH_UP_S of lateness is caught up (a starved relay
             # must not burst for long); an idle medium's clock restarts at now (below).
             clock = max(clock, loop.time() - CATCH_UP_S) + sent.airtime_s
-            self.busy_s += sent.airtime_s
             ahead = clock - loop.time()
             if ahead > SLACK_S:
                 await asyncio.sleep(ahead)
@@ -166,8 +161,6 @@ class WifiRelay:
             chunk = bytes(pipe.buffer[: sent.nbytes])
             del pipe.buffer[: sent.nbytes]
             pipe.space.set()
-            station = sent.flow.split("/", 1)[0]
-            self.delivered[station] = self.delivered.get(station, 0) + len(chunk)
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 pipe.writer.write(chunk)
 
