@@ -18,6 +18,13 @@ longest backward pass first, plus that backward pass). Every message also pays a
 latency through the broker, half the probed round trip, which the prediction adds to
 each phase; a 2 ms guard absorbs jitter.
 
+The medium (``--medium``, :mod:`toolkit.planning.medium`): on an air-time medium (Wi-Fi)
+every transfer gets a slot, one sender at a time; on a byte-shared one (a wired or shaped
+link) the devices send as soon as they are ready and the prediction is water-filling
+(:func:`toolkit.planning.allocation.concurrent_phase`), since overlapping transfers costs
+nothing there and slots would only serialise them. ``auto`` probes all devices at once
+against each alone and decides per direction; the round's decision logs the evidence.
+
 Cluster sizes: with ``--clusters K`` (the fewest clusters) and no explicit
 ``--max-cluster-size``, clusters hold at most ceil(N / K) devices, so the K sequential
 hand-overs per round stay balanced -- an unbalanced last cluster of one device would pull
@@ -33,15 +40,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_server.estimates import LiveEstimates
-from edge_server.probe import LinkMeasurement
+from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
 from edge_server.scheduler import ClusterTiming, RoundPlan
 from toolkit.errors import ProfileError, UserError
-from toolkit.planning.allocation import slot_schedule
+from toolkit.planning.allocation import concurrent_phase, slot_schedule
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
 from toolkit.planning.costs import ModelCosts, fit_affine, model_costs
 from toolkit.planning.cut_selection import CutReselection, select_cut
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
+from toolkit.planning.medium import MediumEvidence, decide_medium
+from toolkit.planning.rates import RateModel
 from toolkit.profile_format import Profile, parse_profile
 from toolkit.protocol import messages as m
 from toolkit.protocol.bounded_json import load_bounded_json
@@ -49,6 +58,27 @@ from toolkit.protocol.bounded_json import load_bounded_json
 log = logging.getLogger("cpsl.server")
 
 GUARD_S = 0.002
+
+
+@dataclass(frozen=True)
+class PhaseTiming:
+    """A predicted phase: when it ends, and each device's slot start (None: no slots, all at once)."""
+
+    finish_s: float
+    offsets: dict[int, float] | None
+    durations: dict[int, float] | None
+
+
+def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0.0) -> PhaseTiming:
+    """Slots on an air-time medium (one sender at a time); all at once on a byte-shared one."""
+    if rates.is_linear():
+        schedule = slot_schedule(rates, rows, bits, lead=lead, tail=tail)
+        return PhaseTiming(
+            schedule.finish_s,
+            {slot.device: slot.start_s for slot in schedule.slots},
+            {slot.device: slot.duration_s for slot in schedule.slots},
+        )
+    return PhaseTiming(concurrent_phase(rates, rows, bits, lead=lead, tail=tail).finish_s, None, None)
 
 
 def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
@@ -83,14 +113,44 @@ class AutoScheduler:
     drift_threshold: float = 0.3
     saa_window: int = 10
     fixed_cut: int | None = None  # pinned by the user: no SAA, clusters and slots still live
+    medium: str = "auto"  # "auto" (from probes), "airtime" or "shared"
     estimates: LiveEstimates = field(default_factory=LiveEstimates)
     costs: ModelCosts | None = None
     cut: int | None = None
     history: list[FleetState] = field(default_factory=list)
     reference_step_s: float = 0.0
+    uplink_medium: MediumEvidence | None = None
+    downlink_medium: MediumEvidence | None = None
+    medium_fleet_size: int = 0  # devices probed together when the medium was last decided
+    medium_logged: bool = False  # the evidence went into a round's decision
+    _solo_senders: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.reselection = CutReselection(self.reselect_every, self.drift_threshold)
+
+    # the medium ------------------------------------------------------------------------------
+    def needs_medium_probe(self, devices: list[str]) -> bool:
+        """Probe these devices together? Once two or more are known, and again when the fleet grows."""
+        known = [d for d in devices if d in self.estimates.devices]
+        return self.medium != "airtime" and len(known) >= 2 and len(known) > self.medium_fleet_size
+
+    def set_medium(self, together: TogetherMeasurement) -> None:
+        """Decide each direction's medium from a simultaneous probe (see toolkit.planning.medium)."""
+        alone = {d: self.estimates.devices[d] for d in together.up_bps if d in self.estimates.devices}
+        self.uplink_medium = decide_medium(self.medium, {d: e.up_bps for d, e in alone.items()}, together.up_bps)
+        self.downlink_medium = decide_medium(self.medium, {d: e.down_bps for d, e in alone.items()}, together.down_bps)
+        self.medium_fleet_size = len(alone)
+        self.medium_logged = False
+        for direction, evidence in (("uplink", self.uplink_medium), ("downlink", self.downlink_medium)):
+            log.warning("auto: %s medium %s: %s", direction, evidence.kind, evidence.reason)
+
+    def _media(self, ids: list[str]) -> tuple[MediumEvidence, MediumEvidence]:
+        if self.uplink_medium is None or self.downlink_medium is None:  # not probed together (yet)
+            rows = {d: self.estimates.devices[d] for d in ids}
+            self.uplink_medium = decide_medium(self.medium, {d: e.up_bps for d, e in rows.items()})
+            self.downlink_medium = decide_medium(self.medium, {d: e.down_bps for d, e in rows.items()})
+            self.medium_logged = False
+        return self.uplink_medium, self.downlink_medium
 
     # setup ---------------------------------------------------------------------------------
     def needs_probe(self, device: str) -> bool:
@@ -149,7 +209,8 @@ class AutoScheduler:
         ids = [d.id for d in devices if d.id in self.estimates.devices]
         if not ids:
             return RoundPlan(cut=self.cut, clusters=[])
-        state = self.estimates.fleet_state(ids)
+        uplink_medium, downlink_medium = self._media(ids)
+        state = self.estimates.fleet_state(ids, uplink_medium, downlink_medium)
         bounds = self.bounds
         if bounds.max_cluster_size is None:
             bounds = ClusterBounds(
@@ -158,7 +219,11 @@ class AutoScheduler:
         decision: dict = {
             "estimates": {d: self.estimates.devices[d].to_dict() for d in ids},
             "server_speed": self.estimates.server_speed,
+            "medium": {"uplink": uplink_medium.kind, "downlink": downlink_medium.kind},
         }
+        if not self.medium_logged:  # the evidence, in the round it was decided
+            decision["medium_evidence"] = {"uplink": uplink_medium.to_dict(), "downlink": downlink_medium.to_dict()}
+            self.medium_logged = True
         reason = self.reselection.due(round_, state) if self.fixed_cut is None else None
         if reason is not None:
             samples = [*self.history[-(self.saa_window - 1) :], state] if self.history else [state]
@@ -176,32 +241,33 @@ class AutoScheduler:
         latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
         clusters, grants, timing = [], {}, {}
         total = 0.0
+        self._solo_senders = set()
         for index, group in enumerate(groups):
             members = [ids[i] for i in group]
             clusters.append(members)
             rows = np.asarray(group)
             one_way = latency[rows]
-            uplink = slot_schedule(state.uplink, rows, problem.uplink_bits, lead=problem.forward_s[rows])
-            downlink = slot_schedule(
-                state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way
-            )
-            model_down = slot_schedule(state.downlink, rows, problem.model_bits, tail=one_way)
+            uplink = plan_phase(state.uplink, rows, problem.uplink_bits, lead=problem.forward_s[rows])
+            downlink = plan_phase(state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way)
+            model_down = plan_phase(state.downlink, rows, problem.model_bits, tail=one_way)
             # counted from the last gradient's epoch, when every backward pass is predicted done
-            model_up = slot_schedule(state.uplink, rows, problem.model_bits)
+            model_up = plan_phase(state.uplink, rows, problem.model_bits)
             server_s = problem.server_s(len(members))
             iteration_s = uplink.finish_s + one_way.max() + server_s + downlink.finish_s + GUARD_S
             turn_s = model_down.finish_s + GUARD_S + self.iterations * iteration_s + model_up.finish_s + one_way.max()
             total += turn_s
-            weights_slot = {ids[slot.device]: slot.start_s for slot in model_up.slots}
-            for slot in uplink.slots:
-                device = ids[slot.device]
+            if uplink.offsets is not None or len(members) == 1:
+                self._solo_senders.update(members)
+            for row in group:
+                device = ids[row]
                 estimate = self.estimates.devices[device]
+                slotted = uplink.offsets is not None and uplink.durations is not None and row in uplink.offsets
                 grants[device] = m.Grant(
-                    slot_offset_s=slot.start_s,
-                    slot_duration_s=max(slot.duration_s, 1e-6),
-                    rate_bps=estimate.up_bps,
+                    slot_offset_s=uplink.offsets[row] if slotted else 0.0,
+                    slot_duration_s=max(uplink.durations[row], 1e-6) if slotted else None,
+                    rate_bps=estimate.up_bps if slotted else None,
                     clock_offset_s=estimate.clock_offset_s,
-                    weights_slot_offset_s=weights_slot.get(device),
+                    weights_slot_offset_s=model_up.offsets.get(row) if model_up.offsets is not None else None,
                 )
             timing[index] = ClusterTiming(
                 model_down_s=model_down.finish_s + GUARD_S,
@@ -209,8 +275,8 @@ class AutoScheduler:
                 predicted_turn_s=turn_s,
                 predicted_iteration_s=iteration_s,
                 predicted_model_up_s=downlink.finish_s + model_up.finish_s + one_way.max(),
-                weights_down_offsets={ids[slot.device]: slot.start_s for slot in model_down.slots},
-                gradient_offsets={ids[slot.device]: slot.start_s for slot in downlink.slots},
+                weights_down_offsets={ids[r]: t for r, t in (model_down.offsets or {}).items()},
+                gradient_offsets={ids[r]: t for r, t in (downlink.offsets or {}).items()},
             )
         decision["grants"] = {d: g.model_dump() for d, g in grants.items()}
         decision["predicted_turn_s"] = [timing[i].predicted_turn_s for i in range(len(clusters))]
@@ -233,7 +299,14 @@ class AutoScheduler:
         if cost is None:
             return
         for device, report in timings.items():
-            self.estimates.observe_turn(device, cost, self.batch_size, report, (arrivals or {}).get(device))
+            self.estimates.observe_turn(
+                device,
+                cost,
+                self.batch_size,
+                report,
+                (arrivals or {}).get(device),
+                sent_alone=device in self._solo_senders,
+            )
         if server_steps:
             samples = sorted(server_steps)[len(server_steps) // 2]
             self.estimates.observe_server(cost, samples[0], samples[1])

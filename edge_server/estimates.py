@@ -11,7 +11,9 @@ Observations:
   against what the reference profile predicts for the cut and batch;
 - uplink: smashed bytes over upload time (send until the broker acknowledged), less one
   round trip, median over the turn -- in a slot the device has the medium to itself, so
-  this is its full-medium rate. Only uploads of 64 KiB or more count: smaller ones fit in
+  this is its full-medium rate. On a byte-shared medium, where a cluster's uploads
+  overlap, an upload's rate is its part of the capacity, not its cap: only a device that
+  sent alone (a cluster of one) updates its rate there. Only uploads of 64 KiB or more count: smaller ones fit in
   a shaper's or an access point's burst allowance and pass at line speed, which says
   nothing about the sustained rate (the probes measure that with larger payloads);
 - latency and clock offset: the gradient's transit (server send to device arrival) and
@@ -31,7 +33,7 @@ import numpy as np
 from edge_server.probe import LinkMeasurement
 from toolkit.planning.costs import CutCost
 from toolkit.planning.latency import FleetState
-from toolkit.planning.rates import LinearRates
+from toolkit.planning.medium import MediumEvidence, detect_medium, rate_model
 from toolkit.protocol import messages as m
 
 RATE_SAMPLE_BYTES = 64 << 10  # smaller messages pass a link's token bucket at line speed: no rate to read
@@ -45,6 +47,9 @@ class DeviceEstimate:
     rtt_s: float = 0.0
     clock_offset_s: float = 0.0
     observed_rounds: int = 0
+
+    def link(self) -> LinkMeasurement:
+        return LinkMeasurement(self.rtt_s, self.clock_offset_s, self.up_bps, self.down_bps)
 
     def to_dict(self) -> dict:
         return {
@@ -78,9 +83,16 @@ class LiveEstimates:
         )
 
     def observe_turn(
-        self, device: str, cut: CutCost, batch_size: int, timings: m.Timings, arrivals: dict[int, float] | None = None
+        self,
+        device: str,
+        cut: CutCost,
+        batch_size: int,
+        timings: m.Timings,
+        arrivals: dict[int, float] | None = None,
+        sent_alone: bool = True,
     ) -> None:
-        """One turn's report; ``arrivals``: server-clock arrival of each iteration's smashed data."""
+        """One turn's report; ``arrivals``: server-clock arrival of each iteration's smashed
+        data; ``sent_alone``: its uploads had the medium to themselves (slots, or no company)."""
         estimate = self.devices.get(device)
         if estimate is None or not timings.iterations:
             return
@@ -96,7 +108,7 @@ class LiveEstimates:
             for size, seconds in transfers
             if size >= RATE_SAMPLE_BYTES and seconds > 2 * estimate.rtt_s
         ]
-        if uploads:
+        if uploads and sent_alone:
             estimate.up_bps = _blend(estimate.up_bps, statistics.median(uploads), self.smoothing)
         self._observe_latency(estimate, rows, arrivals or {})
         estimate.observed_rounds += 1
@@ -126,10 +138,14 @@ class LiveEstimates:
         if seconds > 0:
             self.server_speed = _blend(self.server_speed, cut.server_step(samples) / seconds, self.smoothing)
 
-    def fleet_state(self, devices: list[str]) -> FleetState:
+    def fleet_state(
+        self, devices: list[str], uplink: MediumEvidence | None = None, downlink: MediumEvidence | None = None
+    ) -> FleetState:
+        """The devices' state under each direction's medium (air time when none was decided)."""
         rows = [self.devices[d] for d in devices]
+        airtime = detect_medium({}, {})
         return FleetState(
             speed=np.array([r.speed for r in rows]),
-            uplink=LinearRates(np.array([r.up_bps for r in rows])),
-            downlink=LinearRates(np.array([r.down_bps for r in rows])),
+            uplink=rate_model(uplink or airtime, np.array([r.up_bps for r in rows])),
+            downlink=rate_model(downlink or airtime, np.array([r.down_bps for r in rows])),
         )

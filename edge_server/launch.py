@@ -17,6 +17,7 @@ from edge_server.server import EdgeServer, ServerConfig
 from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import positive_float, positive_int
 from toolkit.errors import UserError
+from toolkit.planning.medium import MEDIUM_CHOICES
 
 
 def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -43,6 +44,13 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         type=positive_float,
         default=0.3,
         help="--auto: estimated-state drift (log) that forces a new cut choice",
+    )
+    parser.add_argument(
+        "--medium",
+        choices=MEDIUM_CHOICES,
+        default="auto",
+        help="--auto: the medium the devices share: airtime (slots, one sender at a time: Wi-Fi), shared (bytes "
+        "shared, transfers overlap: wired) or auto (decided from probing the devices together; default)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--local-iterations", type=positive_int, default=20, help="iterations per cluster turn")
@@ -103,6 +111,7 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         random_clusters=args.random_clusters,
         norm_factor=args.norm_factor,
         target_accuracy=args.target_accuracy,
+        medium=args.medium,
     )
 
 

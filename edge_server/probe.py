@@ -13,6 +13,11 @@ needs. For each device:
    sizes a second one to take about ``target_s``.
 
 Every wait has a timeout; a device that does not answer is reported unmeasured.
+
+:meth:`LinkProber.measure_together` then probes every device *at once* with one payload
+size, each direction in turn: the rates the devices keep when they all send together,
+against their solo rates, tell an air-time medium from a byte-shared one
+(:func:`toolkit.planning.medium.detect_medium`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,18 @@ class ProbeTimeoutError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class TogetherMeasurement:
+    """Mean rates over each device's transfer while all of them moved one payload at once."""
+
+    payload_bytes: int
+    up_bps: dict[str, float]
+    down_bps: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"payload_bytes": self.payload_bytes, "up_bps": self.up_bps, "down_bps": self.down_bps}
+
+
 class LinkProber:
     def __init__(
         self,
@@ -54,8 +71,10 @@ class LinkProber:
         receive: Callable[[float], Received | None],
         timeout_s: float = 10.0,
         target_s: float = 0.3,
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
-        self._send, self._receive = send, receive
+        """``send`` queues a probe, ``flush`` waits until the queued ones are out."""
+        self._send, self._receive, self._flush = send, receive, flush
         self.timeout_s, self.target_s = timeout_s, target_s
         self._next_id = 1
 
@@ -66,6 +85,7 @@ class LinkProber:
         tensors = {"payload": torch.zeros(down_bytes, dtype=torch.uint8)} if down_bytes else None
         t0 = time.time()
         self._send(device, m.Probe(probe_id=probe_id, echo_bytes=echo_bytes), tensors)
+        self._flush()
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             item = self._receive(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -92,6 +112,49 @@ class LinkProber:
                 return rate
             size = int(min(MAX_PROBE_BYTES, max(size * 2, rate * self.target_s / 8.0)))
         return rate
+
+    def _exchange_all(self, sizes: dict[str, tuple[int, int]]) -> dict[str, tuple[float, float, float, float]]:
+        """One probe to every device, all sent before any echo is awaited: (t0, t1, t2, t3) each."""
+        pending: dict[int, tuple[str, float]] = {}
+        for device, (down_bytes, echo_bytes) in sizes.items():
+            probe_id = self._next_id
+            self._next_id += 1
+            tensors = {"payload": torch.zeros(down_bytes, dtype=torch.uint8)} if down_bytes else None
+            pending[probe_id] = (device, time.time())
+            self._send(device, m.Probe(probe_id=probe_id, echo_bytes=echo_bytes), tensors)
+        self._flush()
+        times: dict[str, tuple[float, float, float, float]] = {}
+        deadline = time.monotonic() + self.timeout_s * max(1, len(sizes))
+        while pending and time.monotonic() < deadline:
+            item = self._receive(min(0.5, max(0.0, deadline - time.monotonic())))
+            if item is None:
+                continue
+            message = item.message
+            if message.kind is not Kind.PROBE_ECHO or message.body.probe_id not in pending:
+                continue
+            device, t0 = pending[message.body.probe_id]
+            if message.header.device != device:
+                continue
+            del pending[message.body.probe_id]
+            times[device] = (t0, message.body.received_at, message.header.sent_at, item.arrived_wall)
+        if pending:
+            missing = sorted(device for device, _ in pending.values())
+            raise ProbeTimeoutError(f"{', '.join(missing)} did not answer the simultaneous probe")
+        return times
+
+    def measure_together(self, links: dict[str, LinkMeasurement]) -> TogetherMeasurement:
+        """Every device at once, one payload each way; sized so the slowest device alone takes
+        about ``target_s`` (a shared medium then shows overlap, an air-time one turns)."""
+        slowest = min(min(link.up_bps, link.down_bps) for link in links.values())
+        size = int(min(MAX_PROBE_BYTES, max(FIRST_PROBE_BYTES, slowest * self.target_s / 8.0)))
+        rates: dict[str, dict[str, float]] = {}
+        for direction, sizes in (("down", (size, 0)), ("up", (0, size))):
+            times = self._exchange_all(dict.fromkeys(links, sizes))
+            rates[direction] = {
+                device: 8.0 * size / max(self._round_trip(*times[device]) - links[device].rtt_s, 1e-6)
+                for device in links
+            }
+        return TogetherMeasurement(size, up_bps=rates["up"], down_bps=rates["down"])
 
     def measure(self, device: str) -> LinkMeasurement:
         samples = [self._exchange(device, 0, 0) for _ in range(PINGS)]

@@ -67,6 +67,7 @@ class ServerConfig:
     random_clusters: bool = False  # fixed cpsl: clusters drawn at random each round
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
+    medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
 
 
 @dataclass
@@ -128,6 +129,7 @@ class EdgeServer:
                 c.reselect_every,
                 c.drift_threshold,
                 fixed_cut=c.cut,
+                medium=c.medium,
             )
         return FixedScheduler(c.scheme, c.cut, c.clusters, c.random_clusters, c.data_seed)
 
@@ -490,15 +492,33 @@ class EdgeServer:
 
         def send(device: str, body: m.Probe, tensors) -> None:
             self._send(device, Kind.PROBE, body, round_, tensors=tensors)
-            self.endpoint.transport.flush(self.config.iteration_timeout_s)
 
-        prober = LinkProber(send, self._poll, timeout_s=self.config.iteration_timeout_s)
+        prober = LinkProber(
+            send,
+            self._poll,
+            timeout_s=self.config.iteration_timeout_s,
+            flush=lambda: self.endpoint.transport.flush(self.config.iteration_timeout_s),
+        )
         for record in devices:
             if needs_probe(record.id):
                 try:
                     self.scheduler.add_device(record, prober.measure(record.id), devices)
                 except ProbeTimeoutError as exc:
                     log.warning("probe failed, %s sits this round out: %s", record.id, exc)
+        self._probe_medium(prober, [record.id for record in devices])
+
+    def _probe_medium(self, prober, devices: list[str]) -> None:
+        """All known devices at once against each alone: which medium they share (edge_server.auto)."""
+        from edge_server.probe import ProbeTimeoutError
+
+        if not self.scheduler.needs_medium_probe(devices):
+            return
+        estimates = self.scheduler.estimates.devices
+        links = {d: estimates[d].link() for d in devices if d in estimates}
+        try:
+            self.scheduler.set_medium(prober.measure_together(links))
+        except ProbeTimeoutError as exc:
+            log.warning("the simultaneous probe failed, the medium stays as it was: %s", exc)
 
     def run_round(self, round_: int) -> dict:
         self.intake.start_round(round_)
@@ -549,7 +569,7 @@ class EdgeServer:
         }
         if stats.turns:
             record["turns"] = stats.turns
-        if plan.timing:
+        if any(grant.slot_duration_s is not None for grant in plan.grants.values()):
             rows = [row for (r, _), t in self.timings.items() if r == round_ for row in t.iterations]
             record["slots"] = {
                 "late_iterations": sum(1 for row in rows if row.slot_late_s > 0.001),

@@ -229,7 +229,7 @@ def overlaps(intervals) -> int:
 
 
 def test_uploads_keep_to_their_slots_and_never_overlap(broker, tmp_path):
-    auto = KnownLinkScheduler(FINGERPRINT, 16, 4, ClusterBounds(min_clusters=1), fixed_cut=1)
+    auto = KnownLinkScheduler(FINGERPRINT, 16, 4, ClusterBounds(min_clusters=1), fixed_cut=1, medium="airtime")
     server = run_cluster(broker, tmp_path, auto)
     records = server.history
     assert len(records) == 2 and all(r["slots"]["iterations"] == 12 for r in records)
@@ -292,3 +292,58 @@ def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens(tmp_
     for device, at in sent:
         assert at >= offsets.get(device, 0.0) - 1e-3
     assert sent[-1][1] < 0.20 + 0.15
+
+
+# the medium -------------------------------------------------------------------------------------
+
+
+def probed(medium: str, together_up: dict[str, float], together_down: dict[str, float]) -> AutoScheduler:
+    from edge_server.probe import TogetherMeasurement
+
+    auto = scheduler(fixed_cut=6, medium=medium)
+    devices = [record("a"), record("b"), record("c")]
+    for device, mbit in zip(devices, (10, 5, 2), strict=True):
+        auto.add_device(device, link(mbit), devices)
+    assert auto.needs_medium_probe(["a", "b", "c"]) == (medium != "airtime")
+    auto.set_medium(TogetherMeasurement(1 << 20, together_up, together_down))
+    assert not auto.needs_medium_probe(["a", "b", "c"])
+    return auto
+
+
+def test_on_a_shared_medium_the_plan_lets_transfers_overlap_and_logs_the_evidence_once():
+    # each device kept its cap when all sent at once: bytes are shared, overlap is free
+    kept = {"a": 10e6, "b": 5e6, "c": 2e6}
+    auto = probed("auto", kept, kept)
+    devices = [record("a"), record("b"), record("c")]
+    first, second = auto.plan(0, devices), auto.plan(1, devices)
+    assert first.decision["medium"] == {"uplink": "shared", "downlink": "shared"}
+    evidence = first.decision["medium_evidence"]["uplink"]
+    assert evidence["utilisation"] == pytest.approx(3.0) and evidence["capacity_bps"] == pytest.approx(17e6)
+    assert "medium_evidence" not in second.decision
+    assert all(g.slot_duration_s is None and g.weights_slot_offset_s is None for g in first.grants.values())
+    assert all(not t.gradient_offsets and not t.weights_down_offsets for t in first.timing.values())
+    assert first.predicted_latency_s > 0
+    # a growing fleet is probed together again
+    assert auto.needs_medium_probe(["a", "b", "c", "d"]) is False  # d is not probed alone yet
+    auto.add_device(record("d"), link(4), [*devices, record("d")])
+    assert auto.needs_medium_probe(["a", "b", "c", "d"])
+
+
+def test_on_an_airtime_medium_the_plan_gives_slots():
+    # together the devices got equal throughput, 1 / sum(1/r): one air time between them
+    equal = 1 / (1 / 10e6 + 1 / 5e6 + 1 / 2e6)
+    auto = probed("auto", dict.fromkeys("abc", equal), dict.fromkeys("abc", equal))
+    plan = auto.plan(0, [record("a"), record("b"), record("c")])
+    assert plan.decision["medium"] == {"uplink": "airtime", "downlink": "airtime"}
+    assert plan.decision["medium_evidence"]["downlink"]["utilisation"] == pytest.approx(1.0)
+    assert all(g.slot_duration_s is not None for g in plan.grants.values())
+    assert all(t.gradient_offsets for t in plan.timing.values())
+
+
+def test_overlap_is_predicted_faster_than_slots_on_a_shared_medium():
+    kept = {"a": 10e6, "b": 5e6, "c": 2e6}
+    devices = [record("a"), record("b"), record("c")]
+    shared = probed("auto", kept, kept).plan(0, devices).predicted_latency_s
+    forced = probed("airtime", kept, kept)
+    assert forced.plan(0, devices).decision["medium"]["uplink"] == "airtime"
+    assert shared < forced.plan(1, devices).predicted_latency_s

@@ -118,8 +118,17 @@ def test_a_short_auto_run_trains_predicts_and_cleans_up(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2
-    assert all(r["predicted_latency_s"] > 0 and r["cut"] and r["slots"]["iterations"] == 8 for r in records)
+    assert all(r["predicted_latency_s"] > 0 and r["cut"] for r in records)
     assert sorted(d for c in records[-1]["clusters"] for d in c) == ["dev0", "dev1"]
+    # tbf shares bytes: probed together the two devices kept far more than one air time,
+    # so the planner lets their transfers overlap (no slots) and says why in round 0
+    evidence = records[0]["decision"]["medium_evidence"]
+    for direction in ("uplink", "downlink"):
+        assert evidence[direction]["kind"] == "shared", evidence
+        assert evidence[direction]["utilisation"] > 1.4
+    assert all(r["decision"]["medium"] == {"uplink": "shared", "downlink": "shared"} for r in records)
+    assert not any("slots" in r for r in records)
+    assert all(g["slot_duration_s"] is None for g in records[-1]["decision"]["grants"].values())
     estimates = records[-1]["decision"]["estimates"]
     # dev0 is capped at 16 Mbit/s up, dev1 at 6: the probes must see the difference
     assert estimates["dev0"]["up_bps"] > 1.5 * estimates["dev1"]["up_bps"]
@@ -157,7 +166,7 @@ def test_sigterm_mid_run_removes_everything(tmp_path):
 
 
 @ROOT_ONLY
-def test_the_wifi_medium_carries_a_run_through_its_relay_and_cleans_up(tmp_path):
+def test_the_wifi_medium_carries_a_slotted_run_through_its_relay_and_cleans_up(tmp_path):
     run_dir = tmp_path / "wifi"
     result = subprocess.run(
         [
@@ -169,7 +178,6 @@ def test_the_wifi_medium_carries_a_run_through_its_relay_and_cleans_up(tmp_path)
             "2",
             "--scheme",
             "cpsl",
-            "--no-auto",
             "--cut",
             "pool2",
             "--rounds",
@@ -188,6 +196,13 @@ def test_the_wifi_medium_carries_a_run_through_its_relay_and_cleans_up(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and not records[0]["dropped"]
+    # the relay shares air time: probed together the devices kept about one device's worth,
+    # so the planner gives slots
+    evidence = records[0]["decision"]["medium_evidence"]
+    for direction in ("uplink", "downlink"):
+        assert evidence[direction]["kind"] == "airtime", evidence
+        assert 0.7 < evidence[direction]["utilisation"] <= 1.4
+    assert records[0]["slots"]["iterations"] == 6
     assert "listener 1883 127.0.0.1" in (run_dir / "mosquitto.conf").read_text()  # devices reach it via the relay
     assert all(
         "registered at mqtt://10.77.0.1:1883" in (run_dir / "logs" / f"agent-{i}.log").read_text() for i in (0, 1)

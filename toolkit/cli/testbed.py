@@ -18,6 +18,7 @@ from pathlib import Path
 
 from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
 from toolkit.errors import UserError
+from toolkit.planning.medium import MEDIUM_CHOICES
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
 from toolkit.testbed.topology import MEDIA, DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
 
@@ -74,6 +75,12 @@ def build_parser() -> OneLineArgumentParser:
         choices=MEDIA,
         default="wired",
         help="wired: tbf shares bytes (caps plus a shared capacity); wifi: an airtime relay, 802.11's rule",
+    )
+    run_parser.add_argument(
+        "--planner-medium",
+        choices=MEDIUM_CHOICES,
+        default="auto",
+        help="the server's --medium: how cpsl --auto models the medium (default: decided from probes)",
     )
     run_parser.add_argument("--scheme", choices=("cpsl", "sl", "sfl", "fl"), default="cpsl")
     run_parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None)
@@ -135,6 +142,7 @@ def _main(argv: Sequence[str] | None) -> int:
         local_iterations=args.local_iterations,
         seed=args.seed,
         events=events,
+        planner_medium=args.planner_medium,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
     testbed = Testbed(spec)

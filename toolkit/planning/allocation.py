@@ -17,6 +17,12 @@ sender at a time, each at its full rate). With linear rates, sending in order of
 time (uplink) or of longest remaining work (downlink, Jackson's rule) ends every device by
 T*: for the devices ready at or after time a, sum d_n = sum x_n (T* - lead_n) <= T* - a,
 so no suffix of the queue overruns (docs/latency-model.md gives the proof).
+
+:func:`concurrent_phase` is what happens with no plan at all: every device sends as soon
+as it is ready and the medium shares itself (:meth:`RateModel.concurrent_bps`: equal
+throughput under Wi-Fi's DCF, water-filling on a byte-shared link), simulated event by
+event as devices start and finish. It predicts the schemes that run without slots, and
+cpsl on a byte-shared medium, where overlapping transfers is the better plan.
 """
 
 from __future__ import annotations
@@ -119,6 +125,53 @@ def equal_shares(
     active = bits > 0
     shares = np.where(active, 1.0 / max(1, int(active.sum())), 0.0)
     device_finish = _finish_times(rates, devices, shares, bits, busy)
+    return PhasePlan(devices, shares, float(device_finish.max()), device_finish)
+
+
+def concurrent_phase(
+    rates: RateModel,
+    devices: np.ndarray,
+    bits: float | np.ndarray,
+    lead: float | np.ndarray = 0.0,
+    tail: float | np.ndarray = 0.0,
+) -> PhasePlan:
+    """Everyone sends when ready; the medium shares itself among the senders of the moment.
+
+    Between two events (a device becoming ready, a transfer ending) the set of senders is
+    fixed and so are their rates, so the phase is exact in at most 2n steps. ``shares``
+    reports each device's mean rate over its transfer as a fraction of its capacity.
+    """
+    devices = np.asarray(devices, dtype=int)
+    size = len(devices)
+    bits = _as_array(bits, size)
+    lead = _as_array(lead, size)
+    tail = _as_array(tail, size)
+    if size == 0:
+        return PhasePlan(devices, np.zeros(0), 0.0, np.zeros(0))
+    left = bits.copy()
+    done = np.where(bits > 0, np.inf, lead)
+    clock = float(lead[bits > 0].min()) if (bits > 0).any() else 0.0
+    for _ in range(2 * size + 1):
+        sending = np.flatnonzero((left > 0) & (lead <= clock))
+        waiting = np.flatnonzero((left > 0) & (lead > clock))
+        if sending.size == 0:
+            if waiting.size == 0:
+                break
+            clock = float(lead[waiting].min())
+            continue
+        rate = rates.concurrent_bps(devices[sending])
+        step = float(np.min(left[sending] / rate))
+        if waiting.size:
+            step = min(step, float(lead[waiting].min()) - clock)
+        left[sending] -= rate * step
+        clock += step
+        ended = sending[left[sending] <= bits[sending] * 1e-12]
+        left[ended] = 0.0
+        done[ended] = clock
+    device_finish = done + tail
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_rate = np.where(bits > 0, bits / (done - lead), 0.0)
+    shares = np.where(bits > 0, mean_rate / rates.capacity_bps(devices), 0.0)
     return PhasePlan(devices, shares, float(device_finish.max()), device_finish)
 
 

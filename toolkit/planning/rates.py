@@ -1,6 +1,6 @@
 """How fast a device moves data when it holds a share x of the medium.
 
-Two rate laws, one interface:
+Three rate laws, one interface:
 
 - :class:`PowerLimitedRates`: each device transmits with its own power p_n on a share x of
   the band W, so its SNR grows as the share shrinks:
@@ -9,11 +9,15 @@ Two rate laws, one interface:
 - :class:`LinearRates`: a fixed capacity C per device, cut into time or frequency shares
   with no power gain: ``r(x) = x C``. This is the access point's downlink (its power is
   spread over the whole band whoever it serves), and any real shared link where a share
-  means a fraction of the air time: a Wi-Fi channel, a shaped bottleneck.
+  means a fraction of the air time: a Wi-Fi channel.
+- :class:`SharedRates`: per-device caps plus a common capacity, shared by bytes, where
+  transfers overlap for free while their sum fits: a wired or tbf-shaped link.
 
 Both are increasing in x, so the share a device needs to move ``bits`` in ``seconds`` is
 unique; :meth:`share_for` returns it (``inf`` when no share suffices). That inverse is
-what the common-finish-time bisection needs.
+what the common-finish-time bisection needs. :meth:`concurrent_bps` is the other side:
+the rates devices get when they all send at once with nobody scheduling them (Wi-Fi's
+DCF, TCP over a shared link), which is what a run without slots sees.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class RateModel(Protocol):
         """True when rate is proportional to share: then air-time slots realise any share plan."""
         ...
 
+    def concurrent_bps(self, devices: np.ndarray) -> np.ndarray:
+        """Rate of each listed device while all of them send at once, unscheduled."""
+        ...
+
 
 @dataclass(frozen=True)
 class LinearRates:
@@ -69,6 +77,14 @@ class LinearRates:
 
     def is_linear(self) -> bool:
         return True
+
+    def concurrent_bps(self, devices: np.ndarray) -> np.ndarray:
+        """802.11 DCF: equal transmit opportunities give every backlogged station the same
+        throughput, ``1 / sum_j (1 / C_j)`` (Heusse et al., INFOCOM 2003)."""
+        capacity = self.capacity[devices].astype(float)
+        if capacity.size == 0:
+            return capacity
+        return np.full(capacity.shape, 1.0 / float(np.sum(1.0 / capacity)))
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,67 @@ class PowerLimitedRates:
 
     def is_linear(self) -> bool:
         return False
+
+    def concurrent_bps(self, devices: np.ndarray) -> np.ndarray:
+        """An unplanned OFDMA cell: equal shares of the band."""
+        devices = np.asarray(devices, dtype=int)
+        return self.rate_bps(np.full(devices.shape, 1.0 / max(1, devices.size)), devices)
+
+
+@dataclass(frozen=True)
+class SharedRates:
+    """A byte-shared medium: device n is capped at ``caps[n]``, all together at ``capacity``.
+
+    This is a wired or shaped link (the testbed's ``wired`` medium: a tbf per device and
+    one for the medium). A *share* here is a fraction of the common capacity,
+    ``r(x) = min(x C, cap_n)``; unlike air time, transfers overlap for free as long as
+    their sum fits. The min-max allocation over these shares is what a server that
+    paced every transfer could reach; transfers left to TCP share by water-filling
+    instead (:func:`allocation.concurrent_phase`), which the live planner predicts with.
+    """
+
+    caps: np.ndarray  # bit/s per device, alone on the medium
+    capacity: float  # bit/s, all devices together
+
+    def __post_init__(self) -> None:
+        if not self.capacity > 0:
+            raise ValueError(f"a shared medium needs a positive capacity, not {self.capacity}")
+
+    def rate_bps(self, share: np.ndarray, devices: np.ndarray) -> np.ndarray:
+        return np.minimum(np.asarray(share, dtype=float) * self.capacity, self.caps[devices])
+
+    def share_for(self, bits: np.ndarray, seconds: np.ndarray, devices: np.ndarray) -> np.ndarray:
+        bits = np.asarray(bits, dtype=float)
+        seconds = np.asarray(seconds, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = bits / seconds
+        share = np.where((seconds > 0) & (rate <= self.caps[devices] * (1 + 1e-12)), rate / self.capacity, np.inf)
+        return np.where(bits <= 0, 0.0, share)
+
+    def capacity_bps(self, devices: np.ndarray) -> np.ndarray:
+        return np.minimum(self.caps[devices].astype(float), self.capacity)
+
+    def is_linear(self) -> bool:
+        return False
+
+    def concurrent_bps(self, devices: np.ndarray) -> np.ndarray:
+        """Water-filling: max-min fair rates under the caps and the capacity (what TCP flows
+        sharing one bottleneck converge to)."""
+        return max_min_fair(self.caps[devices].astype(float), self.capacity)
+
+
+def max_min_fair(caps: np.ndarray, capacity: float) -> np.ndarray:
+    """Max-min fair rates: every device gets ``min(cap, level)`` with the level that fills
+    ``capacity`` (or every cap, if they all fit)."""
+    caps = np.asarray(caps, dtype=float)
+    rates = np.zeros(caps.shape)
+    left = float(capacity)
+    order = np.argsort(caps, kind="stable")
+    for position, index in enumerate(order):
+        level = left / (len(order) - position)
+        rates[index] = min(caps[index], level)
+        left -= rates[index]
+    return rates
 
 
 def _polish(share: np.ndarray, snr: np.ndarray, q: np.ndarray) -> np.ndarray:

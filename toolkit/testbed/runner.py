@@ -75,6 +75,7 @@ class RunSpec:
     seed: int = 0
     non_iid: str = "dirichlet:0.5"
     timeout_s: float = 60.0
+    planner_medium: str = "auto"  # the server's --medium: how cpsl --auto models the medium
     events: list[Event] = field(default_factory=list)
 
     def server_flags(self) -> list[str]:
@@ -98,6 +99,8 @@ class RunSpec:
         ]
         if self.auto is not None:
             flags.append("--auto" if self.auto else "--no-auto")
+        if self.planner_medium != "auto":
+            flags += ["--medium", self.planner_medium]
         if self.random_clusters:
             flags.append("--random-clusters")
         if self.cut:

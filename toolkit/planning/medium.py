@@ -1,0 +1,128 @@
+"""Which medium the devices share, decided from probes, and the rate law that models it.
+
+Two media, two rate laws (:mod:`toolkit.planning.rates`):
+
+- ``airtime``: one sender at a time (Wi-Fi). Device n alone moves ``a_n`` bit/s; a share
+  of the air time moves that share of ``a_n``. The planner grants transmission slots.
+- ``shared``: bytes are shared (a wired or shaped link). Device n is capped at ``a_n``,
+  all devices together at a capacity C; transfers overlap for free while they fit. The
+  planner lets them overlap (no slots) and predicts them by water-filling.
+
+The evidence is one number per direction. Probe every device alone (rate ``a_n``), then
+all of them at once with the same payload (mean rate ``t_n`` over each one's transfer),
+and add up the fractions of their solo rates they kept: ``u = sum_n t_n / a_n``.
+
+- On an air-time medium the fractions are fractions of one air time: ``u`` is 1 (under
+  DCF every station gets the same throughput ``1 / sum_j (1/a_j)``, and
+  ``sum_n (1/a_n) / sum_j (1/a_j) = 1``; with slots it is 1 by construction).
+- On a byte-shared medium each device keeps its cap while the sum fits, so ``u`` is n
+  with no common bottleneck and lies between 1 and n with one.
+
+The decision threshold is :data:`AIRTIME_MAX_UTILISATION` (1.4): an air-time medium
+measures about 1 (per-frame overhead and probe jitter move it by a few percent), while a
+byte-shared medium whose capacity exceeds the fastest device's rate by 40% or more is
+above it. Below that, a byte-shared medium *is* close to an air-time one (its capacity
+is nearly one device's rate, so devices do take turns), and both laws predict alike.
+The capacity C of a shared medium is what the devices moved together, ``sum_n t_n``,
+never less than the fastest solo rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from toolkit.planning.rates import LinearRates, RateModel, SharedRates
+
+MediumKind = Literal["airtime", "shared"]
+MEDIUM_CHOICES = ("auto", "airtime", "shared")
+AIRTIME_MAX_UTILISATION = 1.4
+
+
+@dataclass(frozen=True)
+class MediumEvidence:
+    """One direction's verdict and the measurements behind it (logged with the round)."""
+
+    kind: MediumKind
+    utilisation: float | None  # sum_n t_n / a_n; None when not measured (forced, or one device)
+    capacity_bps: float | None  # shared: what the devices moved together
+    alone_bps: dict[str, float]
+    together_bps: dict[str, float]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "utilisation": self.utilisation,
+            "capacity_bps": self.capacity_bps,
+            "alone_bps": dict(self.alone_bps),
+            "together_bps": dict(self.together_bps),
+            "reason": self.reason,
+        }
+
+
+def detect_medium(alone_bps: Mapping[str, float], together_bps: Mapping[str, float]) -> MediumEvidence:
+    """The medium one direction behaves as, from solo and simultaneous probe rates."""
+    devices = sorted(d for d in together_bps if alone_bps.get(d, 0) > 0 and together_bps[d] > 0)
+    alone = {d: float(alone_bps[d]) for d in devices}
+    together = {d: float(together_bps[d]) for d in devices}
+    if len(devices) < 2:
+        return MediumEvidence(
+            "airtime", None, None, alone, together, "fewer than two devices probed together: the media are alike"
+        )
+    utilisation = sum(together[d] / alone[d] for d in devices)
+    capacity = max(sum(together.values()), max(alone.values()))
+    if utilisation <= AIRTIME_MAX_UTILISATION:
+        return MediumEvidence(
+            "airtime",
+            utilisation,
+            None,
+            alone,
+            together,
+            f"{len(devices)} devices at once kept {utilisation:.2f} of one device's air time "
+            f"(<= {AIRTIME_MAX_UTILISATION}): they take turns",
+        )
+    return MediumEvidence(
+        "shared",
+        utilisation,
+        capacity,
+        alone,
+        together,
+        f"{len(devices)} devices at once kept {utilisation:.2f} solo rates' worth (> {AIRTIME_MAX_UTILISATION}): "
+        f"transfers overlap, {capacity / 1e6:.1f} Mbit/s together",
+    )
+
+
+def decide_medium(
+    choice: str, alone_bps: Mapping[str, float], together_bps: Mapping[str, float] | None = None
+) -> MediumEvidence:
+    """``--medium``: ``auto`` follows the probes; a named medium overrides them (and the
+    reason says what the probes would have chosen, if there were any)."""
+    if choice not in MEDIUM_CHOICES:
+        raise ValueError(f"medium {choice!r} is not one of {', '.join(MEDIUM_CHOICES)}")
+    evidence = detect_medium(alone_bps, together_bps or {})
+    if choice == "auto" or choice == evidence.kind:
+        return evidence if choice == "auto" else replace(evidence, reason=f"--medium {choice}; {evidence.reason}")
+    capacity = evidence.capacity_bps
+    if choice == "shared" and capacity is None:
+        measured = together_bps or alone_bps
+        capacity = max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
+    kind: MediumKind = "shared" if choice == "shared" else "airtime"
+    return replace(
+        evidence,
+        kind=kind,
+        capacity_bps=capacity if kind == "shared" else None,
+        reason=f"--medium {choice} (the probes alone would say {evidence.kind}: {evidence.reason})",
+    )
+
+
+def rate_model(evidence: MediumEvidence, caps_bps: np.ndarray) -> RateModel:
+    """The rate law for these devices' solo rates (in the planner's device order)."""
+    caps = np.asarray(caps_bps, dtype=float)
+    if evidence.kind == "airtime":
+        return LinearRates(caps)
+    capacity = evidence.capacity_bps if evidence.capacity_bps else float(caps.sum())
+    return SharedRates(caps, max(capacity, float(caps.max(initial=0.0)), 1.0))
