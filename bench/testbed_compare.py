@@ -6,7 +6,10 @@ builtin:mnist5k (Dirichlet 0.5 partitions) until 90% test accuracy or the round 
 
 - sl, sfl, fl (as configured, no slots);
 - cpsl-fixed: cpsl without resource management (cut pool2, random clusters, no slots);
-- cpsl-auto: cpsl with it (probes, SAA cut, live clustering and upload slots).
+- cpsl-auto: cpsl with it (probes, SAA cut, live clustering; upload slots on an air-time
+  medium, overlapping transfers on a byte-shared one, as the probes decide);
+- cpsl-auto-airtime: the same with the planner told the medium is air time (slots always):
+  on the wired medium, what modelling the medium buys.
 
 Reported per scheme: wall time to 90% (sum of round latencies until the first round at or
 above 90%), mean round latency, and for cpsl-auto the fidelity measured / predicted round
@@ -40,6 +43,8 @@ SCHEMES = {
     "fl": RunSpec(scheme="fl"),
     "cpsl-fixed": RunSpec(scheme="cpsl", auto=False, random_clusters=True, cut="pool2"),
     "cpsl-auto": RunSpec(scheme="cpsl", auto=True),
+    # the planner told the medium is air time whatever the probes say: what modelling the medium buys
+    "cpsl-auto-airtime": RunSpec(scheme="cpsl", auto=True, planner_medium="airtime"),
 }
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_server.calibration import FixedCosts
 from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
@@ -123,6 +124,7 @@ class AutoScheduler:
     downlink_medium: MediumEvidence | None = None
     medium_fleet_size: int = 0  # devices probed together when the medium was last decided
     medium_logged: bool = False  # the evidence went into a round's decision
+    fixed_costs: FixedCosts = field(default_factory=FixedCosts)
     _solo_senders: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -240,7 +242,7 @@ class AutoScheduler:
         groups = cluster_devices(problem, bounds, seed=round_)
         latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
         clusters, grants, timing = [], {}, {}
-        total = 0.0
+        turns: list[float] = []
         self._solo_senders = set()
         for index, group in enumerate(groups):
             members = [ids[i] for i in group]
@@ -253,9 +255,13 @@ class AutoScheduler:
             # counted from the last gradient's epoch, when every backward pass is predicted done
             model_up = plan_phase(state.uplink, rows, problem.model_bits)
             server_s = problem.server_s(len(members))
-            iteration_s = uplink.finish_s + one_way.max() + server_s + downlink.finish_s + GUARD_S
-            turn_s = model_down.finish_s + GUARD_S + self.iterations * iteration_s + model_up.finish_s + one_way.max()
-            total += turn_s
+            iteration_s = self.fixed_costs.iteration(
+                uplink.finish_s + one_way.max() + server_s + downlink.finish_s + GUARD_S
+            )
+            turn_s = self.fixed_costs.turn(
+                model_down.finish_s + GUARD_S + self.iterations * iteration_s + model_up.finish_s + one_way.max()
+            )
+            turns.append(turn_s)
             if uplink.offsets is not None or len(members) == 1:
                 self._solo_senders.update(members)
             for row in group:
@@ -279,9 +285,15 @@ class AutoScheduler:
                 gradient_offsets={ids[r]: t for r, t in (downlink.offsets or {}).items()},
             )
         decision["grants"] = {d: g.model_dump() for d, g in grants.items()}
+        decision["fixed_costs"] = self.fixed_costs.to_dict()
         decision["predicted_turn_s"] = [timing[i].predicted_turn_s for i in range(len(clusters))]
         return RoundPlan(
-            cut=self.cut, clusters=clusters, grants=grants, timing=timing, predicted_latency_s=total, decision=decision
+            cut=self.cut,
+            clusters=clusters,
+            grants=grants,
+            timing=timing,
+            predicted_latency_s=self.fixed_costs.round(turns),
+            decision=decision,
         )
 
     def observe(
@@ -290,11 +302,16 @@ class AutoScheduler:
         timings: dict[str, m.Timings],
         server_steps: list[tuple[int, float]],
         arrivals: dict[str, dict[int, float]] | None = None,
+        turns: list[dict] | None = None,
+        round_latency_s: float | None = None,
     ) -> None:
         """Fold a round's measurements into the estimates (``arrivals``: per device, per
-        iteration, when its smashed data reached the server, server clock)."""
+        iteration, when its smashed data reached the server, server clock; ``turns``: the
+        measured turns next to their predictions, which calibrate the fixed costs)."""
         if self.costs is None:
             return
+        if turns and round_latency_s is not None:
+            self.fixed_costs.observe(turns, round_latency_s, self.iterations)
         cost = self.costs.cut(cut) if any(c.cut == cut for c in self.costs.cuts) else None
         if cost is None:
             return

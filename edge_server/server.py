@@ -539,7 +539,7 @@ class EdgeServer:
         observe = getattr(self.scheduler, "observe", None)
         if observe is not None and plan.cut is not None:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            observe(plan.cut, reports, stats.server_steps, stats.arrivals)
+            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         parts = {
             "device_compute_s": stats.device_compute_s,
