@@ -32,7 +32,7 @@ from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import Message, encode, make_header
 from toolkit.protocol.endpoint import Endpoint, Received
-from toolkit.training import BatchStream, make_optimizer
+from toolkit.training import BatchStream, make_optimizer, stream_seed
 from toolkit.transport import BrokerAddress, MqttTransport, Will
 
 log = logging.getLogger("cpsl.agent")
@@ -487,11 +487,6 @@ def warm_up_optimizer() -> None:
     scratch = torch.zeros(1, requires_grad=True)
     scratch.grad = torch.zeros(1)
     make_optimizer([scratch], lr=0.1, momentum=0.9, weight_decay=0.0).step()
-
-
-def stream_seed(data_seed: int, device_id: str) -> int:
-    """Seed of a device's batch stream: depends on the run's data seed and the device id only."""
-    return (data_seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(device_id))) % (2**32)
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:

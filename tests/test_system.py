@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from edge_server.server import EdgeServer, ServerConfig
-from firmware_agent.agent import AgentConfig, DeviceAgent, stream_seed
+from firmware_agent.agent import AgentConfig, DeviceAgent
 from toolkit.data import load_dataset, partition_indices
 from toolkit.models import load_model
 from toolkit.protocol import Kind, decode, encode, make_header, topics
 from toolkit.protocol import messages as m
-from toolkit.training import BatchStream, weighted_average
+from toolkit.training import BatchStream, stream_seed, weighted_average
 from toolkit.transport import MqttTransport, parse_broker_url
 
 DATA = "builtin:digits"
@@ -117,6 +117,33 @@ def test_sl_over_three_devices_equals_centralized_training_in_turn(broker, digit
     assert [r["clusters"] for r in server.history] == [[["dev0"], ["dev1"], ["dev2"]]] * 2
     expected = centralized(digits, [["dev0"], ["dev1"], ["dev2"]], shares, config)
     assert_same_weights(server.model.net.state_dict(), expected)
+
+
+@pytest.mark.parametrize("scheme", ["cpsl", "fl"])
+def test_the_in_process_rehearsal_computes_what_the_live_system_computes(broker, digits, tmp_path, scheme) -> None:
+    """toolkit.rehearsal is what the cut-selection benchmark trusts for rounds to accuracy:
+    four devices on non-IID shards, two clusters averaged per turn (or FL), two rounds."""
+    from toolkit.rehearsal import RehearsalConfig, rehearse
+
+    agents, shares = start_agents(broker, digits, 4, "dirichlet:0.5")
+    cut = None if scheme == "fl" else 4
+    config = server_config(broker, tmp_path, scheme=scheme, min_devices=4, clusters=2, cut=cut, momentum=0.5)
+    server = run_server(config, digits)
+    close(agents)
+    model = load_model("lenet5", seed=0)
+    rehearsal = RehearsalConfig(
+        scheme=scheme,
+        cut=cut,
+        clusters=2,
+        iterations=config.iterations,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=0.5,
+        rounds=config.rounds,
+    )
+    rounds = rehearse(model, digits, [shares[f"dev{i}"] for i in range(4)], rehearsal)
+    assert [r.accuracy for r in rounds] == pytest.approx([r["accuracy"] for r in server.history], abs=1e-9)
+    assert_same_weights(server.model.net.state_dict(), model.net.state_dict())
 
 
 def test_fedavg_weights_by_sample_count_by_hand() -> None:

@@ -44,6 +44,11 @@ class BatchStream:
             yield self.next()
 
 
+def stream_seed(data_seed: int, device_id: str) -> int:
+    """Seed of a device's batch stream: depends on the run's data seed and the device id only."""
+    return (data_seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(device_id))) % (2**32)
+
+
 def make_optimizer(params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
