@@ -52,6 +52,7 @@ from toolkit.planning.cut_selection import CutReselection, select_cut
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
 from toolkit.planning.medium import MediumEvidence, decide_medium
 from toolkit.planning.rates import RateModel
+from toolkit.planning.rounds import label_skew
 from toolkit.profile_format import Profile, parse_profile
 from toolkit.protocol import messages as m
 from toolkit.protocol.bounded_json import load_bounded_json
@@ -125,6 +126,9 @@ class AutoScheduler:
     medium_fleet_size: int = 0  # devices probed together when the medium was last decided
     medium_logged: bool = False  # the evidence went into a round's decision
     fixed_costs: FixedCosts = field(default_factory=FixedCosts)
+    label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # every label each device trained on
+    skew_threshold: float = 0.1  # label skew moved this much since the last cut choice: choose again
+    selected_skew: float | None = None
     _solo_senders: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -139,12 +143,24 @@ class AutoScheduler:
     def set_medium(self, together: TogetherMeasurement) -> None:
         """Decide each direction's medium from a simultaneous probe (see toolkit.planning.medium)."""
         alone = {d: self.estimates.devices[d] for d in together.up_bps if d in self.estimates.devices}
-        self.uplink_medium = decide_medium(self.medium, {d: e.up_bps for d, e in alone.items()}, together.up_bps)
-        self.downlink_medium = decide_medium(self.medium, {d: e.down_bps for d, e in alone.items()}, together.down_bps)
+        self.uplink_medium = decide_medium(
+            self.medium, {d: e.up_bps for d, e in alone.items()}, together.up_bps, together.up_aggregate_bps
+        )
+        self.downlink_medium = decide_medium(
+            self.medium, {d: e.down_bps for d, e in alone.items()}, together.down_bps, together.down_aggregate_bps
+        )
         self.medium_fleet_size = len(alone)
         self.medium_logged = False
         for direction, evidence in (("uplink", self.uplink_medium), ("downlink", self.downlink_medium)):
             log.warning("auto: %s medium %s: %s", direction, evidence.kind, evidence.reason)
+
+    def label_skew(self, devices: list[str]) -> float:
+        """Label skew of these devices from the labels they have trained on (0 before any)."""
+        rows = [self.label_counts[d] for d in devices if d in self.label_counts]
+        if len(rows) < 2:
+            return 0.0
+        width = max(len(r) for r in rows)
+        return label_skew(np.array([np.pad(r, (0, width - len(r))) for r in rows]))
 
     def _media(self, ids: list[str]) -> tuple[MediumEvidence, MediumEvidence]:
         if self.uplink_medium is None or self.downlink_medium is None:  # not probed together (yet)
@@ -226,12 +242,17 @@ class AutoScheduler:
         if not self.medium_logged:  # the evidence, in the round it was decided
             decision["medium_evidence"] = {"uplink": uplink_medium.to_dict(), "downlink": downlink_medium.to_dict()}
             self.medium_logged = True
+        skew = self.label_skew(ids)
         reason = self.reselection.due(round_, state) if self.fixed_cut is None else None
+        moved = self.selected_skew is not None and abs(skew - self.selected_skew) > self.skew_threshold
+        if reason is None and self.fixed_cut is None and moved:
+            reason = f"label skew {skew:.2f} (was {self.selected_skew:.2f} at the last choice)"
         if reason is not None:
             samples = [*self.history[-(self.saa_window - 1) :], state] if self.history else [state]
             samples = [s for s in samples if s.size == state.size] or [state]
-            choice = select_cut(self.costs, samples, self._settings(), bounds, seed=round_)
+            choice = select_cut(self.costs, samples, self._settings(), bounds, seed=round_, skew=skew)
             self.reselection.selected(round_, samples)
+            self.selected_skew = skew
             decision["cut_selection"] = {"reason": reason, "samples": len(samples), **choice.to_dict()}
             if choice.cut != self.cut:
                 log.warning("auto: cut %s -> %d:%s (%s)", self.cut, choice.cut, choice.name, reason)
@@ -304,6 +325,7 @@ class AutoScheduler:
         arrivals: dict[str, dict[int, float]] | None = None,
         turns: list[dict] | None = None,
         round_latency_s: float | None = None,
+        label_counts: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Fold a round's measurements into the estimates (``arrivals``: per device, per
         iteration, when its smashed data reached the server, server clock; ``turns``: the
@@ -312,6 +334,8 @@ class AutoScheduler:
             return
         if turns and round_latency_s is not None:
             self.fixed_costs.observe(turns, round_latency_s, self.iterations)
+        for device, counts in (label_counts or {}).items():
+            self.label_counts[device] = self.label_counts.get(device, 0) + np.asarray(counts, dtype=float)
         cost = self.costs.cut(cut) if any(c.cut == cut for c in self.costs.cuts) else None
         if cost is None:
             return

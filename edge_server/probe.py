@@ -59,9 +59,8 @@ class TogetherMeasurement:
     payload_bytes: int
     up_bps: dict[str, float]
     down_bps: dict[str, float]
-
-    def to_dict(self) -> dict:
-        return {"payload_bytes": self.payload_bytes, "up_bps": self.up_bps, "down_bps": self.down_bps}
+    up_aggregate_bps: float | None = None  # every payload over the span of the whole exchange
+    down_aggregate_bps: float | None = None
 
 
 class LinkProber:
@@ -142,19 +141,22 @@ class LinkProber:
             raise ProbeTimeoutError(f"{', '.join(missing)} did not answer the simultaneous probe")
         return times
 
-    def measure_together(self, links: dict[str, LinkMeasurement]) -> TogetherMeasurement:
-        """Every device at once, one payload each way; sized so the slowest device alone takes
-        about ``target_s`` (a shared medium then shows overlap, an air-time one turns)."""
+    def measure_together(self, links: dict[str, LinkMeasurement], solo_s: float = 1.0) -> TogetherMeasurement:
+        """Every device at once, one payload each way; sized so the slowest device alone would
+        take about ``solo_s``: long against a shaper's burst and TCP's slow start, so a
+        shared medium shows its overlap and an air-time one its turns."""
         slowest = min(min(link.up_bps, link.down_bps) for link in links.values())
-        size = int(min(MAX_PROBE_BYTES, max(FIRST_PROBE_BYTES, slowest * self.target_s / 8.0)))
+        size = int(min(MAX_PROBE_BYTES, max(FIRST_PROBE_BYTES, slowest * solo_s / 8.0)))
         rates: dict[str, dict[str, float]] = {}
+        aggregate: dict[str, float] = {}
         for direction, sizes in (("down", (size, 0)), ("up", (0, size))):
             times = self._exchange_all(dict.fromkeys(links, sizes))
-            rates[direction] = {
-                device: 8.0 * size / max(self._round_trip(*times[device]) - links[device].rtt_s, 1e-6)
-                for device in links
-            }
-        return TogetherMeasurement(size, up_bps=rates["up"], down_bps=rates["down"])
+            transfer = {d: max(self._round_trip(*times[d]) - links[d].rtt_s, 1e-6) for d in links}
+            rates[direction] = {d: 8.0 * size / transfer[d] for d in links}
+            # all payloads over the span from the first send to the last transfer's end
+            span = max(times[d][0] - min(t[0] for t in times.values()) + transfer[d] for d in links)
+            aggregate[direction] = 8.0 * size * len(links) / max(span, 1e-6)
+        return TogetherMeasurement(size, rates["up"], rates["down"], aggregate["up"], aggregate["down"])
 
     def measure(self, device: str) -> LinkMeasurement:
         samples = [self._exchange(device, 0, 0) for _ in range(PINGS)]

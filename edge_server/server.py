@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -84,6 +85,7 @@ class TurnStats:
     server_steps: list[tuple[int, float]] = field(default_factory=list)  # (samples, seconds)
     arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> wall clock
     turns: list[dict] = field(default_factory=list)  # per cluster: measured phases (and predicted, with slots)
+    label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per device, the labels it trained on
 
 
 class EdgeServer:
@@ -338,6 +340,8 @@ class EdgeServer:
             smashed_in.append(time.monotonic())
             for device, item in got.items():
                 stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
+                counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.data.num_classes)
+                stats.label_counts[device] = stats.label_counts.get(device, 0) + counts
             if not active:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
                 return
@@ -539,7 +543,7 @@ class EdgeServer:
         observe = getattr(self.scheduler, "observe", None)
         if observe is not None and plan.cut is not None:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency)
+            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency, stats.label_counts)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         parts = {
             "device_compute_s": stats.device_compute_s,

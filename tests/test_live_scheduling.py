@@ -347,3 +347,23 @@ def test_overlap_is_predicted_faster_than_slots_on_a_shared_medium():
     forced = probed("airtime", kept, kept)
     assert forced.plan(0, devices).decision["medium"]["uplink"] == "airtime"
     assert shared < forced.plan(1, devices).predicted_latency_s
+
+
+def test_the_cut_is_chosen_again_once_the_labels_show_the_fleets_skew():
+    auto = scheduler()
+    devices = [record(f"dev{i}") for i in range(4)]
+    for device in devices:
+        auto.add_device(device, link(10), devices)
+    first = auto.plan(0, devices).decision["cut_selection"]
+    assert first["objective"] == "time-to-accuracy" and first["skew"] == 0.0
+    assert "cut_selection" not in auto.plan(1, devices).decision
+    # each device trained on two classes of its own: disjoint label sets, skew 0.75
+    counts = {d.id: np.bincount([2 * i, 2 * i + 1] * 50, minlength=10) for i, d in enumerate(devices)}
+    auto.observe(auto.cut, {}, [], label_counts=counts)
+    assert auto.label_skew([d.id for d in devices]) == pytest.approx(0.75)
+    again = auto.plan(2, devices).decision["cut_selection"]
+    assert again["reason"].startswith("label skew 0.75") and again["skew"] == pytest.approx(0.75)
+    # the relative rounds grow with the layers left to averaging and with skew
+    rounds = again["relative_rounds"]
+    assert list(rounds.values()) == sorted(rounds.values())
+    assert all(rounds[c] >= first["relative_rounds"][c] for c in rounds)

@@ -144,3 +144,18 @@ def test_one_device_gives_no_evidence_and_a_named_medium_overrides_the_probes():
     assert forced.kind == "shared" and forced.capacity_bps == 20e6
     with pytest.raises(ValueError, match="not one of"):
         decide_medium("ether", alone)
+
+
+def test_the_span_of_the_whole_exchange_outweighs_per_device_means_skewed_by_late_starters():
+    # on air time, 4 devices moving equal payloads together take sum(1/a) per payload bit;
+    # two of them started late, so their own mean rates look like solo rates
+    alone = {"a": 16e6, "b": 6e6, "c": 2.5e6, "d": 6e6}
+    skewed = {"a": 15e6, "b": 5.5e6, "c": 1.0e6, "d": 2.0e6}
+    assert detect_medium(alone, skewed).kind == "shared"  # the means alone would be fooled
+    aggregate = len(alone) / sum(1 / a for a in alone.values())
+    evidence = detect_medium(alone, skewed, aggregate)
+    assert evidence.kind == "airtime" and evidence.utilisation == pytest.approx(1.0)
+    # a 20 Mbit/s byte-shared medium: all four held 20 Mbit/s together
+    evidence = detect_medium(alone, skewed, 20e6)
+    assert evidence.kind == "shared" and evidence.capacity_bps == 20e6
+    assert evidence.utilisation == pytest.approx(20e6 * sum(1 / a for a in alone.values()) / 4)

@@ -95,6 +95,7 @@ class ModelCosts:
     cuts: tuple[CutCost, ...]
     full_model_bytes: int
     full_step: Affine  # reference device, whole model forward + backward + step
+    trainable_layers: tuple[int, ...] = ()  # indices of the layers with parameters
 
     def cut(self, cut: int) -> CutCost:
         for candidate in self.cuts:
@@ -199,4 +200,5 @@ def model_costs(
         cuts=tuple(costs),
         full_model_bytes=device_profile.full_model.param_bytes,
         full_step=fit_affine([(b.batch_size, b.step_s.median) for b in device_profile.full_model.batches]),
+        trainable_layers=tuple(layer.index for layer in device_profile.layers if layer.param_count > 0),
     )

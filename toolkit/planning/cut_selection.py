@@ -4,7 +4,11 @@ The cut changes what every device computes and what crosses the link, and moving
 means moving weights, so it is chosen rarely and for the expected state rather than the
 current one: draw S states (from the channel model, or the last rounds' observations),
 solve the small timescale -- clustering and optimal shares -- for every candidate cut in
-every state, and keep the cut with the lowest mean round latency.
+every state, and keep the cut with the lowest *time to accuracy*: mean round latency
+times the rounds the cut needs relative to the others (:mod:`toolkit.planning.rounds`).
+A late cut often has the shortest rounds and needs the most of them. ``objective=
+"latency"`` keeps the lowest mean round latency instead (``cpsl-sim``, which models
+latency and no convergence, scores it that way).
 
 :class:`CutReselection` says when to choose again: every ``every_rounds`` rounds, or as
 soon as the observed state has drifted: the fleet's geometric-mean uplink or downlink
@@ -23,6 +27,7 @@ import numpy as np
 from toolkit.planning.clustering import ClusterBounds, cluster_devices, round_latency
 from toolkit.planning.costs import ModelCosts
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
+from toolkit.planning.rounds import estimate_rounds
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,18 @@ class CutChoice:
     cut: int
     name: str
     mean_latency_s: dict[int, float]  # every candidate's SAA estimate
+    objective: str = "latency"
+    relative_rounds: dict[int, float] = field(default_factory=dict)  # R(c) / R_0, time-to-accuracy only
+    skew: float | None = None
 
     def to_dict(self) -> dict:
         return {
             "cut": self.cut,
             "name": self.name,
+            "objective": self.objective,
             "mean_latency_s": {str(k): v for k, v in self.mean_latency_s.items()},
+            "relative_rounds": {str(k): v for k, v in self.relative_rounds.items()},
+            "skew": self.skew,
         }
 
 
@@ -45,10 +56,15 @@ def select_cut(
     settings: TrainingSettings,
     bounds: ClusterBounds | None = None,
     seed: int = 0,
+    objective: str = "time-to-accuracy",
+    skew: float = 0.0,
 ) -> CutChoice:
-    """The candidate cut with the lowest mean round latency over the sampled states."""
+    """The candidate cut with the lowest mean round latency over the sampled states, times
+    (for ``time-to-accuracy``) its relative rounds at label skew ``skew``."""
     if not states:
         raise ValueError("SAA needs at least one sampled state")
+    if objective not in ("latency", "time-to-accuracy"):
+        raise ValueError(f"objective {objective!r}: latency or time-to-accuracy")
     means: dict[int, float] = {}
     for cut in costs.cuts:
         total = 0.0
@@ -56,8 +72,12 @@ def select_cut(
             problem = SplitProblem.build(cut, state, settings)
             total += round_latency(problem, cluster_devices(problem, bounds, seed=seed))
         means[cut.cut] = total / len(states)
-    best = min(means, key=lambda c: (means[c], c))
-    return CutChoice(best, costs.cut(best).name, means)
+    if objective == "latency":
+        best = min(means, key=lambda c: (means[c], c))
+        return CutChoice(best, costs.cut(best).name, means)
+    rounds = {c: estimate_rounds(costs, c, skew).relative_rounds for c in means}
+    best = min(means, key=lambda c: (means[c] * rounds[c], c))
+    return CutChoice(best, costs.cut(best).name, means, objective, rounds, skew)
 
 
 def state_summary(state: FleetState) -> np.ndarray:

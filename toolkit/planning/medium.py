@@ -10,7 +10,8 @@ Two media, two rate laws (:mod:`toolkit.planning.rates`):
 
 The evidence is one number per direction. Probe every device alone (rate ``a_n``), then
 all of them at once with the same payload (mean rate ``t_n`` over each one's transfer),
-and add up the fractions of their solo rates they kept: ``u = sum_n t_n / a_n``.
+and add up the fractions of their solo rates they kept: ``u = sum_n t_n / a_n`` (or the
+same from the whole exchange's span, :func:`detect_medium`).
 
 - On an air-time medium the fractions are fractions of one air time: ``u`` is 1 (under
   DCF every station gets the same throughput ``1 / sum_j (1/a_j)``, and
@@ -23,8 +24,8 @@ measures about 1 (per-frame overhead and probe jitter move it by a few percent),
 byte-shared medium whose capacity exceeds the fastest device's rate by 40% or more is
 above it. Below that, a byte-shared medium *is* close to an air-time one (its capacity
 is nearly one device's rate, so devices do take turns), and both laws predict alike.
-The capacity C of a shared medium is what the devices moved together, ``sum_n t_n``,
-never less than the fastest solo rate.
+The capacity C of a shared medium is what the devices moved together (all payloads over
+the exchange's span, else ``sum_n t_n``), never less than the fastest solo rate.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class MediumEvidence:
     """One direction's verdict and the measurements behind it (logged with the round)."""
 
     kind: MediumKind
-    utilisation: float | None  # sum_n t_n / a_n; None when not measured (forced, or one device)
+    utilisation: float | None  # solo rates' worth kept together; None when not measured (forced, or one device)
     capacity_bps: float | None  # shared: what the devices moved together
     alone_bps: dict[str, float]
     together_bps: dict[str, float]
@@ -64,8 +65,17 @@ class MediumEvidence:
         }
 
 
-def detect_medium(alone_bps: Mapping[str, float], together_bps: Mapping[str, float]) -> MediumEvidence:
-    """The medium one direction behaves as, from solo and simultaneous probe rates."""
+def detect_medium(
+    alone_bps: Mapping[str, float], together_bps: Mapping[str, float], aggregate_bps: float | None = None
+) -> MediumEvidence:
+    """The medium one direction behaves as, from solo and simultaneous probe rates.
+
+    ``aggregate_bps``, when measured, is every simultaneous payload over the span of the
+    whole exchange. It is the better evidence: a device that started late or whose round
+    trip was misjudged skews its own mean rate but hardly the span. With equal payloads
+    the air-time prediction of the span is ``sum_n 1/a_n`` per payload bit, so
+    ``u = aggregate x sum_n (1/a_n) / n``, again 1 on air time and up to n on shared bytes.
+    """
     devices = sorted(d for d in together_bps if alone_bps.get(d, 0) > 0 and together_bps[d] > 0)
     alone = {d: float(alone_bps[d]) for d in devices}
     together = {d: float(together_bps[d]) for d in devices}
@@ -73,8 +83,12 @@ def detect_medium(alone_bps: Mapping[str, float], together_bps: Mapping[str, flo
         return MediumEvidence(
             "airtime", None, None, alone, together, "fewer than two devices probed together: the media are alike"
         )
-    utilisation = sum(together[d] / alone[d] for d in devices)
-    capacity = max(sum(together.values()), max(alone.values()))
+    if aggregate_bps is not None and aggregate_bps > 0:
+        utilisation = aggregate_bps * sum(1.0 / alone[d] for d in devices) / len(devices)
+        capacity = max(float(aggregate_bps), max(alone.values()))
+    else:
+        utilisation = sum(together[d] / alone[d] for d in devices)
+        capacity = max(sum(together.values()), max(alone.values()))
     if utilisation <= AIRTIME_MAX_UTILISATION:
         return MediumEvidence(
             "airtime",
@@ -97,19 +111,22 @@ def detect_medium(alone_bps: Mapping[str, float], together_bps: Mapping[str, flo
 
 
 def decide_medium(
-    choice: str, alone_bps: Mapping[str, float], together_bps: Mapping[str, float] | None = None
+    choice: str,
+    alone_bps: Mapping[str, float],
+    together_bps: Mapping[str, float] | None = None,
+    aggregate_bps: float | None = None,
 ) -> MediumEvidence:
     """``--medium``: ``auto`` follows the probes; a named medium overrides them (and the
     reason says what the probes would have chosen, if there were any)."""
     if choice not in MEDIUM_CHOICES:
         raise ValueError(f"medium {choice!r} is not one of {', '.join(MEDIUM_CHOICES)}")
-    evidence = detect_medium(alone_bps, together_bps or {})
+    evidence = detect_medium(alone_bps, together_bps or {}, aggregate_bps)
     if choice == "auto" or choice == evidence.kind:
         return evidence if choice == "auto" else replace(evidence, reason=f"--medium {choice}; {evidence.reason}")
     capacity = evidence.capacity_bps
     if choice == "shared" and capacity is None:
         measured = together_bps or alone_bps
-        capacity = max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
+        capacity = aggregate_bps or max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
     kind: MediumKind = "shared" if choice == "shared" else "airtime"
     return replace(
         evidence,

@@ -135,7 +135,10 @@ class _Schemes:
         if reason is not None:
             base = SAA_STREAM_OFFSET + round_ * self.config.saa_samples
             samples = self.channel.states(range(base, base + self.config.saa_samples))
-            choice = select_cut(self.costs, samples, self.config.settings, self.config.bounds, self.config.seed)
+            # the simulator scores round latency and has no convergence model: it picks by latency
+            choice = select_cut(
+                self.costs, samples, self.config.settings, self.config.bounds, self.config.seed, objective="latency"
+            )
             self.reselection.selected(round_, samples)
             if self.cpsl_cut is None or choice.cut != self.cpsl_cut.cut:
                 note = f"cut {choice.cut}:{choice.name} ({reason})"
