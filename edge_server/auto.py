@@ -45,6 +45,7 @@ from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
 from edge_server.scheduler import ClusterTiming, RoundPlan
 from toolkit.errors import ProfileError, UserError
+from toolkit.planning.advice import advise, plan_schemes
 from toolkit.planning.allocation import concurrent_phase, slot_schedule
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
 from toolkit.planning.costs import ModelCosts, fit_affine, model_costs
@@ -60,6 +61,7 @@ from toolkit.protocol.bounded_json import load_bounded_json
 log = logging.getLogger("cpsl.server")
 
 GUARD_S = 0.002
+BASELINE_CUT = "pool2"  # the baselines' cut when none is named (edge_server.launch), else the middle one
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class AutoScheduler:
     downlink_medium: MediumEvidence | None = None
     medium_fleet_size: int = 0  # devices probed together when the medium was last decided
     medium_logged: bool = False  # the evidence went into a round's decision
+    advised: bool = False  # the per-scheme table went into the first round's decision
     fixed_costs: FixedCosts = field(default_factory=FixedCosts)
     label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # every label each device trained on
     skew_threshold: float = 0.1  # label skew moved this much since the last cut choice: choose again
@@ -153,6 +156,19 @@ class AutoScheduler:
         self.medium_logged = False
         for direction, evidence in (("uplink", self.uplink_medium), ("downlink", self.downlink_medium)):
             log.warning("auto: %s medium %s: %s", direction, evidence.kind, evidence.reason)
+
+    def _advice(self, state: FleetState, bounds: ClusterBounds) -> dict:
+        """What ``edge_server advise`` would say for this fleet, logged once at the start: each
+        scheme's predicted round on the probed medium (rounds to the target need data the server
+        does not hold; ``edge_server advise --data`` rehearses them)."""
+        self.advised = True
+        named = [c for c in self.costs.cuts if c.name == BASELINE_CUT]
+        baseline = (named[0] if named else self.costs.middle_cut()).cut
+        plans = plan_schemes(self.costs, state, self._settings(), bounds, baseline, self.bounds.min_clusters)
+        advice = advise(plans)
+        for line in advice.lines():
+            log.warning("advice: %s", line)
+        return advice.to_dict()
 
     def label_skew(self, devices: list[str]) -> float:
         """Label skew of these devices from the labels they have trained on (0 before any)."""
@@ -239,6 +255,8 @@ class AutoScheduler:
             "server_speed": self.estimates.server_speed,
             "medium": {"uplink": uplink_medium.kind, "downlink": downlink_medium.kind},
         }
+        if not self.advised:
+            decision["advice"] = self._advice(state, bounds)
         if not self.medium_logged:  # the evidence, in the round it was decided
             decision["medium_evidence"] = {"uplink": uplink_medium.to_dict(), "downlink": downlink_medium.to_dict()}
             self.medium_logged = True

@@ -6,6 +6,7 @@
     edge_server provision add-device ID [ID ...] [--dir DIR]
     edge_server provision renew ID|server|broker [...] [--dir DIR]
     edge_server provision revoke ID [ID ...] [--dir DIR]
+    edge_server advise --profile REF.json --fleet FLEET.json [--data D --non-iid X]    which scheme to run
 
 One parser: training flags at the top level (a run is what edge_server does most), the
 other jobs as subcommands.
@@ -18,11 +19,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_server.advise import add_advise, check_args, run_advise
 from edge_server.launch import add_training_flags, make_config, train
 from toolkit.cli.common import OneLineArgumentParser, positive_float, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.data import load_dataset
 from toolkit.models import load_model
+from toolkit.profile_format import load_profile
 from toolkit.protocol.topics import check_id
 
 PROG = "edge_server"
@@ -40,9 +43,12 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--wait-devices", type=positive_float, default=120.0, help="seconds to wait for them")
     parser.add_argument("--run-id", help="name of this run (default: run-DATE-TIME-XXXX)")
     add_training_flags(parser, {"run_dir": None})
-    commands = parser.add_subparsers(dest="command", metavar="{demo,provision}", parser_class=OneLineArgumentParser)
+    commands = parser.add_subparsers(
+        dest="command", metavar="{demo,provision,advise}", parser_class=OneLineArgumentParser
+    )
     _add_demo(commands)
     _add_provision(commands)
+    add_advise(commands)
     return parser
 
 
@@ -106,8 +112,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return run_demo(args)
     if args.command == "provision":
         return _provision(args)
+    if args.command == "advise":
+        check_args(args)
+        args.model = args.model or load_profile(args.profile).model.name
+        return run_advise(args)
     if args.min_devices is None:
-        parser.error("--min-devices is required to train (or give a subcommand: demo, provision)")
+        parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise)")
     logging.basicConfig(level=args.log_level, format="%(asctime)s server %(levelname)s %(message)s")
     broker = broker_from_args(args)
     if args.run_id:

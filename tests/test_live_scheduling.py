@@ -367,3 +367,17 @@ def test_the_cut_is_chosen_again_once_the_labels_show_the_fleets_skew():
     rounds = again["relative_rounds"]
     assert list(rounds.values()) == sorted(rounds.values())
     assert all(rounds[c] >= first["relative_rounds"][c] for c in rounds)
+
+
+def test_the_first_plan_carries_the_per_scheme_advice_for_the_probed_fleet(caplog):
+    auto = scheduler()
+    devices = [record(f"dev{i}") for i in range(4)]
+    for device, mbit in zip(devices, (10, 5, 2, 8), strict=True):
+        auto.add_device(device, link(mbit), devices)
+    with caplog.at_level("WARNING", logger="cpsl.server"):
+        first = auto.plan(0, devices)
+    advice = first.decision["advice"]
+    assert [row["scheme"] for row in advice["schemes"]] == ["sl", "sfl", "fl", "cpsl-fixed", "cpsl-auto"]
+    assert advice["schemes"][0]["cut"] == "pool2" and "rounds to the target unknown" in advice["basis"]
+    assert sum("advice: " in r.message for r in caplog.records) == 7  # header, five schemes, verdict
+    assert "advice" not in auto.plan(1, devices).decision

@@ -1,0 +1,197 @@
+"""``edge_server advise``: which scheme to run on a fleet, before running any.
+
+    edge_server advise --profile REF.json --fleet FLEET.json [--data builtin:mnist5k --non-iid dirichlet:0.5]
+
+The fleet file (JSON, at most 1 MiB and 10,000 devices) names the medium and each device::
+
+    {"medium": "airtime",                 # or "shared" (wired: caps plus a common capacity)
+     "capacity_up_mbit": 20, "capacity_down_mbit": 40,   # shared only (default: the caps' sum)
+     "devices": [{"name": "pi-1", "uplink_mbit": 14.4, "downlink_mbit": 28.8,
+                  "profile": "pi-1.json"},               # or "speed": 0.4 (relative to REF)
+                 ...]}
+
+Round latencies come from the latency model (:mod:`toolkit.planning.advice`). Rounds to
+the target come from rehearsing each scheme on ``--data`` (the same training the live
+system does, in one process, :mod:`toolkit.rehearsal`): pass the data the devices hold,
+or data like it. Without ``--data`` the advice ranks by round latency and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rich.console import Console
+
+from toolkit.errors import UserError
+from toolkit.planning.advice import SCHEMES, advise, plan_schemes
+from toolkit.planning.clustering import ClusterBounds
+from toolkit.planning.costs import fit_affine, model_costs
+from toolkit.planning.latency import FleetState, TrainingSettings
+from toolkit.planning.rates import LinearRates, SharedRates
+from toolkit.planning.rounds import label_histograms, label_skew
+from toolkit.profile_format import Profile, load_profile
+
+MAX_FLEET_BYTES = 1 << 20
+MAX_DEVICES = 10_000
+Mbit = Annotated[float, Field(gt=0, le=1e6)]
+
+
+class FleetDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    uplink_mbit: Mbit
+    downlink_mbit: Mbit
+    speed: float | None = Field(default=None, gt=0, le=1e4)
+    profile: str | None = Field(default=None, max_length=4096)
+
+    @model_validator(mode="after")
+    def _speed_or_profile(self) -> FleetDevice:
+        if (self.speed is None) == (self.profile is None):
+            raise ValueError(f"device {self.name}: give exactly one of speed and profile")
+        return self
+
+
+class FleetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    medium: Literal["airtime", "shared"]
+    capacity_up_mbit: Mbit | None = None
+    capacity_down_mbit: Mbit | None = None
+    devices: list[FleetDevice] = Field(min_length=1, max_length=MAX_DEVICES)
+
+
+def load_fleet(path: Path) -> FleetSpec:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read fleet {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_FLEET_BYTES:
+        raise UserError(f"fleet {path} is {len(raw)} bytes, more than {MAX_FLEET_BYTES}")
+    try:
+        return FleetSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"fleet {path}: {where}: {first['msg']}") from None
+
+
+def _full_step(profile: Profile, batch: int) -> float:
+    return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(batch)
+
+
+def fleet_state(spec: FleetSpec, reference: Profile, batch: int, base: Path) -> FleetState:
+    """Speeds (from each device's profile of the same model, or given) and the medium's rate law."""
+    speeds = []
+    for device in spec.devices:
+        if device.speed is not None:
+            speeds.append(device.speed)
+            continue
+        path = Path(device.profile)
+        own = load_profile(path if path.is_absolute() else base / path)
+        speeds.append(_full_step(reference, batch) / _full_step(own, batch))
+    up = np.array([d.uplink_mbit for d in spec.devices]) * 1e6
+    down = np.array([d.downlink_mbit for d in spec.devices]) * 1e6
+    if spec.medium == "airtime":
+        return FleetState(np.array(speeds), LinearRates(up), LinearRates(down))
+    up_capacity = (spec.capacity_up_mbit or up.sum() / 1e6) * 1e6
+    down_capacity = (spec.capacity_down_mbit or down.sum() / 1e6) * 1e6
+    return FleetState(np.array(speeds), SharedRates(up, up_capacity), SharedRates(down, down_capacity))
+
+
+def rehearsed_rounds(args, plans, devices: int, console: Console) -> tuple[dict[str, float | None], float]:
+    """Rounds each scheme needs to ``--target`` on ``--data``, and the data's label skew."""
+    from toolkit.data import load_dataset, partition_indices
+    from toolkit.models import load_model
+    from toolkit.rehearsal import RehearsalConfig, rehearse
+
+    data = load_dataset(args.data, args.seed)
+    parts = partition_indices(data.train_y.numpy(), devices, args.non_iid, args.seed)
+    skew = label_skew(label_histograms([data.train_y.numpy()[p] for p in parts], data.num_classes))
+    rounds: dict[str, float | None] = {}
+    for scheme in SCHEMES:
+        plan = plans[scheme]
+        base = scheme.split("-")[0]
+        config = RehearsalConfig(
+            scheme=base,
+            cut=plan.cut,
+            clusters=len(plan.clusters),
+            iterations=args.local_iterations,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            data_seed=args.seed,
+            rounds=args.max_rounds,
+            target_accuracy=args.target,
+        )
+        groups = [[f"dev{i}" for i in group] for group in plan.clusters]
+        model = load_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=args.seed)
+        with console.status(f"rehearsing {scheme} on {args.data} ({args.non_iid})"):
+            history = rehearse(model, data, parts, config, clusters_for_round=lambda round_, ids, groups=groups: groups)
+        reached = next((i + 1 for i, r in enumerate(history) if r.accuracy >= args.target), None)
+        rounds[scheme] = float(reached) if reached is not None else None
+        console.print(
+            f"  {scheme}: {reached if reached else f'not in {args.max_rounds}'} rounds to {args.target:.0%}",
+            highlight=False,
+        )
+    return rounds, skew
+
+
+def run_advise(args) -> int:
+    console = Console(stderr=True)
+    reference = load_profile(args.profile)
+    spec = load_fleet(args.fleet)
+    settings = TrainingSettings(args.batch_size, args.local_iterations)
+    state = fleet_state(spec, reference, args.batch_size, args.fleet.parent)
+    costs = model_costs(reference)
+    baseline = costs.resolve(args.cut).cut
+    size = args.max_cluster_size or math.ceil(len(spec.devices) / args.clusters)
+    bounds = ClusterBounds(size, args.clusters)
+    plans = plan_schemes(costs, state, settings, bounds, baseline, args.clusters, skew=args.skew)
+    rounds, skew = None, args.skew
+    if args.data:
+        rounds, skew = rehearsed_rounds(args, plans, len(spec.devices), console)
+        if abs(skew - args.skew) > 1e-9:  # the cut cpsl-auto takes depends on the skew the data has
+            plans = plan_schemes(costs, state, settings, bounds, baseline, args.clusters, skew=skew)
+    advice = advise(plans, rounds)
+    print(f"{reference.model.name} on {len(spec.devices)} devices, {spec.medium} medium, label skew {skew:.2f}")
+    for line in advice.lines():
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps({"skew": skew, **advice.to_dict()}, indent=1))
+    return 0
+
+
+def add_advise(commands) -> None:
+    from toolkit.cli.common import positive_float, positive_int
+
+    advise_parser = commands.add_parser(
+        "advise",
+        help="predict each scheme's round latency and time to the target on a fleet; say which to run",
+        description=__doc__.split("\n\n")[0],
+    )
+    advise_parser.add_argument("--profile", type=Path, required=True, help="cpsl-profile of the model (reference)")
+    advise_parser.add_argument("--fleet", type=Path, required=True, help="fleet JSON (see the module docs)")
+    advise_parser.add_argument("--model", default=None, help="built-in model to rehearse (default: the profile's)")
+    advise_parser.add_argument("--data", help="rehearse every scheme on this dataset for its rounds to the target")
+    advise_parser.add_argument("--non-iid", default="dirichlet:0.5", help="how --data is split over the devices")
+    advise_parser.add_argument("--skew", type=float, default=0.0, help="label skew when no --data is given (0-1)")
+    advise_parser.add_argument("--target", type=positive_float, default=0.9)
+    advise_parser.add_argument("--max-rounds", type=positive_int, default=40)
+    advise_parser.add_argument("--cut", default="pool2", help="the baselines' cut (sl, sfl, cpsl-fixed)")
+    advise_parser.add_argument("--clusters", type=positive_int, default=2)
+    advise_parser.add_argument("--max-cluster-size", type=positive_int)
+    advise_parser.add_argument("--batch-size", type=positive_int, default=32)
+    advise_parser.add_argument("--local-iterations", type=positive_int, default=20)
+    advise_parser.add_argument("--lr", type=positive_float, default=0.05)
+    advise_parser.add_argument("--seed", type=int, default=0)
+    advise_parser.add_argument("--json", type=Path, help="also write the advice here")
+
+
+def check_args(args) -> None:
+    if not 0 <= args.skew <= 1:
+        raise UserError(f"--skew {args.skew:g} is a fraction: give a number in [0, 1]")
+    if args.target > 1:
+        raise UserError(f"--target {args.target:g} is a fraction: give a number in (0, 1]")

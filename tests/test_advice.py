@@ -1,0 +1,121 @@
+"""The scheme advisor: per-scheme plans on one fleet, and `edge_server advise`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.planning.advice import SCHEMES, advise, plan_schemes
+from toolkit.planning.clustering import ClusterBounds
+from toolkit.planning.costs import model_costs
+from toolkit.planning.latency import FleetState, TrainingSettings
+from toolkit.planning.rates import LinearRates, SharedRates
+from toolkit.profile_format import load_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+LENET = ROOT / "profiles" / "epyc-vm-2vcpu" / "lenet5.json"
+COSTS = model_costs(load_profile(LENET))
+SETTINGS = TrainingSettings(32, 20)
+UP = np.array([14.0, 5.6, 2.4, 5.6]) * 1e6
+
+
+def fleet(rates) -> FleetState:
+    return FleetState(np.array([1.0, 0.5, 0.25, 1.0]), rates(UP), rates(2 * UP))
+
+
+def test_every_scheme_is_planned_as_the_server_runs_it():
+    plans = plan_schemes(COSTS, fleet(LinearRates), SETTINGS, ClusterBounds(2, 2), COSTS.resolve("pool2").cut)
+    assert list(plans) == list(SCHEMES)
+    assert plans["sl"].clusters == ((0,), (1,), (2,), (3,))
+    assert plans["sfl"].clusters == ((0, 1, 2, 3),)
+    assert plans["cpsl-fixed"].clusters == ((0, 2), (1, 3))
+    assert plans["fl"].cut is None and plans["sl"].cut_name == "pool2"
+    assert sorted(d for c in plans["cpsl-auto"].clusters for d in c) == [0, 1, 2, 3]
+    assert all(p.round_latency_s > 0 for p in plans.values())
+    # SL's devices take turns, so each has the medium alone: its round is the sum of solo turns
+    assert plans["sl"].round_latency_s > plans["cpsl-fixed"].round_latency_s
+
+
+def test_on_a_byte_shared_medium_overlap_makes_the_parallel_schemes_faster_than_on_air_time():
+    cut = COSTS.resolve("pool2").cut
+    air = plan_schemes(COSTS, fleet(LinearRates), SETTINGS, ClusterBounds(2, 2), cut)
+    wired = plan_schemes(COSTS, fleet(lambda r: SharedRates(r, float(r.sum()))), SETTINGS, ClusterBounds(2, 2), cut)
+    for scheme in ("sfl", "fl", "cpsl-fixed"):
+        assert wired[scheme].round_latency_s < air[scheme].round_latency_s
+    # SL never overlaps anything: one device at a time is the same on both media
+    assert wired["sl"].round_latency_s == pytest.approx(air["sl"].round_latency_s, rel=1e-9)
+
+
+def test_advice_takes_the_shortest_time_to_target_and_says_what_it_rests_on():
+    plans = plan_schemes(COSTS, fleet(LinearRates), SETTINGS, ClusterBounds(2, 2), COSTS.resolve("pool2").cut)
+    by_latency = advise(plans)
+    assert by_latency.recommended == min(plans, key=lambda s: plans[s].round_latency_s)
+    assert "rounds to the target unknown" in by_latency.basis
+    rounds = {"sl": 6.0, "sfl": 19.0, "fl": None, "cpsl-fixed": 8.0, "cpsl-auto": 12.0}
+    advice = advise(plans, rounds)
+    times = {s: plans[s].round_latency_s * r for s, r in rounds.items() if r is not None}
+    assert advice.recommended == min(times, key=times.get)
+    assert "fl did not reach it" in advice.basis
+    lines = advice.lines()
+    assert lines[0].startswith("scheme") and len(lines) == len(SCHEMES) + 2
+    assert lines[-1].startswith(f"run {advice.recommended}")
+    assert advice.to_dict()["schemes"][2]["time_to_target_s"] is None
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_server", "advise", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+def test_advise_rehearses_each_scheme_and_prints_and_writes_the_table(tmp_path):
+    out = tmp_path / "advice.json"
+    result = cli(
+        "--profile",
+        str(LENET),
+        "--fleet",
+        str(ROOT / "bench" / "fleets" / "testbed-wifi.json"),
+        "--data",
+        "builtin:digits",
+        "--non-iid",
+        "iid",
+        "--target",
+        "0.8",
+        "--max-rounds",
+        "6",
+        "--local-iterations",
+        "5",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "airtime medium" in result.stdout and "run " in result.stdout
+    advice = json.loads(out.read_text())
+    assert [row["scheme"] for row in advice["schemes"]] == list(SCHEMES)
+    assert advice["recommended"] in SCHEMES and advice["skew"] < 0.2
+    assert any(row["rounds"] for row in advice["schemes"])
+
+
+@pytest.mark.parametrize(
+    ("fleet_json", "message"),
+    [
+        ('{"medium": "ether", "devices": []}', "medium"),
+        ('{"medium": "airtime", "devices": [{"name": "a", "uplink_mbit": 1, "downlink_mbit": 1}]}', "exactly one"),
+        (
+            '{"medium": "airtime", "devices": [{"name": "a", "uplink_mbit": -1, "downlink_mbit": 1, "speed": 1}]}',
+            "uplink",
+        ),
+        ("[" * 100000, "fleet"),
+    ],
+)
+def test_a_bad_fleet_file_gets_one_line(tmp_path, fleet_json, message):
+    path = tmp_path / "fleet.json"
+    path.write_text(fleet_json)
+    result = cli("--profile", str(LENET), "--fleet", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
