@@ -15,7 +15,11 @@ Reported per scheme: wall time to 90% (sum of round latencies until the first ro
 above 90%), mean round latency, and for cpsl-auto the fidelity measured / predicted round
 latency per round. Optional events for the adaptation run: ``--throttle dev2:3:0.5``.
 
-    sudo python bench/testbed_compare.py [--schemes ...] [--rounds 25] [--medium wired|wifi] [--out DIR]
+    sudo python bench/testbed_compare.py [--schemes ...] [--rounds 25] [--medium wired|wifi]
+                                         [--fleet default|heavy] [--out DIR]
+
+``--fleet heavy`` trains WideNet (5.5 MB, toolkit/models/widenet.py) on devices of
+0.15/0.08/0.05 of a core: the case split learning is for.
 
 ``--medium wifi`` shares the medium's airtime as 802.11 does (docs/testbed.md, "Two media"),
 each device's uplink and downlink rates then being its PHY rates.
@@ -32,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from toolkit.cli.testbed import default_spec
+from toolkit.cli.testbed import FLEETS, default_spec
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
 from toolkit.testbed.topology import MEDIA, Testbed, require_root
 
@@ -115,21 +119,28 @@ def main() -> None:
     parser.add_argument("--throttle", action="append", default=[], help="for cpsl-auto: devI:ROUND:MBIT")
     parser.add_argument("--drop", action="append", default=[], help="for cpsl-auto: devI:ROUND")
     parser.add_argument("--medium", choices=MEDIA, default="wired")
+    parser.add_argument(
+        "--fleet",
+        choices=sorted(FLEETS),
+        default="default",
+        help="default: LeNet-5, capable CPUs; heavy: WideNet, weak",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "testbed")
     args = parser.parse_args()
     require_root()
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))  # clean up
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = default_spec(args.devices, medium=args.medium)
+    spec = default_spec(args.devices, medium=args.medium, fleet=args.fleet)
+    model = FLEETS[args.fleet][1]
     results = {}
     testbed = Testbed(spec)
     started = time.time()
     try:
         testbed.create()
-        profiles = profile_devices(testbed, args.out / "profiles", 32)
+        profiles = profile_devices(testbed, args.out / "profiles", 32, model)
         for name in args.schemes.split(","):
             run_spec = SCHEMES[name]
-            run_spec.rounds, run_spec.target_accuracy = args.rounds, args.target
+            run_spec.rounds, run_spec.target_accuracy, run_spec.model = args.rounds, args.target, model
             if name == "cpsl-auto":
                 run_spec.events = [Event.parse("throttle", t, args.devices) for t in args.throttle] + [
                     Event.parse("drop", d, args.devices) for d in args.drop
@@ -151,6 +162,7 @@ def main() -> None:
             [f"--schemes {args.schemes}", f"--devices {args.devices}", f"--rounds {args.rounds}"]
             + [
                 f"--medium {args.medium}",
+                f"--fleet {args.fleet}",
                 f"--out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}",
             ]
             + [f"--throttle {t}" for t in args.throttle]
@@ -158,6 +170,8 @@ def main() -> None:
         ),
         "spec": [vars(d) for d in spec.devices],
         "medium": args.medium,
+        "fleet": args.fleet,
+        "model": model,
         "medium_mbit": {"up": spec.medium_up_mbit, "down": spec.medium_down_mbit},
         "wall_s": time.time() - started,
         "results": results,

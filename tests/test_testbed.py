@@ -208,3 +208,18 @@ def test_the_wifi_medium_carries_a_slotted_run_through_its_relay_and_cleans_up(t
         "registered at mqtt://10.77.0.1:1883" in (run_dir / "logs" / f"agent-{i}.log").read_text() for i in (0, 1)
     )
     assert_nothing_left()
+
+
+def test_the_heavy_fleet_is_widenet_on_weak_devices_and_every_process_is_told_the_model(tmp_path):
+    from toolkit.cli.testbed import FLEETS, HEAVY_CPU_CLASSES, default_spec
+    from toolkit.testbed.runner import RunSpec
+
+    spec = default_spec(8, fleet="heavy")
+    assert [d.cpu_share for d in spec.devices] == [HEAVY_CPU_CLASSES[i % 3] for i in range(8)]
+    assert [d.uplink_mbit for d in spec.devices] == [d.uplink_mbit for d in default_spec(8).devices]
+    run = RunSpec(model=FLEETS["heavy"][1])
+    server = run.server_flags()
+    assert server[server.index("--model") + 1] == "widenet"
+    agent = run.agent_flags(3, 8, tmp_path / "p.json")
+    assert agent[agent.index("--model") + 1] == "widenet" and agent[agent.index("--partition") + 1] == "3/8"
+    assert agent[agent.index("--device-id") + 1] == "dev3"

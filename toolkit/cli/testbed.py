@@ -18,24 +18,31 @@ from pathlib import Path
 
 from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
 from toolkit.errors import UserError
+from toolkit.models.registry import BUILTIN_MODELS
 from toolkit.planning.medium import MEDIUM_CHOICES
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
 from toolkit.testbed.topology import MEDIA, DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
 
 PROG = "cpsl-testbed"
 CPU_CLASSES = (0.30, 0.15, 0.08)  # fraction of one core: fast, medium, slow
+HEAVY_CPU_CLASSES = (0.15, 0.08, 0.05)  # the heavy fleet: devices too weak to train a whole model quickly
 UPLINK_CLASSES = (16.0, 6.0, 2.5)  # Mbit/s: good, fair, poor channel
+# fleet -> (CPU classes, model): "default" is LeNet-5 on capable devices, FL's case; "heavy"
+# is WideNet (5.5 MB, most of it a fully connected head) on weak ones, split learning's case
+FLEETS = {"default": (CPU_CLASSES, "lenet5"), "heavy": (HEAVY_CPU_CLASSES, "widenet")}
 
 
 def default_spec(
-    devices: int, medium_up: float = 20.0, medium_down: float = 40.0, medium: str = "wired"
+    devices: int, medium_up: float = 20.0, medium_down: float = 40.0, medium: str = "wired", fleet: str = "default"
 ) -> TestbedSpec:
-    """Device i: compute class i mod 3, channel class (i // 3 + i) mod 3 (so the two do not
-    line up), downlink twice its uplink; the shared medium 20 Mbit/s up, 40 down."""
+    """Device i: compute class i mod 3 (of the fleet's classes), channel class
+    (i // 3 + i) mod 3 (so the two do not line up), downlink twice its uplink; the shared
+    medium 20 Mbit/s up, 40 down."""
+    classes = FLEETS[fleet][0]
     return TestbedSpec(
         tuple(
             DeviceSpec(
-                f"dev{i}", UPLINK_CLASSES[(i // 3 + i) % 3], 2 * UPLINK_CLASSES[(i // 3 + i) % 3], CPU_CLASSES[i % 3]
+                f"dev{i}", UPLINK_CLASSES[(i // 3 + i) % 3], 2 * UPLINK_CLASSES[(i // 3 + i) % 3], classes[i % 3]
             )
             for i in range(devices)
         ),
@@ -82,6 +89,13 @@ def build_parser() -> OneLineArgumentParser:
         default="auto",
         help="the server's --medium: how cpsl --auto models the medium (default: decided from probes)",
     )
+    run_parser.add_argument(
+        "--fleet",
+        choices=sorted(FLEETS),
+        default="default",
+        help="default: LeNet-5 on CPU classes 0.30/0.15/0.08 of a core; heavy: WideNet on 0.15/0.08/0.05",
+    )
+    run_parser.add_argument("--model", choices=sorted(BUILTIN_MODELS), help="train this built-in model instead")
     run_parser.add_argument("--scheme", choices=("cpsl", "sl", "sfl", "fl"), default="cpsl")
     run_parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None)
     run_parser.add_argument("--random-clusters", action="store_true")
@@ -124,7 +138,10 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"removed {namespaces} namespaces and {groups} CPU groups")
         return 0
     require_root()
-    spec = load_spec(args.spec, args.medium) if args.spec else default_spec(args.devices, medium=args.medium)
+    if args.spec:
+        spec = load_spec(args.spec, args.medium)
+    else:
+        spec = default_spec(args.devices, medium=args.medium, fleet=args.fleet)
     if args.throttle and spec.medium != "wired":
         raise UserError("--throttle needs --medium wired (the wifi relay's rates are fixed per run)")
     count = len(spec.devices)
@@ -143,12 +160,13 @@ def _main(argv: Sequence[str] | None) -> int:
         seed=args.seed,
         events=events,
         planner_medium=args.planner_medium,
+        model=args.model or FLEETS[args.fleet][1],
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
     testbed = Testbed(spec)
     try:
         testbed.create()
-        profiles = profile_devices(testbed, args.run_dir / "profiles", run_spec.batch_size)
+        profiles = profile_devices(testbed, args.run_dir / "profiles", run_spec.batch_size, run_spec.model)
         records = run(testbed, run_spec, args.run_dir, profiles)
     except (RuntimeError, OSError) as exc:
         raise UserError(f"testbed run failed: {exc}") from exc

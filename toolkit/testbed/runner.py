@@ -29,6 +29,7 @@ log = logging.getLogger("cpsl.testbed")
 
 BROKER_PORT = 1883
 MODEL, DATA = "lenet5", "builtin:mnist5k"
+DATA_SHAPE = "1,28,28"  # builtin:mnist5k's digits: what every device profiles the model for
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class RunSpec:
     non_iid: str = "dirichlet:0.5"
     timeout_s: float = 60.0
     planner_medium: str = "auto"  # the server's --medium: how cpsl --auto models the medium
+    model: str = MODEL  # a built-in model; every agent is configured to train it and only it
     events: list[Event] = field(default_factory=list)
 
     def server_flags(self) -> list[str]:
@@ -107,7 +109,30 @@ class RunSpec:
             flags += ["--cut", self.cut]
         if self.target_accuracy is not None:
             flags += ["--target-accuracy", str(self.target_accuracy)]
-        return flags
+        return ["--model", self.model, "--data", DATA, *flags]
+
+    def agent_flags(self, index: int, devices: int, profile: Path) -> list[str]:
+        """Device ``index``'s agent: its partition of the data, the one model it may train, its profile."""
+        return [
+            "--device-id",
+            f"dev{index}",
+            "--model",
+            self.model,
+            "--data",
+            DATA,
+            "--partition",
+            f"{index}/{devices}",
+            "--non-iid",
+            self.non_iid,
+            "--seed",
+            str(self.seed),
+            "--profile",
+            str(profile),
+            "--threads",
+            "1",
+            "--heartbeat",
+            "1",
+        ]
 
 
 def _stop(process: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -122,14 +147,15 @@ def _stop(process: subprocess.Popen, grace_s: float = 5.0) -> None:
         process.wait()
 
 
-def profile_devices(testbed: Testbed, folder: Path, batch_size: int) -> dict[int, Path]:
-    """A short profile per distinct CPU share, measured inside that device's CPU group."""
+def profile_devices(testbed: Testbed, folder: Path, batch_size: int, model: str = MODEL) -> dict[int, Path]:
+    """A short profile of ``model`` per distinct CPU share, measured inside that device's CPU group."""
     folder.mkdir(parents=True, exist_ok=True)
     by_share: dict[float, Path] = {}
     result = {}
     for index, device in enumerate(testbed.spec.devices):
         if device.cpu_share not in by_share:
-            path = folder / f"cpu{device.cpu_share:g}.json"
+            prefix = "" if model == MODEL else f"{model}-"
+            path = folder / f"{prefix}cpu{device.cpu_share:g}.json"
             if not path.exists():
                 name = f"testbed-cpu{device.cpu_share:g}"
                 command = [
@@ -137,7 +163,9 @@ def profile_devices(testbed: Testbed, folder: Path, batch_size: int) -> dict[int
                     "-m",
                     "toolkit.cli.profile",
                     "--model",
-                    MODEL,
+                    model,
+                    "--input-shape",
+                    DATA_SHAPE,
                     "--batch-size",
                     str(batch_size),
                     "--repeats",
@@ -213,22 +241,7 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
                 "firmware_agent",
                 "--broker",
                 broker_url,
-                "--device-id",
-                f"dev{index}",
-                "--data",
-                DATA,
-                "--partition",
-                f"{index}/{devices}",
-                "--non-iid",
-                spec.non_iid,
-                "--seed",
-                str(spec.seed),
-                "--profile",
-                str(profiles[index]),
-                "--threads",
-                "1",
-                "--heartbeat",
-                "1",
+                *spec.agent_flags(index, devices, profiles[index]),
             ]
             agents[index] = start(testbed.device_command(index, command), f"agent-{index}.log")
         server_command = [
@@ -237,10 +250,6 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
             "edge_server",
             "--broker",
             server_broker_url,
-            "--model",
-            MODEL,
-            "--data",
-            DATA,
             "--min-devices",
             str(devices),
             "--wait-devices",
