@@ -154,8 +154,16 @@ def main() -> None:
                 f"mean round {row['mean_round_latency_s']:.2f} s, fidelity {row['fidelity_median']}",
                 flush=True,
             )
+            write_report(args, spec, model, started, results)
     finally:
         testbed.destroy()
+    write_report(args, spec, model, started, results)
+    plot(results, args.out / "compare.png", args.target)
+    print(f"wrote {args.out / 'compare.json'} and compare.png")
+
+
+def write_report(args, spec, model: str, started: float, results: dict) -> None:
+    """compare.json, rewritten after every scheme: a long run stopped midway keeps what it measured."""
     report = {
         "command": "python bench/testbed_compare.py "
         + " ".join(
@@ -177,8 +185,6 @@ def main() -> None:
         "results": results,
     }
     (args.out / "compare.json").write_text(json.dumps(report, indent=1))
-    plot(results, args.out / "compare.png", args.target)
-    print(f"wrote {args.out / 'compare.json'} and compare.png")
 
 
 if __name__ == "__main__":
