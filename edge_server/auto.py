@@ -147,10 +147,18 @@ class AutoScheduler:
         """Decide each direction's medium from a simultaneous probe (see toolkit.planning.medium)."""
         alone = {d: self.estimates.devices[d] for d in together.up_bps if d in self.estimates.devices}
         self.uplink_medium = decide_medium(
-            self.medium, {d: e.up_bps for d, e in alone.items()}, together.up_bps, together.up_aggregate_bps
+            self.medium,
+            {d: e.up_bps for d, e in alone.items()},
+            together.up_bps,
+            together.up_bits,
+            together.up_span_s,
         )
         self.downlink_medium = decide_medium(
-            self.medium, {d: e.down_bps for d, e in alone.items()}, together.down_bps, together.down_aggregate_bps
+            self.medium,
+            {d: e.down_bps for d, e in alone.items()},
+            together.down_bps,
+            together.down_bits,
+            together.down_span_s,
         )
         self.medium_fleet_size = len(alone)
         self.medium_logged = False

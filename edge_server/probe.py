@@ -54,13 +54,15 @@ class ProbeTimeoutError(Exception):
 
 @dataclass(frozen=True)
 class TogetherMeasurement:
-    """Mean rates over each device's transfer while all of them moved one payload at once."""
+    """All devices probed at once: each one's mean rate over its own transfer, the bits it
+    moved, and the span of the whole exchange, per direction."""
 
-    payload_bytes: int
     up_bps: dict[str, float]
     down_bps: dict[str, float]
-    up_aggregate_bps: float | None = None  # every payload over the span of the whole exchange
-    down_aggregate_bps: float | None = None
+    up_bits: dict[str, float] | None = None
+    down_bits: dict[str, float] | None = None
+    up_span_s: float | None = None
+    down_span_s: float | None = None
 
 
 class LinkProber:
@@ -142,21 +144,26 @@ class LinkProber:
         return times
 
     def measure_together(self, links: dict[str, LinkMeasurement], solo_s: float = 1.0) -> TogetherMeasurement:
-        """Every device at once, one payload each way; sized so the slowest device alone would
-        take about ``solo_s``: long against a shaper's burst and TCP's slow start, so a
-        shared medium shows its overlap and an air-time one its turns."""
-        slowest = min(min(link.up_bps, link.down_bps) for link in links.values())
-        size = int(min(MAX_PROBE_BYTES, max(FIRST_PROBE_BYTES, slowest * solo_s / 8.0)))
-        rates: dict[str, dict[str, float]] = {}
-        aggregate: dict[str, float] = {}
-        for direction, sizes in (("down", (size, 0)), ("up", (0, size))):
-            times = self._exchange_all(dict.fromkeys(links, sizes))
+        """Every device at once, each direction in turn. Device n's payload is what it would
+        move alone in about ``solo_s`` (long against a shaper's burst and TCP's slow start),
+        so on air time the exchange lasts about n x ``solo_s`` and on shared bytes about
+        ``solo_s`` (more if the medium's capacity binds): the span tells them apart
+        whatever the devices' rates (:func:`toolkit.planning.medium.detect_medium`)."""
+        measured: dict[str, dict] = {}
+        for direction in ("down", "up"):
+            solo = {d: (link.down_bps if direction == "down" else link.up_bps) for d, link in links.items()}
+            size = {d: int(min(MAX_PROBE_BYTES, max(FIRST_PROBE_BYTES, solo[d] * solo_s / 8.0))) for d in links}
+            sizes = {d: (size[d], 0) if direction == "down" else (0, size[d]) for d in links}
+            times = self._exchange_all(sizes)
             transfer = {d: max(self._round_trip(*times[d]) - links[d].rtt_s, 1e-6) for d in links}
-            rates[direction] = {d: 8.0 * size / transfer[d] for d in links}
-            # all payloads over the span from the first send to the last transfer's end
-            span = max(times[d][0] - min(t[0] for t in times.values()) + transfer[d] for d in links)
-            aggregate[direction] = 8.0 * size * len(links) / max(span, 1e-6)
-        return TogetherMeasurement(size, rates["up"], rates["down"], aggregate["up"], aggregate["down"])
+            first = min(t[0] for t in times.values())
+            measured[direction] = {
+                "bps": {d: 8.0 * size[d] / transfer[d] for d in links},
+                "bits": {d: 8.0 * size[d] for d in links},
+                "span_s": max(times[d][0] - first + transfer[d] for d in links),
+            }
+        up, down = measured["up"], measured["down"]
+        return TogetherMeasurement(up["bps"], down["bps"], up["bits"], down["bits"], up["span_s"], down["span_s"])
 
     def measure(self, device: str) -> LinkMeasurement:
         samples = [self._exchange(device, 0, 0) for _ in range(PINGS)]

@@ -305,7 +305,7 @@ def probed(medium: str, together_up: dict[str, float], together_down: dict[str, 
     for device, mbit in zip(devices, (10, 5, 2), strict=True):
         auto.add_device(device, link(mbit), devices)
     assert auto.needs_medium_probe(["a", "b", "c"]) == (medium != "airtime")
-    auto.set_medium(TogetherMeasurement(1 << 20, together_up, together_down))
+    auto.set_medium(TogetherMeasurement(together_up, together_down))
     assert not auto.needs_medium_probe(["a", "b", "c"])
     return auto
 

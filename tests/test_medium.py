@@ -147,15 +147,23 @@ def test_one_device_gives_no_evidence_and_a_named_medium_overrides_the_probes():
 
 
 def test_the_span_of_the_whole_exchange_outweighs_per_device_means_skewed_by_late_starters():
-    # on air time, 4 devices moving equal payloads together take sum(1/a) per payload bit;
-    # two of them started late, so their own mean rates look like solo rates
     alone = {"a": 16e6, "b": 6e6, "c": 2.5e6, "d": 6e6}
+    payload = {d: rate * 1.0 for d, rate in alone.items()}  # one solo second each
+    # on air time the exchange takes the sum of the solo seconds; two devices started late,
+    # so their own mean rates look like solo rates and the means alone would say "shared"
     skewed = {"a": 15e6, "b": 5.5e6, "c": 1.0e6, "d": 2.0e6}
-    assert detect_medium(alone, skewed).kind == "shared"  # the means alone would be fooled
-    aggregate = len(alone) / sum(1 / a for a in alone.values())
-    evidence = detect_medium(alone, skewed, aggregate)
+    assert detect_medium(alone, skewed).kind == "shared"
+    evidence = detect_medium(alone, skewed, payload, span_s=4.0)
     assert evidence.kind == "airtime" and evidence.utilisation == pytest.approx(1.0)
-    # a 20 Mbit/s byte-shared medium: all four held 20 Mbit/s together
-    evidence = detect_medium(alone, skewed, 20e6)
-    assert evidence.kind == "shared" and evidence.capacity_bps == 20e6
-    assert evidence.utilisation == pytest.approx(20e6 * sum(1 / a for a in alone.values()) / 4)
+    # all four overlapping without a bottleneck: one solo second for the lot
+    evidence = detect_medium(alone, alone, payload, span_s=1.0)
+    assert evidence.kind == "shared" and evidence.utilisation == pytest.approx(4.0)
+    # caps very unlike each other do not blur it (the testbed's 16 and 6 Mbit/s on 20)
+    pair = {"a": 16e6, "b": 6e6}
+    span = max(1.0, (16e6 + 6e6) / 20e6)
+    evidence = detect_medium(pair, pair, {d: r for d, r in pair.items()}, span)
+    assert evidence.kind == "shared" and evidence.utilisation == pytest.approx(2 / span)
+    # a 20 Mbit/s bottleneck under 30.5 Mbit/s of caps: 30.5 Mbit take 1.525 s
+    evidence = detect_medium(alone, alone, payload, span_s=30.5e6 / 20e6)
+    assert evidence.kind == "shared" and evidence.capacity_bps == pytest.approx(20e6)
+    assert evidence.utilisation == pytest.approx(4 / 1.525)

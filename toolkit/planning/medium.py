@@ -10,8 +10,9 @@ Two media, two rate laws (:mod:`toolkit.planning.rates`):
 
 The evidence is one number per direction. Probe every device alone (rate ``a_n``), then
 all of them at once with the same payload (mean rate ``t_n`` over each one's transfer),
-and add up the fractions of their solo rates they kept: ``u = sum_n t_n / a_n`` (or the
-same from the whole exchange's span, :func:`detect_medium`).
+and add up the fractions of their solo rates they kept: ``u = sum_n t_n / a_n``; better,
+the same from the whole exchange's span, with each payload sized to one solo second
+(:func:`detect_medium`).
 
 - On an air-time medium the fractions are fractions of one air time: ``u`` is 1 (under
   DCF every station gets the same throughput ``1 / sum_j (1/a_j)``, and
@@ -66,15 +67,21 @@ class MediumEvidence:
 
 
 def detect_medium(
-    alone_bps: Mapping[str, float], together_bps: Mapping[str, float], aggregate_bps: float | None = None
+    alone_bps: Mapping[str, float],
+    together_bps: Mapping[str, float],
+    payload_bits: Mapping[str, float] | None = None,
+    span_s: float | None = None,
 ) -> MediumEvidence:
-    """The medium one direction behaves as, from solo and simultaneous probe rates.
+    """The medium one direction behaves as, from solo and simultaneous probes.
 
-    ``aggregate_bps``, when measured, is every simultaneous payload over the span of the
-    whole exchange. It is the better evidence: a device that started late or whose round
-    trip was misjudged skews its own mean rate but hardly the span. With equal payloads
-    the air-time prediction of the span is ``sum_n 1/a_n`` per payload bit, so
-    ``u = aggregate x sum_n (1/a_n) / n``, again 1 on air time and up to n on shared bytes.
+    With ``payload_bits`` (what each device sent in the simultaneous probe) and ``span_s``
+    (first send to last arrival), the evidence is the span against the air-time one:
+    ``u = sum_n (payload_n / a_n) / span``. Taking turns, the span is the sum of the solo
+    times and ``u = 1``; overlapping, it is the longest solo time (or the total over the
+    capacity, if that binds), and with payloads sized to equal solo times ``u`` reaches n.
+    This is robust where the per-device means are not (a device that started late or
+    whose round trip was misjudged skews its own mean, hardly the span), and the
+    capacity is then the bits moved over the span. Without them, ``u = sum_n t_n / a_n``.
     """
     devices = sorted(d for d in together_bps if alone_bps.get(d, 0) > 0 and together_bps[d] > 0)
     alone = {d: float(alone_bps[d]) for d in devices}
@@ -83,9 +90,9 @@ def detect_medium(
         return MediumEvidence(
             "airtime", None, None, alone, together, "fewer than two devices probed together: the media are alike"
         )
-    if aggregate_bps is not None and aggregate_bps > 0:
-        utilisation = aggregate_bps * sum(1.0 / alone[d] for d in devices) / len(devices)
-        capacity = max(float(aggregate_bps), max(alone.values()))
+    if payload_bits and span_s and span_s > 0 and all(payload_bits.get(d, 0) > 0 for d in devices):
+        utilisation = sum(payload_bits[d] / alone[d] for d in devices) / span_s
+        capacity = max(sum(payload_bits[d] for d in devices) / span_s, max(alone.values()))
     else:
         utilisation = sum(together[d] / alone[d] for d in devices)
         capacity = max(sum(together.values()), max(alone.values()))
@@ -114,19 +121,21 @@ def decide_medium(
     choice: str,
     alone_bps: Mapping[str, float],
     together_bps: Mapping[str, float] | None = None,
-    aggregate_bps: float | None = None,
+    payload_bits: Mapping[str, float] | None = None,
+    span_s: float | None = None,
 ) -> MediumEvidence:
     """``--medium``: ``auto`` follows the probes; a named medium overrides them (and the
     reason says what the probes would have chosen, if there were any)."""
     if choice not in MEDIUM_CHOICES:
         raise ValueError(f"medium {choice!r} is not one of {', '.join(MEDIUM_CHOICES)}")
-    evidence = detect_medium(alone_bps, together_bps or {}, aggregate_bps)
+    evidence = detect_medium(alone_bps, together_bps or {}, payload_bits, span_s)
     if choice == "auto" or choice == evidence.kind:
         return evidence if choice == "auto" else replace(evidence, reason=f"--medium {choice}; {evidence.reason}")
     capacity = evidence.capacity_bps
     if choice == "shared" and capacity is None:
         measured = together_bps or alone_bps
-        capacity = aggregate_bps or max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
+        moved = sum(payload_bits.values()) / span_s if payload_bits and span_s else None
+        capacity = moved or max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
     kind: MediumKind = "shared" if choice == "shared" else "airtime"
     return replace(
         evidence,
