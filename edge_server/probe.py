@@ -173,3 +173,22 @@ class LinkProber:
         down = self._rate(device, rtt, down=True)
         up = self._rate(device, rtt, down=False)
         return LinkMeasurement(rtt_s=rtt, clock_offset_s=offset, up_bps=up, down_bps=down)
+
+
+def probe_fleet(scheduler, prober: LinkProber, devices: list) -> None:
+    """Probe every device ``scheduler`` has not measured yet, each alone; then, when it asks
+    (two or more known devices, or the fleet grew), all of them at once for the medium."""
+    for record in devices:
+        if scheduler.needs_probe(record.id):
+            try:
+                scheduler.add_device(record, prober.measure(record.id), devices)
+            except ProbeTimeoutError as exc:
+                log.warning("probe failed, %s sits this round out: %s", record.id, exc)
+    ids = [record.id for record in devices]
+    if not scheduler.needs_medium_probe(ids):
+        return
+    estimates = scheduler.estimates.devices
+    try:
+        scheduler.set_medium(prober.measure_together({d: estimates[d].link() for d in ids if d in estimates}))
+    except ProbeTimeoutError as exc:
+        log.warning("the simultaneous probe failed, the medium stays as it was: %s", exc)

@@ -488,11 +488,10 @@ class EdgeServer:
             stats.uplink_s += max(row.upload_s for row in rows)
 
     def _probe_new_devices(self, round_: int, devices: list) -> None:
-        """Measure the link of every device the scheduler has not seen (all of them at first)."""
-        needs_probe = getattr(self.scheduler, "needs_probe", None)
-        if needs_probe is None:
+        """Measure the link of every device the scheduler has not seen, and the medium (edge_server.probe)."""
+        if getattr(self.scheduler, "needs_probe", None) is None:
             return
-        from edge_server.probe import LinkProber, ProbeTimeoutError
+        from edge_server.probe import LinkProber, probe_fleet
 
         def send(device: str, body: m.Probe, tensors) -> None:
             self._send(device, Kind.PROBE, body, round_, tensors=tensors)
@@ -503,26 +502,7 @@ class EdgeServer:
             timeout_s=self.config.iteration_timeout_s,
             flush=lambda: self.endpoint.transport.flush(self.config.iteration_timeout_s),
         )
-        for record in devices:
-            if needs_probe(record.id):
-                try:
-                    self.scheduler.add_device(record, prober.measure(record.id), devices)
-                except ProbeTimeoutError as exc:
-                    log.warning("probe failed, %s sits this round out: %s", record.id, exc)
-        self._probe_medium(prober, [record.id for record in devices])
-
-    def _probe_medium(self, prober, devices: list[str]) -> None:
-        """All known devices at once against each alone: which medium they share (edge_server.auto)."""
-        from edge_server.probe import ProbeTimeoutError
-
-        if not self.scheduler.needs_medium_probe(devices):
-            return
-        estimates = self.scheduler.estimates.devices
-        links = {d: estimates[d].link() for d in devices if d in estimates}
-        try:
-            self.scheduler.set_medium(prober.measure_together(links))
-        except ProbeTimeoutError as exc:
-            log.warning("the simultaneous probe failed, the medium stays as it was: %s", exc)
+        probe_fleet(self.scheduler, prober, devices)
 
     def run_round(self, round_: int) -> dict:
         self.intake.start_round(round_)
