@@ -146,19 +146,14 @@ class AutoScheduler:
     def set_medium(self, together: TogetherMeasurement) -> None:
         """Decide each direction's medium from a simultaneous probe (see toolkit.planning.medium)."""
         alone = {d: self.estimates.devices[d] for d in together.up_bps if d in self.estimates.devices}
-        self.uplink_medium = decide_medium(
-            self.medium,
-            {d: e.up_bps for d, e in alone.items()},
-            together.up_bps,
-            together.up_bits,
-            together.up_span_s,
-        )
-        self.downlink_medium = decide_medium(
-            self.medium,
-            {d: e.down_bps for d, e in alone.items()},
-            together.down_bps,
-            together.down_bits,
-            together.down_span_s,
+        solo_up = {d: e.up_bps for d, e in alone.items()}
+        solo_down = {d: e.down_bps for d, e in alone.items()}
+        self.uplink_medium, self.downlink_medium = (
+            decide_medium(self.medium, solo, *measured)
+            for solo, measured in (
+                (solo_up, (together.up_bps, together.up_bits, together.up_span_s)),
+                (solo_down, (together.down_bps, together.down_bits, together.down_span_s)),
+            )
         )
         self.medium_fleet_size = len(alone)
         self.medium_logged = False
