@@ -34,7 +34,7 @@ from toolkit.cli.testbed import default_spec
 from toolkit.data import load_dataset, partition_indices
 from toolkit.models import load_model
 from toolkit.planning.clustering import ClusterBounds, cluster_devices, round_latency
-from toolkit.planning.costs import fit_affine, model_costs
+from toolkit.planning.costs import model_costs, relative_speed
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
 from toolkit.planning.rates import LinearRates
 from toolkit.planning.rounds import estimate_rounds, label_histograms, label_skew
@@ -55,11 +55,10 @@ def fleet_state(reference, batch: int, devices: int) -> FleetState:
     profiles, so a ratio of speeds), rates as one saturated station on 802.11 air time."""
     spec = default_spec(devices, medium="wifi")
 
-    def step(profile) -> float:
-        return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(batch)
-
     lenet = load_profile(PROFILES["lenet5"])
-    speed = [step(lenet) / step(load_profile(CLASS_PROFILES / f"cpu{d.cpu_share:g}.json")) for d in spec.devices]
+    speed = [
+        relative_speed(load_profile(CLASS_PROFILES / f"cpu{d.cpu_share:g}.json"), lenet, batch) for d in spec.devices
+    ]
     up = [saturated_throughput([d.uplink_mbit * 1e6])[0] for d in spec.devices]
     down = [saturated_throughput([d.downlink_mbit * 1e6])[0] for d in spec.devices]
     return FleetState(np.array(speed), LinearRates(np.array(up)), LinearRates(np.array(down)))

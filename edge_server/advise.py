@@ -30,7 +30,7 @@ from rich.console import Console
 from toolkit.errors import UserError
 from toolkit.planning.advice import SCHEMES, advise, plan_schemes
 from toolkit.planning.clustering import ClusterBounds
-from toolkit.planning.costs import fit_affine, model_costs
+from toolkit.planning.costs import model_costs, relative_speed
 from toolkit.planning.latency import FleetState, TrainingSettings
 from toolkit.planning.rates import LinearRates, SharedRates
 from toolkit.planning.rounds import label_histograms, label_skew
@@ -79,10 +79,6 @@ def load_fleet(path: Path) -> FleetSpec:
         raise UserError(f"fleet {path}: {where}: {first['msg']}") from None
 
 
-def _full_step(profile: Profile, batch: int) -> float:
-    return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(batch)
-
-
 def fleet_state(spec: FleetSpec, reference: Profile, batch: int, base: Path) -> FleetState:
     """Speeds (from each device's profile of the same model, or given) and the medium's rate law."""
     speeds = []
@@ -92,7 +88,7 @@ def fleet_state(spec: FleetSpec, reference: Profile, batch: int, base: Path) -> 
             continue
         path = Path(device.profile)
         own = load_profile(path if path.is_absolute() else base / path)
-        speeds.append(_full_step(reference, batch) / _full_step(own, batch))
+        speeds.append(relative_speed(own, reference, batch))
     up = np.array([d.uplink_mbit for d in spec.devices]) * 1e6
     down = np.array([d.downlink_mbit for d in spec.devices]) * 1e6
     if spec.medium == "airtime":
@@ -102,15 +98,21 @@ def fleet_state(spec: FleetSpec, reference: Profile, batch: int, base: Path) -> 
     return FleetState(np.array(speeds), SharedRates(up, up_capacity), SharedRates(down, down_capacity))
 
 
-def rehearsed_rounds(args, plans, devices: int, console: Console) -> tuple[dict[str, float | None], float]:
-    """Rounds each scheme needs to ``--target`` on ``--data``, and the data's label skew."""
+def partitioned(args, devices: int):
+    """``--data`` split over the devices as ``--non-iid`` says: (data, parts, label skew)."""
     from toolkit.data import load_dataset, partition_indices
-    from toolkit.models import load_model
-    from toolkit.rehearsal import RehearsalConfig, rehearse
 
     data = load_dataset(args.data, args.seed)
     parts = partition_indices(data.train_y.numpy(), devices, args.non_iid, args.seed)
     skew = label_skew(label_histograms([data.train_y.numpy()[p] for p in parts], data.num_classes))
+    return data, parts, skew
+
+
+def rehearsed_rounds(args, plans, data, parts, console: Console) -> dict[str, float | None]:
+    """Rounds each scheme needs to ``--target`` on the partitioned ``--data``, as planned."""
+    from toolkit.models import load_model
+    from toolkit.rehearsal import RehearsalConfig, rehearse
+
     rounds: dict[str, float | None] = {}
     for scheme in SCHEMES:
         plan = plans[scheme]
@@ -136,7 +138,7 @@ def rehearsed_rounds(args, plans, devices: int, console: Console) -> tuple[dict[
             f"  {scheme}: {reached if reached else f'not in {args.max_rounds}'} rounds to {args.target:.0%}",
             highlight=False,
         )
-    return rounds, skew
+    return rounds
 
 
 def run_advise(args) -> int:
@@ -149,12 +151,12 @@ def run_advise(args) -> int:
     baseline = costs.resolve(args.cut).cut
     size = args.max_cluster_size or math.ceil(len(spec.devices) / args.clusters)
     bounds = ClusterBounds(size, args.clusters)
-    plans = plan_schemes(costs, state, settings, bounds, baseline, args.clusters, skew=args.skew)
-    rounds, skew = None, args.skew
-    if args.data:
-        rounds, skew = rehearsed_rounds(args, plans, len(spec.devices), console)
-        if abs(skew - args.skew) > 1e-9:  # the cut cpsl-auto takes depends on the skew the data has
-            plans = plan_schemes(costs, state, settings, bounds, baseline, args.clusters, skew=skew)
+    data = parts = None
+    skew = args.skew
+    if args.data:  # the cut cpsl-auto takes depends on the data's skew: measure it before planning
+        data, parts, skew = partitioned(args, len(spec.devices))
+    plans = plan_schemes(costs, state, settings, bounds, baseline, args.clusters, skew=skew)
+    rounds = rehearsed_rounds(args, plans, data, parts, console) if args.data else None
     advice = advise(plans, rounds)
     print(f"{reference.model.name} on {len(spec.devices)} devices, {spec.medium} medium, label skew {skew:.2f}")
     for line in advice.lines():

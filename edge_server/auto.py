@@ -48,7 +48,7 @@ from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
 from toolkit.planning.allocation import concurrent_phase, slot_schedule
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
-from toolkit.planning.costs import ModelCosts, fit_affine, model_costs
+from toolkit.planning.costs import ModelCosts, full_step, model_costs
 from toolkit.planning.cut_selection import CutReselection, select_cut
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
 from toolkit.planning.medium import MediumEvidence, decide_medium
@@ -122,7 +122,6 @@ class AutoScheduler:
     costs: ModelCosts | None = None
     cut: int | None = None
     history: list[FleetState] = field(default_factory=list)
-    reference_step_s: float = 0.0
     uplink_medium: MediumEvidence | None = None
     downlink_medium: MediumEvidence | None = None
     medium_fleet_size: int = 0  # devices probed together when the medium was last decided
@@ -210,7 +209,6 @@ class AutoScheduler:
             cuts = sorted({*candidate_cuts(reference), self.fixed_cut})
             self.cut = self.fixed_cut
         self.costs = model_costs(reference, self.server_profile, cuts)
-        self.reference_step_s = self._full_step(reference)
         log.info(
             "auto: reference profile %s (%s); candidate cuts %s",
             reference.device.id,
@@ -218,14 +216,12 @@ class AutoScheduler:
             ", ".join(f"{c.cut}:{c.name}" for c in self.costs.cuts),
         )
 
-    def _full_step(self, profile: Profile) -> float:
-        return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(self.batch_size)
-
     def add_device(self, record: DeviceRecord, link: LinkMeasurement, devices: list[DeviceRecord]) -> None:
         """A newly probed device: its speed from its own profile if it sent one, else 1."""
         self._ensure_costs(devices)
         profile = _profile_of(record, self.model_fingerprint)
-        speed = self.reference_step_s / self._full_step(profile) if profile is not None else 1.0
+        reference_step_s = self.costs.full_step(self.batch_size)  # the costs' whole-model step is the reference's
+        speed = reference_step_s / full_step(profile)(self.batch_size) if profile is not None else 1.0
         self.estimates.add(record.id, speed, link)
         log.info(
             "auto: %s speed %.2f, uplink %.1f Mbit/s, downlink %.1f Mbit/s, rtt %.1f ms, clock offset %+.1f ms",

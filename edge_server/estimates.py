@@ -33,7 +33,7 @@ import numpy as np
 from edge_server.probe import LinkMeasurement
 from toolkit.planning.costs import CutCost
 from toolkit.planning.latency import FleetState
-from toolkit.planning.medium import MediumEvidence, detect_medium, rate_model
+from toolkit.planning.medium import MediumEvidence, rate_model
 from toolkit.protocol import messages as m
 
 RATE_SAMPLE_BYTES = 64 << 10  # smaller messages pass a link's token bucket at line speed: no rate to read
@@ -143,9 +143,8 @@ class LiveEstimates:
     ) -> FleetState:
         """The devices' state under each direction's medium (air time when none was decided)."""
         rows = [self.devices[d] for d in devices]
-        airtime = detect_medium({}, {})
         return FleetState(
             speed=np.array([r.speed for r in rows]),
-            uplink=rate_model(uplink or airtime, np.array([r.up_bps for r in rows])),
-            downlink=rate_model(downlink or airtime, np.array([r.down_bps for r in rows])),
+            uplink=rate_model(uplink, np.array([r.up_bps for r in rows])),
+            downlink=rate_model(downlink, np.array([r.down_bps for r in rows])),
         )

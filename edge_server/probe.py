@@ -81,23 +81,7 @@ class LinkProber:
 
     def _exchange(self, device: str, down_bytes: int, echo_bytes: int) -> tuple[float, float, float, float]:
         """(t0, t1, t2, t3) of one probe and its echo."""
-        probe_id = self._next_id
-        self._next_id += 1
-        tensors = {"payload": torch.zeros(down_bytes, dtype=torch.uint8)} if down_bytes else None
-        t0 = time.time()
-        self._send(device, m.Probe(probe_id=probe_id, echo_bytes=echo_bytes), tensors)
-        self._flush()
-        deadline = time.monotonic() + self.timeout_s
-        while time.monotonic() < deadline:
-            item = self._receive(min(0.5, max(0.0, deadline - time.monotonic())))
-            if item is None:
-                continue
-            message = item.message
-            echo = message.kind is Kind.PROBE_ECHO and message.header.device == device
-            if echo and message.body.probe_id == probe_id:
-                return t0, message.body.received_at, message.header.sent_at, item.arrived_wall
-            log.debug("ignored %s from %s while probing %s", message.kind.name, message.header.device, device)
-        raise ProbeTimeoutError(f"{device} did not answer probe {probe_id} within {self.timeout_s:g} s")
+        return self._exchange_all({device: (down_bytes, echo_bytes)})[device]
 
     @staticmethod
     def _round_trip(t0: float, t1: float, t2: float, t3: float) -> float:
@@ -125,22 +109,22 @@ class LinkProber:
             self._send(device, m.Probe(probe_id=probe_id, echo_bytes=echo_bytes), tensors)
         self._flush()
         times: dict[str, tuple[float, float, float, float]] = {}
-        deadline = time.monotonic() + self.timeout_s * max(1, len(sizes))
+        timeout_s = self.timeout_s * max(1, len(sizes))
+        deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
             item = self._receive(min(0.5, max(0.0, deadline - time.monotonic())))
             if item is None:
                 continue
             message = item.message
-            if message.kind is not Kind.PROBE_ECHO or message.body.probe_id not in pending:
+            expected = pending.get(message.body.probe_id) if message.kind is Kind.PROBE_ECHO else None
+            if expected is None or message.header.device != expected[0]:
+                log.debug("ignored %s from %s while probing", message.kind.name, message.header.device)
                 continue
-            device, t0 = pending[message.body.probe_id]
-            if message.header.device != device:
-                continue
-            del pending[message.body.probe_id]
+            device, t0 = pending.pop(message.body.probe_id)
             times[device] = (t0, message.body.received_at, message.header.sent_at, item.arrived_wall)
         if pending:
             missing = sorted(device for device, _ in pending.values())
-            raise ProbeTimeoutError(f"{', '.join(missing)} did not answer the simultaneous probe")
+            raise ProbeTimeoutError(f"{', '.join(missing)} did not answer a probe within {timeout_s:g} s")
         return times
 
     def measure_together(self, links: dict[str, LinkMeasurement], solo_s: float = 1.0) -> TogetherMeasurement:

@@ -18,6 +18,7 @@ measures for every fixed cut.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -109,10 +110,10 @@ class Rehearsal:
         handed_out = {k: v.detach().clone() for k, v in device_part.state_dict().items()}
         copies, optimizers = {}, {}
         for device in members:
-            copy = _clone(device_part)
-            copy.load_state_dict(handed_out)
-            copy.train()
-            copies[device], optimizers[device] = copy, self._optimizer(copy)
+            replica = copy.deepcopy(device_part)  # a structural copy; the handed-out weights go in next
+            replica.load_state_dict(handed_out)
+            replica.train()
+            copies[device], optimizers[device] = replica, self._optimizer(replica)
         order = sorted(members)
         for _ in range(self.config.iterations):
             smashed, outputs, labels = [], {}, []
@@ -138,7 +139,7 @@ class Rehearsal:
         handed_out = {k: v.detach().clone() for k, v in net.state_dict().items()}
         states, weights = [], []
         for device in sorted(members):
-            local = _clone(net)
+            local = copy.deepcopy(net)
             local.load_state_dict(handed_out)
             local.train()
             optimizer = self._optimizer(local)
@@ -165,13 +166,6 @@ class Rehearsal:
                     self.split_turn(cut, members, losses)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         return RehearsedRound(round_, accuracy, loss, float(np.mean(losses)) if losses else None)
-
-
-def _clone(module: nn.Module) -> nn.Module:
-    """A structural copy to train on (the weights are loaded right after)."""
-    import copy
-
-    return copy.deepcopy(module)
 
 
 def rehearse(

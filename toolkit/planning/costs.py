@@ -142,6 +142,16 @@ def candidate_cuts(profile: Profile) -> list[int]:
     return keep
 
 
+def full_step(profile: Profile) -> Affine:
+    """The whole-model training step (forward + backward + optimiser) against batch size."""
+    return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])
+
+
+def relative_speed(profile: Profile, reference: Profile, batch: int) -> float:
+    """A device's compute speed relative to ``reference``: the ratio of whole-model step times."""
+    return full_step(reference)(batch) / full_step(profile)(batch)
+
+
 def model_costs(
     device_profile: Profile, server_profile: Profile | None = None, cuts: Sequence[int] | None = None
 ) -> ModelCosts:
@@ -199,6 +209,6 @@ def model_costs(
         fingerprint=device_profile.model.fingerprint,
         cuts=tuple(costs),
         full_model_bytes=device_profile.full_model.param_bytes,
-        full_step=fit_affine([(b.batch_size, b.step_s.median) for b in device_profile.full_model.batches]),
+        full_step=full_step(device_profile),
         trainable_layers=tuple(layer.index for layer in device_profile.layers if layer.param_count > 0),
     )

@@ -90,12 +90,7 @@ def detect_medium(
         return MediumEvidence(
             "airtime", None, None, alone, together, "fewer than two devices probed together: the media are alike"
         )
-    if payload_bits and span_s and span_s > 0 and all(payload_bits.get(d, 0) > 0 for d in devices):
-        utilisation = sum(payload_bits[d] / alone[d] for d in devices) / span_s
-        capacity = max(sum(payload_bits[d] for d in devices) / span_s, max(alone.values()))
-    else:
-        utilisation = sum(together[d] / alone[d] for d in devices)
-        capacity = max(sum(together.values()), max(alone.values()))
+    utilisation, capacity = _utilisation_and_capacity(alone, together, payload_bits, span_s)
     if utilisation <= AIRTIME_MAX_UTILISATION:
         return MediumEvidence(
             "airtime",
@@ -117,6 +112,21 @@ def detect_medium(
     )
 
 
+def _utilisation_and_capacity(
+    alone: Mapping[str, float],
+    together: Mapping[str, float],
+    payload_bits: Mapping[str, float] | None,
+    span_s: float | None,
+) -> tuple[float, float]:
+    """``u`` and the moved capacity over the devices of ``alone`` (see :func:`detect_medium`)."""
+    devices = list(alone)
+    if payload_bits and span_s and span_s > 0 and all(payload_bits.get(d, 0) > 0 for d in devices):
+        utilisation = sum(payload_bits[d] / alone[d] for d in devices) / span_s
+        return utilisation, max(sum(payload_bits[d] for d in devices) / span_s, max(alone.values()))
+    utilisation = sum(together[d] / alone[d] for d in devices)
+    return utilisation, max(sum(together[d] for d in devices), max(alone.values()))
+
+
 def decide_medium(
     choice: str,
     alone_bps: Mapping[str, float],
@@ -133,9 +143,11 @@ def decide_medium(
         return evidence if choice == "auto" else replace(evidence, reason=f"--medium {choice}; {evidence.reason}")
     capacity = evidence.capacity_bps
     if choice == "shared" and capacity is None:
-        measured = together_bps or alone_bps
-        moved = sum(payload_bits.values()) / span_s if payload_bits and span_s else None
-        capacity = moved or max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
+        if evidence.utilisation is not None:  # probed together, read as air time: what they moved
+            capacity = _utilisation_and_capacity(evidence.alone_bps, evidence.together_bps, payload_bits, span_s)[1]
+        else:
+            measured = together_bps or alone_bps
+            capacity = max(sum(measured.values()), max(alone_bps.values(), default=0.0)) or None
     kind: MediumKind = "shared" if choice == "shared" else "airtime"
     return replace(
         evidence,
@@ -145,10 +157,11 @@ def decide_medium(
     )
 
 
-def rate_model(evidence: MediumEvidence, caps_bps: np.ndarray) -> RateModel:
-    """The rate law for these devices' solo rates (in the planner's device order)."""
+def rate_model(evidence: MediumEvidence | None, caps_bps: np.ndarray) -> RateModel:
+    """The rate law for these devices' solo rates (in the planner's device order); air time
+    when no medium was decided."""
     caps = np.asarray(caps_bps, dtype=float)
-    if evidence.kind == "airtime":
+    if evidence is None or evidence.kind == "airtime":
         return LinearRates(caps)
     capacity = evidence.capacity_bps if evidence.capacity_bps else float(caps.sum())
     return SharedRates(caps, max(capacity, float(caps.max(initial=0.0)), 1.0))

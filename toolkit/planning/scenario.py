@@ -16,7 +16,7 @@ import numpy as np
 
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.channel import ChannelModel, RadioSettings
-from toolkit.planning.costs import ModelCosts, model_costs
+from toolkit.planning.costs import ModelCosts, model_costs, relative_speed
 from toolkit.planning.device_classes import DeviceClass, assign_classes
 from toolkit.planning.simulate import SimulationConfig, simulate
 from toolkit.profile_format import Profile, load_profile
@@ -36,15 +36,8 @@ def find_model_profile(name: str, profile_dir: Path | None = None) -> Path:
     return path
 
 
-def _step_at(profile: Profile, batch: int) -> float:
-    from toolkit.planning.costs import fit_affine
-
-    return fit_affine([(b.batch_size, b.step_s.median) for b in profile.full_model.batches])(batch)
-
-
 def profile_classes(profiles: Sequence[Profile], batch: int) -> list[DeviceClass]:
     """One class per measured device: speed = reference whole-model step / its own."""
-    reference = _step_at(profiles[0], batch)
     classes = []
     for profile in profiles:
         if profile.model.fingerprint != profiles[0].model.fingerprint:
@@ -56,7 +49,7 @@ def profile_classes(profiles: Sequence[Profile], batch: int) -> list[DeviceClass
         classes.append(
             DeviceClass(
                 name=f"profile:{profile.device.id}",
-                speed=reference / _step_at(profile, batch),
+                speed=relative_speed(profile, profiles[0], batch),
                 description=f"{profile.device.board} ({profile.device.cpu_model}), threads {profile.device.threads}",
                 source=f"measured: cpsl-profile of device {profile.device.id}",
             )
