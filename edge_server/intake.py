@@ -46,6 +46,7 @@ class Intake:
         if header.device not in self.registry.devices:
             self.endpoint.reject(item.topic, f"unknown device {header.device!r}")
             return None
+        self.registry.seen(header.device)
         if message.kind is Kind.TIMINGS:
             if header.round != self.round:
                 self.endpoint.reject(item.topic, f"timings for round {header.round}, not the current one")

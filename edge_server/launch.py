@@ -61,6 +61,13 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--target-accuracy", type=positive_float, help="stop once test accuracy reaches it (0-1)")
     parser.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for a device")
     parser.add_argument(
+        "--min-link-mbit",
+        type=positive_float,
+        default=1.0,
+        help="the slowest the medium may carry models, all devices together (Mbit/s, default 1): "
+        "phases that move models wait --timeout plus their bytes at this rate",
+    )
+    parser.add_argument(
         "--norm-factor",
         type=float,
         default=10.0,
@@ -103,6 +110,7 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         run_id=run_id,
         data_seed=args.seed,
         iteration_timeout_s=args.timeout,
+        min_link_bps=args.min_link_mbit * 1e6,
         auto=auto,
         max_cluster_size=args.max_cluster_size,
         server_profile=args.server_profile,

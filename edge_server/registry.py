@@ -88,6 +88,23 @@ class Registry:
             record.refused = reason
             log.warning("device %s refused the assignment: %s", device, reason)
 
+    def seen(self, device: str) -> None:
+        """Any accepted message from the device is a sign of life, not only heartbeats: a heartbeat
+        queues behind the device's own large uploads on its one connection."""
+        record = self.devices.get(device)
+        if record is not None:
+            record.last_seen = time.monotonic()
+
+    def has_left(self, device: str) -> bool:
+        """The device said goodbye (or the broker delivered its last will), or refused the run.
+
+        This, not a stale heartbeat, is what drops a device the server is waiting on: while the
+        device sends a model that takes longer than the heartbeat window to cross a slow link,
+        its heartbeats wait behind it; the phase's deadline bounds the wait instead.
+        """
+        record = self.devices.get(device)
+        return record is None or not record.online or bool(record.refused)
+
     def is_online(self, device: str) -> bool:
         record = self.devices.get(device)
         return (

@@ -59,6 +59,9 @@ class ServerConfig:
     iteration_timeout_s: float = 30.0
     register_timeout_s: float = 120.0
     heartbeat_timeout_s: float = 10.0
+    # The slowest the whole medium may carry bulk data (bit/s), for the deadlines of phases that
+    # move models: a phase moving B bytes in all waits iteration_timeout_s + 8 B / this at most.
+    min_link_bps: float = 1e6
     max_frame_bytes: int = 64 << 20
     auto: bool = False  # cpsl only: cut, clusters and slots decided live (edge_server.auto)
     max_cluster_size: int | None = None
@@ -234,7 +237,7 @@ class EdgeServer:
         got: dict[str, Received] = {}
         while expected - got.keys() - stats.dropped:
             for device in expected - got.keys():
-                if device not in stats.dropped and not self.registry.is_online(device):
+                if device not in stats.dropped and self.registry.has_left(device):
                     log.warning("device %s is offline: dropped from round %d", device, round_)
                     stats.dropped.add(device)
             remaining = deadline - time.monotonic()
@@ -383,7 +386,7 @@ class EdgeServer:
             0,
             active,
             stats,
-            t_weights + self.config.iteration_timeout_s,
+            t_weights + self.config.iteration_timeout_s + self._transfer_allowance_s(state, len(active), 1),
             check=lambda item: check_weights(item.message.tensors, state),
         )
         self._average_into(device_part, state, good)
@@ -410,9 +413,18 @@ class EdgeServer:
             record.update(timing.to_dict())
         return record
 
+    def _transfer_allowance_s(self, state: dict[str, torch.Tensor], devices: int, directions: int) -> float:
+        """Seconds to allow for ``devices`` copies of ``state`` crossing the medium ``directions`` times
+        at the slowest rate the deployment allows: a fixed timeout alone cut off FL on a slow
+        fleet whose whole-model transfers took longer than it (issue #10)."""
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        return 8 * nbytes * devices * directions / self.config.min_link_bps
+
     def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+        started = time.monotonic()
         state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
-        deadline = time.monotonic() + self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
+        compute_s = self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
+        deadline = started + compute_s + self._transfer_allowance_s(state, len(devices), 2)
         good = self._collect(
             Kind.WEIGHTS_UP,
             round_,

@@ -48,6 +48,11 @@ class AgentConfig:
     seed: int = 0
     heartbeat_s: float = 2.0
     connect_timeout_s: float = 10.0
+    # MQTT keepalive. Both ends count only complete packets as signs of life: Mosquitto drops a
+    # client it has not heard a whole packet from in 1.5x this, and paho gives up when a ping's
+    # answer queues behind a large message for this long. So it must exceed the longest single
+    # transfer the device makes (a whole model for FL on a slow, shared link).
+    keepalive_s: int = 60
     threads: int = 1
     # The models this device may train, as its owner configured them (--model, or the config
     # file): built-in names or user specs. The first is warmed up and announced.
@@ -128,6 +133,7 @@ class DeviceAgent:
             client_id=f"cpsl-agent-{self.config.device_id}-{secrets.token_hex(4)}",
             on_message=self.endpoint.on_frame,
             will=Will(status, self._offline_frame("connection lost"), qos=1, retain=True),
+            keepalive_s=self.config.keepalive_s,
         )
         self.endpoint.attach(transport)
         transport.subscribe(topics.all_down_for(self.config.device_id), qos=1)

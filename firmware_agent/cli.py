@@ -15,7 +15,7 @@ from pathlib import Path
 
 from firmware_agent.agent import AgentConfig, DeviceAgent
 from toolkit.allocator import pin_malloc_thresholds
-from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
+from toolkit.cli.common import OneLineArgumentParser, keepalive_seconds, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
 from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
 from toolkit.errors import UserError
@@ -51,6 +51,13 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--no-profile", action="store_true", help="register without a profile")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for training")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
+    parser.add_argument(
+        "--keepalive",
+        type=keepalive_seconds,
+        default=60,
+        help="MQTT keepalive in seconds (default 60): must exceed the longest single transfer, "
+        "e.g. a whole model for FL over a slow shared link; see docs/protocol.md",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -112,6 +119,7 @@ def _main(argv: Sequence[str] | None) -> int:
         partition=args.partition,
         seed=args.seed,
         heartbeat_s=args.heartbeat,
+        keepalive_s=args.keepalive,
         threads=args.threads,
         models=tuple(models),
         model_fingerprint=fingerprint,

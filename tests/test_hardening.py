@@ -3,6 +3,8 @@ topics, sessions, the aggregation strategy and the server step."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -126,6 +128,20 @@ def test_a_stale_last_will_does_not_unregister_the_device_that_came_back() -> No
     assert registry.is_online("dev0")
     registry.update(_item(Kind.OFFLINE, m.Offline(session=new)))  # this life's will: honoured at once
     assert not registry.is_online("dev0")
+
+
+def test_a_device_busy_sending_is_not_gone_but_its_will_is_final() -> None:
+    """Heartbeats queue behind a device's own large upload: silence past the heartbeat window
+    keeps it out of the next plan, but does not drop it from the phase it is sending in."""
+    registry = Registry(heartbeat_timeout_s=0.05)
+    session = "c" * 32
+    registry.update(_item(Kind.REGISTER, m.Register(session=session, num_samples=5, capabilities=m.Capabilities())))
+    time.sleep(0.1)
+    assert not registry.is_online("dev0") and not registry.has_left("dev0")
+    registry.seen("dev0")  # its upload arrived: alive again
+    assert registry.is_online("dev0")
+    registry.update(_item(Kind.OFFLINE, m.Offline(session=session)))
+    assert registry.has_left("dev0") and registry.has_left("nobody")
 
 
 def _upload(tensors: dict[str, torch.Tensor], claimed: int, registered: int = 100) -> Upload:

@@ -223,3 +223,39 @@ def test_the_heavy_fleet_is_widenet_on_weak_devices_and_every_process_is_told_th
     agent = run.agent_flags(3, 8, tmp_path / "p.json")
     assert agent[agent.index("--model") + 1] == "widenet" and agent[agent.index("--partition") + 1] == "3/8"
     assert agent[agent.index("--device-id") + 1] == "dev3"
+
+
+@ROOT_ONLY
+def test_fl_survives_model_uploads_longer_than_the_heartbeat_window(tmp_path):
+    """LeNet-5's 247 kB over a 0.12 Mbit/s uplink takes about 16 s, longer than the server's 10 s
+    heartbeat window, and the heartbeats wait behind it on the device's one connection. The
+    devices must stay in the round (the deadline allows for the transfer) and be averaged."""
+    spec = tmp_path / "slow.json"
+    devices = [{"name": f"dev{i}", "uplink_mbit": 0.12, "downlink_mbit": 1.0, "cpu_share": 0.3} for i in range(2)]
+    spec.write_text(json.dumps({"devices": devices}))
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--spec",
+            str(spec),
+            "--scheme",
+            "fl",
+            "--rounds",
+            "1",
+            "--local-iterations",
+            "2",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["dropped"] == [] and sorted(record["clusters"][0]) == ["dev0", "dev1"], record
+    assert record["latency_s"] > 12.0  # the uploads really outlasted the heartbeat window
+    assert record["breakdown"]["device_compute_s"] > 0  # both timings reports arrived with their weights
+    assert_nothing_left()

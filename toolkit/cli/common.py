@@ -58,6 +58,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def keepalive_seconds(text: str) -> int:
+    """An MQTT keepalive: a whole number of seconds from 1 to 65535 (the protocol's 16 bits)."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} exceeds MQTT's largest keepalive, 65535 s")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -132,6 +132,10 @@ class RunSpec:
             "1",
             "--heartbeat",
             "1",
+            # a whole WideNet (5.5 MB) from each of 8 devices at once takes about 76 s of air on the
+            # heavy Wi-Fi fleet: the keepalive must outlast the longest single transfer
+            "--keepalive",
+            "120",
         ]
 
 
