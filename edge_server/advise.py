@@ -1,6 +1,13 @@
 """``edge_server advise``: which scheme to run on a fleet, before running any.
 
     edge_server advise --profile REF.json --fleet FLEET.json [--data builtin:mnist5k --non-iid dirichlet:0.5]
+    edge_server advise --broker URL [--bundle DIR] --min-devices N [--model lenet5] [--data ...]
+
+With ``--broker`` the fleet is the devices registered there: the advisor connects as the
+edge server would, waits for ``--min-devices`` (up to ``--wait-devices`` seconds), takes
+each device's profile from its registration, probes every link alone and then all at once
+(the medium, as ``edge_server --medium auto`` decides it), plans every scheme on what it
+measured, and leaves the devices idle (they go on serving the next run).
 
 The fleet file (JSON, at most 1 MiB and 10,000 devices) names the medium and each device::
 
@@ -20,6 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,11 +37,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.console import Console
 
+from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.errors import UserError
 from toolkit.planning.advice import SCHEMES, advise, plan_schemes
 from toolkit.planning.clustering import ClusterBounds
-from toolkit.planning.costs import model_costs, relative_speed
+from toolkit.planning.costs import ModelCosts, model_costs, relative_speed
 from toolkit.planning.latency import FleetState, TrainingSettings
+from toolkit.planning.medium import MEDIUM_CHOICES
 from toolkit.planning.rates import LinearRates, SharedRates
 from toolkit.planning.rounds import label_histograms, label_skew
 from toolkit.profile_format import Profile, load_profile
@@ -141,28 +153,102 @@ def rehearsed_rounds(args, plans, data, parts, console: Console) -> dict[str, fl
     return rounds
 
 
-def run_advise(args) -> int:
-    console = Console(stderr=True)
+@dataclass(frozen=True)
+class FleetPlanInput:
+    """One fleet in the planner's terms, from a fleet file or from the devices at a broker."""
+
+    model: str
+    costs: ModelCosts
+    state: FleetState
+    settings: TrainingSettings
+    bounds: ClusterBounds
+    medium: str  # as printed: "airtime", "shared", or each direction's kind when probed
+    devices: dict  # name -> what is known of it, for the JSON
+
+
+def from_fleet_file(args) -> FleetPlanInput:
     reference = load_profile(args.profile)
     spec = load_fleet(args.fleet)
-    settings = TrainingSettings(args.batch_size, args.local_iterations)
     state = fleet_state(spec, reference, args.batch_size, args.fleet.parent)
-    costs = model_costs(reference)
-    baseline = costs.resolve(args.cut).cut
     size = args.max_cluster_size or math.ceil(len(spec.devices) / args.clusters)
-    bounds = ClusterBounds(size, args.clusters)
+    devices = {d.name: {"uplink_mbit": d.uplink_mbit, "downlink_mbit": d.downlink_mbit} for d in spec.devices}
+    return FleetPlanInput(
+        reference.model.name,
+        model_costs(reference),
+        state,
+        TrainingSettings(args.batch_size, args.local_iterations),
+        ClusterBounds(size, args.clusters),
+        f"{spec.medium} medium",
+        devices,
+    )
+
+
+def from_broker(args, console: Console) -> FleetPlanInput:
+    """Connect as the edge server, wait for the devices, probe them; nothing is trained."""
+    from edge_server.server import EdgeServer, ServerConfig
+    from toolkit.data import load_dataset
+    from toolkit.models import load_model
+
+    model = load_model(args.model, seed=args.seed)
+    config = ServerConfig(
+        broker=broker_from_args(args),
+        scheme="cpsl",
+        rounds=1,
+        min_devices=args.min_devices,
+        batch_size=args.batch_size,
+        iterations=args.local_iterations,
+        clusters=args.clusters,
+        cut=None,
+        auto=True,
+        max_cluster_size=args.max_cluster_size,
+        server_profile=args.server_profile,
+        medium=args.medium,
+        run_id=f"advise-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
+        register_timeout_s=args.wait_devices,
+    )
+    # the server needs a dataset's shape for assignments it will not send here: the smallest built-in
+    server = EdgeServer(config, model, load_dataset("builtin:digits", args.seed))
+    server.connect()
+    try:
+        with console.status(f"waiting for {args.min_devices} devices at {config.broker.url}"):
+            server.wait_for_devices()
+        devices = server.registry.online()
+        with console.status(f"probing {len(devices)} links, alone and together"):
+            server.probe_new_devices(0, devices)
+        view = server.scheduler.view(devices)
+    finally:
+        server.close()
+    if view is None:
+        raise UserError(f"no device at {config.broker.url} answered the link probes")
+    estimates = server.scheduler.estimates.devices
+    known = {d: estimates[d].to_dict() for d in view.ids}
+    for device, row in known.items():
+        console.print(
+            f"  {device}: speed {row['speed']:.2f}, up {row['up_bps'] / 1e6:.1f} Mbit/s, "
+            f"down {row['down_bps'] / 1e6:.1f} Mbit/s, rtt {1e3 * row['rtt_s']:.1f} ms",
+            highlight=False,
+        )
+    medium = f"uplink {view.uplink_medium.kind}, downlink {view.downlink_medium.kind} (probed)"
+    return FleetPlanInput(model.name, view.costs, view.state, view.settings, view.bounds, medium, known)
+
+
+def run_advise(args) -> int:
+    console = Console(stderr=True)
+    fleet = from_broker(args, console) if args.broker else from_fleet_file(args)
+    baseline = fleet.costs.resolve(args.cut).cut
     data = parts = None
     skew = args.skew
     if args.data:  # the cut cpsl-auto takes depends on the data's skew: measure it before planning
-        data, parts, skew = partitioned(args, len(spec.devices))
-    plans = plan_schemes(costs, state, settings, bounds, baseline, args.clusters, skew=skew)
+        data, parts, skew = partitioned(args, fleet.state.size)
+    plans = plan_schemes(fleet.costs, fleet.state, fleet.settings, fleet.bounds, baseline, args.clusters, skew=skew)
     rounds = rehearsed_rounds(args, plans, data, parts, console) if args.data else None
     advice = advise(plans, rounds)
-    print(f"{reference.model.name} on {len(spec.devices)} devices, {spec.medium} medium, label skew {skew:.2f}")
+    print(f"{fleet.model} on {fleet.state.size} devices, {fleet.medium}, label skew {skew:.2f}")
     for line in advice.lines():
         print(line)
     if args.json:
-        args.json.write_text(json.dumps({"skew": skew, **advice.to_dict()}, indent=1))
+        document = {"skew": skew, "medium": fleet.medium, "devices": fleet.devices, **advice.to_dict()}
+        args.json.write_text(json.dumps(document, indent=1))
     return 0
 
 
@@ -174,9 +260,18 @@ def add_advise(commands) -> None:
         help="predict each scheme's round latency and time to the target on a fleet; say which to run",
         description=__doc__.split("\n\n")[0],
     )
-    advise_parser.add_argument("--profile", type=Path, required=True, help="cpsl-profile of the model (reference)")
-    advise_parser.add_argument("--fleet", type=Path, required=True, help="fleet JSON (see the module docs)")
-    advise_parser.add_argument("--model", default=None, help="built-in model to rehearse (default: the profile's)")
+    advise_parser.add_argument("--profile", type=Path, help="with --fleet: cpsl-profile of the model (reference)")
+    advise_parser.add_argument("--fleet", type=Path, help="fleet JSON (see the module docs)")
+    add_broker_flags(advise_parser)  # instead of --fleet: the devices registered at this broker
+    advise_parser.add_argument("--min-devices", type=positive_int, help="with --broker: devices to wait for")
+    advise_parser.add_argument("--wait-devices", type=positive_float, default=120.0, help="seconds to wait for them")
+    advise_parser.add_argument(
+        "--medium", choices=MEDIUM_CHOICES, default="auto", help="with --broker: as edge_server --medium"
+    )
+    advise_parser.add_argument("--server-profile", type=Path, help="with --broker: as edge_server --server-profile")
+    advise_parser.add_argument(
+        "--model", default=None, help="built-in model to plan and rehearse (default: the profile's, or lenet5)"
+    )
     advise_parser.add_argument("--data", help="rehearse every scheme on this dataset for its rounds to the target")
     advise_parser.add_argument("--non-iid", default="dirichlet:0.5", help="how --data is split over the devices")
     advise_parser.add_argument("--skew", type=float, default=0.0, help="label skew when no --data is given (0-1)")
@@ -193,6 +288,13 @@ def add_advise(commands) -> None:
 
 
 def check_args(args) -> None:
+    if args.broker:
+        if args.fleet or args.profile:
+            raise UserError("give either --broker (the registered devices) or --fleet and --profile, not both")
+        if args.min_devices is None:
+            raise UserError("advise --broker needs --min-devices: how many registered devices to wait for")
+    elif args.fleet is None or args.profile is None:
+        raise UserError("advise needs --fleet FLEET.json and --profile REF.json, or --broker URL --min-devices N")
     if not 0 <= args.skew <= 1:
         raise UserError(f"--skew {args.skew:g} is a fraction: give a number in [0, 1]")
     if args.target > 1:

@@ -85,6 +85,20 @@ def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0
     return PhaseTiming(concurrent_phase(rates, rows, bits, lead=lead, tail=tail).finish_s, None, None)
 
 
+@dataclass(frozen=True)
+class FleetView:
+    """What the scheduler knows of a fleet, in the planner's terms: enough to plan every scheme."""
+
+    ids: list[str]
+    costs: ModelCosts
+    state: FleetState
+    settings: TrainingSettings
+    bounds: ClusterBounds
+    baseline_cut: int
+    uplink_medium: MediumEvidence
+    downlink_medium: MediumEvidence
+
+
 def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
     if record.profile_json is None:
         return None
@@ -159,18 +173,43 @@ class AutoScheduler:
         for direction, evidence in (("uplink", self.uplink_medium), ("downlink", self.downlink_medium)):
             log.warning("auto: %s medium %s: %s", direction, evidence.kind, evidence.reason)
 
-    def _advice(self, state: FleetState, bounds: ClusterBounds) -> dict:
+    def _advice(self, view: FleetView) -> dict:
         """What ``edge_server advise`` would say for this fleet, logged once at the start: each
         scheme's predicted round on the probed medium (rounds to the target need data the server
         does not hold; ``edge_server advise --data`` rehearses them)."""
         self.advised = True
-        named = [c for c in self.costs.cuts if c.name == BASELINE_CUT]
-        baseline = (named[0] if named else self.costs.middle_cut()).cut
-        plans = plan_schemes(self.costs, state, self._settings(), bounds, baseline, self.bounds.min_clusters)
+        plans = plan_schemes(
+            view.costs, view.state, view.settings, view.bounds, view.baseline_cut, self.bounds.min_clusters
+        )
         advice = advise(plans)
         for line in advice.lines():
             log.warning("advice: %s", line)
         return advice.to_dict()
+
+    def view(self, devices: list[DeviceRecord]) -> FleetView | None:
+        """The probed devices among ``devices`` as the planner sees them (None: none probed yet)."""
+        self._ensure_costs(devices)
+        ids = [d.id for d in devices if d.id in self.estimates.devices]
+        if not ids:
+            return None
+        uplink_medium, downlink_medium = self._media(ids)
+        bounds = self.bounds
+        if bounds.max_cluster_size is None:
+            bounds = ClusterBounds(
+                -(-len(ids) // max(1, bounds.min_clusters)), bounds.min_clusters, bounds.max_clusters
+            )
+        named = [c for c in self.costs.cuts if c.name == BASELINE_CUT]
+        baseline = (named[0] if named else self.costs.middle_cut()).cut
+        return FleetView(
+            ids,
+            self.costs,
+            self.estimates.fleet_state(ids, uplink_medium, downlink_medium),
+            self._settings(),
+            bounds,
+            baseline,
+            uplink_medium,
+            downlink_medium,
+        )
 
     def label_skew(self, devices: list[str]) -> float:
         """Label skew of these devices from the labels they have trained on (0 before any)."""
@@ -238,24 +277,18 @@ class AutoScheduler:
         return TrainingSettings(self.batch_size, self.iterations, self.estimates.server_speed)
 
     def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
-        self._ensure_costs(devices)
-        ids = [d.id for d in devices if d.id in self.estimates.devices]
-        if not ids:
+        view = self.view(devices)
+        if view is None:
             return RoundPlan(cut=self.cut, clusters=[])
-        uplink_medium, downlink_medium = self._media(ids)
-        state = self.estimates.fleet_state(ids, uplink_medium, downlink_medium)
-        bounds = self.bounds
-        if bounds.max_cluster_size is None:
-            bounds = ClusterBounds(
-                -(-len(ids) // max(1, bounds.min_clusters)), bounds.min_clusters, bounds.max_clusters
-            )
+        ids, state, bounds = view.ids, view.state, view.bounds
+        uplink_medium, downlink_medium = view.uplink_medium, view.downlink_medium
         decision: dict = {
             "estimates": {d: self.estimates.devices[d].to_dict() for d in ids},
             "server_speed": self.estimates.server_speed,
             "medium": {"uplink": uplink_medium.kind, "downlink": downlink_medium.kind},
         }
         if not self.advised:
-            decision["advice"] = self._advice(state, bounds)
+            decision["advice"] = self._advice(view)
         if not self.medium_logged:  # the evidence, in the round it was decided
             decision["medium_evidence"] = {"uplink": uplink_medium.to_dict(), "downlink": downlink_medium.to_dict()}
             self.medium_logged = True

@@ -7,6 +7,7 @@
     edge_server provision renew ID|server|broker [...] [--dir DIR]
     edge_server provision revoke ID [ID ...] [--dir DIR]
     edge_server advise --profile REF.json --fleet FLEET.json [--data D --non-iid X]    which scheme to run
+    edge_server advise --broker URL --min-devices N [--model M]                   ... on the registered devices
 
 One parser: training flags at the top level (a run is what edge_server does most), the
 other jobs as subcommands.
@@ -114,7 +115,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _provision(args)
     if args.command == "advise":
         check_args(args)
-        args.model = args.model or load_profile(args.profile).model.name
+        args.model = args.model or (load_profile(args.profile).model.name if args.profile else "lenet5")
         return run_advise(args)
     if args.min_devices is None:
         parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise)")

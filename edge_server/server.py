@@ -499,7 +499,7 @@ class EdgeServer:
             stats.device_compute_s += max(row.forward_s for row in rows) + max(row.backward_s for row in rows)
             stats.uplink_s += max(row.upload_s for row in rows)
 
-    def _probe_new_devices(self, round_: int, devices: list) -> None:
+    def probe_new_devices(self, round_: int, devices: list) -> None:
         """Measure the link of every device the scheduler has not seen, and the medium (edge_server.probe)."""
         if getattr(self.scheduler, "needs_probe", None) is None:
             return
@@ -519,7 +519,7 @@ class EdgeServer:
     def run_round(self, round_: int) -> dict:
         self.intake.start_round(round_)
         devices = self._devices_for_round(round_)
-        self._probe_new_devices(round_, devices)
+        self.probe_new_devices(round_, devices)
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats()

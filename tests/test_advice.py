@@ -119,3 +119,55 @@ def test_a_bad_fleet_file_gets_one_line(tmp_path, fleet_json, message):
     result = cli("--profile", str(LENET), "--fleet", str(path))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_advise_against_a_broker_plans_on_the_registered_devices_and_leaves_them_idle(broker, tmp_path):
+    """Real Mosquitto, real agents: the advisor waits for them, reads their profiles, probes
+    their links and the medium, prints the table, and the agents are still there to train."""
+    import threading
+
+    from firmware_agent.agent import AgentConfig, DeviceAgent
+    from toolkit.data import load_dataset, partition_indices
+    from toolkit.transport import parse_broker_url
+
+    data = load_dataset("builtin:digits", seed=0)
+    parts = partition_indices(data.train_y.numpy(), 3, "iid", 0)
+    agents = []
+    for index in range(3):
+        agent = DeviceAgent(
+            AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
+            data,
+            parts[index],
+            LENET.read_bytes(),
+        )
+        agent.start()
+        threading.Thread(target=agent.serve_forever, daemon=True).start()
+        agents.append(agent)
+    out = tmp_path / "advice.json"
+    try:
+        result = cli("--broker", broker, "--min-devices", "3", "--wait-devices", "30", "--json", str(out))
+        assert result.returncode == 0, result.stderr[-2000:]
+        advice = json.loads(out.read_text())
+        assert sorted(advice["devices"]) == ["dev0", "dev1", "dev2"]
+        assert all(row["up_bps"] > 0 and row["speed"] > 0 for row in advice["devices"].values())
+        assert "(probed)" in advice["medium"] and "(probed)" in result.stdout
+        assert [row["scheme"] for row in advice["schemes"]] == list(SCHEMES)
+        assert all(row["round_latency_s"] > 0 for row in advice["schemes"])
+        assert result.stdout.strip().splitlines()[-1] == f"run {advice['recommended']} ({advice['basis']})"
+        assert all(agent.state == "idle" and agent.assignment is None for agent in agents)
+    finally:
+        for agent in agents:
+            agent.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--broker", "mqtt://127.0.0.1:1"), "--min-devices"),
+        (("--broker", "mqtt://127.0.0.1:1", "--min-devices", "2", "--fleet", "f.json"), "not both"),
+        (("--min-devices", "2"), "--fleet"),
+    ],
+)
+def test_advise_needs_one_fleet_source(args, message):
+    result = cli(*args)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
