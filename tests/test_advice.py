@@ -124,25 +124,10 @@ def test_a_bad_fleet_file_gets_one_line(tmp_path, fleet_json, message):
 def test_advise_against_a_broker_plans_on_the_registered_devices_and_leaves_them_idle(broker, tmp_path):
     """Real Mosquitto, real agents: the advisor waits for them, reads their profiles, probes
     their links and the medium, prints the table, and the agents are still there to train."""
-    import threading
+    from tests.agents import start_agents
+    from toolkit.data import load_dataset
 
-    from firmware_agent.agent import AgentConfig, DeviceAgent
-    from toolkit.data import load_dataset, partition_indices
-    from toolkit.transport import parse_broker_url
-
-    data = load_dataset("builtin:digits", seed=0)
-    parts = partition_indices(data.train_y.numpy(), 3, "iid", 0)
-    agents = []
-    for index in range(3):
-        agent = DeviceAgent(
-            AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
-            data,
-            parts[index],
-            LENET.read_bytes(),
-        )
-        agent.start()
-        threading.Thread(target=agent.serve_forever, daemon=True).start()
-        agents.append(agent)
+    agents, _ = start_agents(broker, load_dataset("builtin:digits", seed=0), 3, profile=LENET.read_bytes())
     out = tmp_path / "advice.json"
     try:
         result = cli("--broker", broker, "--min-devices", "3", "--wait-devices", "30", "--json", str(out))

@@ -6,7 +6,6 @@ import itertools
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from edge_server.probe import LinkMeasurement
 from edge_server.registry import DeviceRecord
 from edge_server.scheduler import FixedScheduler
 from edge_server.server import EdgeServer, ServerConfig
-from firmware_agent.agent import AgentConfig, DeviceAgent
-from toolkit.data import load_dataset, partition_indices
+from tests.agents import start_agents
+from toolkit.data import load_dataset
 from toolkit.models import load_model
 from toolkit.planning.clustering import ClusterBounds
 from toolkit.planning.costs import model_costs
@@ -179,18 +178,7 @@ class KnownLinkScheduler(AutoScheduler):
 
 def run_cluster(broker: str, tmp_path, scheduler) -> EdgeServer:
     data = load_dataset("builtin:digits", seed=0)
-    parts = partition_indices(data.train_y.numpy(), 3, "iid", 0)
-    agents = []
-    for index in range(3):
-        agent = DeviceAgent(
-            AgentConfig(parse_broker_url(broker), f"dev{index}", f"{index}/3", heartbeat_s=0.5),
-            data,
-            parts[index],
-            PROFILE.read_bytes(),
-        )
-        agent.start()
-        threading.Thread(target=agent.serve_forever, daemon=True).start()
-        agents.append(agent)
+    agents, _ = start_agents(broker, data, 3, profile=PROFILE.read_bytes())
     config = ServerConfig(
         broker=parse_broker_url(broker),
         scheme="cpsl",

@@ -11,13 +11,12 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from edge_server.server import EdgeServer, ServerConfig
-from firmware_agent.agent import AgentConfig, DeviceAgent
-from toolkit.data import load_dataset, partition_indices
+from tests.agents import start_agents
+from toolkit.data import load_dataset
 from toolkit.models import load_model
 from toolkit.protocol import Kind, decode, encode, make_header, topics
 from toolkit.protocol import messages as m
@@ -30,21 +29,6 @@ DATA = "builtin:digits"
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset(DATA, seed=0)
-
-
-def start_agents(broker: str, data, count: int, scheme: str = "iid") -> tuple[list[DeviceAgent], dict[str, np.ndarray]]:
-    parts = partition_indices(data.train_y.numpy(), count, scheme, 0)
-    agents, shares = [], {}
-    for index in range(count):
-        device = f"dev{index}"
-        shares[device] = parts[index]
-        agent = DeviceAgent(
-            AgentConfig(parse_broker_url(broker), device, f"{index}/{count}", heartbeat_s=0.5), data, parts[index], None
-        )
-        agent.start()
-        threading.Thread(target=agent.serve_forever, daemon=True).start()
-        agents.append(agent)
-    return agents, shares
 
 
 def server_config(broker: str, tmp_path, **overrides) -> ServerConfig:
