@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from edge_server.scheduler import RoundPlan
 from toolkit.models import LayeredModel
 
 
@@ -66,3 +67,22 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def turn_record(
+    cluster: int, plan: RoundPlan, started: float, smashed_in: list[float], last_gradient: float, ended: float
+) -> dict:
+    """A turn's phases as measured (monotonic seconds), next to the plan's prediction: where a
+    prediction misses. Goes into the round's record under ``turns``."""
+    gaps = len(smashed_in) - 1
+    record = {
+        "cluster": cluster,
+        "measured_s": ended - started,
+        "first_smashed_s": smashed_in[0] - started if smashed_in else None,
+        "iteration_s": (smashed_in[-1] - smashed_in[0]) / gaps if gaps > 0 else None,
+        "model_up_s": ended - last_gradient,
+    }
+    timing = plan.timing.get(cluster)
+    if timing is not None:
+        record.update(timing.to_dict())
+    return record

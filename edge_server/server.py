@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from edge_server.intake import Intake, check_smashed, check_weights
-from edge_server.records import RunRecords
+from edge_server.records import RunRecords, turn_record
 from edge_server.registry import Registry
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
@@ -149,12 +149,17 @@ class EdgeServer:
             client_id=f"cpsl-server-{self.run_id}-{secrets.token_hex(4)}",
             on_message=self.endpoint.on_frame,
             will=Will(topics.server_status(), self._status_frame("offline")),
+            on_reconnect=self._announce,
         )
         self.endpoint.attach(transport)
         for topic_filter in (topics.ALL_DEVICE_STATUS, topics.ALL_DEVICE_HEARTBEATS, topics.all_up(self.run_id)):
             transport.subscribe(topic_filter, qos=1)
         transport.connect(10.0)
-        transport.publish(topics.server_status(), self._status_frame("online"), qos=1, retain=True)
+        self._announce()
+
+    def _announce(self) -> None:
+        """The retained "online" status, at start and again after every reconnect."""
+        self.endpoint.transport.publish(topics.server_status(), self._status_frame("online"), qos=1, retain=True)
 
     def close(self) -> None:
         transport = self.endpoint.transport
@@ -392,26 +397,8 @@ class EdgeServer:
         self._average_into(device_part, state, good)
         turn_ended = time.monotonic()
         stats.model_transfer_s += turn_ended - t_weights
-        stats.turns.append(self._turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
+        stats.turns.append(turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
         self._account_device_timings(round_, sorted(good), stats)
-
-    @staticmethod
-    def _turn_record(
-        cluster: int, plan: RoundPlan, started: float, smashed_in: list[float], last_gradient: float, ended: float
-    ) -> dict:
-        """A turn's phases as measured, next to the plan's prediction: where a prediction misses."""
-        gaps = len(smashed_in) - 1
-        record = {
-            "cluster": cluster,
-            "measured_s": ended - started,
-            "first_smashed_s": smashed_in[0] - started if smashed_in else None,
-            "iteration_s": (smashed_in[-1] - smashed_in[0]) / gaps if gaps > 0 else None,
-            "model_up_s": ended - last_gradient,
-        }
-        timing = plan.timing.get(cluster)
-        if timing is not None:
-            record.update(timing.to_dict())
-        return record
 
     def _transfer_allowance_s(self, state: dict[str, torch.Tensor], devices: int, directions: int) -> float:
         """Seconds to allow for ``devices`` copies of ``state`` crossing the medium ``directions`` times

@@ -134,6 +134,9 @@ class DeviceAgent:
             on_message=self.endpoint.on_frame,
             will=Will(status, self._offline_frame("connection lost"), qos=1, retain=True),
             keepalive_s=self.config.keepalive_s,
+            # a broker restarted without persistence has forgotten the retained registration,
+            # and a blip's last will has replaced it: register again on every reconnect
+            on_reconnect=self._register,
         )
         self.endpoint.attach(transport)
         transport.subscribe(topics.all_down_for(self.config.device_id), qos=1)

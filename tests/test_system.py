@@ -351,3 +351,57 @@ def test_moving_the_cut_between_rounds_keeps_training_exact(broker, digits, tmp_
     close(agents)
     assert [r["cut"] for r in server.history] == [6, 3, 10]
     assert_same_weights(server.model.net.state_dict(), centralized(digits, [["dev0"]], shares, config))
+
+
+def test_agents_and_server_announce_themselves_again_after_a_broker_restart(tmp_path, digits) -> None:
+    """Mosquitto without persistence forgets every retained message when it restarts: the
+    agents' registrations and the server's status must come back by themselves, so a server
+    started afterwards still sees the whole fleet (issue #11)."""
+    from tests.brokers import free_port, mosquitto
+    from toolkit.transport.mosquitto import mosquitto_binary
+
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed; .ci/run installs it with apt-get")
+    port = free_port()
+    with mosquitto(tmp_path, port) as url:
+        agents, _ = start_agents(url, digits, 2)
+        server = EdgeServer(server_config(url, tmp_path, min_devices=2), load_model("lenet5", seed=0), digits)
+        server.connect()
+    with mosquitto(tmp_path, port) as url:  # the same address, nothing retained
+        try:
+            inbox: queue.Queue = queue.Queue()
+            watcher = MqttTransport(parse_broker_url(url), "watcher", lambda t, d: inbox.put((t, d)))
+            deadline = time.monotonic() + 30
+            while not all(agent.endpoint.transport.connected for agent in agents) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            watcher.connect(5)
+            watcher.subscribe(topics.ALL_DEVICE_STATUS)
+            watcher.subscribe(topics.server_status())
+            seen: dict[str, str] = {}
+            while len(seen) < 3 and time.monotonic() < deadline:
+                try:
+                    topic, frame = inbox.get(timeout=1)
+                except queue.Empty:
+                    continue
+                message = decode(frame)
+                seen[topic] = message.body.state if message.kind is Kind.SERVER_STATUS else message.kind.name
+            assert seen == {
+                topics.device_status("dev0"): "REGISTER",
+                topics.device_status("dev1"): "REGISTER",
+                topics.server_status(): "online",
+            }
+            watcher.close()
+            # and a server that starts now finds both devices
+            later = EdgeServer(
+                server_config(url, tmp_path, min_devices=2, register_timeout_s=10),
+                load_model("lenet5", seed=0),
+                digits,
+            )
+            later.connect()
+            later.wait_for_devices()
+            assert [d.id for d in later.registry.online()] == ["dev0", "dev1"]
+            later.endpoint.transport.close()
+        finally:
+            server.endpoint.transport.close()
+            for agent in agents:
+                agent.close()

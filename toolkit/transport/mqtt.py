@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
@@ -39,8 +40,13 @@ class MqttTransport:
         will: Will | None = None,
         keepalive_s: int = 15,
         reconnect_delay_s: tuple[int, int] = (1, 16),
+        on_reconnect: Callable[[], None] | None = None,
     ) -> None:
         self.broker = broker
+        # called on paho's network thread after every reconnect (subscriptions already renewed):
+        # what the broker may have lost with the connection -- a retained registration, a
+        # status -- is announced again there
+        self._on_reconnect = on_reconnect
         self._on_message_handler = on_message
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -81,6 +87,7 @@ class MqttTransport:
             self._last_error = f"broker refused the connection: {reason_code}"
             self._failed.set()
             return
+        again = self._ever_connected
         self._ever_connected = True
         with self._lock:
             subscriptions = list(self._subscriptions.items())
@@ -88,6 +95,12 @@ class MqttTransport:
             client.subscribe(topic_filter, qos)
         self._connected.set()
         log.debug("connected to %s", self.broker.url)
+        if again and self._on_reconnect is not None:
+            log.warning("reconnected to %s", self.broker.url)
+            try:
+                self._on_reconnect()
+            except Exception:  # a handler bug must never kill the network thread
+                log.exception("reconnect handler failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set() and not self._closing:
