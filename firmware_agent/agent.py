@@ -38,6 +38,7 @@ from toolkit.transport import BrokerAddress, MqttTransport, Will
 log = logging.getLogger("cpsl.agent")
 
 IDLE_RUN = "idle"  # run id used on messages sent outside any run (registration, heartbeats)
+REREGISTER_MIN_S = 1.0  # a server status makes the agent register again at most this often
 
 
 @dataclass
@@ -88,6 +89,8 @@ class DeviceAgent:
         self._streams: dict[tuple[str, int], BatchStream] = {}
         self._stop = threading.Event()
         self._uplink_epoch: float | None = None  # server clock; the current iteration's slots count from it
+        self._server_run = ""  # the run of the last edge server seen online
+        self._registered_at = -REREGISTER_MIN_S
 
     # lifecycle ---------------------------------------------------------------------------
     def _offline_frame(self, reason: str) -> bytes:
@@ -140,6 +143,7 @@ class DeviceAgent:
         )
         self.endpoint.attach(transport)
         transport.subscribe(topics.all_down_for(self.config.device_id), qos=1)
+        transport.subscribe(topics.server_status(), qos=1)
         transport.connect(self.config.connect_timeout_s)
         self._register()
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
@@ -148,6 +152,7 @@ class DeviceAgent:
         )
 
     def _register(self) -> None:
+        self._registered_at = time.monotonic()
         tensors = {}
         if self.profile_json is not None:
             tensors["profile"] = torch.frombuffer(bytearray(self.profile_json), dtype=torch.uint8)
@@ -240,8 +245,30 @@ class DeviceAgent:
         elif message.kind is Kind.STOP:
             log.info("run %s stopped: %s", message.header.run, message.body.reason)
             self.assignment, self.assigned_run, self.assigned_round = None, "", -1
+        elif message.kind is Kind.SERVER_STATUS:
+            self._server_status(message)
         else:
             log.debug("ignoring %s outside a turn", message.kind.name)
+
+    def _server_status(self, message: Message) -> None:
+        """Watch the edge server: when a server (re)starts, announce ourselves to it again; when
+        the run we are assigned to goes offline, forget the assignment.
+
+        Re-registering is harmless whoever sent the status (the broker's ACL lets only the
+        server write it under TLS), and it is rate-limited so a flood of statuses cannot make
+        the device flood the broker.
+        """
+        body: m.ServerStatus = message.body
+        run = message.header.run
+        if body.state == "online" and run != self._server_run:
+            self._server_run = run
+            now = time.monotonic()
+            if now - self._registered_at >= REREGISTER_MIN_S:
+                log.info("edge server %s is online: registering again", run)
+                self._register()
+        elif body.state == "offline" and run == self.assigned_run:
+            log.warning("the edge server of run %s went offline: assignment dropped", run)
+            self.assignment, self.assigned_run, self.assigned_round = None, "", -1
 
     def _echo(self, item: Received) -> None:
         """Answer a link probe at once: when the probe arrived, and the payload asked for."""

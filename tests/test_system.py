@@ -405,3 +405,24 @@ def test_agents_and_server_announce_themselves_again_after_a_broker_restart(tmp_
             server.endpoint.transport.close()
             for agent in agents:
                 agent.close()
+
+
+def test_an_agent_registers_again_when_an_edge_server_comes_online(broker, digits, tmp_path) -> None:
+    """A server that (re)starts finds every agent freshly announced, whatever happened to the
+    retained registrations meanwhile (issue #11)."""
+    agents, _ = start_agents(broker, digits, 1)
+    inbox: queue.Queue = queue.Queue()
+    watcher = MqttTransport(parse_broker_url(broker), "watcher", lambda t, d: inbox.put(decode(d).kind))
+    try:
+        watcher.connect(5)
+        watcher.subscribe(topics.device_status("dev0"))
+        assert inbox.get(timeout=5) is Kind.REGISTER  # the retained one
+        time.sleep(1.2)  # past the agent's re-registration limit
+        server = EdgeServer(server_config(broker, tmp_path), load_model("lenet5", seed=0), digits)
+        server.connect()
+        assert inbox.get(timeout=5) is Kind.REGISTER  # announced again to the new server
+        server.endpoint.transport.close()
+    finally:
+        watcher.close()
+        for agent in agents:
+            agent.close()
