@@ -231,6 +231,14 @@ class AutoScheduler:
     def needs_probe(self, device: str) -> bool:
         return device not in self.estimates.devices
 
+    def forget(self, device: str) -> None:
+        """A device came back (after going offline, or restarted): what was measured of it --
+        link, clock offset, speed -- may no longer hold, so it is probed again before it is
+        planned, and the medium is probed again with it."""
+        if self.estimates.devices.pop(device, None) is not None:
+            self.medium_fleet_size = min(self.medium_fleet_size, len(self.estimates.devices))
+            log.warning("auto: %s came back: its link and clock will be measured again", device)
+
     def _ensure_costs(self, devices: list[DeviceRecord]) -> None:
         if self.costs is not None:
             return

@@ -39,6 +39,9 @@ class Registry:
     def __init__(self, heartbeat_timeout_s: float = 10.0) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.devices: dict[str, DeviceRecord] = {}
+        # devices that registered again after going offline, or as a new life (new session):
+        # their link, clock offset and speed may have changed, so they are measured again
+        self.returned: set[str] = set()
 
     def update(self, item: Received) -> bool:
         """Apply a REGISTER, OFFLINE or HEARTBEAT; returns False for any other kind."""
@@ -67,6 +70,8 @@ class Registry:
             else:
                 profile_json = bytes(profile.numpy().tobytes())
         was = self.devices.get(device)
+        if was is not None and (not was.online or was.session != body.session):
+            self.returned.add(device)
         self.devices[device] = DeviceRecord(
             id=device,
             num_samples=body.num_samples,
@@ -80,6 +85,11 @@ class Registry:
         )
         if was is None or not was.online:
             log.info("device %s online (%d samples, partition %s)", device, body.num_samples, body.partition)
+
+    def take_returned(self) -> set[str]:
+        """The devices that came back since the last call (and forget them)."""
+        returned, self.returned = self.returned, set()
+        return returned
 
     def refuse(self, device: str, reason: str) -> None:
         """The device refused the run's assignment: leave it out of plans until it registers anew."""

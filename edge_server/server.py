@@ -490,6 +490,8 @@ class EdgeServer:
         """Measure the link of every device the scheduler has not seen, and the medium (edge_server.probe)."""
         if getattr(self.scheduler, "needs_probe", None) is None:
             return
+        for device in self.registry.take_returned():
+            self.scheduler.forget(device)
         from edge_server.probe import LinkProber, probe_fleet
 
         def send(device: str, body: m.Probe, tensors) -> None:

@@ -369,3 +369,36 @@ def test_the_first_plan_carries_the_per_scheme_advice_for_the_probed_fleet(caplo
     assert advice["schemes"][0]["cut"] == "pool2" and "rounds to the target unknown" in advice["basis"]
     assert sum("advice: " in r.message for r in caplog.records) == 7  # header, five schemes, verdict
     assert "advice" not in auto.plan(1, devices).decision
+
+
+def test_a_device_that_comes_back_is_measured_again_before_it_is_planned():
+    """Its goodbye (or will), then a new registration: the registry reports it returned, the
+    scheduler forgets its link and clock, and the server's next probe measures it and the
+    medium again. A second registration of the same life while online is not a return."""
+    from edge_server.registry import Registry
+    from tests.test_hardening import _item
+    from toolkit.protocol import Kind
+
+    registry = Registry()
+    first, second = "a" * 32, "b" * 32
+    register = m.Register(session=first, num_samples=5, capabilities=m.Capabilities())
+    registry.update(_item(Kind.REGISTER, register))
+    registry.update(_item(Kind.REGISTER, register))  # re-announced to a new server: same life, online
+    assert registry.take_returned() == set()
+    registry.update(_item(Kind.OFFLINE, m.Offline(session=first)))
+    registry.update(_item(Kind.REGISTER, register))  # back after a blip, same life
+    assert registry.take_returned() == {"dev0"} and registry.take_returned() == set()
+    registry.update(_item(Kind.REGISTER, m.Register(session=second, num_samples=5, capabilities=m.Capabilities())))
+    assert registry.take_returned() == {"dev0"}  # a new life (agent restarted) while still listed online
+
+    auto = scheduler()
+    devices = [record(f"dev{i}") for i in range(3)]
+    for device in devices:
+        auto.add_device(device, link(10), devices)
+    auto.medium_fleet_size = 3
+    assert not auto.needs_medium_probe([d.id for d in devices])
+    auto.forget("dev1")
+    assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
+    auto.add_device(devices[1], link(2), devices)
+    assert auto.needs_medium_probe([d.id for d in devices])  # the medium is measured again with it
+    assert auto.estimates.devices["dev1"].up_bps == pytest.approx(2e6)
