@@ -115,6 +115,7 @@ class EdgeServer:
         self.server_cut: int | None = None
         self._smashed_shapes: dict[int, tuple[int, ...]] = {}
         self.history: list[dict] = []
+        self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
 
     def _default_scheduler(self) -> Scheduler:
         c = self.config
@@ -297,6 +298,7 @@ class EdgeServer:
             grant=plan.grants.get(device, m.Grant()),
             gradient_timeout_s=c.iteration_timeout_s * 2,
             data_seed=c.data_seed,
+            stream_position=self.stream_positions.get(device, 0),
         )
 
     def _ensure_server_optimizer(self, cut: int) -> None:
@@ -434,6 +436,8 @@ class EdgeServer:
         epoch = time.time() + timing.model_down_s if timing is not None else None
         for device in devices:
             self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
+            # the turn draws this many batches from the device's stream (its next ASSIGN says so)
+            self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
         offsets = timing.weights_down_offsets if timing is not None else {}
         for device in self._in_slots(devices, offsets, started):
             self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)

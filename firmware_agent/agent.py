@@ -350,7 +350,12 @@ class DeviceAgent:
         if key not in self._streams:
             seed = stream_seed(self.assignment.data_seed, self.config.device_id)
             self._streams[key] = BatchStream(self.indices, batch_size, seed)
-        return self._streams[key]
+        stream = self._streams[key]
+        position = self.assignment.stream_position
+        if position is not None and position != stream.drawn:
+            log.info("run %s: batch stream moved from %d to %d batches (server's count)", run, stream.drawn, position)
+            stream.seek(position)
+        return stream
 
     def _train_turn(self, weights: Message) -> None:
         a = self.assignment

@@ -67,3 +67,20 @@ def test_a_lone_device_gets_the_plain_gradient() -> None:
         full[2:], torch.optim.SGD(full[2:].parameters(), lr=0.1), [inputs.detach()], [y], nn.CrossEntropyLoss()
     )
     torch.testing.assert_close(grads[0], inputs.grad, rtol=0, atol=0)
+
+
+def test_a_stream_put_anywhere_draws_what_an_uninterrupted_one_would() -> None:
+    """seek forwards (across whole epochs), backwards and to where it is: the same batches."""
+    import numpy as np
+
+    from toolkit.training import BatchStream
+
+    indices = np.arange(37)
+    reference = BatchStream(indices, 5, seed=7)
+    batches = [reference.next() for _ in range(60)]  # 8 batches an epoch: 7 epochs and a half
+    for position in (0, 3, 8, 17, 40, 59, 24, 24):
+        stream = BatchStream(indices, 5, seed=7)
+        stream.seek(31)
+        stream.seek(position)
+        assert stream.drawn == position
+        assert all(np.array_equal(stream.next(), batches[i]) for i in range(position, 60))

@@ -19,13 +19,21 @@ from torch import nn
 
 
 class BatchStream:
-    """Mini-batches of ``indices``, reshuffled each epoch by a generator seeded once."""
+    """Mini-batches of ``indices``, reshuffled each epoch by a generator seeded once.
+
+    The stream is a pure function of (indices, batch size, seed, batches drawn): ``seek``
+    puts it at any position, so a server can tell a device where its stream stands (a
+    resumed run, a device that restarted) and the batches are the ones an uninterrupted
+    run would have drawn.
+    """
 
     def __init__(self, indices: np.ndarray, batch_size: int, seed: int) -> None:
         if len(indices) == 0:
             raise ValueError("a device needs at least one local sample")
         self.indices = np.asarray(indices)
         self.batch_size = batch_size
+        self.seed = seed
+        self.drawn = 0  # batches drawn since the start of the stream
         self._rng = np.random.default_rng(seed)
         self._order: np.ndarray = np.empty(0, dtype=np.int64)
         self._position = 0
@@ -37,7 +45,25 @@ class BatchStream:
             self._position = 0
         batch = self._order[self._position : self._position + self.batch_size]
         self._position += len(batch)
+        self.drawn += 1
         return batch
+
+    def seek(self, position: int) -> None:
+        """Stand where a stream that has drawn ``position`` batches stands. Whole epochs are
+        skipped one permutation each, so the cost is epochs, not batches."""
+        if position < 0:
+            raise ValueError(f"stream position {position} is negative")
+        if position < self.drawn:
+            self._rng = np.random.default_rng(self.seed)
+            self._order, self._position, self.drawn = np.empty(0, dtype=np.int64), 0, 0
+        while self.drawn < position and self._position < len(self._order):
+            self.next()  # the rest of the current epoch
+        per_epoch = -(-len(self.indices) // self.batch_size)
+        while position - self.drawn >= per_epoch:
+            self._rng.permutation(self.indices)  # an epoch not trained on: only its draw matters
+            self.drawn += per_epoch
+        while self.drawn < position:
+            self.next()
 
     def take(self, count: int) -> Iterator[np.ndarray]:
         for _ in range(count):

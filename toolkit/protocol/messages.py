@@ -18,6 +18,7 @@ MAX_TEXT = 512  # free-text fields (reasons, board names): bounded like everythi
 MAX_LIST = 100_000  # list fields (cluster members, per-iteration timings)
 MAX_PROBE_BYTES = 8 << 20  # the most payload a probe may carry or ask to be echoed: the server's policy
 MAX_SAMPLES = 1 << 31  # a device's local sample count
+MAX_STREAM_POSITION = 10_000_000  # batches into a run: 100,000 rounds of 100 iterations
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
@@ -134,6 +135,10 @@ class Assign(Body):
     grant: Grant = Grant()
     gradient_timeout_s: float = Field(gt=0, le=3600)
     data_seed: int = 0
+    # batches this device has drawn in this run before this turn: the device's stream is put
+    # there (toolkit.training.BatchStream.seek), so a resumed run or a restarted device trains
+    # on the batches an uninterrupted run would have. None: carry on where the stream is.
+    stream_position: int | None = Field(default=None, ge=0, le=MAX_STREAM_POSITION)
 
 
 class WeightsDown(Body):
