@@ -231,6 +231,34 @@ class AutoScheduler:
     def needs_probe(self, device: str) -> bool:
         return device not in self.estimates.devices
 
+    def state_dict(self) -> dict:
+        """What ``--resume`` restores (JSON): the cut, the last choice and the labels seen. Links,
+        speeds and the medium are measured again when the run resumes: the server was down
+        for a while, and what was true then may not be now."""
+        reference = self.reselection.reference
+        return {
+            "cut": self.cut,
+            "selected_skew": self.selected_skew,
+            "label_counts": {d: [float(v) for v in counts] for d, counts in self.label_counts.items()},
+            "last_selection_round": self.reselection.last_round,
+            "selection_reference": None if reference is None else [float(v) for v in reference],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            cut, skew, last = state["cut"], state["selected_skew"], state["last_selection_round"]
+            if not all(v is None or isinstance(v, int | float) for v in (cut, skew, last)):
+                raise TypeError("cut, skew and round must be numbers")
+            counts = {str(d): np.asarray(c, dtype=float) for d, c in dict(state["label_counts"]).items()}
+            reference = state["selection_reference"]
+            reference = None if reference is None else np.asarray(reference, dtype=float)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"the saved scheduler state is not --auto's: {exc}") from None
+        self.cut = None if cut is None else int(cut)
+        self.selected_skew, self.label_counts = skew, counts
+        self.reselection.last_round = None if last is None else int(last)
+        self.reselection.reference = reference
+
     def forget(self, device: str) -> None:
         """A device came back (after going offline, or restarted): what was measured of it --
         link, clock offset, speed -- may no longer hold, so it is probed again before it is

@@ -1,6 +1,7 @@
 """``edge_server``: train across registered devices, run the demo, or provision a deployment.
 
     edge_server --broker URL --model lenet5 --data builtin:mnist5k --min-devices 4 [...]   train
+    edge_server --resume RUN_DIR [--broker URL]                                          go on after a crash
     edge_server demo [--devices 4] [--secure] [...]                                      everything here
     edge_server provision init --out DIR --server-host HOST[,IP...] [--port 8883]
     edge_server provision add-device ID [ID ...] [--dir DIR]
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_server.advise import add_advise, check_args, run_advise
-from edge_server.launch import add_training_flags, make_config, train
+from edge_server.launch import add_training_flags, make_config, resume_run, train
 from toolkit.cli.common import OneLineArgumentParser, positive_float, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.data import load_dataset
@@ -43,6 +44,13 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--min-devices", type=positive_int)
     parser.add_argument("--wait-devices", type=positive_float, default=120.0, help="seconds to wait for them")
     parser.add_argument("--run-id", help="name of this run (default: run-DATE-TIME-XXXX)")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="go on with the run in RUN_DIR from its last completed round (its settings are read back; "
+        "only --broker and its TLS flags may be given anew)",
+    )
     add_training_flags(parser, {"run_dir": None})
     commands = parser.add_subparsers(
         dest="command", metavar="{demo,provision,advise}", parser_class=OneLineArgumentParser
@@ -117,9 +125,11 @@ def _main(argv: Sequence[str] | None) -> int:
         check_args(args)
         args.model = args.model or (load_profile(args.profile).model.name if args.profile else "lenet5")
         return run_advise(args)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s server %(levelname)s %(message)s")
+    if args.resume is not None:
+        return resume_run(args.resume, broker_from_args(args) if args.broker else None)
     if args.min_devices is None:
         parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise)")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s server %(levelname)s %(message)s")
     broker = broker_from_args(args)
     if args.run_id:
         check_id(args.run_id, "run id")

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.live import Live
 
 from edge_server.display import make_console, rejections_summary, rounds_table
+from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
 from toolkit.allocator import pin_malloc_thresholds
@@ -120,14 +121,18 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         norm_factor=args.norm_factor,
         target_accuracy=args.target_accuracy,
         medium=args.medium,
+        model_spec=getattr(args, "model", "") or "",
+        data_spec=getattr(args, "data", "") or "",
     )
 
 
-def train(config: ServerConfig, model, data) -> int:
+def train(config: ServerConfig, model, data, resume: RunState | None = None) -> int:
     pin_malloc_thresholds()
     console = make_console()
     history: list[dict] = []
     title = f"{config.scheme} · {model.name} · {config.rounds} rounds · run dir {config.run_dir}"
+    if resume is not None:
+        title += f" · resumed after round {resume.round}"
     with Live(rounds_table(history, title + " (waiting for devices)"), console=console, refresh_per_second=4) as live:
 
         def show(record: dict) -> None:
@@ -135,7 +140,7 @@ def train(config: ServerConfig, model, data) -> int:
             live.update(rounds_table(history, title))
 
         server = EdgeServer(config, model, data, on_round=show)
-        server.run()
+        server.run(resume)
     console.print()
     for line in rejections_summary(history[-1]) if history else []:
         console.print(line, style="yellow", markup=False)
@@ -144,3 +149,26 @@ def train(config: ServerConfig, model, data) -> int:
         f"metrics, checkpoint and model (state dict + ONNX) in {config.run_dir}"
     )
     return 0
+
+
+def resume_run(run_dir: Path, broker) -> int:
+    """``edge_server --resume RUN_DIR``: the run's settings from run.json, its state from
+    checkpoint.pt; ``broker`` (None: the one the run used) is the only thing given anew."""
+    from toolkit.data import load_dataset
+    from toolkit.models import load_model
+
+    settings = read_settings(run_dir)
+    if not settings.model or not settings.data:
+        raise UserError(f"{run_dir} was started without a model or data spec: it cannot be resumed")
+    values = dict(settings.config)
+    values["run_dir"] = run_dir
+    try:
+        config = ServerConfig(broker=broker or settings.broker, **values)
+    except TypeError as exc:
+        raise UserError(f"{run_dir}/run.json does not fit this version's settings: {exc}") from None
+    model = load_model(settings.model, seed=settings.seed)
+    data = load_dataset(settings.data, settings.seed)
+    state = load_state(run_dir, config.run_id, model.fingerprint())
+    if state.round + 1 >= config.rounds:
+        raise UserError(f"run {config.run_id} already completed its {config.rounds} rounds")
+    return train(config, model, data, resume=state)

@@ -1,4 +1,5 @@
-"""Records of a run on disk: metrics.jsonl, the per-round checkpoint, the final model (state dict + ONNX).
+"""Records of a run on disk: metrics.jsonl and the final model (state dict + ONNX); the per-round
+state that ``--resume`` reads is edge_server/run_state.py's.
 
 Apart from the round loop so that what a run leaves behind is written in one place, and
 every file atomically: a crash mid-write leaves the previous file, never half of a new one.
@@ -10,8 +11,10 @@ import json
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edge_server.scheduler import RoundPlan
@@ -24,22 +27,33 @@ class RunRecords:
         self.metrics = run_dir / "metrics.jsonl"
 
     def open(self) -> None:
+        """A new run: an old metrics.jsonl in the same folder is replaced, not appended to
+        (round numbers would start again from 0 in the middle of the file)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.metrics.exists():
+            atomic_write_text(self.metrics, "")
+
+    def resume(self, last_round: int) -> list[dict]:
+        """A resumed run: the records up to ``last_round`` (one the crash wrote past the saved
+        state is dropped, so no round is counted twice); appending goes on after them."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept: list[dict] = []
+        if self.metrics.exists():
+            for line in self.metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by the crash: it and anything after it go
+                if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+                    break
+                if record["round"] <= last_round:
+                    kept.append(record)
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     def append(self, record: dict) -> None:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-    def checkpoint(self, round_: int, model: LayeredModel) -> None:
-        atomic_torch_save(
-            {
-                "round": round_,
-                "model": model.name,
-                "fingerprint": model.fingerprint(),
-                "state_dict": model.net.state_dict(),
-            },
-            self.run_dir / "checkpoint.pt",
-        )
 
     def save_final(self, model: LayeredModel) -> None:
         atomic_torch_save(model.net.state_dict(), self.run_dir / "model.pt")
@@ -58,6 +72,17 @@ class RunRecords:
         model.net.train()
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_torch_save(obj: object, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -67,6 +92,23 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@dataclass
+class TurnStats:
+    """Seconds spent per category in one round (the breakdown written to metrics.jsonl)."""
+
+    device_compute_s: float = 0.0
+    uplink_s: float = 0.0
+    server_compute_s: float = 0.0
+    downlink_s: float = 0.0
+    model_transfer_s: float = 0.0
+    train_losses: list[float] = field(default_factory=list)
+    dropped: set[str] = field(default_factory=set)
+    server_steps: list[tuple[int, float]] = field(default_factory=list)  # (samples, seconds)
+    arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> wall clock
+    turns: list[dict] = field(default_factory=list)  # per cluster: measured phases (and predicted, with slots)
+    label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per device, the labels it trained on
 
 
 def turn_record(

@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from edge_server.intake import Intake, check_smashed, check_weights
-from edge_server.records import RunRecords, turn_record
+from edge_server.records import RunRecords, TurnStats, turn_record
 from edge_server.registry import Registry
+from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
 from toolkit.data import Dataset
@@ -72,23 +73,8 @@ class ServerConfig:
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
     medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
-
-
-@dataclass
-class TurnStats:
-    """Seconds spent per category in one round (the breakdown written to metrics.jsonl)."""
-
-    device_compute_s: float = 0.0
-    uplink_s: float = 0.0
-    server_compute_s: float = 0.0
-    downlink_s: float = 0.0
-    model_transfer_s: float = 0.0
-    train_losses: list[float] = field(default_factory=list)
-    dropped: set[str] = field(default_factory=set)
-    server_steps: list[tuple[int, float]] = field(default_factory=list)  # (samples, seconds)
-    arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> wall clock
-    turns: list[dict] = field(default_factory=list)  # per cluster: measured phases (and predicted, with slots)
-    label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per device, the labels it trained on
+    model_spec: str = ""  # what the run was started with, for run.json (edge_server.run_state)
+    data_spec: str = ""
 
 
 class EdgeServer:
@@ -569,17 +555,24 @@ class EdgeServer:
             record["decision"] = plan.decision
         return record
 
-    def run(self) -> list[dict]:
+    def run(self, resume: RunState | None = None) -> list[dict]:
+        """Train; with ``resume``, go on from the round after the one it saved (``--resume``)."""
         records = RunRecords(self.config.run_dir)
-        records.open()
+        if resume is None:
+            records.open()
+            write_settings(self.config.run_dir, self.config, self.run_id)
+            first = 0
+        else:
+            first = restore(self, resume)
+            self.history = records.resume(resume.round)
         self.connect()
         try:
             self.wait_for_devices()
-            for round_ in range(self.config.rounds):
+            for round_ in range(first, self.config.rounds):
                 record = self.run_round(round_)
                 self.history.append(record)
                 records.append(record)
-                records.checkpoint(round_, self.model)
+                save_state(self.config.run_dir, capture(self, round_))
                 self._publish_metrics(record)
                 self.on_round(record)
                 if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
