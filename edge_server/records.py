@@ -8,6 +8,7 @@ every file atomically: a crash mid-write leaves the previous file, never half of
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -19,6 +20,9 @@ import torch
 
 from edge_server.scheduler import RoundPlan
 from toolkit.models import LayeredModel
+from toolkit.protocol import Kind, topics
+from toolkit.protocol import messages as m
+from toolkit.protocol.endpoint import Endpoint
 
 
 class RunRecords:
@@ -128,3 +132,18 @@ def turn_record(
     if timing is not None:
         record.update(timing.to_dict())
     return record
+
+
+def publish_metrics(endpoint: Endpoint, run_id: str, record: dict) -> None:
+    """The round's evaluation, retained on the run's metrics topic for dashboards and agents
+    (a diverged model's NaN loss is left out: the message carries finite numbers only)."""
+    values = {k: record[k] for k in ("accuracy", "loss", "latency_s") if math.isfinite(record[k])}
+    endpoint.send(
+        topics.run_metrics(run_id),
+        Kind.METRICS,
+        m.Metrics(values=values),
+        run=run_id,
+        device="server",
+        round_=record["round"],
+        retain=True,
+    )

@@ -33,6 +33,8 @@ class DeviceRecord:
     session: str = ""
     models: tuple[str, ...] = ()
     refused: str = ""  # why the device refused this run's assignment; it is not planned again until it re-registers
+    left_at: float | None = None  # monotonic time of its OFFLINE
+    said_goodbye: bool = False  # the OFFLINE was the agent's own, not its last will
 
 
 class Registry:
@@ -42,6 +44,7 @@ class Registry:
         # devices that registered again after going offline, or as a new life (new session):
         # their link, clock offset and speed may have changed, so they are measured again
         self.returned: set[str] = set()
+        self.announced: set[str] = set()  # registered (again) since the server last looked
 
     def update(self, item: Received) -> bool:
         """Apply a REGISTER, OFFLINE or HEARTBEAT; returns False for any other kind."""
@@ -53,6 +56,8 @@ class Registry:
             record = self.devices.get(device)
             if record is not None and record.online and message.body.session == record.session:
                 record.online = False
+                record.left_at = time.monotonic()
+                record.said_goodbye = message.body.reason != m.CONNECTION_LOST
                 log.warning("device %s went offline: %s", device, message.body.reason)
             return True
         if message.kind is Kind.HEARTBEAT:
@@ -72,6 +77,7 @@ class Registry:
         was = self.devices.get(device)
         if was is not None and (not was.online or was.session != body.session):
             self.returned.add(device)
+        self.announced.add(device)
         self.devices[device] = DeviceRecord(
             id=device,
             num_samples=body.num_samples,
@@ -85,6 +91,12 @@ class Registry:
         )
         if was is None or not was.online:
             log.info("device %s online (%d samples, partition %s)", device, body.num_samples, body.partition)
+
+    def take_announced(self) -> set[str]:
+        """The devices that registered since the last call: after a reconnect, a device missed
+        what was sent to it while it was away (and forget them)."""
+        announced, self.announced = self.announced, set()
+        return announced
 
     def take_returned(self) -> set[str]:
         """The devices that came back since the last call (and forget them)."""
@@ -105,15 +117,22 @@ class Registry:
         if record is not None:
             record.last_seen = time.monotonic()
 
-    def has_left(self, device: str) -> bool:
-        """The device said goodbye (or the broker delivered its last will), or refused the run.
+    def has_left(self, device: str, grace_s: float = 0.0) -> bool:
+        """The device said goodbye, or the broker delivered its last will more than ``grace_s``
+        ago and it has not registered again since, or it refused the run.
 
         This, not a stale heartbeat, is what drops a device the server is waiting on: while the
         device sends a model that takes longer than the heartbeat window to cross a slow link,
-        its heartbeats wait behind it; the phase's deadline bounds the wait instead.
+        its heartbeats wait behind it; the phase's deadline bounds the wait instead. The grace
+        is for a lost connection that comes back: a broker restart delivers every device's
+        will, and they all reconnect and register again within seconds.
         """
         record = self.devices.get(device)
-        return record is None or not record.online or bool(record.refused)
+        if record is None or record.refused:
+            return True
+        if record.online:
+            return False
+        return record.said_goodbye or record.left_at is None or time.monotonic() - record.left_at >= grace_s
 
     def is_online(self, device: str) -> bool:
         record = self.devices.get(device)

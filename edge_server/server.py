@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from edge_server.intake import Intake, check_smashed, check_weights
-from edge_server.records import RunRecords, TurnStats, turn_record
+from edge_server.records import RunRecords, TurnStats, publish_metrics, turn_record
 from edge_server.registry import Registry
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
@@ -63,6 +63,7 @@ class ServerConfig:
     # The slowest the whole medium may carry bulk data (bit/s), for the deadlines of phases that
     # move models: a phase moving B bytes in all waits iteration_timeout_s + 8 B / this at most.
     min_link_bps: float = 1e6
+    reconnect_grace_s: float = 10.0  # a device whose will arrived may register again this long before it is dropped
     max_frame_bytes: int = 64 << 20
     auto: bool = False  # cpsl only: cut, clusters and slots decided live (edge_server.auto)
     max_cluster_size: int | None = None
@@ -128,7 +129,8 @@ class EdgeServer:
     # connection --------------------------------------------------------------------------
     def _status_frame(self, state: str) -> bytes:
         body = m.ServerStatus(state=state, model=self.model.name, scheme=self.config.scheme)
-        return encode(Kind.SERVER_STATUS, make_header(self.run_id, "server"), body)
+        # its own sequence number: receivers drop repeats by (sender, seq), and every status is news
+        return encode(Kind.SERVER_STATUS, make_header(self.run_id, "server", seq=self.endpoint.next_seq()), body)
 
     def connect(self) -> None:
         transport = MqttTransport(
@@ -145,8 +147,10 @@ class EdgeServer:
         self._announce()
 
     def _announce(self) -> None:
-        """The retained "online" status, at start and again after every reconnect."""
+        """At start and after every reconnect: the retained "online" status, and again the last
+        messages to each device, which a broker restart may have lost (devices drop copies)."""
         self.endpoint.transport.publish(topics.server_status(), self._status_frame("online"), qos=1, retain=True)
+        self.endpoint.replay()
 
     def close(self) -> None:
         transport = self.endpoint.transport
@@ -184,7 +188,10 @@ class EdgeServer:
         return self.intake.timings
 
     def _poll(self, timeout_s: float) -> Received | None:
-        return self.intake.poll(timeout_s)
+        item = self.intake.poll(timeout_s)
+        for device in self.registry.take_announced():  # back after a reconnect: what it may have missed
+            self.endpoint.replay(topics.down(self.run_id, device))
+        return item
 
     def _devices_for_round(self, round_: int) -> list:
         """The online devices; with none online, wait for one (up to the registration timeout)
@@ -229,7 +236,7 @@ class EdgeServer:
         got: dict[str, Received] = {}
         while expected - got.keys() - stats.dropped:
             for device in expected - got.keys():
-                if device not in stats.dropped and self.registry.has_left(device):
+                if device not in stats.dropped and self.registry.has_left(device, self.config.reconnect_grace_s):
                     log.warning("device %s is offline: dropped from round %d", device, round_)
                     stats.dropped.add(device)
             remaining = deadline - time.monotonic()
@@ -573,7 +580,7 @@ class EdgeServer:
                 self.history.append(record)
                 records.append(record)
                 save_state(self.config.run_dir, capture(self, round_))
-                self._publish_metrics(record)
+                publish_metrics(self.endpoint, self.run_id, record)
                 self.on_round(record)
                 if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
                     log.warning("target accuracy %.2f reached in round %d", self.config.target_accuracy, round_)
@@ -582,16 +589,3 @@ class EdgeServer:
         finally:
             self.close()
         return self.history
-
-    def _publish_metrics(self, record: dict) -> None:
-        """The round's evaluation, retained on the run's metrics topic for dashboards and agents."""
-        values = {"accuracy": record["accuracy"], "loss": record["loss"], "latency_s": record["latency_s"]}
-        self.endpoint.send(
-            topics.run_metrics(self.run_id),
-            Kind.METRICS,
-            m.Metrics(values=values),
-            run=self.run_id,
-            device="server",
-            round_=record["round"],
-            retain=True,
-        )

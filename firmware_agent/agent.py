@@ -91,6 +91,7 @@ class DeviceAgent:
         self._uplink_epoch: float | None = None  # server clock; the current iteration's slots count from it
         self._server_run = ""  # the run of the last edge server seen online
         self._registered_at = -REREGISTER_MIN_S
+        self._early_weights: Message | None = None  # weights that overtook their ASSIGN
 
     # lifecycle ---------------------------------------------------------------------------
     def _offline_frame(self, reason: str) -> bytes:
@@ -135,11 +136,12 @@ class DeviceAgent:
             self.config.broker,
             client_id=f"cpsl-agent-{self.config.device_id}-{secrets.token_hex(4)}",
             on_message=self.endpoint.on_frame,
-            will=Will(status, self._offline_frame("connection lost"), qos=1, retain=True),
+            will=Will(status, self._offline_frame(m.CONNECTION_LOST), qos=1, retain=True),
             keepalive_s=self.config.keepalive_s,
             # a broker restarted without persistence has forgotten the retained registration,
-            # and a blip's last will has replaced it: register again on every reconnect
-            on_reconnect=self._register,
+            # and a blip's last will has replaced it: register again on every reconnect, and
+            # send again the last messages, which the restart may have lost in flight
+            on_reconnect=self._reconnected,
         )
         self.endpoint.attach(transport)
         transport.subscribe(topics.all_down_for(self.config.device_id), qos=1)
@@ -150,6 +152,11 @@ class DeviceAgent:
         log.info(
             "%s registered at %s with %d samples", self.config.device_id, self.config.broker.url, len(self.indices)
         )
+
+    def _reconnected(self) -> None:
+        """Announce ourselves again, and send again what may have been lost in flight."""
+        self._register()
+        self.endpoint.replay()
 
     def _register(self) -> None:
         self._registered_at = time.monotonic()
@@ -223,23 +230,26 @@ class DeviceAgent:
                 self._accept_assignment(message)
             except RefusedError as reason:
                 self._refuse(message, str(reason))
+                return
+            early, self._early_weights = self._early_weights, None
+            if early is not None and (early.header.run, early.header.round) == (self.assigned_run, self.assigned_round):
+                self._weights(early)  # they overtook their assignment (a resend after a reconnect)
         elif message.kind is Kind.WEIGHTS_DOWN:
             if self.assignment is None or (message.header.run, message.header.round) != (
                 self.assigned_run,
                 self.assigned_round,
             ):
+                # kept (one, the latest) in case their ASSIGN is still on its way: after a broker
+                # restart the sender's queued copy and its resent ones can arrive out of order,
+                # and the copy that follows would be dropped as a repeat
                 log.warning(
-                    "weights for run %s round %d do not match the assignment; ignored",
+                    "weights for run %s round %d came before their assignment; kept for it",
                     message.header.run,
                     message.header.round,
                 )
+                self._early_weights = message
                 return
-            try:
-                self._train_turn(message)
-            except TurnAbortedError as reason:
-                log.warning("turn abandoned: %s", reason)
-            finally:
-                self.state = "idle"
+            self._weights(message)
         elif message.kind is Kind.PROBE:
             self._echo(item)
         elif message.kind is Kind.STOP:
@@ -250,25 +260,40 @@ class DeviceAgent:
         else:
             log.debug("ignoring %s outside a turn", message.kind.name)
 
+    def _weights(self, message: Message) -> None:
+        try:
+            self._train_turn(message)
+        except TurnAbortedError as reason:
+            log.warning("turn abandoned: %s", reason)
+        finally:
+            self.state = "idle"
+
     def _server_status(self, message: Message) -> None:
         """Watch the edge server: when a server (re)starts, announce ourselves to it again; when
-        the run we are assigned to goes offline, forget the assignment.
+        ours reconnects, send it again what it may have missed. Its going offline changes
+        nothing here: a broker restart delivers its last will while it is about to come back,
+        and a server that is gone for good sends nothing more (every wait here has a timeout,
+        and the next run's ASSIGN replaces the assignment).
 
-        Re-registering is harmless whoever sent the status (the broker's ACL lets only the
-        server write it under TLS), and it is rate-limited so a flood of statuses cannot make
-        the device flood the broker.
+        Under TLS the broker's ACL lets only the server write its status. Re-registering is
+        rate-limited all the same, so a flood of statuses cannot make the device flood the broker.
         """
         body: m.ServerStatus = message.body
         run = message.header.run
         if body.state == "online" and run != self._server_run:
             self._server_run = run
-            now = time.monotonic()
-            if now - self._registered_at >= REREGISTER_MIN_S:
+            if time.monotonic() - self._registered_at >= REREGISTER_MIN_S:
                 log.info("edge server %s is online: registering again", run)
                 self._register()
+        elif body.state == "online" and run == self.assigned_run:
+            # our server announced itself again: it reconnected (it subscribes before it
+            # announces), and what we sent while it was away went nowhere -- the broker keeps
+            # nothing for a clean session: send it again. Each announcement is one frame (the
+            # endpoint drops repeats by sequence number), so this is once per reconnect.
+            log.info("edge server %s reconnected: sending the last messages again", run)
+            self.endpoint.replay()
         elif body.state == "offline" and run == self.assigned_run:
-            log.warning("the edge server of run %s went offline: assignment dropped", run)
-            self.assignment, self.assigned_run, self.assigned_round = None, "", -1
+            log.warning("the edge server of run %s went offline; waiting for it", run)
 
     def _echo(self, item: Received) -> None:
         """Answer a link probe at once: when the probe arrived, and the payload asked for."""
@@ -513,6 +538,9 @@ class DeviceAgent:
                 return item
             if message.kind is Kind.PROBE:
                 self._echo(item)
+                continue
+            if message.kind is Kind.SERVER_STATUS:  # the server reconnected: it may need our upload again
+                self._server_status(message)
                 continue
             if message.kind in (Kind.STOP, Kind.ASSIGN) and header.run == run:
                 self.handle(item)

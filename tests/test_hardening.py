@@ -187,3 +187,24 @@ def test_a_non_finite_server_loss_changes_nothing() -> None:
     assert loss != loss or loss in (float("inf"), float("-inf"))
     assert [g.shape for g in grads] == [(2, 4), (1, 4)] and all(not g.any() for g in grads)
     assert all(torch.equal(before[k], v) for k, v in server_part.state_dict().items())
+
+
+def test_a_diverged_round_is_published_without_its_nan_loss() -> None:
+    """A model that diverged evaluates to a NaN loss: the round's metrics still go out (finite
+    values only), and the server does not stop on a validation error."""
+    import math
+
+    from edge_server.records import publish_metrics
+
+    published: list[tuple[str, bytes]] = []
+
+    class Recording:
+        def publish(self, topic, payload, qos=1, retain=False) -> None:
+            published.append((topic, payload))
+
+    endpoint = Endpoint("server")
+    endpoint.attach(Recording())
+    publish_metrics(endpoint, "run", {"round": 3, "accuracy": 0.1, "loss": math.nan, "latency_s": 2.0})
+    ((topic, payload),) = published
+    assert topic == topics.run_metrics("run")
+    assert decode(payload).body.values == {"accuracy": 0.1, "latency_s": 2.0}

@@ -188,7 +188,7 @@ def _run_fleet(address_of, data, tmp_path, tag: str) -> list[float]:
         agents.append(agent)
     try:
         config = server_config(
-            "mqtt://x:1", tmp_path / tag, rounds=3, iterations=20, lr=0.1, momentum=0.9, min_devices=3
+            "mqtt://x:1", tmp_path / tag, rounds=3, iterations=20, lr=0.05, momentum=0.9, min_devices=3
         )
         config.broker = address_of("server")
         server = EdgeServer(config, load_model("lenet5", seed=0), data)

@@ -19,7 +19,7 @@ import re
 import secrets
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,8 @@ from toolkit.protocol.messages import Body, Header, Kind
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+REPLAY_PER_TOPIC = 4  # the last messages sent on each topic are kept for replay after a reconnect
+REPLAY_MAX_BYTES = 96 << 20  # and no more than this in all (oldest dropped first)
 QOS_BY_KIND = {Kind.HEARTBEAT: 0}  # everything else: QoS 1 (at least once, duplicates dropped by seq)
 MAX_REASONS = 64  # distinct rejection reasons counted; the rest go under "other"
 _VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(\.\d+)?")
@@ -94,6 +96,11 @@ class Endpoint:
         self._seq = itertools.count(secrets.randbits(62))
         self._lock = threading.Lock()
         self._log_limiter = RateLimitedLog(log)
+        # (topic, pieces, qos) of the last messages sent per topic, oldest first: what a broker
+        # restart may have lost in flight is sent again by replay(); receivers drop what they had
+        self._replay: OrderedDict[int, tuple[str, list[bytes], int]] = OrderedDict()
+        self._replay_by_topic: dict[str, deque[int]] = {}
+        self._replay_bytes = 0
 
     def attach(self, transport: object) -> None:
         self.transport = transport
@@ -204,6 +211,41 @@ class Endpoint:
         )
         frame = encode(kind, header, body, tensors)
         pieces = [frame] if retain else split(frame, header, self.chunk_bytes)
+        qos = QOS_BY_KIND.get(kind, 1)
         for piece in pieces:
-            self.transport.publish(topic, piece, qos=QOS_BY_KIND.get(kind, 1), retain=retain)
+            self.transport.publish(topic, piece, qos=qos, retain=retain)
+        if qos > 0 and not retain:
+            self._remember(header.seq, topic, pieces, qos)
         return sum(len(piece) for piece in pieces)
+
+    def _remember(self, seq: int, topic: str, pieces: list[bytes], qos: int) -> None:
+        with self._lock:
+            self._replay[seq] = (topic, pieces, qos)
+            self._replay_bytes += sum(len(p) for p in pieces)
+            recent = self._replay_by_topic.setdefault(topic, deque())
+            recent.append(seq)
+            while len(recent) > REPLAY_PER_TOPIC:
+                self._forget(recent[0])
+            while self._replay_bytes > REPLAY_MAX_BYTES and len(self._replay) > 1:
+                self._forget(next(iter(self._replay)))
+
+    def _forget(self, seq: int) -> None:
+        topic, pieces, _ = self._replay.pop(seq)
+        self._replay_bytes -= sum(len(p) for p in pieces)
+        recent = self._replay_by_topic[topic]
+        recent.remove(seq)
+        if not recent:
+            del self._replay_by_topic[topic]
+
+    def replay(self, topic: str | None = None) -> int:
+        """Publish again the last messages sent on each topic (or on ``topic`` only), in the order
+        they were first sent; returns how many. For after a reconnect, ours or the receiver's:
+        a broker that restarted, or a receiver that was away (a clean session keeps nothing),
+        may have lost what was in flight, and nothing else would send it again. A receiver
+        that had them drops the copies by sequence number."""
+        with self._lock:
+            kept = [entry for entry in self._replay.values() if topic is None or entry[0] == topic]
+        for topic, pieces, qos in kept:
+            for piece in pieces:
+                self.transport.publish(topic, piece, qos=qos)
+        return len(kept)

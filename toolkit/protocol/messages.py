@@ -19,6 +19,7 @@ MAX_LIST = 100_000  # list fields (cluster members, per-iteration timings)
 MAX_PROBE_BYTES = 8 << 20  # the most payload a probe may carry or ask to be echoed: the server's policy
 MAX_SAMPLES = 1 << 31  # a device's local sample count
 MAX_STREAM_POSITION = 10_000_000  # batches into a run: 100,000 rounds of 100 iterations
+CONNECTION_LOST = "connection lost"  # an agent's last will says this; a goodbye says something else
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
@@ -85,7 +86,7 @@ class Heartbeat(Body):
 
 class Offline(Body):
     session: str = Field(pattern=SESSION_PATTERN)
-    reason: Text = "connection lost"
+    reason: Text = CONNECTION_LOST
 
 
 class ServerStatus(Body):

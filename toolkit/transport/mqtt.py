@@ -162,7 +162,7 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             with self._lock:
-                self._pending = [p for p in self._pending if not p.is_published()]
+                self._pending = [p for p in self._pending if _in_flight(p)]
                 self._pending.append(info)
 
     def flush(self, timeout_s: float) -> bool:
@@ -192,3 +192,13 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+
+def _in_flight(info: mqtt.MQTTMessageInfo) -> bool:
+    """Still waiting for the broker's acknowledgement. A publish made while the connection was
+    down reports failure (paho raises from is_published): it is not waited for -- paho sends
+    it on reconnect, and the endpoint's replay sends the last messages again anyway."""
+    try:
+        return not info.is_published()
+    except (RuntimeError, ValueError):
+        return False

@@ -1,0 +1,125 @@
+"""Faults mid-round with a real Mosquitto, real agents and a real server (issue #11): the broker
+stopped and restarted at three points of a round, with and without its persistence."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+
+from edge_server.server import EdgeServer, ServerConfig
+from tests.agents import start_agents
+from tests.brokers import free_port
+from toolkit.data import load_dataset
+from toolkit.models import load_model
+from toolkit.protocol import Kind
+from toolkit.transport import parse_broker_url
+from toolkit.transport.mosquitto import MosquittoProcess, mosquitto_binary
+
+pytestmark = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed (.ci/run installs it)")
+
+
+def broker_config(folder, port: int, persistence: bool) -> MosquittoProcess:
+    config = folder / f"mosquitto-{port}.conf"
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_type error"]
+    if persistence:
+        lines += ["persistence true", f"persistence_location {folder}/", "autosave_interval 1"]
+    else:
+        lines += ["persistence false"]
+    config.write_text("\n".join(lines) + "\n")
+    return MosquittoProcess(config, port)
+
+
+class WatchedServer(EdgeServer):
+    """The real server, telling the test when it sends a chosen message: the outages hit the
+    points of a round they are meant to, whatever this machine's speed."""
+
+    def __init__(self, *args, triggers: dict[tuple, threading.Event], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.triggers = triggers
+
+    def _send(self, device, kind, body, round_, iteration=0, tensors=None) -> int:
+        sent = super()._send(device, kind, body, round_, iteration, tensors)
+        event = self.triggers.get((kind, round_, iteration))
+        if event is not None:
+            event.set()
+        return sent
+
+
+ITERATIONS = 8
+POINTS = {  # where in which round the broker goes away
+    "weights down (start of round 1)": (Kind.WEIGHTS_DOWN, 1, 0),
+    "gradients, mid-turn (round 2)": (Kind.GRADIENT, 2, 3),
+    "before the weights go up (round 3)": (Kind.GRADIENT, 3, ITERATIONS - 1),
+}
+
+
+@pytest.mark.parametrize("persistence", [False, True], ids=["no-persistence", "persistence"])
+def test_a_broker_restarted_at_three_points_of_rounds_loses_no_round(tmp_path, persistence):
+    """Stopped (SIGTERM; SIGKILL with persistence on, so no final save) as the weights go
+    down, mid-turn, and just before the weights go up, and started again a second later on
+    the same port. Both ends reconnect, announce themselves and send again what was in
+    flight; every round completes once, in order, with every device."""
+    fault_free = run_with_outages(tmp_path / "calm", persistence, outages=False)
+    faulty = run_with_outages(tmp_path / "stormy", persistence, outages=True)
+    assert [r["round"] for r in faulty.history] == [0, 1, 2, 3, 4]
+    for record in faulty.history:
+        assert record["dropped"] == [], record
+        assert sorted(record["clusters"][0]) == ["dev0", "dev1", "dev2"]
+    # nothing lost, nothing trained twice: the same batches in the same order as without outages
+    assert [r["accuracy"] for r in faulty.history] == pytest.approx([r["accuracy"] for r in fault_free.history])
+
+
+def run_with_outages(folder, persistence: bool, outages: bool) -> EdgeServer:
+    folder.mkdir()
+    port = free_port()
+    broker = broker_config(folder, port, persistence).start()
+    url = f"mqtt://127.0.0.1:{port}"
+    data = load_dataset("builtin:digits", seed=0)
+    agents, _ = start_agents(url, data, 3)
+    config = ServerConfig(
+        broker=parse_broker_url(url),
+        scheme="cpsl",
+        rounds=5,
+        min_devices=3,
+        batch_size=8,
+        iterations=ITERATIONS,
+        clusters=1,
+        cut=6,
+        run_dir=folder / "run",
+        run_id="faults",
+        iteration_timeout_s=20,
+        register_timeout_s=20,
+    )
+    triggers = {point: threading.Event() for point in POINTS.values()}
+    server = WatchedServer(config, load_model("lenet5", seed=0), data, triggers=triggers)
+    failure: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            server.run()
+        except BaseException as exc:  # reported below
+            failure.append(exc)
+
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()
+    try:
+        for name, point in POINTS.items() if outages else ():
+            assert triggers[point].wait(timeout=120), f"the run never reached {name}"
+            if persistence:
+                broker.process.send_signal(signal.SIGKILL)
+                broker.process.wait(timeout=5)
+            else:
+                broker.stop()
+            time.sleep(1.0)
+            broker.start()
+        trainer.join(timeout=180)
+    finally:
+        for agent in agents:
+            agent.close()
+        broker.stop()
+    assert not trainer.is_alive(), "the server did not finish"
+    assert not failure, failure
+    return server
