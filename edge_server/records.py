@@ -113,6 +113,7 @@ class TurnStats:
     arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> wall clock
     turns: list[dict] = field(default_factory=list)  # per cluster: measured phases (and predicted, with slots)
     label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per device, the labels it trained on
+    sessions: dict[str, str] = field(default_factory=dict)  # each device's agent life when the round began
 
 
 def turn_record(

@@ -236,7 +236,12 @@ class EdgeServer:
         got: dict[str, Received] = {}
         while expected - got.keys() - stats.dropped:
             for device in expected - got.keys():
-                if device not in stats.dropped and self.registry.has_left(device, self.config.reconnect_grace_s):
+                # gone for good, or back as a new agent life (restarted: its turn is lost with it)
+                record = self.registry.devices.get(device)
+                restarted = record is not None and stats.sessions.get(device, record.session) != record.session
+                if device not in stats.dropped and (
+                    restarted or self.registry.has_left(device, self.config.reconnect_grace_s)
+                ):
                     log.warning("device %s is offline: dropped from round %d", device, round_)
                     stats.dropped.add(device)
             remaining = deadline - time.monotonic()
@@ -508,7 +513,7 @@ class EdgeServer:
         self.probe_new_devices(round_, devices)
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
-        stats = TurnStats()
+        stats = TurnStats(sessions={d.id: d.session for d in devices})
         started = time.monotonic()
         if not plan.clusters:
             log.warning("round %d: the plan has no devices; nothing trained", round_)

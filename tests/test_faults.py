@@ -123,3 +123,59 @@ def run_with_outages(folder, persistence: bool, outages: bool) -> EdgeServer:
     assert not trainer.is_alive(), "the server did not finish"
     assert not failure, failure
     return server
+
+
+def test_an_agent_killed_mid_round_and_restarted_misses_that_round_only(broker, tmp_path):
+    """dev1's process dies mid-turn (its socket closes without a goodbye: the broker delivers
+    its will) and a new agent for dev1 starts a second later. The round goes on without it
+    (dropped as soon as it is back as a new life, not at the deadline); from the next round
+    it trains again, its batch stream put where the server's count says."""
+    from firmware_agent.agent import AgentConfig, DeviceAgent
+
+    data = load_dataset("builtin:digits", seed=0)
+    agents, shares = start_agents(broker, data, 3)
+    config = ServerConfig(
+        broker=parse_broker_url(broker),
+        scheme="cpsl",
+        rounds=5,
+        min_devices=3,
+        batch_size=8,
+        iterations=ITERATIONS,
+        clusters=1,
+        cut=6,
+        run_dir=tmp_path / "run",
+        run_id="restarts",
+        iteration_timeout_s=30,
+        register_timeout_s=20,
+    )
+    kill_point = (Kind.GRADIENT, 2, 2)
+    triggers = {kill_point: threading.Event()}
+    server = WatchedServer(config, load_model("lenet5", seed=0), data, triggers=triggers)
+    trainer = threading.Thread(target=server.run, daemon=True)
+    trainer.start()
+    reborn = None
+    try:
+        assert triggers[kill_point].wait(timeout=120)
+        victim = agents[1]
+        victim.stop()
+        victim.endpoint.transport._client._sock.close()  # the process is gone: no DISCONNECT, no goodbye
+        victim.endpoint.transport._client.loop_stop()
+        time.sleep(1.0)
+        reborn = DeviceAgent(
+            AgentConfig(parse_broker_url(broker), "dev1", "1/3", heartbeat_s=0.5), data, shares["dev1"], None
+        )
+        reborn.start()
+        threading.Thread(target=reborn.serve_forever, daemon=True).start()
+        trainer.join(timeout=180)
+    finally:
+        for agent in [*agents, *([reborn] if reborn else [])]:
+            agent.close()
+    assert not trainer.is_alive()
+    history = server.history
+    assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
+    assert history[2]["dropped"] == ["dev1"]
+    assert history[2]["latency_s"] < config.iteration_timeout_s  # dropped when it came back, not at the deadline
+    for record in history[3:]:
+        assert record["dropped"] == [] and sorted(record["clusters"][0]) == ["dev0", "dev1", "dev2"]
+    stream = next(iter(reborn._streams.values()))
+    assert stream.drawn == 5 * ITERATIONS  # rounds 0-4 by the server's count, though this life saw only 3-4
