@@ -434,6 +434,10 @@ class AutoScheduler:
                 (arrivals or {}).get(device),
                 sent_alone=device in self._solo_senders,
             )
+            step = self.estimates.devices[device].clock_step_s if device in self.estimates.devices else None
+            if step is not None:
+                log.warning("auto: the clock of %s stepped by about %+.3f s: measuring it again", device, step)
+                self.forget(device)
         if server_steps:
             samples = sorted(server_steps)[len(server_steps) // 2]
             self.estimates.observe_server(cost, samples[0], samples[1])

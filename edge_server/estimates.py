@@ -37,6 +37,7 @@ from toolkit.planning.medium import MediumEvidence, rate_model
 from toolkit.protocol import messages as m
 
 RATE_SAMPLE_BYTES = 64 << 10  # smaller messages pass a link's token bucket at line speed: no rate to read
+CLOCK_STEP_S = 0.05  # an offset error this large in one turn is a step of the clock, not drift
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DeviceEstimate:
     rtt_s: float = 0.0
     clock_offset_s: float = 0.0
     observed_rounds: int = 0
+    clock_step_s: float | None = None  # set when a turn showed the device's clock jumped: probe it again
 
     def link(self) -> LinkMeasurement:
         return LinkMeasurement(self.rtt_s, self.clock_offset_s, self.up_bps, self.down_bps)
@@ -131,8 +133,15 @@ class LiveEstimates:
             trips.append(max(down + up, 1e-5))
             errors.append((down - up) / 2)
         if trips:
+            error = statistics.median(errors)
+            if abs(error) > max(CLOCK_STEP_S, 5 * estimate.rtt_s):
+                # a clock that stepped (NTP set it, a board without an RTC got its time): the
+                # transits are off by the step, which smoothing would take rounds to absorb while
+                # every slot is misplaced; the device is probed again instead
+                estimate.clock_step_s = error
+                return
             estimate.rtt_s = _blend(max(estimate.rtt_s, 1e-5), statistics.median(trips), self.smoothing)
-            estimate.clock_offset_s += self.smoothing * statistics.median(errors)
+            estimate.clock_offset_s += self.smoothing * error
 
     def observe_server(self, cut: CutCost, samples: int, seconds: float) -> None:
         if seconds > 0:

@@ -402,3 +402,44 @@ def test_a_device_that_comes_back_is_measured_again_before_it_is_planned():
     auto.add_device(devices[1], link(2), devices)
     assert auto.needs_medium_probe([d.id for d in devices])  # the medium is measured again with it
     assert auto.estimates.devices["dev1"].up_bps == pytest.approx(2e6)
+
+
+def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
+    """Transits off by a clock step (the device's clock jumped 2 s ahead after the probe) make
+    the device be probed again; ordinary jitter of a few ms is smoothed in as before."""
+    auto = scheduler(iterations=5)
+    devices = [record("dev0"), record("dev1")]
+    for device in devices:
+        auto.add_device(device, link(10, rtt=0.004), devices)
+    cut = auto.costs.resolve("pool2").cut
+    server_now = 1_000.0
+
+    def report(clock_error_s: float) -> tuple[m.Timings, dict[int, float]]:
+        """Each iteration: 1 ms each way plus transfer; the device clock off by clock_error_s."""
+        rows, arrivals = [], {}
+        for i in range(5):
+            start = server_now + i  # server clock
+            up = 8 * 20_000 / 10e6 + 0.001
+            rows.append(
+                m.IterationTiming(
+                    iteration=i,
+                    forward_s=0.01,
+                    backward_s=0.01,
+                    upload_s=up,
+                    wait_gradient_s=0.0,
+                    up_bytes=20_000,
+                    down_bytes=20_000,
+                    upload_start_at=start + clock_error_s,
+                    gradient_transit_s=max(0.0, 8 * 20_000 / 10e6 + 0.001 + clock_error_s),
+                )
+            )
+            arrivals[i] = start + up
+        return m.Timings(iterations=rows, weights_down_bytes=0, weights_up_bytes=0, turn_s=1.0), arrivals
+
+    steady, steady_arrivals = report(0.002)
+    stepped, stepped_arrivals = report(2.0)
+    auto.observe(
+        cut, {"dev0": steady, "dev1": stepped}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": stepped_arrivals}
+    )
+    assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
+    assert abs(auto.estimates.devices["dev0"].clock_offset_s) < 0.01
