@@ -82,6 +82,8 @@ def test_without_root_it_says_so_and_creates_nothing(tmp_path):
         (["--throttle", "dev0:1"], "expected devI:ROUND:MBIT"),
         (["--drop", "nonsense"], "expected devI:ROUND"),
         (["--medium", "wifi", "--throttle", "dev0:1:2"], "--throttle needs --medium wired"),
+        (["--link-down", "dev1:0"], "expected devI:ROUND:SECONDS"),
+        (["--link-down", "dev1:0:-3"], "between 0 and 3600 s"),
     ],
 )
 @ROOT_ONLY
@@ -258,4 +260,43 @@ def test_fl_survives_model_uploads_longer_than_the_heartbeat_window(tmp_path):
     assert record["dropped"] == [] and sorted(record["clusters"][0]) == ["dev0", "dev1"], record
     assert record["latency_s"] > 12.0  # the uploads really outlasted the heartbeat window
     assert record["breakdown"]["device_compute_s"] > 0  # both timings reports arrived with their weights
+    assert_nothing_left()
+
+
+@ROOT_ONLY
+def test_a_device_whose_link_is_down_for_10_s_catches_up_and_no_round_is_lost(tmp_path):
+    """dev1's veth goes down for 10 s right after round 0 (issue #11): its TCP connection stays
+    open, what was in flight is retransmitted when the link is back, and every round completes
+    once; dev1 trains in the rounds after."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--devices",
+            "2",
+            "--scheme",
+            "cpsl",
+            "--no-auto",
+            "--rounds",
+            "3",
+            "--local-iterations",
+            "4",
+            "--target-accuracy",
+            "0.999",
+            "--link-down",
+            "dev1:0:10",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dev1 link down for 10 s" in result.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[1]["latency_s"] > 8  # the outage was felt
+    assert "dev1" in records[2]["clusters"][0] + records[2]["clusters"][-1] and records[2]["dropped"] == []
     assert_nothing_left()

@@ -116,6 +116,13 @@ def build_parser() -> OneLineArgumentParser:
     run_parser.add_argument(
         "--drop", action="append", default=[], metavar="devI:ROUND", help="after ROUND, kill device I's agent"
     )
+    run_parser.add_argument(
+        "--link-down",
+        action="append",
+        default=[],
+        metavar="devI:ROUND:SECONDS",
+        help="after ROUND, take device I's link down for SECONDS, then back up",
+    )
     run_parser.add_argument("--debug", action="store_true")
     cleanup = sub.add_parser("cleanup", help="remove cpsl-* namespaces and cgroups left by a killed run")
     cleanup.add_argument("--debug", action="store_true")
@@ -145,9 +152,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.throttle and spec.medium != "wired":
         raise UserError("--throttle needs --medium wired (the wifi relay's rates are fixed per run)")
     count = len(spec.devices)
-    events = [Event.parse("throttle", t, count) for t in args.throttle] + [
-        Event.parse("drop", d, count) for d in args.drop
-    ]
+    events = (
+        [Event.parse("throttle", t, count) for t in args.throttle]
+        + [Event.parse("drop", d, count) for d in args.drop]
+        + [Event.parse("down", d, count) for d in args.link_down]
+    )
     run_spec = RunSpec(
         scheme=args.scheme,
         auto=args.auto,

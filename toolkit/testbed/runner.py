@@ -34,12 +34,14 @@ DATA_SHAPE = "1,28,28"  # builtin:mnist5k's digits: what every device profiles t
 
 @dataclass(frozen=True)
 class Event:
-    """After round ``after_round`` completes: ``throttle`` a device's uplink to ``mbit``, or ``drop`` it."""
+    """After round ``after_round`` completes: ``throttle`` a device's uplink to ``mbit``, ``drop``
+    it, or take its link ``down`` for ``seconds``."""
 
-    kind: str  # "throttle" | "drop"
+    kind: str  # "throttle" | "drop" | "down"
     device: int
     after_round: int
     mbit: float = 0.0
+    seconds: float = 0.0
 
     @classmethod
     def parse(cls, kind: str, text: str, devices: int) -> Event:
@@ -49,11 +51,16 @@ class Event:
                 event = cls(kind, int(parts[0].removeprefix("dev")), int(parts[1]), float(parts[2]))
             elif kind == "drop" and len(parts) == 2:
                 event = cls(kind, int(parts[0].removeprefix("dev")), int(parts[1]))
+            elif kind == "down" and len(parts) == 3:
+                event = cls(kind, int(parts[0].removeprefix("dev")), int(parts[1]), seconds=float(parts[2]))
             else:
                 raise ValueError
         except ValueError:
-            form = "devI:ROUND:MBIT" if kind == "throttle" else "devI:ROUND"
-            raise UserError(f"--{kind} {text!r}: expected {form}") from None
+            form = {"throttle": "devI:ROUND:MBIT", "down": "devI:ROUND:SECONDS"}.get(kind, "devI:ROUND")
+            flag = "link-down" if kind == "down" else kind
+            raise UserError(f"--{flag} {text!r}: expected {form}") from None
+        if kind == "down" and not 0 < event.seconds <= 3600:
+            raise UserError(f"--link-down {text!r}: the outage must last between 0 and 3600 s")
         if not 0 <= event.device < devices:
             raise UserError(f"--{kind} {text!r}: there is no device {event.device} among {devices}")
         if kind == "throttle" and not event.mbit > 0:
@@ -291,7 +298,13 @@ def _apply_events(testbed: Testbed, events: list[Event], metrics: Path, agents: 
         done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         while pending and done > pending[0].after_round:
             event = pending.pop(0)
-            if event.kind == "throttle":
+            if event.kind == "down":
+                testbed.set_link(event.device, up=False)
+                timer = threading.Timer(event.seconds, testbed.set_link, args=(event.device, True))
+                timer.daemon = True
+                timer.start()
+                log.warning("after round %d: dev%d link down for %g s", event.after_round, event.device, event.seconds)
+            elif event.kind == "throttle":
                 testbed.set_uplink(event.device, event.mbit)
                 log.warning(
                     "after round %d: dev%d uplink throttled to %g Mbit/s", event.after_round, event.device, event.mbit

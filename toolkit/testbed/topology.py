@@ -190,6 +190,12 @@ class Testbed:
             raise UserError("changing a link mid-run needs --medium wired (the wifi relay's rates are fixed per run)")
         _tbf(self.device_namespace(index), f"d{index}", mbit, change=True)
 
+    def set_link(self, index: int, up: bool) -> None:
+        """Take a device's link down or bring it back (a Wi-Fi drop-out, a pulled cable): its
+        connections stay open and TCP retransmits what was in flight once it is back."""
+        namespace = self.device_namespace(index)
+        _run("ip", "netns", "exec", namespace, "ip", "link", "set", f"d{index}", "up" if up else "down")
+
     def set_cpu(self, index: int, cpu_share: float) -> None:
         (CGROUP_CPU / self.device_namespace(index) / "cpu.cfs_quota_us").write_text(str(int(cpu_share * CFS_PERIOD_US)))
 
