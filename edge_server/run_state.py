@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from edge_server.records import atomic_torch_save, atomic_write_text
 from toolkit.errors import UserError
 from toolkit.transport import BrokerAddress, parse_broker_url
 from toolkit.transport.tls import TlsFiles
@@ -72,7 +71,7 @@ def write_settings(run_dir: Path, config, run_id: str) -> None:
         "broker": {"url": broker.url, "tls": tls},
         "config": values,
     }
-    _atomic_write(run_dir / SETTINGS_FILE, json.dumps(document, indent=1).encode())
+    atomic_write_text(run_dir / SETTINGS_FILE, json.dumps(document, indent=1))
 
 
 @dataclass(frozen=True)
@@ -124,14 +123,7 @@ def save_state(run_dir: Path, state: RunState) -> None:
         "stream_positions": dict(state.stream_positions),
         "scheduler": json.dumps(state.scheduler),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=run_dir)
-    os.close(fd)
-    try:
-        torch.save(document, tmp)
-        os.replace(tmp, run_dir / STATE_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(document, run_dir / STATE_FILE)
 
 
 def load_state(run_dir: Path, run_id: str, fingerprint: str) -> RunState:
@@ -204,14 +196,3 @@ def restore(server, state: RunState) -> int:
     if load is not None:
         load(state.scheduler)
     return state.round + 1
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -49,6 +49,26 @@ class WatchedServer(EdgeServer):
 
 
 ITERATIONS = 8
+
+
+def three_device_config(url: str, folder, run_id: str, iteration_timeout_s: float = 20) -> ServerConfig:
+    """Five rounds of one cluster of three devices, short turns."""
+    return ServerConfig(
+        broker=parse_broker_url(url),
+        scheme="cpsl",
+        rounds=5,
+        min_devices=3,
+        batch_size=8,
+        iterations=ITERATIONS,
+        clusters=1,
+        cut=6,
+        run_dir=folder / "run",
+        run_id=run_id,
+        iteration_timeout_s=iteration_timeout_s,
+        register_timeout_s=20,
+    )
+
+
 POINTS = {  # where in which round the broker goes away
     "weights down (start of round 1)": (Kind.WEIGHTS_DOWN, 1, 0),
     "gradients, mid-turn (round 2)": (Kind.GRADIENT, 2, 3),
@@ -79,20 +99,7 @@ def run_with_outages(folder, persistence: bool, outages: bool) -> EdgeServer:
     url = f"mqtt://127.0.0.1:{port}"
     data = load_dataset("builtin:digits", seed=0)
     agents, _ = start_agents(url, data, 3)
-    config = ServerConfig(
-        broker=parse_broker_url(url),
-        scheme="cpsl",
-        rounds=5,
-        min_devices=3,
-        batch_size=8,
-        iterations=ITERATIONS,
-        clusters=1,
-        cut=6,
-        run_dir=folder / "run",
-        run_id="faults",
-        iteration_timeout_s=20,
-        register_timeout_s=20,
-    )
+    config = three_device_config(url, folder, "faults")
     triggers = {point: threading.Event() for point in POINTS.values()}
     server = WatchedServer(config, load_model("lenet5", seed=0), data, triggers=triggers)
     failure: list[BaseException] = []
@@ -134,20 +141,7 @@ def test_an_agent_killed_mid_round_and_restarted_misses_that_round_only(broker, 
 
     data = load_dataset("builtin:digits", seed=0)
     agents, shares = start_agents(broker, data, 3)
-    config = ServerConfig(
-        broker=parse_broker_url(broker),
-        scheme="cpsl",
-        rounds=5,
-        min_devices=3,
-        batch_size=8,
-        iterations=ITERATIONS,
-        clusters=1,
-        cut=6,
-        run_dir=tmp_path / "run",
-        run_id="restarts",
-        iteration_timeout_s=30,
-        register_timeout_s=20,
-    )
+    config = three_device_config(broker, tmp_path, "restarts", iteration_timeout_s=30)
     kill_point = (Kind.GRADIENT, 2, 2)
     triggers = {kill_point: threading.Event()}
     server = WatchedServer(config, load_model("lenet5", seed=0), data, triggers=triggers)
