@@ -190,11 +190,13 @@ def one_run(folder: Path, seed: int, args, faults: list[tuple[float, str, int]],
     edge = server(server_command)
     injected = []
     started = time.monotonic()
+    after_first_round = 0.0
     try:
         deadline = time.monotonic() + 300
         while not records(run_dir) and edge.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         first_round = time.monotonic()
+        after_first_round = first_round - started
         for at, kind, device in sorted(faults):
             while time.monotonic() < first_round + at and edge.poll() is None:
                 time.sleep(0.05)
@@ -232,6 +234,7 @@ def one_run(folder: Path, seed: int, args, faults: list[tuple[float, str, int]],
     rounds = [r["round"] for r in done]
     return {
         "seed": seed,
+        "training_s": round(time.monotonic() - started - after_first_round, 1),
         "persistence": persistence,
         "faults": injected,
         "exit_code": edge.returncode,
@@ -262,9 +265,10 @@ def main() -> None:
         draw = random.Random(seed)
         persistence = draw.random() < 0.5
         calm = one_run(scratch / f"{seed}-calm", seed, args, [], persistence)
-        span = max(5.0, calm["wall_s"] * 0.6)
+        span = max(1.0, calm["training_s"] * 0.8)
         # from half a second after the first round (its state is saved by then: a server killed
-        # before any checkpoint has nothing to resume) to 60% into the fault-free run
+        # before any checkpoint has nothing to resume) to 80% of the way through the rounds after
+        # it in the fault-free run, so that every fault lands while the run is training
         faults = [
             (draw.uniform(0.5, span), draw.choice(KINDS), draw.randrange(args.devices)) for _ in range(args.faults)
         ]
