@@ -204,13 +204,7 @@ def one_run(folder: Path, seed: int, args, faults: list[tuple[float, str, int]],
                 break
             injected.append({"at_s": round(time.monotonic() - started, 2), "kind": kind, "device": device})
             if kind == "broker":
-                if persistence:
-                    broker.process.send_signal(signal.SIGKILL)
-                    broker.process.wait(timeout=10)
-                else:
-                    broker.stop()
-                time.sleep(1.0)
-                broker.start()
+                broker.restart(kill=persistence)
             elif kind == "server":
                 edge.send_signal(signal.SIGKILL)
                 edge.wait(timeout=10)

@@ -3,7 +3,6 @@ stopped and restarted at three points of a round, with and without its persisten
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
@@ -115,13 +114,7 @@ def run_with_outages(folder, persistence: bool, outages: bool) -> EdgeServer:
     try:
         for name, point in POINTS.items() if outages else ():
             assert triggers[point].wait(timeout=120), f"the run never reached {name}"
-            if persistence:
-                broker.process.send_signal(signal.SIGKILL)
-                broker.process.wait(timeout=5)
-            else:
-                broker.stop()
-            time.sleep(1.0)
-            broker.start()
+            broker.restart(kill=persistence)
         trainer.join(timeout=180)
     finally:
         for agent in agents:
