@@ -6,6 +6,13 @@ the estimate part of the way (exponential smoothing in log space, so a 2x slowdo
 2x speedup count alike): quick enough that a device throttled mid-run is re-planned
 within a round or two, slow enough that one noisy iteration does not reshuffle clusters.
 
+The first measurement of a speed replaces the profile's figure outright instead of being
+blended with it: the profile is a prior taken on another occasion (another load, another
+thread count, the server profiled on a different machine), and on the heavy wired testbed
+it was 8x off for the server. Blending from it took four rounds to converge while the
+fixed-cost calibration chased the moving error (measured/predicted 1.18 over the run).
+Later measurements are smoothed as above.
+
 Observations:
 - compute: the median over a turn's iterations of forward + backward (+ step) time,
   against what the reference profile predicts for the cut and batch;
@@ -48,6 +55,7 @@ class DeviceEstimate:
     rtt_s: float = 0.0
     clock_offset_s: float = 0.0
     observed_rounds: int = 0
+    speed_measured: bool = False  # False while ``speed`` is the profile's prior
     clock_step_s: float | None = None  # set when a turn showed the device's clock jumped: probe it again
 
     def link(self) -> LinkMeasurement:
@@ -74,6 +82,7 @@ class LiveEstimates:
     smoothing: float = 0.5  # weight of the newest observation
     devices: dict[str, DeviceEstimate] = field(default_factory=dict)
     server_speed: float = 1.0
+    server_measured: bool = False  # False while ``server_speed`` is the profile's prior
 
     def add(self, device: str, speed: float, link: LinkMeasurement) -> None:
         self.devices[device] = DeviceEstimate(
@@ -101,7 +110,8 @@ class LiveEstimates:
         rows = timings.iterations
         compute = statistics.median(r.forward_s + r.backward_s for r in rows)
         predicted = cut.device_forward(batch_size) + cut.device_backward(batch_size)
-        estimate.speed = _blend(estimate.speed, predicted / max(compute, 1e-9), self.smoothing)
+        estimate.speed = _blend(estimate.speed, predicted / max(compute, 1e-9), self._weight(estimate.speed_measured))
+        estimate.speed_measured = True
         transfers = [(r.up_bytes, r.upload_s) for r in rows]
         if timings.weights_up_end_at > timings.weights_up_start_at > 0:  # the trained weights, in their own slot
             transfers.append((timings.weights_up_bytes, timings.weights_up_end_at - timings.weights_up_start_at))
@@ -145,7 +155,14 @@ class LiveEstimates:
 
     def observe_server(self, cut: CutCost, samples: int, seconds: float) -> None:
         if seconds > 0:
-            self.server_speed = _blend(self.server_speed, cut.server_step(samples) / seconds, self.smoothing)
+            self.server_speed = _blend(
+                self.server_speed, cut.server_step(samples) / seconds, self._weight(self.server_measured)
+            )
+            self.server_measured = True
+
+    def _weight(self, measured_before: bool) -> float:
+        """The newest observation's weight: all of it against a profile's prior, else the smoothing."""
+        return self.smoothing if measured_before else 1.0
 
     def fleet_state(
         self, devices: list[str], uplink: MediumEvidence | None = None, downlink: MediumEvidence | None = None

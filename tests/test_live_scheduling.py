@@ -443,3 +443,22 @@ def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
     )
     assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
     assert abs(auto.estimates.devices["dev0"].clock_offset_s) < 0.01
+
+
+def test_the_first_measurement_replaces_the_profiles_prior_and_later_ones_are_smoothed():
+    """A profile taken on another occasion can be several times off; blending from it would
+    take rounds to converge while every plan in between is wrong."""
+    cut = model_costs(load_profile(PROFILE)).resolve("pool2")
+    estimates = LiveEstimates(smoothing=0.5)
+    estimates.add("d", 1.0, link(10))
+    predicted = cut.device_forward(32) + cut.device_backward(32)
+    estimates.observe_turn("d", cut, 32, timings(predicted / 8, predicted / 8, 0.01, 10_000, 0.01, 10_000))
+    assert estimates.devices["d"].speed == pytest.approx(4.0, rel=1e-6)
+    estimates.observe_turn("d", cut, 32, timings(predicted / 2, predicted / 2, 0.01, 10_000, 0.01, 10_000))
+    assert estimates.devices["d"].speed == pytest.approx(2.0, rel=1e-6)  # sqrt(4 * 1): smoothed in log space
+
+    samples, seconds = 32, cut.server_step(32) / 8
+    estimates.observe_server(cut, samples, seconds)
+    assert estimates.server_speed == pytest.approx(8.0, rel=1e-6)
+    estimates.observe_server(cut, samples, cut.server_step(32) / 2)
+    assert estimates.server_speed == pytest.approx(4.0, rel=1e-6)
