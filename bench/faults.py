@@ -18,7 +18,7 @@ accuracy against the fault-free run's with the same seed, and the faults with th
 Goal: every run completes every planned round, none lost, final accuracy within 1
 percentage point of the fault-free run.
 
-    python bench/faults.py [--runs 20] [--faults 2] [--rounds 6] [--devices 3] [--seed 0] [--out DIR]
+    python bench/faults.py [--runs 20] [--faults 2] [--rounds 15] [--devices 3] [--seed 0] [--out DIR]
 
 Writes DIR/faults.json.
 """
@@ -246,7 +246,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--faults", type=int, default=2, help="faults per run")
-    parser.add_argument("--rounds", type=int, default=6)
+    # 15 rounds: digits is learned to a plateau by then. At 6 rounds (the first campaign) the
+    # fault-free runs ended between 57% and 91% by seed, on the steep part of the curve, where
+    # one device missing one round moved the end by 8.6 points (seed 18): that measured the
+    # noise of an unfinished run, not what the fault cost.
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults")
@@ -286,6 +290,7 @@ def main() -> None:
         "runs": len(runs),
         "complete": sum(r["rounds_lost"] == 0 and r["rounds_counted_twice"] == 0 for r in runs),
         "rounds_lost": sum(r["rounds_lost"] for r in runs),
+        "within_1pp": sum(r["accuracy_gap_pp"] is not None and r["accuracy_gap_pp"] <= 1.0 for r in runs),
         "worst_accuracy_gap_pp": max((r["accuracy_gap_pp"] or 0.0 for r in runs), default=0.0),
     }
     (args.out / "faults.json").write_text(json.dumps(report, indent=1))

@@ -1,5 +1,8 @@
 """``cpsl-agent``: run on each board; registers with the edge server and trains what it assigns.
 
+    cpsl-agent [run] --config agent.toml [flags]     train (flags override the file)
+    cpsl-agent service print|install|uninstall|status --config agent.toml
+
 It trains only the models its owner names here (``--model``, repeatable, or ``model`` in
 the ``--config`` file): an assignment for anything else is refused.
 """
@@ -92,14 +95,63 @@ def _profile_bytes(args, model_name: str, threads: int, data) -> tuple[bytes | N
     return cached.read_bytes(), load_profile(cached).model.fingerprint
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_service_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(
+        prog=f"{PROG} service", description="Run the agent as a hardened systemd service (docs/deploy.md)."
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name, text in (
+        ("print", "write the unit to stdout"),
+        ("install", "install the unit and its system user, enable and start it"),
+    ):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("--config", type=Path, required=True, help="the agent's TOML file")
+        if name == "install":
+            sub.add_argument("--root", type=Path, help="install into this image's root file system (offline)")
+    uninstall = actions.add_parser("uninstall", help="stop, disable and remove the unit")
+    uninstall.add_argument("--root", type=Path, help="remove from this image's root file system (offline)")
+    actions.add_parser("status", help="systemctl status of the service")
+    return parser
+
+
+def _service(argv: list[str]) -> int:
+    from firmware_agent import service
+
+    args = build_service_parser().parse_args(argv)
+    if args.action == "status":
+        return service.status()
+    if args.action == "uninstall":
+        steps = service.uninstall(args.root)
+    else:
+        spec = service.ServiceSpec.for_config(args.config)
+        _settings(["--config", str(spec.config)])  # a unit that would fail at its first start is refused now
+        if args.action == "print":
+            sys.stdout.write(service.render_unit(spec))
+            return 0
+        steps = service.install(spec, args.root)
+    for step in steps:
+        print(step)
+    return 0
+
+
+def _settings(argv: list[str]):
+    """The flags over the config file's settings, the required ones checked."""
     parser = build_parser()
     apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     for flag, value in (("--device-id", args.device_id), ("--data", args.data)):
         if not value:
             parser.error(f"{flag} is required (on the command line or in --config)")
+    return args
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["service"]:
+        return _service(argv[1:])
+    if argv[:1] == ["run"]:
+        argv = argv[1:]
+    args = _settings(argv)
     models = args.model or ["lenet5"]
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
     check_id(args.device_id, "device id")

@@ -43,6 +43,30 @@ ROOT_ONLY = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def profile_cache(tmp_path_factory) -> Path:
+    """The device profiles the first run measured, for the runs after it.
+
+    Profiling one CPU class under its quota takes 15-30 s (importing torch at a tenth of a
+    core is most of it) and every run here uses the same two classes: measuring them once
+    per session keeps the runs about what they test. The first run still profiles for real.
+    """
+    return tmp_path_factory.mktemp("testbed-profiles")
+
+
+@pytest.fixture
+def run_dir(tmp_path, profile_cache):
+    """A run folder seeded with the cached profiles; what the run profiled goes back to the cache."""
+    folder = tmp_path / "run"
+    (folder / "profiles").mkdir(parents=True)
+    for profile in profile_cache.glob("*.json"):
+        shutil.copy(profile, folder / "profiles")
+    yield folder
+    for profile in (folder / "profiles").glob("*.json"):
+        if not (profile_cache / profile.name).exists():
+            shutil.copy(profile, profile_cache)
+
+
 def assert_nothing_left() -> None:
     namespaces, groups = leftovers()
     assert namespaces == [] and groups == [], (namespaces, groups)
@@ -96,8 +120,7 @@ def test_bad_events_are_refused_before_anything_is_built(tmp_path, args, message
 
 
 @ROOT_ONLY
-def test_a_short_auto_run_trains_predicts_and_cleans_up(tmp_path):
-    run_dir = tmp_path / "run"
+def test_a_short_auto_run_trains_predicts_and_cleans_up(run_dir):
     result = subprocess.run(
         [
             *CLI,
@@ -168,8 +191,7 @@ def test_sigterm_mid_run_removes_everything(tmp_path):
 
 
 @ROOT_ONLY
-def test_the_wifi_medium_carries_a_slotted_run_through_its_relay_and_cleans_up(tmp_path):
-    run_dir = tmp_path / "wifi"
+def test_the_wifi_medium_carries_a_slotted_run_through_its_relay_and_cleans_up(run_dir):
     result = subprocess.run(
         [
             *CLI,
@@ -228,14 +250,13 @@ def test_the_heavy_fleet_is_widenet_on_weak_devices_and_every_process_is_told_th
 
 
 @ROOT_ONLY
-def test_fl_survives_model_uploads_longer_than_the_heartbeat_window(tmp_path):
+def test_fl_survives_model_uploads_longer_than_the_heartbeat_window(tmp_path, run_dir):
     """LeNet-5's 247 kB over a 0.12 Mbit/s uplink takes about 16 s, longer than the server's 10 s
     heartbeat window, and the heartbeats wait behind it on the device's one connection. The
     devices must stay in the round (the deadline allows for the transfer) and be averaged."""
     spec = tmp_path / "slow.json"
     devices = [{"name": f"dev{i}", "uplink_mbit": 0.12, "downlink_mbit": 1.0, "cpu_share": 0.3} for i in range(2)]
     spec.write_text(json.dumps({"devices": devices}))
-    run_dir = tmp_path / "run"
     result = subprocess.run(
         [
             *CLI,
@@ -264,11 +285,10 @@ def test_fl_survives_model_uploads_longer_than_the_heartbeat_window(tmp_path):
 
 
 @ROOT_ONLY
-def test_a_device_whose_link_is_down_for_10_s_catches_up_and_no_round_is_lost(tmp_path):
+def test_a_device_whose_link_is_down_for_10_s_catches_up_and_no_round_is_lost(run_dir):
     """dev1's veth goes down for 10 s right after round 0 (issue #11): its TCP connection stays
     open, what was in flight is retransmitted when the link is back, and every round completes
     once; dev1 trains in the rounds after."""
-    run_dir = tmp_path / "run"
     result = subprocess.run(
         [
             *CLI,

@@ -61,16 +61,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> N
     if known.config is None:
         return
     path: Path = known.config
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UserError(f"config file {path} is over {MAX_CONFIG_BYTES} bytes")
-    try:
-        values = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    values = read_config_values(path)
     options = {
         action.option_strings[0][2:]: action
         for action in parser._actions
@@ -98,6 +89,20 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> N
                 value = [value]
         defaults[action.dest] = value
     parser.set_defaults(**defaults)
+
+
+def read_config_values(path: Path) -> dict:
+    """The TOML file's settings, bounded in size; one line naming what is wrong otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
 
 
 def _typed(action: argparse.Action, text: str, path: Path):
