@@ -39,6 +39,7 @@ from rich.console import Console
 
 from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.errors import UserError
+from toolkit.files import read_bounded
 from toolkit.planning.advice import SCHEMES, advise, plan_schemes
 from toolkit.planning.clustering import ClusterBounds
 from toolkit.planning.costs import ModelCosts, model_costs, relative_speed
@@ -77,12 +78,7 @@ class FleetSpec(BaseModel):
 
 
 def load_fleet(path: Path) -> FleetSpec:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read fleet {path}: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_FLEET_BYTES:
-        raise UserError(f"fleet {path} is {len(raw)} bytes, more than {MAX_FLEET_BYTES}")
+    raw = read_bounded(path, MAX_FLEET_BYTES, "fleet")
     try:
         return FleetSpec.model_validate_json(raw)
     except ValidationError as exc:

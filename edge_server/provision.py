@@ -23,9 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 
 from edge_server import pki
 from toolkit.errors import UserError
+from toolkit.files import write_atomically
 from toolkit.protocol import topics
 from toolkit.protocol.topics import check_id
 
@@ -67,16 +66,7 @@ class Deployment:
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomically: a half-written key or ACL must never be what a broker or agent reads."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode)
 
 
 def _write_issued(folder: Path, issued: pki.Issued, ca: pki.Issued, cert_name: str, key_name: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edge_server.scheduler import RoundPlan
+from toolkit.files import write_atomically
 from toolkit.models import LayeredModel
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
@@ -77,14 +78,7 @@ class RunRecords:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text)
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from edge_server.records import atomic_torch_save, atomic_write_text
 from toolkit.errors import UserError
+from toolkit.files import read_bounded
 from toolkit.transport import BrokerAddress, parse_broker_url
 from toolkit.transport.tls import TlsFiles
 
@@ -85,12 +86,7 @@ class RunSettings:
 
 def read_settings(run_dir: Path) -> RunSettings:
     path = run_dir / SETTINGS_FILE
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot resume from {run_dir}: {exc.strerror or exc} ({path})") from exc
-    if len(raw) > MAX_SETTINGS_BYTES:
-        raise UserError(f"{path} is {len(raw)} bytes: not a run's settings")
+    raw = read_bounded(path, MAX_SETTINGS_BYTES, "the settings of the run to resume,")
     try:
         document = json.loads(raw)
         if document.get("format") != SETTINGS_FORMAT:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.files import write_atomically
 
 UNIT_NAME = "cpsl-agent.service"
 USER = "cpsl-agent"
@@ -129,7 +130,7 @@ def install(spec: ServiceSpec, root: Path | None = None) -> list[str]:
     sysusers = prefix / "etc/sysusers.d" / f"{USER}.conf"
     for path, text in ((sysusers, SYSUSERS_ENTRY), (unit, render_unit(spec))):
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, text)
+        write_atomically(path, text)
         steps.append(f"wrote {path}")
     _run(["systemd-sysusers", *_root_flag(root), str(sysusers)])
     steps.append(f"system user {USER} ready")
@@ -190,13 +191,6 @@ def _share_with_service_group(config: Path) -> list[str]:
 
 def _root_flag(root: Path | None) -> list[str]:
     return [f"--root={root}"] if root is not None else []
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(text)
-    scratch.chmod(0o644)
-    os.replace(scratch, path)
 
 
 def _run(command: list[str]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.files import read_bounded
 from toolkit.transport import BrokerAddress, parse_broker_url
 from toolkit.transport.tls import TlsFiles, bundle_files
 
@@ -93,12 +94,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> N
 
 def read_config_values(path: Path) -> dict:
     """The TOML file's settings, bounded in size; one line naming what is wrong otherwise."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise UserError(f"config file {path} is over {MAX_CONFIG_BYTES} bytes")
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "config file")
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
