@@ -1,3 +1,3 @@
-from edge_server.cli import main
+from edge_server.entry import main
 
 raise SystemExit(main())

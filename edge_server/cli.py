@@ -26,6 +26,8 @@ from edge_server.launch import add_training_flags, make_config, resume_run, trai
 from toolkit.cli.common import OneLineArgumentParser, positive_float, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.data import load_dataset
+from toolkit.errors import UserError
+from toolkit.files import write_atomically
 from toolkit.models import load_model
 from toolkit.profile_format import load_profile
 from toolkit.protocol.topics import check_id
@@ -96,6 +98,24 @@ def _add_provision(commands) -> None:
     add.add_argument("--dir", type=Path, default=Path("pki"), help="deployment folder (default ./pki)")
     add.add_argument("--days", type=positive_int, help="validity (default: the deployment's)")
     add.add_argument("--broker-host", help="host the device's agent.toml points at (default: the first server host)")
+    add.add_argument("--data", help="the device's data in its agent.toml (folder:DIR, idx:DIR, builtin:NAME)")
+    add.add_argument(
+        "--broker",
+        help="stand-alone, without a deployment: a plain mqtt://HOST:PORT broker on a trusted network (no TLS)",
+    )
+    first = add.add_argument_group("first boot (cloud-init user-data for Raspberry Pi OS / Ubuntu; docs/deploy.md)")
+    first.add_argument("--cloud-init", action="store_true", help="also write DIR/devices/ID/user-data")
+    first.add_argument("--torch", default="torch", help="the board's torch requirement (default: torch)")
+    first.add_argument(
+        "--torch-index",
+        default="https://download.pytorch.org/whl/cpu",
+        help="index for torch (default: PyTorch's CPU builds; 'none' for PyPI, e.g. JetPack's own index otherwise)",
+    )
+    first.add_argument(
+        "--agent-package",
+        default="cpsl-edge[agent]",
+        help="the agent's pip requirement (default cpsl-edge[agent]; a wheel URL served from the edge PC works)",
+    )
     renew = jobs.add_parser(
         "renew", help="rotate: new key and certificate for devices (old ones revoked), server, broker"
     )
@@ -140,6 +160,32 @@ def _main(argv: Sequence[str] | None) -> int:
     return train(config, model, data)
 
 
+def _add_devices(args: argparse.Namespace) -> int:
+    from edge_server import first_boot, provision
+
+    if args.cloud_init and not args.data:
+        raise UserError("--cloud-init needs --data: the agent the board starts refuses to run without its data")
+    install = first_boot.Install(
+        torch=args.torch,
+        torch_index=None if args.torch_index == "none" else args.torch_index,
+        agent=args.agent_package,
+    )
+    if args.broker and (args.broker_host or args.days):
+        raise UserError("--broker is for a device without a deployment: --broker-host and --days do not apply")
+    deployment = None if args.broker else provision.load(args.dir)
+    for device in args.devices:
+        if deployment is None:
+            folder = provision.standalone_device(args.dir, device, args.broker, args.data)
+            print(f"{device}: agent.toml in {folder} (plain MQTT, no certificate)")
+        else:
+            folder = provision.add_device(deployment, device, args.days, args.broker_host, args.data)
+            print(f"{device}: bundle in {folder} (copy it to the board; run cpsl-agent --config agent.toml)")
+        if args.cloud_init:
+            write_atomically(folder / "user-data", first_boot.user_data(device, folder, install), 0o600)
+            print(f"{device}: first-boot file {folder / 'user-data'} (put it on the SD card's boot partition)")
+    return 0
+
+
 def _provision(args: argparse.Namespace) -> int:
     from edge_server import provision
 
@@ -151,12 +197,11 @@ def _provision(args: argparse.Namespace) -> int:
         url = f"mqtts://{hosts[0]}:{args.port}"
         print(f"  start the server:  edge_server --broker {url} --bundle {deployment.server_bundle} ...")
         return 0
+    if args.job == "add-device":
+        return _add_devices(args)
     deployment = provision.load(args.dir)
     for device in args.devices:
-        if args.job == "add-device":
-            folder = provision.add_device(deployment, device, args.days, args.broker_host)
-            print(f"{device}: bundle in {folder} (copy it to the board; run cpsl-agent --config agent.toml)")
-        elif args.job == "renew":
+        if args.job == "renew":
             folder = provision.renew(deployment, device, args.days, args.broker_host)
             print(f"{device}: new key and certificate in {folder}")
         else:

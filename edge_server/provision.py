@@ -123,14 +123,20 @@ def load(root: Path) -> Deployment:
     return Deployment(root.resolve(), state)
 
 
-def add_device(deployment: Deployment, device: str, days: int | None = None, broker_host: str | None = None) -> Path:
+def add_device(
+    deployment: Deployment,
+    device: str,
+    days: int | None = None,
+    broker_host: str | None = None,
+    data: str | None = None,
+) -> Path:
     """Issue ``device`` its certificate and write its bundle; returns the bundle folder."""
     check_id(device, "device id")
     if device == SERVER_IDENTITY:
         raise UserError(f"device id {device!r} is the edge server's identity")
     if device in deployment.state["devices"]:
         raise UserError(f"device {device} is already provisioned; `renew` gives it a new certificate")
-    _issue_device(deployment, device, days, broker_host)
+    _issue_device(deployment, device, days, broker_host, data)
     _save(deployment)
     return deployment.device_bundle(device)
 
@@ -155,13 +161,16 @@ def renew(deployment: Deployment, identity: str, days: int | None = None, broker
         return deployment.server_bundle
     if identity not in deployment.state["devices"]:
         raise UserError(f"device {identity} was never provisioned here (add-device)")
+    data = deployment.state["devices"][identity].get("data")  # the new agent.toml keeps it
     _revoke_entry(deployment, identity)
-    _issue_device(deployment, identity, days, broker_host)
+    _issue_device(deployment, identity, days, broker_host, data)
     _save(deployment)
     return deployment.device_bundle(identity)
 
 
-def _issue_device(deployment: Deployment, device: str, days: int | None, broker_host: str | None) -> None:
+def _issue_device(
+    deployment: Deployment, device: str, days: int | None, broker_host: str | None, data: str | None = None
+) -> None:
     ca = deployment.ca()
     issued = pki.issue(ca, device, days=days or int(deployment.state["days"]))
     folder = deployment.device_bundle(device)
@@ -169,10 +178,11 @@ def _issue_device(deployment: Deployment, device: str, days: int | None, broker_
         shutil.rmtree(folder)  # the old bundle (key included) must not linger beside the new one
     _write_issued(folder, issued, ca, "client.crt", "client.key")
     host = broker_host or deployment.server_hosts[0]
-    _write(folder / "agent.toml", agent_config(device, host, deployment.port).encode())
+    _write(folder / "agent.toml", agent_config(device, f"mqtts://{host}:{deployment.port}", data).encode())
     deployment.state["devices"][device] = {
         "serial": format(issued.cert.serial_number, "x"),
         "not_after": issued.cert.not_valid_after_utc.isoformat(),
+        **({"data": data} if data else {}),
     }
 
 
@@ -267,17 +277,32 @@ use_identity_as_username true
 """
 
 
-def agent_config(device: str, host: str, port: int) -> str:
+def agent_config(device: str, broker_url: str, data: str | None = None, bundle: bool = True) -> str:
+    """The device's agent.toml; ``data`` left as a comment to fill in when not given."""
+    for value in (broker_url, data or ""):
+        if any(c in value for c in '"\\\n\r'):
+            raise UserError(f"{value!r} cannot go into agent.toml (quotes, backslashes or newlines)")
+    data_line = f'data = "{data}"' if data else '# data = "folder:/srv/cpsl-data"   (required: set it for each board)'
     return f"""# cpsl-agent configuration for {device}, written by edge_server provision.
-# Copy this folder to the board (e.g. /etc/cpsl-agent/) and run: cpsl-agent --config agent.toml
+# Copy this folder to the board (e.g. /etc/cpsl-edge/) and run: cpsl-agent --config agent.toml
 # Relative paths are relative to this file. Any key is also a command-line flag (--data, ...).
-broker = "mqtts://{host}:{port}"
+broker = "{broker_url}"
 device-id = "{device}"
-bundle = "."
+{'bundle = "."' if bundle else "# no TLS: a plain broker on a trusted network (docs/security.md)"}
 # The models this device may train (built-in names, or your own file.py:function):
 # nothing the network sends can make it build anything else.
 model = ["lenet5"]
-# Where its data is, and which share of it (set these for each board):
-# data = "builtin:mnist5k"
+# Where its data is (folder:DIR, idx:DIR, builtin:NAME), and which share of it:
+{data_line}
 # partition = "0/1"
 """
+
+
+def standalone_device(root: Path, device: str, broker_url: str, data: str | None = None) -> Path:
+    """A device folder with only agent.toml, for a plain broker (no deployment, no certificates)."""
+    check_id(device, "device id")
+    if not broker_url.startswith("mqtt://"):
+        raise UserError(f"--broker {broker_url}: without a deployment only a plain mqtt:// broker can be named")
+    folder = root / "devices" / device
+    _write(folder / "agent.toml", agent_config(device, broker_url, data, bundle=False).encode(), 0o600)
+    return folder

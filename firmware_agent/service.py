@@ -176,10 +176,13 @@ def status() -> int:
 def _share_with_service_group(config: Path) -> list[str]:
     """Group read access for the service user to the config file and the TLS files it names."""
     from toolkit.cli.connection import PATH_KEYS, read_config_values
+    from toolkit.transport.tls import BUNDLE_FILES
 
     group = grp.getgrnam(USER).gr_gid
     values = read_config_values(config)
     paths = [config] + [config.parent / str(values[k]) for k in PATH_KEYS if k in values]
+    if "bundle" in values:
+        paths += [config.parent / str(values["bundle"]) / name for name in BUNDLE_FILES]
     steps = []
     for path in paths:
         if path.exists():

@@ -138,7 +138,7 @@ class DeviceInfo(Record):
     os: str
     python: str
     torch: str
-    onnxruntime: str
+    onnxruntime: str | None = None  # None where the onnx extra is not installed
     accelerator: Literal["cpu", "cuda"]
     cuda_device: str | None = None
     threads: int = Field(ge=1)

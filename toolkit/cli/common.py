@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from toolkit.cli.extras import missing_extra
 from toolkit.errors import UserError
 
 EXIT_USAGE = 2
@@ -38,6 +39,12 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequen
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        message = missing_extra(prog, exc)
+        if message is None or debug:
+            raise
+        print(message, file=sys.stderr)
+        return EXIT_USAGE
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ Thin by design: it parses flags, checks that outputs are writable before the
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def _main(argv: Sequence[str] | None) -> int:
     ensure_writable_file(args.out, "profile")
     onnx_dir = None if args.no_onnx else (args.onnx_dir or args.out.parent / "onnx")
     if onnx_dir is not None:
+        if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+            raise UserError(
+                "the ONNX export needs onnx and onnxruntime: pip install 'cpsl-edge[onnx]', or profile with --no-onnx"
+            )
         ensure_writable_dir(onnx_dir, "ONNX folder")
 
     model = load_model(args.model, input_shape=args.input_shape, num_classes=args.num_classes, seed=args.seed)

@@ -49,11 +49,18 @@ class Dataset:
         return tuple(self.train_x.shape[1:])
 
 
+PIP_NAMES = {"sklearn": "scikit-learn"}
+
+
 def _package_file(package: str, relative: str, spec: str) -> Path:
     """A data file inside an installed package, found without importing the package."""
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise UserError(f"data {spec!r} reads a file shipped by the {package} package: pip install {package}")
+        raise UserError(
+            f"data {spec!r} reads a file shipped by the {package} package: "
+            f"pip install {PIP_NAMES.get(package, package)} "
+            "(or the demo install profile, 'cpsl-edge[demo]')"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / relative
     if not path.is_file():
         raise UserError(f"data {spec!r}: {path} is missing from the installed {package} package")
@@ -150,7 +157,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 
 
 def _read_images(folder: Path, classes: list[str], spec: str) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image  # Pillow comes with matplotlib
+    from PIL import Image  # Pillow: the agent install profile brings it (and the server's, with matplotlib)
 
     images, labels, size, mode = [], [], None, None
     for label, name in enumerate(classes):

@@ -11,7 +11,6 @@ import platform
 import socket
 from pathlib import Path
 
-import onnxruntime
 import psutil
 import torch
 
@@ -64,11 +63,20 @@ def describe_device(device_id: str | None, threads: int, accelerator: torch.devi
         os=platform.platform(),
         python=platform.python_version(),
         torch=torch.__version__,
-        onnxruntime=onnxruntime.__version__,
+        onnxruntime=_onnxruntime_version(),
         accelerator="cuda" if accelerator.type == "cuda" else "cpu",
         cuda_device=cuda_name,
         threads=threads,
     )
+
+
+def _onnxruntime_version() -> str | None:
+    """None on a board installed without the ``onnx`` extra (no ONNX export there)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
 
 
 def tool_version() -> str:

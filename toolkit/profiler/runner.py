@@ -33,7 +33,6 @@ from toolkit.models.layered import LayeredModel
 from toolkit.profiler.device_info import describe_device, tool_version
 from toolkit.profiler.flops import count_forward_flops, reference_forward_flops
 from toolkit.profiler.memory import peak_transient_bytes, saved_tensor_bytes
-from toolkit.profiler.onnx_export import OPSET, export_submodel
 from toolkit.profiler.timing import no_sync, shifted, summarize, time_phases
 
 # Learning rate 0: the optimizer does all of its arithmetic (momentum, moments, the update)
@@ -457,6 +456,8 @@ def _export_cuts(
     on_step: Callable[[str], None],
 ) -> dict:
     assert request.onnx_dir is not None
+    from toolkit.profiler.onnx_export import export_submodel  # onnx is optional on a board: only here
+
     example = torch.randn(2, *model.input_shape)
     results = {}
     for cut in cuts:
@@ -476,6 +477,8 @@ def _onnx_record(result: object | None, request: ProfileRequest) -> pf.OnnxModel
         return None
     base = request.profile_dir or Path.cwd()
     file = os.path.relpath(result.path.resolve(), base.resolve())
+    from toolkit.profiler.onnx_export import OPSET
+
     return pf.OnnxModel(file=file, sha256=result.sha256, opset=OPSET, max_abs_error=result.max_abs_error)
 
 
