@@ -1,8 +1,9 @@
 """First boot ("flashing"): a cloud-init user-data file that turns a fresh SD card into a registered device.
 
-Raspberry Pi Imager, Raspberry Pi OS (bookworm, since 2024 images run cloud-init on first
-boot when a ``user-data`` file is on the boot partition) and Ubuntu Server read it. On
-first boot the board:
+Raspberry Pi OS images since the Trixie-based release of October 2025 run cloud-init on
+first boot from the ``user-data`` file on the boot partition (bookworm images used
+Imager's firstrun.sh instead: install by hand there, docs/deploy.md); Ubuntu Server for
+Raspberry Pi and most arm64 board images do too. On first boot the board:
 
 1. gets its host name, and Python with venv and pip from its distribution;
 2. gets ``/etc/cpsl-edge/``: ``agent.toml`` and, with TLS, the device's bundle (CA,
