@@ -20,11 +20,13 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from firmware_agent.health import write_health
 from toolkit.data import Dataset
 from toolkit.models import LayeredModel, load_model
 from toolkit.models.registry import canonical_name
@@ -60,6 +62,7 @@ class AgentConfig:
     models: tuple[str, ...] = ("lenet5",)
     model_fingerprint: str = ""
     max_probe_bytes: int = m.MAX_PROBE_BYTES
+    health_file: Path | None = None  # refreshed every heartbeat (firmware_agent/health.py)
 
 
 class RefusedError(Exception):
@@ -184,12 +187,25 @@ class DeviceAgent:
 
     def _heartbeats(self) -> None:
         topic = topics.device_heartbeat(self.config.device_id)
-        while not self._stop.wait(self.config.heartbeat_s):
+        while True:
+            self._report_health()
+            if self._stop.wait(self.config.heartbeat_s):
+                return
             body = m.Heartbeat(state=self.state, uptime_s=time.monotonic() - self.started)
             try:
                 self.endpoint.send(topic, Kind.HEARTBEAT, body, run=IDLE_RUN, device=self.config.device_id)
             except Exception:  # a heartbeat must never kill the agent
                 log.debug("heartbeat not sent", exc_info=True)
+
+    def _report_health(self) -> None:
+        if self.config.health_file is None:
+            return
+        transport = self.endpoint.transport
+        connected = transport is not None and transport.connected
+        try:
+            write_health(self.config.health_file, self.config.device_id, connected, self.state)
+        except OSError as exc:
+            log.warning("cannot write the health file %s: %s", self.config.health_file, exc)
 
     def stop(self) -> None:
         self._stop.set()

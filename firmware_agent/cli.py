@@ -2,6 +2,7 @@
 
     cpsl-agent [run] --config agent.toml [flags]     train (flags override the file)
     cpsl-agent service print|install|uninstall|status --config agent.toml
+    cpsl-agent health --file HEALTH_FILE        exit 0 when alive and connected (a HEALTHCHECK)
 
 It trains only the models its owner names here (``--model``, repeatable, or ``model`` in
 the ``--config`` file): an assignment for anything else is refused.
@@ -61,6 +62,11 @@ def build_parser() -> OneLineArgumentParser:
         help="MQTT keepalive in seconds (default 60): must exceed the longest single transfer, "
         "e.g. a whole model for FL over a slow shared link; see docs/protocol.md",
     )
+    parser.add_argument(
+        "--health-file",
+        type=Path,
+        help="refresh this file every heartbeat for `cpsl-agent health` (put it on a tmpfs, e.g. /dev/shm)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -114,6 +120,19 @@ def build_service_parser() -> OneLineArgumentParser:
     return parser
 
 
+def _health(argv: list[str]) -> int:
+    """Exit 0 if the agent writing ``--file`` is alive and connected, else 1; one line either way."""
+    from firmware_agent.health import check_health
+
+    parser = OneLineArgumentParser(prog=f"{PROG} health", description=_health.__doc__)
+    parser.add_argument("--file", type=Path, required=True, help="the agent's --health-file")
+    parser.add_argument("--max-age", type=float, default=30.0, help="seconds a heartbeat may be old (default 30)")
+    args = parser.parse_args(argv)
+    healthy, reason = check_health(args.file, args.max_age)
+    print(reason)
+    return 0 if healthy else 1
+
+
 def _service(argv: list[str]) -> int:
     from firmware_agent import service
 
@@ -149,6 +168,8 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["service"]:
         return _service(argv[1:])
+    if argv[:1] == ["health"]:
+        return _health(argv[1:])
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = _settings(argv)
@@ -175,6 +196,7 @@ def _main(argv: Sequence[str] | None) -> int:
         threads=args.threads,
         models=tuple(models),
         model_fingerprint=fingerprint,
+        health_file=args.health_file,
     )
     agent = DeviceAgent(config, data, indices, profile)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -104,3 +105,20 @@ def test_a_unit_is_not_written_for_a_config_the_agent_would_refuse(tmp_path, tex
     done = subprocess.run([*AGENT, "service", "print", "--config", str(config)], capture_output=True, text=True)
     assert done.returncode != 0 and done.stdout == ""
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_health_check_wants_a_fresh_heartbeat_and_a_connection(tmp_path):
+    from firmware_agent.health import check_health, write_health
+
+    path = tmp_path / "health.json"
+    assert check_health(path, 30)[0] is False and "not running" in check_health(path, 30)[1]
+    write_health(path, "pi-07", connected=True, state="idle")
+    assert (
+        check_health(path, 30) == (True, check_health(path, 30)[1]) and "pi-07 connected" in check_health(path, 30)[1]
+    )
+    stale = check_health(path, 30, now=json.loads(path.read_text())["at"] + 31)
+    assert stale[0] is False and "stuck" in stale[1]
+    write_health(path, "pi-07", connected=False, state="idle")
+    assert check_health(path, 30) == (False, "pi-07 is not connected to its broker (reconnecting)")
+    path.write_text("{not json")
+    assert check_health(path, 30)[0] is False
