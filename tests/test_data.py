@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
-
 import numpy as np
 import pytest
 
+from tests.datafiles import write_idx
 from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
 from toolkit.errors import UserError
-
-
-def write_idx(path, array: np.ndarray, compress: bool) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    blob = header + array.astype(np.uint8).tobytes()
-    if compress:
-        with gzip.open(f"{path}.gz", "wb") as handle:
-            handle.write(blob)
-    else:
-        path.write_bytes(blob)
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.brokers import mosquitto, mosquitto_binary
-from tests.test_data import write_idx
+from tests.datafiles import digits_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "cpsl-edge-agent:test"
@@ -81,24 +80,6 @@ def _torch_args() -> list[str]:
     return []
 
 
-def _digits_idx(folder: Path) -> Path:
-    """scikit-learn's digits as IDX files: the agent's install profile has no built-in data."""
-    from toolkit.data import load_dataset
-
-    data = load_dataset("builtin:digits", 0)
-    folder.mkdir(parents=True)
-
-    def pixels(x) -> np.ndarray:
-        x = x.numpy()[:, 0]
-        return np.round(255 * (x - x.min()) / (x.max() - x.min()))
-
-    write_idx(folder / "train-images-idx3-ubyte", pixels(data.train_x), False)
-    write_idx(folder / "train-labels-idx1-ubyte", data.train_y.numpy(), False)
-    write_idx(folder / "t10k-images-idx3-ubyte", pixels(data.test_x), False)
-    write_idx(folder / "t10k-labels-idx1-ubyte", data.test_y.numpy(), False)
-    return folder
-
-
 @pytest.mark.skipif(_docker_ready() is not None, reason=_docker_ready() or "")
 def test_the_image_builds_runs_as_its_own_user_trains_and_reports_healthy(tmp_path):
     build = subprocess.run(
@@ -124,7 +105,7 @@ def test_the_image_builds_runs_as_its_own_user_trains_and_reports_healthy(tmp_pa
     )
     assert missing.returncode != 0 and "No module named 'scipy'" in missing.stderr
 
-    data = _digits_idx(tmp_path / "digits")
+    data = digits_idx(tmp_path / "digits")
     name = f"cpsl-agent-test-{os.getpid()}"
     with mosquitto(tmp_path) as url:
         agent = subprocess.run(
