@@ -4,6 +4,7 @@
 # emulation (so labelled: its times are QEMU's, not a board's).
 #
 #   bench/arm64_agent.sh [ROOTFS] [OUT]     (root; default /var/tmp/cpsl-arm64-root, bench/results/arm64)
+#   INSTALL_ONLY=1 bench/arm64_agent.sh     only build and install (the slow part), run nothing
 #
 # Builds (or reuses) an arm64 Debian bookworm rootfs with debootstrap, installs the agent's
 # install profile there with PyPI's CPU torch for aarch64 (TORCH_ARM64, default torch==2.5.1:
@@ -39,12 +40,15 @@ for fs in proc sys dev; do
     mount --rbind "/$fs" "$rootfs/$fs" && mounted+=("$rootfs/$fs")
 done
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
-cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/host-ca.crt"  # for builds behind TLS interception
-pip=(chroot "$rootfs" /opt/cpsl-edge/bin/pip install --disable-pip-version-check --cert /etc/ssl/certs/host-ca.crt)
+# the host's CA bundle (for networks that intercept TLS), and none of the host's pip settings
+cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/host-ca.crt"
+inside=(env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+    PIP_CERT=/etc/ssl/certs/host-ca.crt chroot "$rootfs")
+pip=("${inside[@]}" /opt/cpsl-edge/bin/pip install --disable-pip-version-check)
 if [ ! -x "$rootfs/opt/cpsl-edge/bin/python" ]; then
-    chroot "$rootfs" python3 -m venv /opt/cpsl-edge
+    "${inside[@]}" python3 -m venv /opt/cpsl-edge
 fi
-if ! chroot "$rootfs" /opt/cpsl-edge/bin/python -c "import torch" 2>/dev/null; then
+if ! "${inside[@]}" /opt/cpsl-edge/bin/python -c "import torch" 2>/dev/null; then
     echo "== $torch_arm64 for aarch64 from PyPI (under QEMU)"
     "${pip[@]}" "$torch_arm64"
 fi
@@ -54,6 +58,10 @@ echo "== cpsl-edge[agent] into the arm64 venv"
 "${pip[@]}" --quiet "/opt/src[agent]"
 "${pip[@]}" --quiet --no-deps --force-reinstall /opt/src  # this checkout's code, even over an older install
 install_s=$(($(date +%s) - started))
+if [ -n "${INSTALL_ONLY:-}" ]; then
+    echo "installed in ${install_s} s (INSTALL_ONLY: not running)"
+    exit 0
+fi
 
 work="$(mktemp -d /tmp/cpsl-arm64.XXXXXX)"
 mkdir -p "$out"
@@ -63,7 +71,7 @@ cp -r "$work/digits" "$rootfs/srv/digits"
 
 echo "== cpsl-profile under emulation"
 profile_started=$(date +%s)
-chroot "$rootfs" /opt/cpsl-edge/bin/cpsl-profile --model lenet5 --input-shape 1,8,8 --batch-size 16 \
+"${inside[@]}" /opt/cpsl-edge/bin/cpsl-profile --model lenet5 --input-shape 1,8,8 --batch-size 16 \
     --repeats 5 --warmup 2 --passes 1 --threads 1 --no-onnx --device-id arm64-qemu \
     --out /srv/arm64-qemu-lenet5.json >"$work/profile.log" 2>&1
 profile_s=$(($(date +%s) - profile_started))
@@ -77,7 +85,7 @@ broker="mqtt://127.0.0.1:$port"
 echo "== training: one x86 agent, one arm64 agent under QEMU, the x86 edge server"
 (cd "$repo" && "$py" -m firmware_agent --broker "$broker" --device-id x86-0 --data "idx:$work/digits" \
     --partition 0/2 --no-profile >"$work/agent-x86.log" 2>&1) &
-chroot "$rootfs" /opt/cpsl-edge/bin/cpsl-agent --broker "$broker" --device-id arm64-0 --data idx:/srv/digits \
+"${inside[@]}" /opt/cpsl-edge/bin/cpsl-agent --broker "$broker" --device-id arm64-0 --data idx:/srv/digits \
     --partition 1/2 --profile /srv/arm64-qemu-lenet5.json --keepalive 300 >"$work/agent-arm64.log" 2>&1 &
 run_started=$(date +%s)
 rm -rf "$out/run"

@@ -147,7 +147,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return run_advise(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s server %(levelname)s %(message)s")
     if args.resume is not None:
-        return resume_run(args.resume, broker_from_args(args) if args.broker else None)
+        return resume_run(args.resume, broker_from_args(args) if args.broker else None, args.metrics_port)
     if args.min_devices is None:
         parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise)")
     broker = broker_from_args(args)
@@ -157,7 +157,7 @@ def _main(argv: Sequence[str] | None) -> int:
     data = load_dataset(args.data, args.seed)
     config = make_config(args, broker, model, args.min_devices, args.run_id or "")
     config.register_timeout_s = args.wait_devices
-    return train(config, model, data)
+    return train(config, model, data, metrics_address=args.metrics_port)
 
 
 def _add_devices(args: argparse.Namespace) -> int:

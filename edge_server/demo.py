@@ -142,4 +142,4 @@ def run_demo(args: argparse.Namespace) -> int:
         for process in processes:
             if process.poll() is not None:
                 raise UserError(f"an agent exited at start (code {process.returncode}); see {logs}")
-        return train(config, model, data)
+        return train(config, model, data, metrics_address=args.metrics_port)

@@ -16,12 +16,18 @@ from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
 from toolkit.allocator import pin_malloc_thresholds
-from toolkit.cli.common import positive_float, positive_int
+from toolkit.cli.common import listen_address, positive_float, positive_int
 from toolkit.errors import UserError
 from toolkit.planning.medium import MEDIUM_CHOICES
 
 
 def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics (edge_server/prometheus.py) on this port (loopback unless HOST is given)",
+    )
     parser.add_argument("--scheme", choices=SCHEMES, default=defaults.get("scheme", "cpsl"))
     parser.add_argument("--rounds", type=positive_int, default=defaults.get("rounds", 10))
     parser.add_argument(
@@ -126,7 +132,13 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
     )
 
 
-def train(config: ServerConfig, model, data, resume: RunState | None = None) -> int:
+def train(
+    config: ServerConfig,
+    model,
+    data,
+    resume: RunState | None = None,
+    metrics_address: tuple[str, int] | None = None,
+) -> int:
     pin_malloc_thresholds()
     console = make_console()
     history: list[dict] = []
@@ -140,7 +152,19 @@ def train(config: ServerConfig, model, data, resume: RunState | None = None) -> 
             live.update(rounds_table(history, title))
 
         server = EdgeServer(config, model, data, on_round=show)
-        server.run(resume)
+        metrics = None
+        if metrics_address is not None:
+            from edge_server.prometheus import RunMetrics, chain
+
+            metrics = RunMetrics(server, config.scheme)
+            metrics.serve(*metrics_address)
+            server.on_round = chain(show, metrics.observe)
+            console.print(f"Prometheus metrics at http://{metrics_address[0]}:{metrics.port}/metrics")
+        try:
+            server.run(resume)
+        finally:
+            if metrics is not None:
+                metrics.close()
     console.print()
     for line in rejections_summary(history[-1]) if history else []:
         console.print(line, style="yellow", markup=False)
@@ -151,7 +175,7 @@ def train(config: ServerConfig, model, data, resume: RunState | None = None) -> 
     return 0
 
 
-def resume_run(run_dir: Path, broker) -> int:
+def resume_run(run_dir: Path, broker, metrics_address: tuple[str, int] | None = None) -> int:
     """``edge_server --resume RUN_DIR``: the run's settings from run.json, its state from
     checkpoint.pt; ``broker`` (None: the one the run used) is the only thing given anew."""
     from toolkit.data import load_dataset
@@ -171,4 +195,4 @@ def resume_run(run_dir: Path, broker) -> int:
     state = load_state(run_dir, config.run_id, model.fingerprint())
     if state.round + 1 >= config.rounds:
         raise UserError(f"run {config.run_id} already completed its {config.rounds} rounds")
-    return train(config, model, data, resume=state)
+    return train(config, model, data, resume=state, metrics_address=metrics_address)

@@ -55,6 +55,15 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in parts)
 
 
+def listen_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``PORT`` or ``HOST:PORT`` (``[::1]:PORT`` for IPv6); loopback unless a host is named."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or default_host
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT with a port from 1 to 65535")
+    return host, int(port)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -21,6 +21,7 @@ EXTRA_OF_MODULE = {
     "matplotlib": "server",
     "PIL": "agent",
     "amqtt": "demo",
+    "prometheus_client": "server",
 }
 
 

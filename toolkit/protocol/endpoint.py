@@ -86,6 +86,9 @@ class Endpoint:
         self.inbox_max_bytes = inbox_max_bytes or 4 * max_frame_bytes
         self.transport = None  # set by attach(); the transport calls on_frame
         self.rejected: Counter[str] = Counter()
+        # bytes by message kind (a bounded set of labels), for the Prometheus endpoint
+        self.bytes_sent: Counter[str] = Counter()
+        self.bytes_received: Counter[str] = Counter()
         self._inbox: queue.Queue[Received] = queue.Queue(maxsize=inbox_limit)
         self._inbox_bytes = 0
         self._reassembler = Reassembler(max_frame_bytes=max_frame_bytes)
@@ -137,6 +140,7 @@ class Endpoint:
             if self._inbox_bytes + payload_size > self.inbox_max_bytes:
                 raise ProtocolError(f"inbox full: {self._inbox_bytes} bytes wait to be handled")
             self._inbox_bytes += payload_size
+            self.bytes_received[message.kind.name.lower()] += payload_size
         try:
             self._inbox.put_nowait(Received(topic, message, payload_size, time.monotonic(), arrived))
         except queue.Full:
@@ -216,7 +220,10 @@ class Endpoint:
             self.transport.publish(topic, piece, qos=qos, retain=retain)
         if qos > 0 and not retain:
             self._remember(header.seq, topic, pieces, qos)
-        return sum(len(piece) for piece in pieces)
+        size = sum(len(piece) for piece in pieces)
+        with self._lock:
+            self.bytes_sent[kind.name.lower()] += size
+        return size
 
     def _remember(self, seq: int, topic: str, pieces: list[bytes], qos: int) -> None:
         with self._lock:
