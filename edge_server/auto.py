@@ -35,6 +35,7 @@ with whom.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,6 +147,7 @@ class AutoScheduler:
     skew_threshold: float = 0.1  # label skew moved this much since the last cut choice: choose again
     selected_skew: float | None = None
     _solo_senders: set[str] = field(default_factory=set)
+    _restored_speeds: dict[str, float] = field(default_factory=dict)  # measured before a --resume
 
     def __post_init__(self) -> None:
         self.reselection = CutReselection(self.reselect_every, self.drift_threshold)
@@ -232,16 +234,23 @@ class AutoScheduler:
         return device not in self.estimates.devices
 
     def state_dict(self) -> dict:
-        """What ``--resume`` restores (JSON): the cut, the last choice and the labels seen. Links,
-        speeds and the medium are measured again when the run resumes: the server was down
-        for a while, and what was true then may not be now."""
+        """What ``--resume`` restores (JSON): the cut, the last choice, the labels seen, and the
+        estimates learned from the rounds -- each device's measured compute speed, the server's,
+        the calibrated fixed costs. Links, clock offsets and the medium are probed again when
+        the devices come back: the server was down for a while, boards may have rebooted or
+        moved, and a probe is the freshest measurement there is (it is also what every device
+        that registers gets)."""
         reference = self.reselection.reference
+        measured = {d: e.speed for d, e in self.estimates.devices.items() if e.speed_measured}
         return {
             "cut": self.cut,
             "selected_skew": self.selected_skew,
             "label_counts": {d: [float(v) for v in counts] for d, counts in self.label_counts.items()},
             "last_selection_round": self.reselection.last_round,
             "selection_reference": None if reference is None else [float(v) for v in reference],
+            "device_speeds": {**self._restored_speeds, **measured},
+            "server_speed": self.estimates.server_speed if self.estimates.server_measured else None,
+            "fixed_costs": self.fixed_costs.to_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -252,8 +261,24 @@ class AutoScheduler:
             counts = {str(d): np.asarray(c, dtype=float) for d, c in dict(state["label_counts"]).items()}
             reference = state["selection_reference"]
             reference = None if reference is None else np.asarray(reference, dtype=float)
+            speeds = {str(d): float(v) for d, v in dict(state.get("device_speeds") or {}).items()}
+            server_speed = state.get("server_speed")
+            server_speed = None if server_speed is None else float(server_speed)
+            costs = dict(state.get("fixed_costs") or {})
+            fixed = {k: float(costs[k]) for k in ("iteration_s", "turn_s", "between_turns_s") if k in costs}
+            rounds = int(costs.get("observed_rounds", 0))
+            if not all(math.isfinite(v) and v > 0 for v in [*speeds.values(), server_speed or 1.0]):
+                raise ValueError("speeds must be finite and positive")
+            if not all(math.isfinite(v) for v in fixed.values()):
+                raise ValueError("fixed costs must be finite")
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"the saved scheduler state is not --auto's: {exc}") from None
+        self._restored_speeds = speeds
+        if server_speed is not None:
+            self.estimates.server_speed, self.estimates.server_measured = server_speed, True
+        for key, value in fixed.items():
+            setattr(self.fixed_costs, key, value)
+        self.fixed_costs.observed_rounds = rounds
         self.cut = None if cut is None else int(cut)
         self.selected_skew, self.label_counts = skew, counts
         self.reselection.last_round = None if last is None else int(last)
@@ -297,7 +322,10 @@ class AutoScheduler:
         profile = _profile_of(record, self.model_fingerprint)
         reference_step_s = self.costs.full_step(self.batch_size)  # the costs' whole-model step is the reference's
         speed = reference_step_s / full_step(profile)(self.batch_size) if profile is not None else 1.0
-        self.estimates.add(record.id, speed, link)
+        restored = self._restored_speeds.pop(record.id, None)  # measured in the rounds before a --resume
+        self.estimates.add(record.id, restored or speed, link)
+        if restored is not None:
+            self.estimates.devices[record.id].speed_measured = True
         log.info(
             "auto: %s speed %.2f, uplink %.1f Mbit/s, downlink %.1f Mbit/s, rtt %.1f ms, clock offset %+.1f ms",
             record.id,

@@ -20,6 +20,7 @@ from edge_server.scheduler import FixedScheduler
 from edge_server.server import EdgeServer, ServerConfig
 from tests.agents import start_agents
 from toolkit.data import load_dataset
+from toolkit.errors import UserError
 from toolkit.models import load_model
 from toolkit.planning.clustering import ClusterBounds
 from toolkit.planning.costs import model_costs
@@ -462,3 +463,32 @@ def test_the_first_measurement_replaces_the_profiles_prior_and_later_ones_are_sm
     assert estimates.server_speed == pytest.approx(8.0, rel=1e-6)
     estimates.observe_server(cut, samples, cut.server_step(32) / 2)
     assert estimates.server_speed == pytest.approx(4.0, rel=1e-6)
+
+
+def test_resume_restores_the_measured_speeds_and_fixed_costs_and_probes_links_again():
+    """--resume: what the rounds taught (device and server speed, fixed costs) comes back; a
+    device's link is whatever its new probe says."""
+    before = scheduler()
+    devices = [record("a"), record("b")]
+    for device in devices:
+        before.add_device(device, link(10), devices)
+    before.plan(0, devices)
+    before.estimates.devices["a"].speed, before.estimates.devices["a"].speed_measured = 3.5, True
+    before.estimates.server_speed, before.estimates.server_measured = 7.0, True
+    before.fixed_costs.iteration_s, before.fixed_costs.observed_rounds = 0.02, 4
+    saved = json.loads(json.dumps(before.state_dict()))  # goes through run.json's JSON
+
+    after = scheduler()
+    after.load_state_dict(saved)
+    for device in devices:
+        after.add_device(device, link(2), devices)
+    assert after.estimates.devices["a"].speed == 3.5 and after.estimates.devices["a"].speed_measured
+    assert after.estimates.devices["b"].speed == before.estimates.devices["b"].speed  # never measured: profile
+    assert after.estimates.devices["a"].up_bps == pytest.approx(link(2).up_bps)  # probed again
+    assert after.estimates.server_speed == 7.0
+    assert after.fixed_costs.iteration_s == 0.02 and after.fixed_costs.observed_rounds == 4
+    assert after.cut == before.cut
+
+    saved["device_speeds"] = {"a": -1}
+    with pytest.raises(UserError, match="not --auto's"):
+        scheduler().load_state_dict(saved)
