@@ -21,6 +21,7 @@ import torch
 from edge_server.scheduler import RoundPlan
 from toolkit.files import write_atomically
 from toolkit.models import LayeredModel
+from toolkit.profiler.onnx_export import torchscript_exporter
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Endpoint
@@ -69,7 +70,7 @@ class RunRecords:
                 frozen,
                 (torch.zeros(1, *model.input_shape),),
                 str(self.run_dir / "model.onnx"),
-                dynamo=False,
+                **torchscript_exporter(),
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import io
 import warnings
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ class OnnxMismatchError(RuntimeError):
     """onnxruntime's output differs from torch's by more than the tolerance."""
 
 
+def torchscript_exporter() -> dict:
+    """The keyword that picks the TorchScript exporter: ``dynamo=False`` where the exporter has
+    the choice (torch 2.5 and later); before that it is the only exporter and takes no such keyword."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
 def export_submodel(part: nn.Sequential, example: torch.Tensor, path: Path, threads: int) -> ExportResult:
     """Export ``part`` (in eval mode, on the CPU) to ``path``, check it and compare with torch."""
     frozen = copy.deepcopy(part).cpu().eval()  # never flip the caller's modules to eval mode
@@ -49,7 +56,7 @@ def export_submodel(part: nn.Sequential, example: torch.Tensor, path: Path, thre
             frozen,
             (example,),
             buffer,
-            dynamo=False,
+            **torchscript_exporter(),
             opset_version=OPSET,
             input_names=["input"],
             output_names=["smashed"],
