@@ -48,7 +48,9 @@ pip=("${inside[@]}" /opt/cpsl-edge/bin/pip install --disable-pip-version-check)
 if [ ! -x "$rootfs/opt/cpsl-edge/bin/python" ]; then
     "${inside[@]}" python3 -m venv /opt/cpsl-edge
 fi
-if ! "${inside[@]}" /opt/cpsl-edge/bin/python -c "import torch" 2>/dev/null; then
+want="${torch_arm64#torch==}"
+if ! "${inside[@]}" /opt/cpsl-edge/bin/python -c \
+    "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$want')" 2>/dev/null; then
     echo "== $torch_arm64 for aarch64 from PyPI (under QEMU)"
     "${pip[@]}" "$torch_arm64"
 fi
