@@ -453,6 +453,8 @@ class AutoScheduler:
         cost = self.costs.cut(cut) if any(c.cut == cut for c in self.costs.cuts) else None
         if cost is None:
             return
+        unmeasured = {d for d, e in self.estimates.devices.items() if not e.speed_measured}
+        server_unmeasured = not self.estimates.server_measured
         for device, report in timings.items():
             self.estimates.observe_turn(
                 device,
@@ -469,3 +471,9 @@ class AutoScheduler:
         if server_steps:
             samples = sorted(server_steps)[len(server_steps) // 2]
             self.estimates.observe_server(cost, samples[0], samples[1])
+        newly = {d for d in unmeasured if d in self.estimates.devices and self.estimates.devices[d].speed_measured}
+        if newly or (server_unmeasured and self.estimates.server_measured):
+            # the states sampled so far held profile figures where there are measurements now:
+            # they are not states of this fleet, and would keep the SAA window (and the drift
+            # reference, its mean) away from it for saa_window rounds
+            self.history.clear()

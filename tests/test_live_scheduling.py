@@ -492,3 +492,21 @@ def test_resume_restores_the_measured_speeds_and_fixed_costs_and_probes_links_ag
     saved["device_speeds"] = {"a": -1}
     with pytest.raises(UserError, match="not --auto's"):
         scheduler().load_state_dict(saved)
+
+
+def test_states_planned_on_profile_figures_leave_the_saa_window_once_speeds_are_measured():
+    auto = scheduler()
+    devices = [record("a"), record("b")]
+    for device in devices:
+        auto.add_device(device, link(10), devices)
+    plan = auto.plan(0, devices)
+    assert len(auto.history) == 1
+    cost = auto.costs.cut(plan.cut)
+    predicted = cost.device_forward(32) + cost.device_backward(32)
+    report = timings(predicted / 8, predicted / 8, 0.01, 10_000, 0.01, 10_000)  # 4x the profile's speed
+    auto.observe(plan.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)])
+    assert auto.history == []
+    second = auto.plan(1, devices)
+    assert second.decision["cut_selection"]["samples"] == 1  # chosen again, on the measured state alone
+    third = auto.plan(2, devices)
+    assert "cut_selection" not in third.decision  # and not again: nothing drifted since
