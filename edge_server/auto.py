@@ -446,7 +446,12 @@ class AutoScheduler:
         measured turns next to their predictions, which calibrate the fixed costs)."""
         if self.costs is None:
             return
-        if turns and round_latency_s is not None:
+        planned_on_priors = not self.estimates.server_measured or any(
+            not self.estimates.devices[d].speed_measured for d in timings if d in self.estimates.devices
+        )
+        if turns and round_latency_s is not None and not planned_on_priors:
+            # a round planned on profile figures misses by their error, not by fixed costs:
+            # calibrating on it would carry that error into the next, measured, rounds
             self.fixed_costs.observe(turns, round_latency_s, self.iterations)
         for device, counts in (label_counts or {}).items():
             self.label_counts[device] = self.label_counts.get(device, 0) + np.asarray(counts, dtype=float)

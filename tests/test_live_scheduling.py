@@ -504,9 +504,13 @@ def test_states_planned_on_profile_figures_leave_the_saa_window_once_speeds_are_
     cost = auto.costs.cut(plan.cut)
     predicted = cost.device_forward(32) + cost.device_backward(32)
     report = timings(predicted / 8, predicted / 8, 0.01, 10_000, 0.01, 10_000)  # 4x the profile's speed
-    auto.observe(plan.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)])
+    turns = [{"measured_s": 9.0, "predicted_turn_s": 3.0}]
+    auto.observe(plan.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
     assert auto.history == []
+    assert auto.fixed_costs.observed_rounds == 0  # its miss was the profiles' error, not a fixed cost
     second = auto.plan(1, devices)
     assert second.decision["cut_selection"]["samples"] == 1  # chosen again, on the measured state alone
     third = auto.plan(2, devices)
     assert "cut_selection" not in third.decision  # and not again: nothing drifted since
+    auto.observe(second.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
+    assert auto.fixed_costs.observed_rounds == 1  # a round planned on measurements calibrates
