@@ -92,11 +92,15 @@ def main() -> None:
             "recommended": advice["recommended"],
             "fastest_measured": fastest,
             "names_the_fastest": advice["recommended"] == fastest,
+            # the fastest is the one named, or one the advice says is too close to call
+            "close": advice.get("close", []),
+            "fastest_named_or_close": fastest in [advice["recommended"], *advice.get("close", [])],
             "predicted_order": predicted_order,
             "measured_order": measured_order,
             "schemes": rows,
         }
-        print(f"{name}: advised {advice['recommended']}, fastest measured {fastest}", flush=True)
+        close = f" (too close to call: {', '.join(advice['close'])})" if advice.get("close") else ""
+        print(f"{name}: advised {advice['recommended']}{close}, fastest measured {fastest}", flush=True)
         (args.out / "advisor_check.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out / 'advisor_check.json'}")
 

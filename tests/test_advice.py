@@ -62,8 +62,8 @@ def test_advice_takes_the_shortest_time_to_target_and_says_what_it_rests_on():
     assert advice.recommended == min(times, key=times.get)
     assert "fl did not reach it" in advice.basis
     lines = advice.lines()
-    assert lines[0].startswith("scheme") and len(lines) == len(SCHEMES) + 2
-    assert lines[-1].startswith(f"run {advice.recommended}")
+    assert lines[0].startswith("scheme") and len(lines) == len(SCHEMES) + 2 + bool(advice.close)
+    assert lines[len(SCHEMES) + 1].startswith(f"run {advice.recommended}")
     assert advice.to_dict()["schemes"][2]["time_to_target_s"] is None
 
 
@@ -156,3 +156,19 @@ def test_advise_against_a_broker_plans_on_the_registered_devices_and_leaves_them
 def test_advise_needs_one_fleet_source(args, message):
     result = cli(*args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_schemes_within_one_round_of_the_best_are_called_too_close():
+    """Rounds are whole numbers and a rehearsal and a live run differ by one: a gap smaller than
+    a round cannot be called from a plan, and the advice says so instead of naming one."""
+    from toolkit.planning.advice import SCHEMES, SchemePlan, advise
+
+    latency = {"sl": 30.0, "sfl": 25.0, "fl": 6.0, "cpsl-fixed": 26.0, "cpsl-auto": 12.5}
+    plans = {s: SchemePlan(s, None if s == "fl" else 6, None, ((0,),), latency[s]) for s in SCHEMES}
+    rounds = {"sl": 6, "sfl": 10, "fl": 11, "cpsl-fixed": 6, "cpsl-auto": 5}  # fl 66 s, cpsl-auto 62.5 s
+    advice = advise(plans, rounds)
+    assert advice.recommended == "cpsl-auto" and advice.close == ("fl",)  # 3.5 s apart, a round is 12.5 s
+    assert "fl: within one round of it" in advice.lines()[-1]
+    assert advice.to_dict()["close"] == ["fl"]
+    rounds["fl"] = 13  # 78 s: more than a round behind
+    assert advise(plans, rounds).close == ()

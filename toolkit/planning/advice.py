@@ -61,6 +61,10 @@ class Advice:
     rows: tuple[SchemeAdvice, ...]
     recommended: str
     basis: str  # what the recommendation rests on
+    # schemes whose time to the target is within one round of the recommended one's: rounds
+    # come in whole numbers and a rehearsal and a live run can differ by one (docs/testbed.md,
+    # "The advisor against the testbed"), so a plan cannot tell these apart
+    close: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         """The table as text, one scheme per line (printed by ``edge_server advise``, logged by the server)."""
@@ -74,10 +78,19 @@ class Advice:
                 f"{row.plan.round_latency_s:>11.2f}{rounds:>8}{total:>15}"
             )
         out.append(f"run {self.recommended} ({self.basis})")
+        if self.close:
+            out.append(
+                f"  {', '.join(self.close)}: within one round of it, too close for a plan to call; either will do"
+            )
         return out
 
     def to_dict(self) -> dict:
-        return {"recommended": self.recommended, "basis": self.basis, "schemes": [r.to_dict() for r in self.rows]}
+        return {
+            "recommended": self.recommended,
+            "basis": self.basis,
+            "close": list(self.close),
+            "schemes": [r.to_dict() for r in self.rows],
+        }
 
 
 def plan_schemes(
@@ -131,6 +144,12 @@ def advise(plans: Mapping[str, SchemePlan], rounds: Mapping[str, float | None] |
         best = min(timed, key=lambda row: row.time_to_target_s)
         missing = [row.plan.scheme for row in rows if row.time_to_target_s is None]
         basis = "shortest time to the target" + (f"; {', '.join(missing)} did not reach it" if missing else "")
-        return Advice(tuple(rows), best.plan.scheme, basis)
+        close = tuple(
+            row.plan.scheme
+            for row in timed
+            if row is not best
+            and row.time_to_target_s - best.time_to_target_s < max(row.plan.round_latency_s, best.plan.round_latency_s)
+        )
+        return Advice(tuple(rows), best.plan.scheme, basis, close)
     best = min(rows, key=lambda row: row.plan.round_latency_s)
     return Advice(tuple(rows), best.plan.scheme, "shortest round; rounds to the target unknown (no data rehearsed)")
