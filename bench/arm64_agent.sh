@@ -73,7 +73,7 @@ cp -r "$work/digits" "$rootfs/srv/digits"
 
 echo "== cpsl-profile under emulation"
 profile_started=$(date +%s)
-"${inside[@]}" /opt/cpsl-edge/bin/cpsl-profile --model lenet5 --input-shape 1,8,8 --batch-size 16 \
+"${inside[@]}" /opt/cpsl-edge/bin/cpsl-profile --model lenet5 --input-shape 1,28,28 --batch-size 16 \
     --repeats 5 --warmup 2 --passes 1 --threads 1 --no-onnx --device-id arm64-qemu \
     --out /srv/arm64-qemu-lenet5.json >"$work/profile.log" 2>&1
 profile_s=$(($(date +%s) - profile_started))
@@ -92,10 +92,11 @@ echo "== training: one x86 agent, one arm64 agent under QEMU, the x86 edge serve
 run_started=$(date +%s)
 rm -rf "$out/run"
 (cd "$repo" && "$py" -m edge_server --broker "$broker" --model lenet5 --data "idx:$work/digits" \
-    --min-devices 2 --scheme cpsl --no-auto --clusters 1 --rounds 3 --local-iterations 5 --timeout 900 \
+    --min-devices 2 --scheme cpsl --no-auto --clusters 1 --rounds 6 --local-iterations 20 --timeout 900 \
     --run-dir "$out/run" >"$work/server.log" 2>&1) || { tail -20 "$work/server.log" "$work/agent-arm64.log"; exit 1; }
 run_s=$(($(date +%s) - run_started))
 cp "$work"/*.log "$out/" 2>/dev/null || true
+rm -rf "$work"
 rm -f "$out/run/"*.pt "$out/run/"*.onnx
 
 "$py" - "$out" "$install_s" "$profile_s" "$run_s" "$torch_arm64" <<'PY'
