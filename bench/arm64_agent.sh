@@ -85,7 +85,7 @@ mosquitto -c "$work/mosquitto.conf" >"$work/mosquitto.log" 2>&1 &
 sleep 1
 broker="mqtt://127.0.0.1:$port"
 echo "== training: one x86 agent, one arm64 agent under QEMU, the x86 edge server"
-(cd "$repo" && "$py" -m firmware_agent --broker "$broker" --device-id x86-0 --data "idx:$work/digits" \
+(cd "$repo" && exec "$py" -m firmware_agent --broker "$broker" --device-id x86-0 --data "idx:$work/digits" \
     --partition 0/2 --no-profile >"$work/agent-x86.log" 2>&1) &
 "${inside[@]}" /opt/cpsl-edge/bin/cpsl-agent --broker "$broker" --device-id arm64-0 --data idx:/srv/digits \
     --partition 1/2 --profile /srv/arm64-qemu-lenet5.json --keepalive 300 >"$work/agent-arm64.log" 2>&1 &
