@@ -3,5 +3,11 @@
 from toolkit.cli.extras import guarded_main
 
 
+def _load():
+    from edge_server.cli import main
+
+    return main
+
+
 def main() -> int:
-    return guarded_main("edge_server", "edge_server.cli")
+    return guarded_main("edge_server", _load)

@@ -8,7 +8,6 @@ traceback. The entry points of the commands that need an extra at import time go
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 
@@ -37,10 +36,11 @@ def missing_extra(prog: str, exc: ModuleNotFoundError) -> str | None:
     )
 
 
-def guarded_main(prog: str, module: str) -> int:
-    """Import ``module`` (one of ours) and run its ``main``; a missing extra is one line, exit 2."""
+def guarded_main(prog: str, load: Callable[[], Callable[[], int]]) -> int:
+    """Import a command (``load`` imports it and returns its ``main``) and run it; a missing
+    extra is one line, exit 2."""
     try:
-        main: Callable[[], int] = importlib.import_module(module).main
+        main = load()
     except ModuleNotFoundError as exc:
         message = missing_extra(prog, exc)
         if message is None:
