@@ -109,6 +109,8 @@ class TurnStats:
     turns: list[dict] = field(default_factory=list)  # per cluster: measured phases (and predicted, with slots)
     label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per device, the labels it trained on
     sessions: dict[str, str] = field(default_factory=dict)  # each device's agent life when the round began
+    stamps: list = field(default_factory=list)  # one edge_server.timeline.TurnStamps per split turn
+    handout_epoch: float | None = None  # the uplink epoch the last weights-down carried
 
 
 def turn_record(

@@ -28,6 +28,7 @@ from edge_server.registry import Registry
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
+from edge_server.timeline import TurnStamps, round_timeline
 from toolkit.data import Dataset
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
@@ -331,6 +332,10 @@ class EdgeServer:
         gradient_offsets = timing.gradient_offsets if timing is not None else {}
         turn_started = time.monotonic()
         state = self._hand_out(device_part, round_, cluster, devices, plan, stats)
+        stamps = TurnStamps(cluster, list(devices))
+        if stats.handout_epoch is not None:
+            stamps.epochs[0] = stats.handout_epoch
+        stats.stamps.append(stamps)
         active = set(devices)
         smashed_in: list[float] = []  # when each iteration's last smashed data arrived
         for iteration in range(self.config.iterations):
@@ -354,7 +359,7 @@ class EdgeServer:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
                 return
             order = sorted(got)
-            t0 = time.monotonic()
+            t0, wall0 = time.monotonic(), time.time()
             grads, loss = server_step(
                 server_part,
                 self.server_optimizer,
@@ -363,6 +368,7 @@ class EdgeServer:
                 self.loss_fn,
             )
             t1 = time.monotonic()
+            stamps.server_steps[iteration] = (wall0, wall0 + (t1 - t0))
             if not math.isfinite(loss):
                 # the server part was not stepped; the devices get zero gradients and go on
                 self.endpoint.count("non-finite server loss")
@@ -372,6 +378,8 @@ class EdgeServer:
             stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
             gradient_of = dict(zip(order, grads, strict=True))
             epoch = time.time() + timing.downlink_s if timing is not None else None
+            if epoch is not None:
+                stamps.epochs[iteration + 1] = epoch
             for device in self._in_slots(order, gradient_offsets, time.monotonic()):
                 self._send(
                     device,
@@ -381,6 +389,7 @@ class EdgeServer:
                     iteration,
                     tensors={"grad": gradient_of[device]},
                 )
+                stamps.gradients_sent[(device, iteration)] = time.time()
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
@@ -432,6 +441,7 @@ class EdgeServer:
         started = time.monotonic()
         timing = plan.timing.get(cluster)
         epoch = time.time() + timing.model_down_s if timing is not None else None
+        stats.handout_epoch = epoch
         for device in devices:
             self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
             # the turn draws this many batches from the device's stream (its next ASSIGN says so)
@@ -514,7 +524,7 @@ class EdgeServer:
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats(sessions={d.id: d.session for d in devices})
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         if not plan.clusters:
             log.warning("round %d: the plan has no devices; nothing trained", round_)
         elif plan.cut is None:
@@ -556,6 +566,9 @@ class EdgeServer:
         }
         if stats.turns:
             record["turns"] = stats.turns
+        if stats.stamps:
+            reports = {d: t for (r, d), t in self.timings.items() if r == round_}
+            record["timeline"] = round_timeline(started_wall, stats.stamps, stats.arrivals, reports, plan.grants)
         if any(grant.slot_duration_s is not None for grant in plan.grants.values()):
             rows = [row for (r, _), t in self.timings.items() if r == round_ for row in t.iterations]
             record["slots"] = {

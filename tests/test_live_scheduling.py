@@ -231,6 +231,19 @@ def test_uploads_keep_to_their_slots_and_never_overlap(broker, tmp_path):
     # the prediction sits next to the measurement in metrics.jsonl
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["predicted_latency_s"] > 0 and "grants" in line["decision"] for line in lines)
+    # and the round's timeline: every device's iteration, its phases in the order they happen
+    slack = 0.05  # the server's estimate of each device's clock offset, on loopback
+    for line in lines:
+        rows = line["timeline"]
+        assert sorted((r["device"], r["iteration"]) for r in rows) == sorted(
+            (d, i) for d in ("dev0", "dev1", "dev2") for i in range(4)
+        )
+        for r in rows:
+            assert r["forward_start"] <= r["upload_start"] <= r["upload_end"]
+            assert r["upload_end"] <= r["smashed_arrived"] + slack
+            assert r["smashed_arrived"] <= r["server_step"][0] <= r["server_step"][1] <= r["gradient_sent"]
+            assert r["slot_start"] - slack <= r["upload_start"] and r["slot_start"] < r["slot_end"]
+            assert r["gradient_sent"] <= line["latency_s"]  # server stamps: within the round
 
 
 def test_without_slots_the_same_uploads_do_overlap(broker, tmp_path):
