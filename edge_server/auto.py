@@ -446,9 +446,12 @@ class AutoScheduler:
         measured turns next to their predictions, which calibrate the fixed costs)."""
         if self.costs is None:
             return
-        planned_on_priors = not self.estimates.server_measured or any(
-            not self.estimates.devices[d].speed_measured for d in timings if d in self.estimates.devices
-        )
+        # the figures this round was planned on that were still the profiles', not measurements
+        prior_devices = {
+            d for d in timings if d in self.estimates.devices and not self.estimates.devices[d].speed_measured
+        }
+        prior_server = not self.estimates.server_measured
+        planned_on_priors = prior_server or bool(prior_devices)
         if turns and round_latency_s is not None and not planned_on_priors:
             # a round planned on profile figures misses by their error, not by fixed costs:
             # calibrating on it would carry that error into the next, measured, rounds
@@ -458,8 +461,6 @@ class AutoScheduler:
         cost = self.costs.cut(cut) if any(c.cut == cut for c in self.costs.cuts) else None
         if cost is None:
             return
-        unmeasured = {d for d, e in self.estimates.devices.items() if not e.speed_measured}
-        server_unmeasured = not self.estimates.server_measured
         for device, report in timings.items():
             self.estimates.observe_turn(
                 device,
@@ -476,8 +477,8 @@ class AutoScheduler:
         if server_steps:
             samples = sorted(server_steps)[len(server_steps) // 2]
             self.estimates.observe_server(cost, samples[0], samples[1])
-        newly = {d for d in unmeasured if d in self.estimates.devices and self.estimates.devices[d].speed_measured}
-        if newly or (server_unmeasured and self.estimates.server_measured):
+        newly = {d for d in prior_devices if d in self.estimates.devices and self.estimates.devices[d].speed_measured}
+        if newly or (prior_server and self.estimates.server_measured):
             # the states sampled so far held profile figures where there are measurements now:
             # they are not states of this fleet, and would keep the SAA window (and the drift
             # reference, its mean) away from it for saa_window rounds

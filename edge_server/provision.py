@@ -64,15 +64,10 @@ class Deployment:
         return self.root / "server"
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically: a half-written key or ACL must never be what a broker or agent reads."""
-    write_atomically(path, data, mode)
-
-
 def _write_issued(folder: Path, issued: pki.Issued, ca: pki.Issued, cert_name: str, key_name: str) -> None:
-    _write(folder / "ca.crt", ca.cert_pem())
-    _write(folder / cert_name, issued.cert_pem())
-    _write(folder / key_name, issued.key_pem(), 0o600)
+    write_atomically(folder / "ca.crt", ca.cert_pem())
+    write_atomically(folder / cert_name, issued.cert_pem())
+    write_atomically(folder / key_name, issued.key_pem(), 0o600)
 
 
 def init(
@@ -87,11 +82,11 @@ def init(
         raise UserError(f"{root} already holds a deployment ({STATE_FILE}); use add-device or revoke")
     root.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca()
-    _write(root / "ca/ca.crt", ca.cert_pem())
-    _write(root / "ca/ca.key", ca.key_pem(), 0o600)
+    write_atomically(root / "ca/ca.crt", ca.cert_pem())
+    write_atomically(root / "ca/ca.key", ca.key_pem(), 0o600)
     broker = pki.issue(ca, server_hosts[0], server_hosts=server_hosts, days=days)
-    _write(root / "broker/broker.crt", broker.cert_pem())
-    _write(root / "broker/broker.key", broker.key_pem(), 0o600)
+    write_atomically(root / "broker/broker.crt", broker.cert_pem())
+    write_atomically(root / "broker/broker.key", broker.key_pem(), 0o600)
     server = pki.issue(ca, SERVER_IDENTITY, days=days)
     _write_issued(root / "server", server, ca, "client.crt", "client.key")
     deployment = Deployment(
@@ -151,8 +146,8 @@ def renew(deployment: Deployment, identity: str, days: int | None = None, broker
     ca = deployment.ca()
     if identity == "broker":
         issued = pki.issue(ca, deployment.server_hosts[0], server_hosts=deployment.server_hosts, days=days)
-        _write(deployment.root / "broker/broker.crt", issued.cert_pem())
-        _write(deployment.root / "broker/broker.key", issued.key_pem(), 0o600)
+        write_atomically(deployment.root / "broker/broker.crt", issued.cert_pem())
+        write_atomically(deployment.root / "broker/broker.key", issued.key_pem(), 0o600)
         return deployment.root / "broker"
     if identity == "server":
         _write_issued(
@@ -178,7 +173,7 @@ def _issue_device(
         shutil.rmtree(folder)  # the old bundle (key included) must not linger beside the new one
     _write_issued(folder, issued, ca, "client.crt", "client.key")
     host = broker_host or deployment.server_hosts[0]
-    _write(folder / "agent.toml", agent_config(device, f"mqtts://{host}:{deployment.port}", data).encode())
+    write_atomically(folder / "agent.toml", agent_config(device, f"mqtts://{host}:{deployment.port}", data).encode())
     deployment.state["devices"][device] = {
         "serial": format(issued.cert.serial_number, "x"),
         "not_after": issued.cert.not_valid_after_utc.isoformat(),
@@ -206,15 +201,17 @@ def _revoke_entry(deployment: Deployment, device: str) -> None:
 def _save(deployment: Deployment) -> None:
     """provision.json, and everything derived from it: the CRL, the ACL and mosquitto.conf."""
     root = deployment.root
-    _write(root / STATE_FILE, (json.dumps(deployment.state, indent=2) + "\n").encode(), 0o600)
+    write_atomically(root / STATE_FILE, (json.dumps(deployment.state, indent=2) + "\n").encode(), 0o600)
     revoked = [
         (int(entry["serial"], 16), dt.datetime.fromisoformat(entry["revoked_at"]))
         for entry in deployment.state["revoked"]
     ]
     crl = pki.make_crl(deployment.ca(), revoked)
-    _write(root / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
-    _write(root / "acl", acl_text(sorted(deployment.state["devices"])).encode())
-    _write(root / "mosquitto.conf", mosquitto_conf(root, deployment.port, deployment.state.get("listen")).encode())
+    write_atomically(root / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+    write_atomically(root / "acl", acl_text(sorted(deployment.state["devices"])).encode())
+    write_atomically(
+        root / "mosquitto.conf", mosquitto_conf(root, deployment.port, deployment.state.get("listen")).encode()
+    )
 
 
 def acl_text(devices: list[str]) -> str:
@@ -304,5 +301,5 @@ def standalone_device(root: Path, device: str, broker_url: str, data: str | None
     if not broker_url.startswith("mqtt://"):
         raise UserError(f"--broker {broker_url}: without a deployment only a plain mqtt:// broker can be named")
     folder = root / "devices" / device
-    _write(folder / "agent.toml", agent_config(device, broker_url, data, bundle=False).encode(), 0o600)
+    write_atomically(folder / "agent.toml", agent_config(device, broker_url, data, bundle=False).encode(), 0o600)
     return folder

@@ -37,7 +37,7 @@ class RunRecords:
         (round numbers would start again from 0 in the middle of the file)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.metrics.exists():
-            atomic_write_text(self.metrics, "")
+            write_atomically(self.metrics, "")
 
     def resume(self, last_round: int) -> list[dict]:
         """A resumed run: the records up to ``last_round`` (one the crash wrote past the saved
@@ -54,7 +54,7 @@ class RunRecords:
                     break
                 if record["round"] <= last_round:
                     kept.append(record)
-        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def append(self, record: dict) -> None:
@@ -76,10 +76,6 @@ class RunRecords:
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
         model.net.train()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    write_atomically(path, text)
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from edge_server.records import atomic_torch_save, atomic_write_text
+from edge_server.records import atomic_torch_save
 from toolkit.errors import UserError
-from toolkit.files import read_bounded
+from toolkit.files import read_bounded, write_atomically
 from toolkit.transport import BrokerAddress, parse_broker_url
 from toolkit.transport.tls import TlsFiles
 
@@ -72,7 +72,7 @@ def write_settings(run_dir: Path, config, run_id: str) -> None:
         "broker": {"url": broker.url, "tls": tls},
         "config": values,
     }
-    atomic_write_text(run_dir / SETTINGS_FILE, json.dumps(document, indent=1))
+    write_atomically(run_dir / SETTINGS_FILE, json.dumps(document, indent=1))
 
 
 @dataclass(frozen=True)

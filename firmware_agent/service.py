@@ -163,14 +163,7 @@ def uninstall(root: Path | None = None) -> list[str]:
 
 def status() -> int:
     """``systemctl status``'s own report, and its exit status (0: running)."""
-    if shutil.which("systemctl") is None:
-        raise UserError("systemctl is not available: this system does not run systemd")
-    try:
-        return subprocess.run(
-            ["systemctl", "status", "--no-pager", UNIT_NAME], timeout=SYSTEMCTL_TIMEOUT_S, check=False
-        ).returncode
-    except subprocess.TimeoutExpired:
-        raise UserError(f"systemctl status did not answer within {SYSTEMCTL_TIMEOUT_S} s") from None
+    return _call(["systemctl", "status", "--no-pager", UNIT_NAME], capture=False).returncode
 
 
 def _share_with_service_group(config: Path) -> list[str]:
@@ -196,13 +189,18 @@ def _root_flag(root: Path | None) -> list[str]:
     return [f"--root={root}"] if root is not None else []
 
 
-def _run(command: list[str]) -> None:
+def _call(command: list[str], capture: bool) -> subprocess.CompletedProcess:
+    """Run a systemd tool, bounded in time; one line if it is missing or hangs."""
     if shutil.which(command[0]) is None:
         raise UserError(f"{command[0]} is not available: this system does not run systemd")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT_S, check=False)
+        return subprocess.run(command, capture_output=capture, text=True, timeout=SYSTEMCTL_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise UserError(f"{' '.join(command)} did not finish within {SYSTEMCTL_TIMEOUT_S} s") from None
+
+
+def _run(command: list[str]) -> None:
+    done = _call(command, capture=True)
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).strip().splitlines()
         raise UserError(f"{' '.join(command)} failed: {detail[-1] if detail else f'exit {done.returncode}'}")
