@@ -107,6 +107,7 @@ class TurnStats:
     sessions: dict[str, str] = field(default_factory=dict)  # each device's agent life when the round began
     stamps: list = field(default_factory=list)  # one edge_server.timeline.TurnStamps per split turn
     handout_epoch: float | None = None  # the uplink epoch the last weights-down carried
+    handout_positions: dict[str, int] = field(default_factory=dict)  # each device's stream position at ASSIGN
 
 
 def turn_record(

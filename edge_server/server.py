@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from edge_server.intake import Intake, check_smashed, check_weights
+from edge_server.owed_turns import OwedTurns
 from edge_server.records import RunRecords, TurnStats, publish_metrics, turn_record
 from edge_server.registry import Registry
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
@@ -104,6 +105,7 @@ class EdgeServer:
         self._smashed_shapes: dict[int, tuple[int, ...]] = {}
         self.history: list[dict] = []
         self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
+        self.owed = OwedTurns()  # turns lost mid-way, made up when the device is back
 
     def _default_scheduler(self) -> Scheduler:
         c = self.config
@@ -444,6 +446,7 @@ class EdgeServer:
         stats.handout_epoch = epoch
         for device in devices:
             self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
+            stats.handout_positions[device] = self.stream_positions.get(device, 0)
             # the turn draws this many batches from the device's stream (its next ASSIGN says so)
             self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
         offsets = timing.weights_down_offsets if timing is not None else {}
@@ -517,6 +520,31 @@ class EdgeServer:
         )
         probe_fleet(self.scheduler, prober, devices)
 
+    def _make_up_turn(self, round_: int, plan: RoundPlan, online: list[str]) -> dict | None:
+        """A split turn, before the planned ones, for the online devices owed one
+        (edge_server.owed_turns): each trains the batches of the turn it lost, from the
+        current device-side weights, without slots (the plan did not foresee it)."""
+        due = self.owed.due(online)
+        if not due:
+            return None
+        members = sorted(due)
+        log.warning("round %d: make-up turn for %s (turns lost mid-way)", round_, ", ".join(members))
+        regular = {device: self.stream_positions.get(device, 0) for device in members}
+        self.stream_positions.update({device: turn.position for device, turn in due.items()})
+        stats = TurnStats(sessions={d: self.registry.devices[d].session for d in members if d in self.registry.devices})
+        started = time.monotonic()
+        try:
+            self._split_turn(round_, len(plan.clusters), members, RoundPlan(plan.cut, [members]), stats)
+        finally:
+            self.stream_positions.update(regular)
+        self.owed.settle(d for d in members if d not in stats.dropped)
+        return {
+            "devices": members,
+            "lost_in_rounds": [due[d].round for d in members],
+            "dropped": sorted(stats.dropped),
+            "latency_s": time.monotonic() - started,
+        }
+
     def run_round(self, round_: int) -> dict:
         self.intake.start_round(round_)
         devices = self._devices_for_round(round_)
@@ -525,6 +553,8 @@ class EdgeServer:
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats(sessions={d.id: d.session for d in devices})
         started, started_wall = time.monotonic(), time.time()
+        make_up = self._make_up_turn(round_, plan, [d.id for d in devices]) if plan.cut is not None else None
+        planned_from = time.monotonic()
         if not plan.clusters:
             log.warning("round %d: the plan has no devices; nothing trained", round_)
         elif plan.cut is None:
@@ -533,10 +563,14 @@ class EdgeServer:
             for cluster, members in enumerate(plan.clusters):
                 self._split_turn(round_, cluster, members, plan, stats)
         latency = time.monotonic() - started
+        if plan.cut is not None:
+            for device in stats.dropped & stats.handout_positions.keys():
+                self.owed.owe(device, stats.handout_positions[device], round_)
         observe = getattr(self.scheduler, "observe", None)
         if observe is not None and plan.cut is not None:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency, stats.label_counts)
+            planned_s = time.monotonic() - planned_from  # the plan knows nothing of a make-up turn
+            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, planned_s, stats.label_counts)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         parts = {
             "device_compute_s": stats.device_compute_s,
@@ -545,6 +579,8 @@ class EdgeServer:
             "downlink_s": stats.downlink_s,
             "model_transfer_s": stats.model_transfer_s,
         }
+        if make_up is not None:
+            parts["make_up_s"] = make_up["latency_s"]
         parts["waiting_s"] = max(0.0, latency - sum(parts.values()))
         record = {
             "round": round_,
@@ -564,6 +600,8 @@ class EdgeServer:
             "refusals": dict(self.intake.refusals),
             "time": time.time(),
         }
+        if make_up is not None:
+            record["make_up"] = make_up
         if stats.turns:
             record["turns"] = stats.turns
         if stats.stamps:

@@ -137,11 +137,12 @@ def run_with_outages(folder, persistence: bool, outages: bool) -> EdgeServer:
     return server
 
 
-def test_an_agent_killed_mid_round_and_restarted_misses_that_round_only(broker, tmp_path):
+def test_an_agent_killed_mid_round_and_restarted_makes_up_its_lost_turn(broker, tmp_path):
     """dev1's process dies mid-turn (its socket closes without a goodbye: the broker delivers
     its will) and a new agent for dev1 starts a second later. The round goes on without it
-    (dropped as soon as it is back as a new life, not at the deadline); from the next round
-    it trains again, its batch stream put where the server's count says."""
+    (dropped as soon as it is back as a new life, not at the deadline); the next round opens
+    with a make-up turn in which dev1 trains the batches of the turn it lost, then the planned
+    turn with the batches after them: over the run it trains every batch the server dealt."""
     from firmware_agent.agent import AgentConfig, DeviceAgent
 
     data = load_dataset("builtin:digits", seed=0)
@@ -163,6 +164,15 @@ def test_an_agent_killed_mid_round_and_restarted_misses_that_round_only(broker, 
         reborn = DeviceAgent(
             AgentConfig(parse_broker_url(broker), "dev1", "1/3", heartbeat_s=0.5), data, shares["dev1"], None
         )
+        turns: list[tuple[int, int, int]] = []  # (round, cluster, stream position) of each turn it trains
+        train_turn = reborn._train_turn
+
+        def counted_turn(weights, agent=reborn):
+            a = agent.assignment
+            turns.append((weights.header.round, a.cluster, a.stream_position))
+            train_turn(weights)
+
+        reborn._train_turn = counted_turn
         reborn.start()
         threading.Thread(target=reborn.serve_forever, daemon=True).start()
         trainer.join(timeout=180)
@@ -176,5 +186,10 @@ def test_an_agent_killed_mid_round_and_restarted_misses_that_round_only(broker, 
     assert history[2]["latency_s"] < config.iteration_timeout_s  # dropped when it came back, not at the deadline
     for record in history[3:]:
         assert record["dropped"] == [] and sorted(record["clusters"][0]) == ["dev0", "dev1", "dev2"]
+    make_up = history[3]["make_up"]
+    assert (make_up["devices"], make_up["lost_in_rounds"], make_up["dropped"]) == (["dev1"], [2], [])
+    assert "make_up" not in history[4] and history[3]["breakdown"]["make_up_s"] == make_up["latency_s"] > 0
+    # the make-up turn (an extra cluster, index 1) on round 2's batches, then rounds 3 and 4 as planned
+    assert turns == [(3, 1, 2 * ITERATIONS), (3, 0, 3 * ITERATIONS), (4, 0, 4 * ITERATIONS)]
     stream = next(iter(reborn._streams.values()))
     assert stream.drawn == 5 * ITERATIONS  # rounds 0-4 by the server's count, though this life saw only 3-4
