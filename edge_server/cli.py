@@ -9,6 +9,7 @@
     edge_server provision revoke ID [ID ...] [--dir DIR]
     edge_server advise --profile REF.json --fleet FLEET.json [--data D --non-iid X]    which scheme to run
     edge_server advise --broker URL --min-devices N [--model M]                   ... on the registered devices
+    edge_server report RUN_DIR --out report.html                                   a finished run, drawn
 
 One parser: training flags at the top level (a run is what edge_server does most), the
 other jobs as subcommands.
@@ -55,9 +56,10 @@ def build_parser() -> OneLineArgumentParser:
     )
     add_training_flags(parser, {"run_dir": None})
     commands = parser.add_subparsers(
-        dest="command", metavar="{demo,provision,advise}", parser_class=OneLineArgumentParser
+        dest="command", metavar="{demo,provision,advise,report}", parser_class=OneLineArgumentParser
     )
     _add_demo(commands)
+    _add_report(commands)
     _add_provision(commands)
     add_advise(commands)
     return parser
@@ -78,6 +80,20 @@ def _add_demo(commands) -> None:
         help="provision a CA and certificates into the run directory and run over TLS with Mosquitto",
     )
     add_training_flags(demo, {"rounds": 15, "run_dir": Path("runs/demo")})
+    demo.add_argument(
+        "--no-dashboard", action="store_true", help="no live dashboard (by default on a free loopback port)"
+    )
+
+
+def _add_report(commands) -> None:
+    report = commands.add_parser(
+        "report",
+        help="a finished run as one self-contained HTML file",
+        description="Draw a run directory's metrics.jsonl as one HTML file with the dashboard's charts "
+        "(no network needed to open it).",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, required=True, help="the HTML file to write")
 
 
 def _add_provision(commands) -> None:
@@ -141,15 +157,22 @@ def _main(argv: Sequence[str] | None) -> int:
         return run_demo(args)
     if args.command == "provision":
         return _provision(args)
+    if args.command == "report":
+        from edge_server.dashboard.report import write_report
+
+        size = write_report(args.run_dir, args.out)
+        print(f"wrote {args.out} ({size / 1e6:.1f} MB): open it in any browser, no network needed")
+        return 0
     if args.command == "advise":
         check_args(args)
         args.model = args.model or (load_profile(args.profile).model.name if args.profile else "lenet5")
         return run_advise(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s server %(levelname)s %(message)s")
     if args.resume is not None:
-        return resume_run(args.resume, broker_from_args(args) if args.broker else None, args.metrics_port)
+        broker = broker_from_args(args) if args.broker else None
+        return resume_run(args.resume, broker, args.metrics_port, args.dashboard)
     if args.min_devices is None:
-        parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise)")
+        parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise, report)")
     broker = broker_from_args(args)
     if args.run_id:
         check_id(args.run_id, "run id")
@@ -157,7 +180,7 @@ def _main(argv: Sequence[str] | None) -> int:
     data = load_dataset(args.data, args.seed)
     config = make_config(args, broker, model, args.min_devices, args.run_id or "")
     config.register_timeout_s = args.wait_devices
-    return train(config, model, data, metrics_address=args.metrics_port)
+    return train(config, model, data, metrics_address=args.metrics_port, dashboard_address=args.dashboard)
 
 
 def _add_devices(args: argparse.Namespace) -> int:

@@ -142,4 +142,5 @@ def run_demo(args: argparse.Namespace) -> int:
         for process in processes:
             if process.poll() is not None:
                 raise UserError(f"an agent exited at start (code {process.returncode}); see {logs}")
-        return train(config, model, data, metrics_address=args.metrics_port)
+        dashboard = None if args.no_dashboard else (args.dashboard or ("127.0.0.1", 0))  # a free loopback port
+        return train(config, model, data, metrics_address=args.metrics_port, dashboard_address=dashboard)

@@ -28,6 +28,13 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         metavar="[HOST:]PORT",
         help="serve Prometheus metrics (edge_server/prometheus.py) on this port (loopback unless HOST is given)",
     )
+    parser.add_argument(
+        "--dashboard",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve the live dashboard on this port (loopback unless HOST is given; elsewhere it needs the "
+        "token printed at start)",
+    )
     parser.add_argument("--scheme", choices=SCHEMES, default=defaults.get("scheme", "cpsl"))
     parser.add_argument("--rounds", type=positive_int, default=defaults.get("rounds", 10))
     parser.add_argument(
@@ -138,6 +145,7 @@ def train(
     data,
     resume: RunState | None = None,
     metrics_address: tuple[str, int] | None = None,
+    dashboard_address: tuple[str, int] | None = None,
 ) -> int:
     pin_malloc_thresholds()
     console = make_console()
@@ -160,9 +168,19 @@ def train(
             metrics.serve(*metrics_address)
             server.on_round = chain(show, metrics.observe)
             console.print(f"Prometheus metrics at http://{metrics_address[0]}:{metrics.port}/metrics")
+        dashboard = _start_dashboard(server, config, model, dashboard_address, console)
         try:
             server.run(resume)
+        except BaseException:
+            if dashboard is not None:
+                dashboard.feed.state = "failed"
+            raise
+        else:
+            if dashboard is not None:
+                dashboard.feed.state = "finished"
         finally:
+            if dashboard is not None:
+                dashboard.close()
             if metrics is not None:
                 metrics.close()
     console.print()
@@ -175,7 +193,28 @@ def train(
     return 0
 
 
-def resume_run(run_dir: Path, broker, metrics_address: tuple[str, int] | None = None) -> int:
+def _start_dashboard(server: EdgeServer, config: ServerConfig, model, address, console):
+    """The live dashboard on ``address`` (None: none), its URL printed; the DashboardServer or None."""
+    if address is None:
+        return None
+    from edge_server.dashboard.feed import LiveFeed
+    from edge_server.dashboard.web import DashboardServer
+
+    run = {"id": server.run_id, "scheme": config.scheme, "model": model.name, "rounds_planned": config.rounds}
+    dashboard = DashboardServer(LiveFeed(server, run), *address)
+    dashboard.start()
+    console.print(f"Dashboard at {dashboard.url}", markup=False, highlight=False, soft_wrap=True)
+    if dashboard.token:
+        console.print("(not a loopback address: the page needs the token in that URL)", style="yellow")
+    return dashboard
+
+
+def resume_run(
+    run_dir: Path,
+    broker,
+    metrics_address: tuple[str, int] | None = None,
+    dashboard_address: tuple[str, int] | None = None,
+) -> int:
     """``edge_server --resume RUN_DIR``: the run's settings from run.json, its state from
     checkpoint.pt; ``broker`` (None: the one the run used) is the only thing given anew."""
     from toolkit.data import load_dataset
@@ -195,4 +234,6 @@ def resume_run(run_dir: Path, broker, metrics_address: tuple[str, int] | None = 
     state = load_state(run_dir, config.run_id, model.fingerprint())
     if state.round + 1 >= config.rounds:
         raise UserError(f"run {config.run_id} already completed its {config.rounds} rounds")
-    return train(config, model, data, resume=state, metrics_address=metrics_address)
+    return train(
+        config, model, data, resume=state, metrics_address=metrics_address, dashboard_address=dashboard_address
+    )

@@ -57,6 +57,10 @@ class RunRecords:
         write_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
+    def write_fleet(self, devices: list[dict]) -> None:
+        """fleet.json: each device's facts (board, samples, profile summary) for ``edge_server report``."""
+        write_atomically(self.run_dir / "fleet.json", json.dumps({"devices": devices}, indent=1))
+
     def append(self, record: dict) -> None:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -108,6 +112,7 @@ class TurnStats:
     stamps: list = field(default_factory=list)  # one edge_server.timeline.TurnStamps per split turn
     handout_epoch: float | None = None  # the uplink epoch the last weights-down carried
     handout_positions: dict[str, int] = field(default_factory=dict)  # each device's stream position at ASSIGN
+    weights_sent: dict[str, float] = field(default_factory=dict)  # device -> wall clock its weights went down
 
 
 def turn_record(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_server.dashboard.view import device_info
 from edge_server.intake import Intake, check_smashed, check_weights
 from edge_server.owed_turns import OwedTurns
 from edge_server.records import RunRecords, TurnStats, publish_metrics, turn_record
@@ -29,7 +30,7 @@ from edge_server.registry import Registry
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
-from edge_server.timeline import TurnStamps, round_timeline
+from edge_server.timeline import TurnStamps, round_timeline, turn_transfers
 from toolkit.data import Dataset
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
@@ -106,6 +107,7 @@ class EdgeServer:
         self.history: list[dict] = []
         self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
         self.owed = OwedTurns()  # turns lost mid-way, made up when the device is back
+        self._fleet_written: list[tuple[str, str]] = []
 
     def _default_scheduler(self) -> Scheduler:
         c = self.config
@@ -337,6 +339,7 @@ class EdgeServer:
         stamps = TurnStamps(cluster, list(devices))
         if stats.handout_epoch is not None:
             stamps.epochs[0] = stats.handout_epoch
+        stamps.weights_sent = {d: stats.weights_sent[d] for d in devices if d in stats.weights_sent}
         stats.stamps.append(stamps)
         active = set(devices)
         smashed_in: list[float] = []  # when each iteration's last smashed data arrived
@@ -405,6 +408,7 @@ class EdgeServer:
             t_weights + self.config.iteration_timeout_s + self._transfer_allowance_s(state, len(active), 1),
             check=lambda item: check_weights(item.message.tensors, state),
         )
+        stamps.weights_arrived = {device: item.arrived_wall for device, item in good.items()}
         self._average_into(device_part, state, good)
         turn_ended = time.monotonic()
         stats.model_transfer_s += turn_ended - t_weights
@@ -452,6 +456,7 @@ class EdgeServer:
         offsets = timing.weights_down_offsets if timing is not None else {}
         for device in self._in_slots(devices, offsets, started):
             self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
+            stats.weights_sent[device] = time.time()
         self.endpoint.transport.flush(self.config.iteration_timeout_s)
         stats.model_transfer_s += time.monotonic() - started
         return state
@@ -607,6 +612,7 @@ class EdgeServer:
         if stats.stamps:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
             record["timeline"] = round_timeline(started_wall, stats.stamps, stats.arrivals, reports, plan.grants)
+            record["transfers"] = turn_transfers(started_wall, stats.stamps)
         if any(grant.slot_duration_s is not None for grant in plan.grants.values()):
             rows = [row for (r, _), t in self.timings.items() if r == round_ for row in t.iterations]
             record["slots"] = {
@@ -617,6 +623,14 @@ class EdgeServer:
         if plan.decision:
             record["decision"] = plan.decision
         return record
+
+    def _write_fleet(self, records: RunRecords) -> None:
+        """fleet.json when a device (or an agent life) is new since the last write."""
+        devices = list(self.registry.devices.values())
+        key = sorted((d.id, d.session) for d in devices)
+        if key != self._fleet_written:
+            records.write_fleet([device_info(d) for d in sorted(devices, key=lambda d: d.id)])
+            self._fleet_written = key
 
     def run(self, resume: RunState | None = None) -> list[dict]:
         """Train; with ``resume``, go on from the round after the one it saved (``--resume``)."""
@@ -635,6 +649,7 @@ class EdgeServer:
                 record = self.run_round(round_)
                 self.history.append(record)
                 records.append(record)
+                self._write_fleet(records)
                 save_state(self.config.run_dir, capture(self, round_))
                 publish_metrics(self.endpoint, self.run_id, record)
                 self.on_round(record)

@@ -25,6 +25,8 @@ class TurnStamps:
     epochs: dict[int, float] = field(default_factory=dict)  # iteration -> uplink epoch sent to the cluster
     server_steps: dict[int, tuple[float, float]] = field(default_factory=dict)  # iteration -> (start, end)
     gradients_sent: dict[tuple[str, int], float] = field(default_factory=dict)  # (device, iteration) -> sent
+    weights_sent: dict[str, float] = field(default_factory=dict)  # device -> its device-side weights went down
+    weights_arrived: dict[str, float] = field(default_factory=dict)  # device -> its trained weights came up
 
 
 def round_timeline(
@@ -69,4 +71,23 @@ def round_timeline(
                 if (device, iteration) in turn.gradients_sent:
                     row["gradient_sent"] = at(turn.gradients_sent[(device, iteration)])
                 rows.append(row)
+    return rows
+
+
+def turn_transfers(round_start: float, turns: list[TurnStamps]) -> list[dict]:
+    """The weight transfers of every turn, one row per device: when the server sent the
+    device-side weights, when the device's last gradient left, and when its trained weights
+    arrived (seconds from the round's start; a stamp not taken is left out)."""
+    rows = []
+    for turn in turns:
+        for device in turn.devices:
+            row: dict = {"device": device, "cluster": turn.cluster}
+            if device in turn.weights_sent:
+                row["weights_sent"] = round(turn.weights_sent[device] - round_start, 6)
+            last_gradient = max((t for (d, _), t in turn.gradients_sent.items() if d == device), default=None)
+            if last_gradient is not None:
+                row["last_gradient_sent"] = round(last_gradient - round_start, 6)
+            if device in turn.weights_arrived:
+                row["weights_arrived"] = round(turn.weights_arrived[device] - round_start, 6)
+            rows.append(row)
     return rows

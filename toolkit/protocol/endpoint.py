@@ -36,6 +36,7 @@ REPLAY_PER_TOPIC = 4  # the last messages sent on each topic are kept for replay
 REPLAY_MAX_BYTES = 96 << 20  # and no more than this in all (oldest dropped first)
 QOS_BY_KIND = {Kind.HEARTBEAT: 0}  # everything else: QoS 1 (at least once, duplicates dropped by seq)
 MAX_REASONS = 64  # distinct rejection reasons counted; the rest go under "other"
+MAX_SENDERS = 1024  # distinct devices whose rejected frames are counted apiece; the rest go under "other"
 _VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(\.\d+)?")
 
 
@@ -86,6 +87,7 @@ class Endpoint:
         self.inbox_max_bytes = inbox_max_bytes or 4 * max_frame_bytes
         self.transport = None  # set by attach(); the transport calls on_frame
         self.rejected: Counter[str] = Counter()
+        self.rejected_by_device: Counter[str] = Counter()  # by the device the topic names (the dashboard's fleet)
         # bytes by message kind (a bounded set of labels), for the Prometheus endpoint
         self.bytes_sent: Counter[str] = Counter()
         self.bytes_received: Counter[str] = Counter()
@@ -163,6 +165,12 @@ class Endpoint:
     def reject(self, topic: str, reason: str) -> None:
         """Count a dropped frame under a bounded set of reasons, and log it (rate-limited)."""
         key = self.count(reason_key(reason))
+        sender = topics.device_of(topic)
+        if sender is not None:
+            with self._lock:
+                if sender not in self.rejected_by_device and len(self.rejected_by_device) >= MAX_SENDERS:
+                    sender = "other"
+                self.rejected_by_device[sender] += 1
         self._log_limiter.warning(key, "dropped a message on %s: %s", topic[:200], reason[:300])
 
     def count(self, key: str) -> str:
