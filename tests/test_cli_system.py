@@ -58,21 +58,7 @@ def test_server_bad_input(flags, message) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_demo_learns_on_the_embedded_broker_and_leaves_no_process(tmp_path) -> None:
-    before = {p.pid for p in psutil.process_iter()}
-    result = run_cli("edge_server", "demo", "--run-dir", str(tmp_path / "demo"), timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 15 and records[-1]["scheme"] == "cpsl" and len(records[-1]["clusters"]) == 2
-    assert records[-1]["accuracy"] >= 0.90, [r["accuracy"] for r in records]
-    # cpsl manages its resources by default: every round has its plan's prediction and grants
-    assert all(r["predicted_latency_s"] > 0 and len(r["decision"]["grants"]) == 4 for r in records)
-    leftovers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.pid not in before and p.pid != os.getpid() and "firmware_agent" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert leftovers == []
+# the demo's full run is checked in tests/test_dashboard_browser.py, where a browser watches it
 
 
 def test_demo_interrupted_with_ctrl_c_leaves_no_process(tmp_path) -> None:
