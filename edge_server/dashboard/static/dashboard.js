@@ -219,7 +219,17 @@
   }
 
   // timeline -------------------------------------------------------------------------------
-  function timelineBars(timeline) {
+  // which part of the round the Gantt shows: a turn (or all), the first N iterations (or all)
+  function timelineFilter() {
+    const turn = document.getElementById("timeline-turn").value;
+    const iterations = document.getElementById("timeline-iterations").value;
+    return {
+      turn: turn === "all" ? null : Number(turn),
+      iterations: iterations === "all" ? null : Number(iterations),
+    };
+  }
+
+  function timelineBars(timeline, filter) {
     const bars = Object.fromEntries(Object.keys(PHASES).map((key) => [key, []]));
     const labels = [];
     const labelOf = (cluster, device) => {
@@ -238,7 +248,11 @@
     }
     const tick = Math.max(span / 400, 1e-4); // an instant drawn as a sliver
     const firstForward = {};
+    const shown = (row) =>
+      (filter.turn === null || row.cluster === filter.turn) &&
+      (filter.iterations === null || row.iteration === undefined || row.iteration < filter.iterations);
     for (const row of timeline.rows) {
+      if (!shown(row)) continue;
       const y = labelOf(row.cluster, row.device);
       const add = (key, start, end) => {
         if (typeof start === "number" && typeof end === "number") {
@@ -256,13 +270,14 @@
       add("gradient", row.gradient_sent, row.gradient_sent);
     }
     for (const row of timeline.transfers || []) {
+      if (!shown(row)) continue;
       const y = labelOf(row.cluster, row.device);
       const forward = firstForward[row.cluster + "/" + row.device];
       if (typeof row.weights_sent === "number") {
         const end = forward === undefined ? row.weights_sent : forward;
         bars.weights_down.push({ x: [row.weights_sent, Math.max(end, row.weights_sent + tick)], y: y });
       }
-      if (typeof row.last_gradient_sent === "number" && typeof row.weights_arrived === "number") {
+      if (filter.iterations === null && typeof row.last_gradient_sent === "number" && typeof row.weights_arrived === "number") {
         bars.weights_up.push({
           x: [row.last_gradient_sent, Math.max(row.weights_arrived, row.last_gradient_sent + tick)],
           y: y,
@@ -279,11 +294,24 @@
     box.hidden = !timeline;
     if (!timeline) return;
     document.getElementById("timeline-title").textContent = "Round timeline: round " + timeline.round;
-    const { bars, labels } = timelineBars(timeline);
+    const turns = document.getElementById("timeline-turn");
+    const clusters = [...new Set(timeline.rows.map((row) => row.cluster))].sort((a, b) => a - b);
+    const offered = [...turns.options].slice(1).map((option) => Number(option.value));
+    if (offered.join() !== clusters.join()) {
+      const chosen = turns.value;
+      turns.replaceChildren(new Option("all", "all"), ...clusters.map((c) => new Option(String(c), String(c))));
+      turns.value = clusters.map(String).includes(chosen) ? chosen : "all";
+    }
+    const filter = timelineFilter();
+    const { bars, labels } = timelineBars(timeline, filter);
     box.style.height = Math.max(160, 28 * labels.length + 90) + "px";
     const chart = state.charts.timeline;
     chart.data.labels = labels;
     for (const dataset of chart.data.datasets) dataset.data = bars[dataset.key];
+    // a part of the round: the axis starts where its first bar does
+    const starts = Object.values(bars).flat().map((bar) => bar.x[0]);
+    const zoomed = filter.turn !== null || filter.iterations !== null;
+    chart.options.scales.x.min = zoomed && starts.length ? Math.max(0, Math.min(...starts) - 0.002) : 0;
     chart.update("none");
   }
 
@@ -352,6 +380,9 @@
   }
 
   makeCharts();
+  for (const id of ["timeline-turn", "timeline-iterations"]) {
+    document.getElementById(id).addEventListener("change", () => state.view && renderTimeline());
+  }
   if (embedded) {
     applyView(embedded);
     setConnection("report", "report");
