@@ -7,6 +7,7 @@ every file atomically: a crash mid-write leaves the previous file, never half of
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -113,6 +114,60 @@ class TurnStats:
     handout_epoch: float | None = None  # the uplink epoch the last weights-down carried
     handout_positions: dict[str, int] = field(default_factory=dict)  # each device's stream position at ASSIGN
     weights_sent: dict[str, float] = field(default_factory=dict)  # device -> wall clock its weights went down
+    turn_token: int | None = None  # the last hand-out's (ASSIGN.turn): replies must name it
+    replays_left: int = 0  # times this turn may still start again for a restarted device (edge_server.server)
+    restarts: list[dict] = field(default_factory=list)  # turns started again: cluster and device
+
+    def absorb_time(self, attempt: TurnStats) -> None:
+        """The seconds an abandoned attempt at a turn spent, and nothing it trained."""
+        for name in ("device_compute_s", "uplink_s", "server_compute_s", "downlink_s", "model_transfer_s"):
+            setattr(self, name, getattr(self, name) + getattr(attempt, name))
+
+    def absorb(self, attempt: TurnStats) -> None:
+        """A completed turn's stats into the round's."""
+        self.absorb_time(attempt)
+        self.train_losses += attempt.train_losses
+        self.dropped |= attempt.dropped
+        self.server_steps += attempt.server_steps
+        self.arrivals.update(attempt.arrivals)
+        self.turns += attempt.turns
+        for device, counts in attempt.label_counts.items():
+            self.label_counts[device] = self.label_counts.get(device, 0) + counts
+        self.stamps += attempt.stamps
+        self.handout_epoch = attempt.handout_epoch
+        self.handout_positions.update(attempt.handout_positions)
+        self.weights_sent.update(attempt.weights_sent)
+
+
+class DeviceRestartedError(Exception):
+    """A device of the turn is back as a new agent life: the turn starts again (edge_server.server)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(device)
+        self.device = device
+
+
+@dataclass
+class TurnSnapshot:
+    """What a split turn changes on the server, as it was when the turn began: the server-side
+    weights, the server optimiser's state and the members' batch-stream positions."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    positions: dict[str, int]
+
+    @classmethod
+    def take(cls, server_part, optimizer, positions: dict[str, int], devices: list[str]) -> TurnSnapshot:
+        return cls(
+            {k: v.detach().clone() for k, v in server_part.state_dict().items()},
+            copy.deepcopy(optimizer.state_dict()),
+            {d: positions.get(d, 0) for d in devices},
+        )
+
+    def restore(self, server_part, optimizer, positions: dict[str, int]) -> None:
+        server_part.load_state_dict(self.weights)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        positions.update(self.positions)
 
 
 def turn_record(

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from edge_server.owed_turns import OwedTurns
 from edge_server.records import atomic_torch_save
 from toolkit.errors import UserError
 from toolkit.files import read_bounded, write_atomically
@@ -50,7 +49,6 @@ class RunState:
     server_cut: int | None = None
     stream_positions: dict[str, int] = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
-    owed_turns: dict = field(default_factory=dict)  # edge_server.owed_turns.OwedTurns.state_dict()
 
 
 def write_settings(run_dir: Path, config, run_id: str) -> None:
@@ -120,7 +118,6 @@ def save_state(run_dir: Path, state: RunState) -> None:
         "server_cut": state.server_cut,
         "stream_positions": dict(state.stream_positions),
         "scheduler": json.dumps(state.scheduler),
-        "owed_turns": json.dumps(state.owed_turns),
     }
     atomic_torch_save(document, run_dir / STATE_FILE)
 
@@ -156,10 +153,8 @@ def load_state(run_dir: Path, run_id: str, fingerprint: str) -> RunState:
         scheduler = json.loads(document["scheduler"])
         if not isinstance(scheduler, dict):
             raise ValueError("its scheduler state is not an object")
-        owed = json.loads(document.get("owed_turns", "{}"))  # states saved before make-up turns have none
-        OwedTurns.from_state(owed)
         return RunState(
-            run_id, round_, fingerprint, model, document["server_optimizer"], cut, dict(positions), scheduler, owed
+            run_id, round_, fingerprint, model, document["server_optimizer"], cut, dict(positions), scheduler
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"cannot resume from {path}: {exc}") from None
@@ -178,7 +173,6 @@ def capture(server, round_: int) -> RunState:
         server_cut=server.server_cut,
         stream_positions=dict(server.stream_positions),
         scheduler=scheduler_state() if scheduler_state is not None else {},
-        owed_turns=server.owed.state_dict(),
     )
 
 
@@ -194,7 +188,6 @@ def restore(server, state: RunState) -> int:
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise UserError(f"the saved state does not fit the run's model: {str(exc).splitlines()[0][:200]}") from None
     server.stream_positions = dict(state.stream_positions)
-    server.owed = OwedTurns.from_state(state.owed_turns)
     load = getattr(server.scheduler, "load_state_dict", None)
     if load is not None:
         load(state.scheduler)

@@ -24,8 +24,7 @@ from torch import nn
 
 from edge_server.dashboard.view import device_info
 from edge_server.intake import Intake, check_smashed, check_weights
-from edge_server.owed_turns import OwedTurns
-from edge_server.records import RunRecords, TurnStats, publish_metrics, turn_record
+from edge_server.records import DeviceRestartedError, RunRecords, TurnSnapshot, TurnStats, publish_metrics, turn_record
 from edge_server.registry import Registry
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
@@ -67,6 +66,7 @@ class ServerConfig:
     # move models: a phase moving B bytes in all waits iteration_timeout_s + 8 B / this at most.
     min_link_bps: float = 1e6
     reconnect_grace_s: float = 10.0  # a device whose will arrived may register again this long before it is dropped
+    turn_replays: int = 2  # times one split turn starts again for a device restarted mid-turn
     max_frame_bytes: int = 64 << 20
     auto: bool = False  # cpsl only: cut, clusters and slots decided live (edge_server.auto)
     max_cluster_size: int | None = None
@@ -106,7 +106,6 @@ class EdgeServer:
         self._smashed_shapes: dict[int, tuple[int, ...]] = {}
         self.history: list[dict] = []
         self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
-        self.owed = OwedTurns()  # turns lost mid-way, made up when the device is back
         self._fleet_written: list[tuple[str, str]] = []
 
     def _default_scheduler(self) -> Scheduler:
@@ -241,9 +240,12 @@ class EdgeServer:
         got: dict[str, Received] = {}
         while expected - got.keys() - stats.dropped:
             for device in expected - got.keys():
-                # gone for good, or back as a new agent life (restarted: its turn is lost with it)
+                # gone for good, or back as a new agent life (restarted: its turn is lost with it;
+                # a split turn is then started again with it, while it may be)
                 record = self.registry.devices.get(device)
                 restarted = record is not None and stats.sessions.get(device, record.session) != record.session
+                if restarted and stats.replays_left > 0 and self.registry.is_online(device):
+                    raise DeviceRestartedError(device)
                 if device not in stats.dropped and (
                     restarted or self.registry.has_left(device, self.config.reconnect_grace_s)
                 ):
@@ -272,6 +274,10 @@ class EdgeServer:
             if device not in expected or device in stats.dropped:
                 self.endpoint.reject(item.topic, f"{device} is not active in this cluster")
                 continue
+            turn = getattr(message.body, "turn", None)
+            if turn is not None and stats.turn_token is not None and turn != stats.turn_token:
+                self.endpoint.reject(item.topic, f"{kind.name} answers an earlier hand-out (the turn started again)")
+                continue
             problem = check(item) if check is not None else None
             if problem:
                 self.endpoint.reject(item.topic, problem)
@@ -280,7 +286,9 @@ class EdgeServer:
         return got
 
     # rounds ------------------------------------------------------------------------------
-    def _assign(self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan) -> m.Assign:
+    def _assign(
+        self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan, turn: int | None = None
+    ) -> m.Assign:
         c = self.config
         return m.Assign(
             scheme=c.scheme,
@@ -302,6 +310,7 @@ class EdgeServer:
             gradient_timeout_s=c.iteration_timeout_s * 2,
             data_seed=c.data_seed,
             stream_position=self.stream_positions.get(device, 0),
+            turn=turn,
         )
 
     def _ensure_server_optimizer(self, cut: int) -> None:
@@ -327,6 +336,36 @@ class EdgeServer:
         return self._smashed_shapes[cut]
 
     def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+        """One cluster's turn, started again if a device of it comes back mid-turn as a new agent
+        life (killed and restarted: what it had trained died with it). The server side is put
+        back as it was when the turn began and every device draws the same batches again, so
+        the turn trains what it would have trained without the fault; the time lost stays in
+        the round's latency and the record lists the restart. Past ``turn_replays`` restarts
+        of one turn, a restarted device is dropped from the round instead."""
+        self._ensure_server_optimizer(plan.cut)
+        before = TurnSnapshot.take(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions, devices)
+        for replays_left in range(self.config.turn_replays, -1, -1):
+            attempt = TurnStats(sessions=stats.sessions, replays_left=replays_left)
+            try:
+                self._split_turn_once(round_, cluster, devices, plan, attempt)
+            except DeviceRestartedError as restart:
+                log.warning(
+                    "round %d cluster %d: %s is back as a new agent life mid-turn; the turn starts again",
+                    round_,
+                    cluster,
+                    restart.device,
+                )
+                before.restore(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions)
+                stats.sessions[restart.device] = self.registry.devices[restart.device].session
+                stats.restarts.append({"cluster": cluster, "device": restart.device})
+                stats.absorb_time(attempt)
+                continue
+            stats.absorb(attempt)
+            return
+
+    def _split_turn_once(
+        self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+    ) -> None:
         """One cluster's turn: weights down, I parallel iterations against the server model, average."""
         cut = plan.cut
         device_part, server_part = self.model.net[:cut], self.model.net[cut:]
@@ -448,8 +487,10 @@ class EdgeServer:
         timing = plan.timing.get(cluster)
         epoch = time.time() + timing.model_down_s if timing is not None else None
         stats.handout_epoch = epoch
+        stats.turn_token = secrets.randbelow(m.MAX_TURN_TOKEN)
         for device in devices:
-            self._send(device, Kind.ASSIGN, self._assign(device, round_, cluster, devices, plan), round_)
+            assign = self._assign(device, round_, cluster, devices, plan, stats.turn_token)
+            self._send(device, Kind.ASSIGN, assign, round_)
             stats.handout_positions[device] = self.stream_positions.get(device, 0)
             # the turn draws this many batches from the device's stream (its next ASSIGN says so)
             self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
@@ -525,31 +566,6 @@ class EdgeServer:
         )
         probe_fleet(self.scheduler, prober, devices)
 
-    def _make_up_turn(self, round_: int, plan: RoundPlan, online: list[str]) -> dict | None:
-        """A split turn, before the planned ones, for the online devices owed one
-        (edge_server.owed_turns): each trains the batches of the turn it lost, from the
-        current device-side weights, without slots (the plan did not foresee it)."""
-        due = self.owed.due(online)
-        if not due:
-            return None
-        members = sorted(due)
-        log.warning("round %d: make-up turn for %s (turns lost mid-way)", round_, ", ".join(members))
-        regular = {device: self.stream_positions.get(device, 0) for device in members}
-        self.stream_positions.update({device: turn.position for device, turn in due.items()})
-        stats = TurnStats(sessions={d: self.registry.devices[d].session for d in members if d in self.registry.devices})
-        started = time.monotonic()
-        try:
-            self._split_turn(round_, len(plan.clusters), members, RoundPlan(plan.cut, [members]), stats)
-        finally:
-            self.stream_positions.update(regular)
-        self.owed.settle(d for d in members if d not in stats.dropped)
-        return {
-            "devices": members,
-            "lost_in_rounds": [due[d].round for d in members],
-            "dropped": sorted(stats.dropped),
-            "latency_s": time.monotonic() - started,
-        }
-
     def run_round(self, round_: int) -> dict:
         self.intake.start_round(round_)
         devices = self._devices_for_round(round_)
@@ -558,8 +574,6 @@ class EdgeServer:
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats(sessions={d.id: d.session for d in devices})
         started, started_wall = time.monotonic(), time.time()
-        make_up = self._make_up_turn(round_, plan, [d.id for d in devices]) if plan.cut is not None else None
-        planned_from = time.monotonic()
         if not plan.clusters:
             log.warning("round %d: the plan has no devices; nothing trained", round_)
         elif plan.cut is None:
@@ -568,14 +582,10 @@ class EdgeServer:
             for cluster, members in enumerate(plan.clusters):
                 self._split_turn(round_, cluster, members, plan, stats)
         latency = time.monotonic() - started
-        if plan.cut is not None:
-            for device in stats.dropped & stats.handout_positions.keys():
-                self.owed.owe(device, stats.handout_positions[device], round_)
         observe = getattr(self.scheduler, "observe", None)
         if observe is not None and plan.cut is not None:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            planned_s = time.monotonic() - planned_from  # the plan knows nothing of a make-up turn
-            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, planned_s, stats.label_counts)
+            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency, stats.label_counts)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         parts = {
             "device_compute_s": stats.device_compute_s,
@@ -584,8 +594,6 @@ class EdgeServer:
             "downlink_s": stats.downlink_s,
             "model_transfer_s": stats.model_transfer_s,
         }
-        if make_up is not None:
-            parts["make_up_s"] = make_up["latency_s"]
         parts["waiting_s"] = max(0.0, latency - sum(parts.values()))
         record = {
             "round": round_,
@@ -605,8 +613,8 @@ class EdgeServer:
             "refusals": dict(self.intake.refusals),
             "time": time.time(),
         }
-        if make_up is not None:
-            record["make_up"] = make_up
+        if stats.restarts:
+            record["restarted_turns"] = stats.restarts
         if stats.turns:
             record["turns"] = stats.turns
         if stats.stamps:

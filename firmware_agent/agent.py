@@ -428,7 +428,7 @@ class DeviceAgent:
         sent = self.endpoint.send(
             up,
             Kind.WEIGHTS_UP,
-            m.WeightsUp(num_samples=len(self.indices)),
+            m.WeightsUp(num_samples=len(self.indices), turn=a.turn),
             run=run,
             device=self.config.device_id,
             round_=round_,
@@ -500,7 +500,7 @@ class DeviceAgent:
         sent = self.endpoint.send(
             up,
             Kind.SMASHED,
-            m.Smashed(),
+            m.Smashed(turn=self.assignment.turn),
             run=run,
             device=self.config.device_id,
             round_=round_,

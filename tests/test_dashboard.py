@@ -58,13 +58,13 @@ def test_round_rows_keep_what_is_drawn_and_turn_nan_into_gaps():
         record(
             3,
             loss=float("nan"),
-            make_up={"devices": ["dev1"], "lost_in_rounds": [2]},
+            restarted_turns=[{"cluster": 0, "device": "dev1"}],
             decision={"medium": {"uplink": "airtime", "downlink": "shared"}, "cut_selection": {"reason": "drift"}},
         )
     )
     assert row["loss"] is None and row["accuracy"] == pytest.approx(0.8)
     assert set(row["breakdown"]) == set(v.BREAKDOWN_PARTS) and row["breakdown"]["server_compute_s"] == 0.0
-    assert (row["make_up"], row["medium"], row["reselection"]) == (["dev1"], "airtime up, shared down", "drift")
+    assert (row["restarted"], row["medium"], row["reselection"]) == (["dev1"], "airtime up, shared down", "drift")
     assert json.loads(v.to_json({"x": [float("inf"), 1.5]})) == {"x": [None, 1.5]}
 
 

@@ -26,7 +26,6 @@ BREAKDOWN_PARTS = (
     "server_compute_s",
     "downlink_s",
     "model_transfer_s",
-    "make_up_s",
     "waiting_s",
 )
 
@@ -44,7 +43,7 @@ def round_row(record: Mapping) -> dict:
     decision = record.get("decision") if isinstance(record.get("decision"), Mapping) else {}
     selection = decision.get("cut_selection") if isinstance(decision.get("cut_selection"), Mapping) else None
     medium = decision.get("medium") if isinstance(decision.get("medium"), Mapping) else None
-    make_up = record.get("make_up") if isinstance(record.get("make_up"), Mapping) else None
+    restarted = record.get("restarted_turns") if isinstance(record.get("restarted_turns"), list) else []
     return {
         "round": record.get("round"),
         "accuracy": _number(record.get("accuracy")),
@@ -57,7 +56,7 @@ def round_row(record: Mapping) -> dict:
         "cut_name": record.get("cut_name"),
         "clusters": record.get("clusters") or [],
         "dropped": record.get("dropped") or [],
-        "make_up": list(make_up.get("devices") or []) if make_up else [],
+        "restarted": [str(r.get("device")) for r in restarted if isinstance(r, Mapping)],
         "medium": f"{medium.get('uplink')} up, {medium.get('downlink')} down" if medium else None,
         "reselection": str(selection.get("reason")) if selection and selection.get("reason") else None,
         "time": _number(record.get("time")),

@@ -19,6 +19,7 @@ MAX_LIST = 100_000  # list fields (cluster members, per-iteration timings)
 MAX_PROBE_BYTES = 8 << 20  # the most payload a probe may carry or ask to be echoed: the server's policy
 MAX_SAMPLES = 1 << 31  # a device's local sample count
 MAX_STREAM_POSITION = 10_000_000  # batches into a run: 100,000 rounds of 100 iterations
+MAX_TURN_TOKEN = 2**31 - 1
 CONNECTION_LOST = "connection lost"  # an agent's last will says this; a goodbye says something else
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
@@ -140,6 +141,10 @@ class Assign(Body):
     # there (toolkit.training.BatchStream.seek), so a resumed run or a restarted device trains
     # on the batches an uninterrupted run would have. None: carry on where the stream is.
     stream_position: int | None = Field(default=None, ge=0, le=MAX_STREAM_POSITION)
+    # this hand-out of the turn (random per hand-out): the device names it in its SMASHED and
+    # WEIGHTS_UP, so a turn the server starts again (a device of it restarted) takes no reply
+    # to the hand-out before. None: a server that does not replay turns.
+    turn: int | None = Field(default=None, ge=0, le=MAX_TURN_TOKEN)
 
 
 class WeightsDown(Body):
@@ -179,12 +184,17 @@ class ProbeEcho(Body):
 
 
 class Smashed(Body):
-    """Tensors: ``smashed`` (cut activations of one mini-batch) and ``labels`` (int64)."""
+    """Tensors: ``smashed`` (cut activations of one mini-batch) and ``labels`` (int64).
+
+    ``turn``: the ASSIGN's, echoed (None from agents that predate it)."""
+
+    turn: int | None = Field(default=None, ge=0, le=MAX_TURN_TOKEN)
 
 
 class WeightsUp(Body):
     # the device's local samples: the averaging weight, which the server caps at the count it registered
     num_samples: int = Field(ge=0, le=MAX_SAMPLES)
+    turn: int | None = Field(default=None, ge=0, le=MAX_TURN_TOKEN)  # the ASSIGN's, echoed
 
 
 class IterationTiming(Body):

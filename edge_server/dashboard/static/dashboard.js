@@ -16,7 +16,6 @@
     ["server_compute_s", "server compute", "#10b981"],
     ["downlink_s", "downlink", "#a78bfa"],
     ["model_transfer_s", "model transfer", "#f472b6"],
-    ["make_up_s", "make-up turn", "#fb7185"],
     ["waiting_s", "waiting", "#d1d5db"],
   ];
   // the Gantt's phases: [label, colour, outlined]
@@ -332,7 +331,7 @@
       cell(row, r.medium || "–");
       cell(row, r.reselection || "");
       cell(row, r.dropped.join(", "));
-      cell(row, r.make_up.join(", "));
+      cell(row, r.restarted.join(", "));
       body.appendChild(row);
     }
   }
