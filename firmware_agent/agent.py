@@ -539,7 +539,7 @@ class DeviceAgent:
     def _wait_gradient(self, run: str, round_: int, iteration: int, timeout_s: float) -> Received:
         deadline = time.monotonic() + timeout_s
         while not self._stop.is_set():
-            item = self.endpoint.receive(deadline - time.monotonic())
+            item = self.endpoint.receive(min(0.5, deadline - time.monotonic()))  # short waits: a stop ends it soon
             if item is None:
                 if time.monotonic() >= deadline:
                     raise TurnAbortedError(f"no gradient for iteration {iteration} within {timeout_s:g} s")
