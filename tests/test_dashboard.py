@@ -87,7 +87,8 @@ def test_a_live_run_streams_its_rounds_and_fleet_and_wants_the_token_off_loopbac
     agents, _ = start_agents(broker, data, 2)
     config = server_config(broker, tmp_path, rounds=3, min_devices=2)
     server = EdgeServer(config, load_model("lenet5", seed=0), data)
-    dashboard = DashboardServer(LiveFeed(server, {"id": server.run_id, "rounds_planned": 3}), "0.0.0.0", 0)
+    feed = LiveFeed(server, {"id": server.run_id, "rounds_planned": 3})
+    dashboard = DashboardServer(feed, "0.0.0.0", 0)
     dashboard.start()
     base = f"http://127.0.0.1:{dashboard.port}"
     events: list[tuple[str, dict]] = []
@@ -101,8 +102,6 @@ def test_a_live_run_streams_its_rounds_and_fleet_and_wants_the_token_off_loopbac
                     name = line[len("event: ") :]
                 elif line.startswith("data: "):
                     events.append((name, json.loads(line[len("data: ") :])))
-                    if sum(len(d["rows"]) for n, d in events if n == "rounds") >= 3:
-                        return
 
     reader = threading.Thread(target=read_events, daemon=True)
     reader.start()
@@ -119,12 +118,15 @@ def test_a_live_run_streams_its_rounds_and_fleet_and_wants_the_token_off_loopbac
         assert missing.value.code == 404
         assert urllib.request.urlopen(f"{base}/static/dashboard.js", timeout=10).status == 200  # no data in it
         server.run()
-        reader.join(timeout=30)
         bearer = urllib.request.Request(f"{base}/api/view", headers={"Authorization": f"Bearer {dashboard.token}"})
         final = json.loads(urllib.request.urlopen(bearer, timeout=10).read())
+        feed.state = "finished"
     finally:
         dashboard.close()
         close(agents)
+    reader.join(timeout=30)
+    assert not reader.is_alive()  # the server closed the stream when it stopped
+    assert events[-1] == ("run", {**final["run"], "state": "finished"})  # and said how the run ended
     assert events[0][0] == "view"
     streamed = [row for name, d in events if name == "rounds" for row in d["rows"]]
     assert [row["round"] for row in streamed] == [0, 1, 2]  # each round once, as it finished

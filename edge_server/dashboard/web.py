@@ -213,6 +213,11 @@ class DashboardServer:
             elif now - quiet_since >= KEEPALIVE_S:
                 await response.write(b": keepalive\n\n")
                 quiet_since = now
+        # the server is stopping: the last rounds and how the run ended, so the page need not guess
+        rows = feed.rows_since(sent_rounds)
+        if rows:
+            await _send(response, "rounds", {"rows": rows, "timeline": feed.timeline()})
+        await _send(response, "run", feed.run_info())
 
 
 async def _send(response: web.StreamResponse, event: str, data: object) -> None:

@@ -373,9 +373,15 @@
     on("run", (run) => {
       state.view.run = run;
       renderRun();
+      if (run.state === "finished" || run.state === "failed") {
+        source.close(); // the server is going away: nothing more will come
+        setConnection("run " + run.state, run.state === "failed" ? "lost" : "report");
+      }
     });
     source.onopen = () => setConnection("live", "live");
-    source.onerror = () => setConnection("connection lost: retrying", "lost");
+    source.onerror = () => {
+      if (source.readyState !== EventSource.CLOSED) setConnection("connection lost: retrying", "lost");
+    };
   }
 
   makeCharts();
