@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from edge_server.scheduler import RoundPlan
+from edge_server.timeline import round_timeline, turn_transfers
 from toolkit.files import write_atomically
 from toolkit.models import LayeredModel
 from toolkit.profiler.onnx_export import torchscript_exporter
@@ -202,3 +204,72 @@ def publish_metrics(endpoint: Endpoint, run_id: str, record: dict) -> None:
         round_=record["round"],
         retain=True,
     )
+
+
+@dataclass
+class RoundOutcome:
+    """What a round was, for its record: the plan it ran, when, how long, how the model fared."""
+
+    round: int
+    run_id: str
+    scheme: str
+    plan: RoundPlan
+    started_wall: float
+    latency_s: float
+    accuracy: float
+    loss: float
+
+
+def round_record(
+    outcome: RoundOutcome,
+    stats: TurnStats,
+    cut_name: str | None,
+    reports: dict[str, m.Timings],
+    rejected: dict[str, int],
+    refusals: dict[str, int],
+) -> dict:
+    """The round's line in metrics.jsonl (docs/operations.md lists its fields)."""
+    plan = outcome.plan
+    parts = {
+        "device_compute_s": stats.device_compute_s,
+        "uplink_s": stats.uplink_s,
+        "server_compute_s": stats.server_compute_s,
+        "downlink_s": stats.downlink_s,
+        "model_transfer_s": stats.model_transfer_s,
+    }
+    parts["waiting_s"] = max(0.0, outcome.latency_s - sum(parts.values()))
+    record = {
+        "round": outcome.round,
+        "run": outcome.run_id,
+        "scheme": outcome.scheme,
+        "cut": plan.cut,
+        "cut_name": cut_name,
+        "clusters": plan.clusters,
+        "accuracy": outcome.accuracy,
+        "loss": outcome.loss,
+        "train_loss": sum(stats.train_losses) / len(stats.train_losses) if stats.train_losses else None,
+        "latency_s": outcome.latency_s,
+        "predicted_latency_s": plan.predicted_latency_s,
+        "breakdown": parts,
+        "dropped": sorted(stats.dropped),
+        "rejected_messages": rejected,
+        "refusals": refusals,
+        "time": time.time(),
+    }
+    if stats.restarts:
+        record["restarted_turns"] = stats.restarts
+    if stats.turns:
+        record["turns"] = stats.turns
+    if stats.stamps:
+        record["timeline"] = round_timeline(outcome.started_wall, stats.stamps, stats.arrivals, reports, plan.grants)
+        record["transfers"] = turn_transfers(outcome.started_wall, stats.stamps)
+    if any(grant.slot_duration_s is not None for grant in plan.grants.values()):
+        rows = [row for timings in reports.values() for row in timings.iterations]
+        record["slots"] = {
+            "late_iterations": sum(1 for row in rows if row.slot_late_s > 0.001),
+            "iterations": len(rows),
+            "max_late_s": max((row.slot_late_s for row in rows), default=0.0),
+        }
+    if plan.decision:
+        record["decision"] = plan.decision
+    return record

@@ -24,12 +24,21 @@ from torch import nn
 
 from edge_server.dashboard.view import device_info
 from edge_server.intake import Intake, check_smashed, check_weights
-from edge_server.records import DeviceRestartedError, RunRecords, TurnSnapshot, TurnStats, publish_metrics, turn_record
+from edge_server.records import (
+    DeviceRestartedError,
+    RoundOutcome,
+    RunRecords,
+    TurnSnapshot,
+    TurnStats,
+    publish_metrics,
+    round_record,
+    turn_record,
+)
 from edge_server.registry import Registry
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
-from edge_server.timeline import TurnStamps, round_timeline, turn_transfers
+from edge_server.timeline import TurnStamps
 from toolkit.data import Dataset
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
@@ -587,50 +596,14 @@ class EdgeServer:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
             observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency, stats.label_counts)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
-        parts = {
-            "device_compute_s": stats.device_compute_s,
-            "uplink_s": stats.uplink_s,
-            "server_compute_s": stats.server_compute_s,
-            "downlink_s": stats.downlink_s,
-            "model_transfer_s": stats.model_transfer_s,
-        }
-        parts["waiting_s"] = max(0.0, latency - sum(parts.values()))
-        record = {
-            "round": round_,
-            "run": self.run_id,
-            "scheme": self.config.scheme,
-            "cut": plan.cut,
-            "cut_name": self.model.cut_name(plan.cut) if plan.cut else None,
-            "clusters": plan.clusters,
-            "accuracy": accuracy,
-            "loss": loss,
-            "train_loss": sum(stats.train_losses) / len(stats.train_losses) if stats.train_losses else None,
-            "latency_s": latency,
-            "predicted_latency_s": plan.predicted_latency_s,
-            "breakdown": parts,
-            "dropped": sorted(stats.dropped),
-            "rejected_messages": dict(self.endpoint.rejected),
-            "refusals": dict(self.intake.refusals),
-            "time": time.time(),
-        }
-        if stats.restarts:
-            record["restarted_turns"] = stats.restarts
-        if stats.turns:
-            record["turns"] = stats.turns
-        if stats.stamps:
-            reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            record["timeline"] = round_timeline(started_wall, stats.stamps, stats.arrivals, reports, plan.grants)
-            record["transfers"] = turn_transfers(started_wall, stats.stamps)
-        if any(grant.slot_duration_s is not None for grant in plan.grants.values()):
-            rows = [row for (r, _), t in self.timings.items() if r == round_ for row in t.iterations]
-            record["slots"] = {
-                "late_iterations": sum(1 for row in rows if row.slot_late_s > 0.001),
-                "iterations": len(rows),
-                "max_late_s": max((row.slot_late_s for row in rows), default=0.0),
-            }
-        if plan.decision:
-            record["decision"] = plan.decision
-        return record
+        return round_record(
+            RoundOutcome(round_, self.run_id, self.config.scheme, plan, started_wall, latency, accuracy, loss),
+            stats,
+            self.model.cut_name(plan.cut) if plan.cut else None,
+            {d: t for (r, d), t in self.timings.items() if r == round_},
+            dict(self.endpoint.rejected),
+            dict(self.intake.refusals),
+        )
 
     def _write_fleet(self, records: RunRecords) -> None:
         """fleet.json when a device (or an agent life) is new since the last write."""
