@@ -14,8 +14,11 @@ import logging
 import torch
 
 from edge_server.registry import Registry
+from toolkit import compression
+from toolkit.compression import Encoding
 from toolkit.protocol import Kind
 from toolkit.protocol import messages as m
+from toolkit.protocol.codec import ProtocolError
 from toolkit.protocol.endpoint import Endpoint, Received
 
 log = logging.getLogger("cpsl.server")
@@ -63,6 +66,25 @@ class Intake:
 
     def timings_of(self, round_: int) -> dict[str, m.Timings]:
         return {device: t for (r, device), t in self.timings.items() if r == round_}
+
+
+def decode_smashed(item: Received, expected: str) -> str | None:
+    """Put the float32 ``smashed`` in place of its wire pieces (toolkit.compression), or say why not.
+
+    The encoding must be the one this run asked for: a device that sends another is out of
+    step with the run (or not ours), and what it sends would not be what the plan counted."""
+    message = item.message
+    encoding = message.body.encoding
+    if encoding != expected:
+        return f"smashed data encoded as {encoding}; this run asked for {expected}"
+    tensors = message.tensors
+    try:
+        smashed = compression.decode("smashed", tensors, Encoding.parse(encoding), per="channel")
+    except ProtocolError as exc:
+        return f"smashed data: {exc}"
+    rest = {k: v for k, v in tensors.items() if k != "smashed" and not k.startswith("smashed.")}
+    message.tensors = {"smashed": smashed, **rest}
+    return None
 
 
 def check_smashed(

@@ -66,6 +66,17 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         help="--auto: the medium the devices share: airtime (slots, one sender at a time: Wi-Fi), shared (bytes "
         "shared, transfers overlap: wired) or auto (decided from probing the devices together; default)",
     )
+    parser.add_argument(
+        "--compress",
+        type=encoding_name,
+        default="fp32",
+        metavar="ENC",
+        help="how smashed data (and, unless --compress-gradients says otherwise, the gradients) cross the cut: "
+        "none (fp32), fp16, int8, each optionally +zstd (docs/compression.md)",
+    )
+    parser.add_argument(
+        "--compress-gradients", type=encoding_name, metavar="ENC", help="the gradients' encoding (default: --compress)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--local-iterations", type=positive_int, default=20, help="iterations per cluster turn")
     parser.add_argument("--lr", type=positive_float, default=0.05)
@@ -90,6 +101,16 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")
+
+
+def encoding_name(text: str) -> str:
+    """An encoding of what crosses the cut (toolkit.compression), by its canonical name."""
+    from toolkit.compression import Encoding
+
+    try:
+        return Encoding.parse(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_id: str) -> ServerConfig:
@@ -134,6 +155,8 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         norm_factor=args.norm_factor,
         target_accuracy=args.target_accuracy,
         medium=args.medium,
+        compress_smashed=args.compress,
+        compress_gradient=args.compress_gradients or args.compress,
         model_spec=getattr(args, "model", "") or "",
         data_spec=getattr(args, "data", "") or "",
     )

@@ -227,6 +227,7 @@ def round_record(
     reports: dict[str, m.Timings],
     rejected: dict[str, int],
     refusals: dict[str, int],
+    traffic: dict[str, int] | None = None,
 ) -> dict:
     """The round's line in metrics.jsonl (docs/operations.md lists its fields)."""
     plan = outcome.plan
@@ -256,6 +257,10 @@ def round_record(
         "refusals": refusals,
         "time": time.time(),
     }
+    if traffic is not None:
+        record["bytes_up"] = traffic["smashed"] + traffic["weights_up"]
+        record["bytes_down"] = traffic["gradient"] + traffic["weights_down"]
+        record["bytes"] = traffic
     if stats.restarts:
         record["restarted_turns"] = stats.restarts
     if stats.turns:
@@ -273,3 +278,16 @@ def round_record(
     if plan.decision:
         record["decision"] = plan.decision
     return record
+
+
+UPLINK_KINDS = ("smashed", "weights_up")
+DOWNLINK_KINDS = ("gradient", "weights_down")
+
+
+def round_traffic(before: tuple[dict, dict], after: tuple[dict, dict]) -> dict[str, int]:
+    """Frame bytes that crossed the cut (smashed data up, gradients down) and the model transfers
+    during the round, from the endpoint's (received, sent) counters before and after it."""
+    (received0, sent0), (received1, sent1) = before, after
+    up = {kind: received1.get(kind, 0) - received0.get(kind, 0) for kind in UPLINK_KINDS}
+    down = {kind: sent1.get(kind, 0) - sent0.get(kind, 0) for kind in DOWNLINK_KINDS}
+    return {**up, **down}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from edge_server.dashboard.view import device_info
-from edge_server.intake import Intake, check_smashed, check_weights
+from edge_server.intake import Intake, check_smashed, check_weights, decode_smashed
 from edge_server.records import (
     DeviceRestartedError,
     RoundOutcome,
@@ -32,6 +32,7 @@ from edge_server.records import (
     TurnStats,
     publish_metrics,
     round_record,
+    round_traffic,
     turn_record,
 )
 from edge_server.registry import Registry
@@ -39,6 +40,8 @@ from edge_server.run_state import RunState, capture, restore, save_state, write_
 from edge_server.scheduler import FixedScheduler, RoundPlan, Scheduler
 from edge_server.strategy import BoundedFedAvg, Upload
 from edge_server.timeline import TurnStamps
+from toolkit import compression
+from toolkit.compression import Encoding
 from toolkit.data import Dataset
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
@@ -86,6 +89,8 @@ class ServerConfig:
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
     medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
+    compress_smashed: str = "fp32"  # encodings of what crosses the cut (toolkit.compression)
+    compress_gradient: str = "fp32"
     model_spec: str = ""  # what the run was started with, for run.json (edge_server.run_state)
     data_spec: str = ""
 
@@ -320,6 +325,7 @@ class EdgeServer:
             data_seed=c.data_seed,
             stream_position=self.stream_positions.get(device, 0),
             turn=turn,
+            compression=m.Compression(smashed=c.compress_smashed, gradient=c.compress_gradient),
         )
 
     def _ensure_server_optimizer(self, cut: int) -> None:
@@ -331,6 +337,9 @@ class EdgeServer:
             )
 
     def _check_smashed(self, item: Received, cut: int) -> str | None:
+        problem = decode_smashed(item, self.config.compress_smashed)
+        if problem:
+            return problem
         return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
 
     def _smashed_shape(self, cut: int) -> tuple[int, ...]:
@@ -433,15 +442,11 @@ class EdgeServer:
             epoch = time.time() + timing.downlink_s if timing is not None else None
             if epoch is not None:
                 stamps.epochs[iteration + 1] = epoch
+            encoding = Encoding.parse(self.config.compress_gradient)
+            wire = {d: compression.encode("grad", gradient_of[d], encoding, per="sample") for d in order}
             for device in self._in_slots(order, gradient_offsets, time.monotonic()):
-                self._send(
-                    device,
-                    Kind.GRADIENT,
-                    m.Gradient(uplink_epoch=epoch),
-                    round_,
-                    iteration,
-                    tensors={"grad": gradient_of[device]},
-                )
+                body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
+                self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
                 stamps.gradients_sent[(device, iteration)] = time.time()
             self.endpoint.transport.flush(self.config.iteration_timeout_s)
             stats.server_compute_s += t1 - t0
@@ -582,6 +587,7 @@ class EdgeServer:
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats(sessions={d.id: d.session for d in devices})
+        counters = (dict(self.endpoint.bytes_received), dict(self.endpoint.bytes_sent))
         started, started_wall = time.monotonic(), time.time()
         if not plan.clusters:
             log.warning("round %d: the plan has no devices; nothing trained", round_)
@@ -603,6 +609,7 @@ class EdgeServer:
             {d: t for (r, d), t in self.timings.items() if r == round_},
             dict(self.endpoint.rejected),
             dict(self.intake.refusals),
+            round_traffic(counters, (self.endpoint.bytes_received, self.endpoint.bytes_sent)),
         )
 
     def _write_fleet(self, records: RunRecords) -> None:

@@ -57,7 +57,7 @@ def round_timeline(
                     start = timing.upload_start_at - offset  # device clock -> server clock
                     row["forward_s"] = timing.forward_s
                     row["upload_start"] = at(start)
-                    row["forward_start"] = at(start - timing.slot_wait_s - timing.forward_s)
+                    row["forward_start"] = at(start - timing.slot_wait_s - timing.encode_s - timing.forward_s)
                     if timing.upload_end_at > 0:
                         row["upload_end"] = at(timing.upload_end_at - offset)
                 epoch = turn.epochs.get(iteration)

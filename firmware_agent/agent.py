@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from firmware_agent.health import write_health
+from toolkit import compression
+from toolkit.compression import Encoding
 from toolkit.data import Dataset
 from toolkit.models import LayeredModel, load_model
 from toolkit.models.registry import canonical_name
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
-from toolkit.protocol.codec import Message, encode, make_header
+from toolkit.protocol.codec import Message, ProtocolError, encode, make_header
 from toolkit.protocol.endpoint import Endpoint, Received
 from toolkit.training import BatchStream, make_optimizer, stream_seed
 from toolkit.transport import BrokerAddress, MqttTransport, Will
@@ -494,29 +496,41 @@ class DeviceAgent:
         optimizer.zero_grad(set_to_none=True)
         smashed = part(x)
         t1 = time.perf_counter()
+        encoding = Encoding.parse(a.compression.smashed)
+        wire = compression.encode("smashed", smashed.detach(), encoding)
+        encode_s = time.perf_counter() - t1
         waited, late = self._wait_for_slot()
         upload_start = time.time()
         t_send = time.perf_counter()
         sent = self.endpoint.send(
             up,
             Kind.SMASHED,
-            m.Smashed(turn=self.assignment.turn),
+            m.Smashed(turn=a.turn, encoding=encoding.name),
             run=run,
             device=self.config.device_id,
             round_=round_,
             iteration=iteration,
-            tensors={"smashed": smashed.detach(), "labels": y},
+            tensors={**wire, "labels": y},
         )
         self.endpoint.transport.flush(a.gradient_timeout_s)
         upload_end = time.time()
         t2 = time.perf_counter()
         received = self._wait_gradient(run, round_, iteration, a.gradient_timeout_s)
         gradient = received.message
+        t_decode = time.perf_counter()
+        if gradient.body.encoding != a.compression.gradient:
+            raise TurnAbortedError(
+                f"gradient for iteration {iteration} is encoded as {gradient.body.encoding}, "
+                f"the assignment said {a.compression.gradient}"
+            )
+        try:
+            grad = compression.decode(
+                "grad", gradient.tensors, Encoding.parse(gradient.body.encoding), "sample", tuple(smashed.shape)
+            )
+        except ProtocolError as exc:
+            raise TurnAbortedError(f"gradient for iteration {iteration}: {exc}") from None
         t3 = time.perf_counter()
-        grad = gradient.tensors.get("grad")
-        if grad is None or grad.shape != smashed.shape or grad.dtype != smashed.dtype:
-            raise TurnAbortedError(f"gradient for iteration {iteration} has the wrong shape or dtype")
-        smashed.backward(grad)
+        smashed.backward(grad.to(smashed.dtype))
         optimizer.step()
         t4 = time.perf_counter()
         self._uplink_epoch = gradient.body.uplink_epoch
@@ -526,7 +540,7 @@ class DeviceAgent:
             forward_s=t1 - t0,
             backward_s=t4 - t3,
             upload_s=t2 - t_send,
-            wait_gradient_s=t3 - t2,
+            wait_gradient_s=t_decode - t2,
             up_bytes=sent,
             down_bytes=_nbytes(gradient.tensors),
             upload_start_at=upload_start,
@@ -534,6 +548,8 @@ class DeviceAgent:
             slot_wait_s=waited,
             slot_late_s=late,
             gradient_transit_s=max(0.0, transit),
+            encode_s=encode_s,
+            decode_s=t3 - t_decode,
         )
 
     def _wait_gradient(self, run: str, round_: int, iteration: int, timeout_s: float) -> Received:

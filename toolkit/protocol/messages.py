@@ -20,6 +20,8 @@ MAX_PROBE_BYTES = 8 << 20  # the most payload a probe may carry or ask to be ech
 MAX_SAMPLES = 1 << 31  # a device's local sample count
 MAX_STREAM_POSITION = 10_000_000  # batches into a run: 100,000 rounds of 100 iterations
 MAX_TURN_TOKEN = 2**31 - 1
+# what crosses the cut: QUANT[+zstd] (toolkit.compression)
+ENCODING_PATTERN = r"^(fp32|fp16|int8)(\+zstd)?$"
 CONNECTION_LOST = "connection lost"  # an agent's last will says this; a goodbye says something else
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
@@ -124,6 +126,14 @@ class Grant(Body):
     weights_slot_offset_s: float | None = Field(default=None, ge=0)
 
 
+class Compression(Body):
+    """How the smashed data (device -> server) and the gradients at the cut (server -> device)
+    are encoded this run (toolkit.compression)."""
+
+    smashed: str = Field(default="fp32", pattern=ENCODING_PATTERN)
+    gradient: str = Field(default="fp32", pattern=ENCODING_PATTERN)
+
+
 class Assign(Body):
     scheme: Literal["cpsl", "sl", "sfl", "fl"]
     model: Text
@@ -145,6 +155,7 @@ class Assign(Body):
     # WEIGHTS_UP, so a turn the server starts again (a device of it restarted) takes no reply
     # to the hand-out before. None: a server that does not replay turns.
     turn: int | None = Field(default=None, ge=0, le=MAX_TURN_TOKEN)
+    compression: Compression = Compression()
 
 
 class WeightsDown(Body):
@@ -161,6 +172,7 @@ class Gradient(Body):
     ``uplink_epoch``: server-clock time the next iteration's upload slots count from."""
 
     uplink_epoch: float | None = Field(default=None, ge=0)
+    encoding: str = Field(default="fp32", pattern=ENCODING_PATTERN)  # of ``grad`` (its pieces: toolkit.compression)
 
 
 class Stop(Body):
@@ -186,9 +198,11 @@ class ProbeEcho(Body):
 class Smashed(Body):
     """Tensors: ``smashed`` (cut activations of one mini-batch) and ``labels`` (int64).
 
-    ``turn``: the ASSIGN's, echoed (None from agents that predate it)."""
+    ``turn``: the ASSIGN's, echoed (None from agents that predate it). ``encoding``: of
+    ``smashed``, as the ASSIGN's compression asked (its pieces: toolkit.compression)."""
 
     turn: int | None = Field(default=None, ge=0, le=MAX_TURN_TOKEN)
+    encoding: str = Field(default="fp32", pattern=ENCODING_PATTERN)
 
 
 class WeightsUp(Body):
@@ -211,6 +225,8 @@ class IterationTiming(Body):
     slot_wait_s: float = Field(default=0.0, ge=0)  # waited for the slot after the forward pass
     slot_late_s: float = Field(default=0.0, ge=0)  # ready after the slot had started
     gradient_transit_s: float | None = None  # gradient sent (server clock) to received, offset-corrected
+    encode_s: float = Field(default=0.0, ge=0)  # the smashed data, after the forward pass (toolkit.compression)
+    decode_s: float = Field(default=0.0, ge=0)  # the gradient, before the backward pass
 
 
 class Timings(Body):
