@@ -45,6 +45,7 @@ from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
 from edge_server.scheduler import ClusterTiming, RoundPlan
+from toolkit.compression import Encoding
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
 from toolkit.planning.allocation import concurrent_phase, slot_schedule
@@ -133,6 +134,7 @@ class AutoScheduler:
     saa_window: int = 10
     fixed_cut: int | None = None  # pinned by the user: no SAA, clusters and slots still live
     medium: str = "auto"  # "auto" (from probes), "airtime" or "shared"
+    compression: tuple[str, str] = ("fp32", "fp32")  # smashed data, gradients (toolkit.compression)
     estimates: LiveEstimates = field(default_factory=LiveEstimates)
     costs: ModelCosts | None = None
     cut: int | None = None
@@ -151,6 +153,12 @@ class AutoScheduler:
 
     def __post_init__(self) -> None:
         self.reselection = CutReselection(self.reselect_every, self.drift_threshold)
+        smashed, gradient = (Encoding.parse(text) for text in self.compression)
+        if not (smashed.is_identity and gradient.is_identity):
+            # the encodings' nominal sizes until the first turns measure what they do to this model's data
+            self.estimates.compressed = True
+            self.estimates.uplink_ratio = smashed.nominal_ratio
+            self.estimates.downlink_ratio = gradient.nominal_ratio
 
     # the medium ------------------------------------------------------------------------------
     def needs_medium_probe(self, devices: list[str]) -> bool:
@@ -338,7 +346,8 @@ class AutoScheduler:
 
     # per round -----------------------------------------------------------------------------
     def _settings(self) -> TrainingSettings:
-        return TrainingSettings(self.batch_size, self.iterations, self.estimates.server_speed)
+        e = self.estimates
+        return TrainingSettings(self.batch_size, self.iterations, e.server_speed, e.uplink_ratio, e.downlink_ratio)
 
     def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
         view = self.view(devices)
@@ -351,6 +360,14 @@ class AutoScheduler:
             "server_speed": self.estimates.server_speed,
             "medium": {"uplink": uplink_medium.kind, "downlink": downlink_medium.kind},
         }
+        if self.estimates.compressed:
+            e = self.estimates
+            decision["compression"] = {
+                "encodings": list(self.compression),
+                "uplink_ratio": e.uplink_ratio,
+                "downlink_ratio": e.downlink_ratio,
+                "codec_s_per_mb": {d: 1e6 * e.devices[d].codec_s_per_byte for d in ids},
+            }
         if not self.advised:
             decision["advice"] = self._advice(view)
         if not self.medium_logged:  # the evidence, in the round it was decided

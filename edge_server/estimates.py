@@ -57,6 +57,7 @@ class DeviceEstimate:
     observed_rounds: int = 0
     speed_measured: bool = False  # False while ``speed`` is the profile's prior
     clock_step_s: float | None = None  # set when a turn showed the device's clock jumped: probe it again
+    codec_s_per_byte: float = 0.0  # encoding smashed data + decoding gradients, per fp32 byte (compression on)
 
     def link(self) -> LinkMeasurement:
         return LinkMeasurement(self.rtt_s, self.clock_offset_s, self.up_bps, self.down_bps)
@@ -83,6 +84,11 @@ class LiveEstimates:
     devices: dict[str, DeviceEstimate] = field(default_factory=dict)
     server_speed: float = 1.0
     server_measured: bool = False  # False while ``server_speed`` is the profile's prior
+    # with compression (toolkit.compression): wire bytes per fp32 byte of what crosses the cut,
+    # each direction; the encoding's nominal ratio until turns measure it (compressed=False: 1.0, unmeasured)
+    compressed: bool = False
+    uplink_ratio: float = 1.0
+    downlink_ratio: float = 1.0
 
     def add(self, device: str, speed: float, link: LinkMeasurement) -> None:
         self.devices[device] = DeviceEstimate(
@@ -123,7 +129,24 @@ class LiveEstimates:
         if uploads and sent_alone:
             estimate.up_bps = _blend(estimate.up_bps, statistics.median(uploads), self.smoothing)
         self._observe_latency(estimate, rows, arrivals or {})
+        if self.compressed:
+            self._observe_codec(estimate, cut, batch_size, rows)
         estimate.observed_rounds += 1
+
+    def _observe_codec(self, estimate: DeviceEstimate, cut: CutCost, batch_size: int, rows: list) -> None:
+        """What the encoding did this turn: wire bytes per fp32 byte each way (frames included,
+        as the links are measured through the broker), and the device's codec time per byte."""
+        fp32_up, fp32_down = cut.uplink_bytes(batch_size), cut.downlink_bytes(batch_size)
+        if fp32_up <= 0 or fp32_down <= 0:
+            return
+        up = statistics.median(r.up_bytes for r in rows) / fp32_up
+        down = max(statistics.median(r.down_bytes for r in rows), 1) / fp32_down
+        self.uplink_ratio = _blend(self.uplink_ratio, up, self.smoothing)
+        self.downlink_ratio = _blend(self.downlink_ratio, down, self.smoothing)
+        codec = statistics.median(r.encode_s + r.decode_s for r in rows) / fp32_down
+        estimate.codec_s_per_byte = (
+            codec if estimate.observed_rounds == 0 else 0.5 * (estimate.codec_s_per_byte + codec)
+        )
 
     def _observe_latency(self, estimate: DeviceEstimate, rows: list, arrivals: dict[int, float]) -> None:
         """Round trip and clock offset from both directions of every iteration, offset-free.
@@ -173,4 +196,5 @@ class LiveEstimates:
             speed=np.array([r.speed for r in rows]),
             uplink=rate_model(uplink, np.array([r.up_bps for r in rows])),
             downlink=rate_model(downlink, np.array([r.down_bps for r in rows])),
+            codec_s_per_byte=np.array([r.codec_s_per_byte for r in rows]) if self.compressed else None,
         )

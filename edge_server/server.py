@@ -141,6 +141,7 @@ class EdgeServer:
                 c.drift_threshold,
                 fixed_cut=c.cut,
                 medium=c.medium,
+                compression=(c.compress_smashed, c.compress_gradient),
             )
         return FixedScheduler(c.scheme, c.cut, c.clusters, c.random_clusters, c.data_seed)
 

@@ -527,3 +527,57 @@ def test_states_planned_on_profile_figures_leave_the_saa_window_once_speeds_are_
     assert "cut_selection" not in third.decision  # and not again: nothing drifted since
     auto.observe(second.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
     assert auto.fixed_costs.observed_rounds == 1  # a round planned on measurements calibrates
+
+
+def test_the_planner_counts_compressed_bytes_and_codec_time_as_measured():
+    """Issue #14 item 2: with compression on, the uplink and downlink are planned at the wire
+    bytes the turns measured (not fp32's), and the device's encode/decode time is added to its
+    compute, at a per-byte rate that carries to the other cuts."""
+    from toolkit.planning.latency import SplitProblem, TrainingSettings
+
+    costs = model_costs(load_profile(PROFILE))
+    cut = costs.resolve("pool1")
+    estimates = LiveEstimates(smoothing=0.5, compressed=True, uplink_ratio=0.25, downlink_ratio=0.25)
+    estimates.add("d", 1.0, link(10))
+    fp32_up, fp32_down = cut.uplink_bytes(32), cut.downlink_bytes(32)
+    predicted = cut.device_forward(32) + cut.device_backward(32)
+    row = m.IterationTiming(
+        iteration=0,
+        forward_s=predicted / 2,
+        backward_s=predicted / 2,
+        upload_s=0.01,
+        wait_gradient_s=0.0,
+        up_bytes=int(0.15 * fp32_up),  # int8 + zstd on this data: 15% of fp32 up
+        down_bytes=int(0.5 * fp32_down),  # fp16 gradients
+        encode_s=0.003,
+        decode_s=0.001,
+    )
+    report = m.Timings(iterations=[row] * 5, weights_down_bytes=0, weights_up_bytes=0, turn_s=1.0)
+    for _ in range(8):
+        estimates.observe_turn("d", cut, 32, report)
+    assert estimates.uplink_ratio == pytest.approx(0.15, rel=0.02)
+    assert estimates.downlink_ratio == pytest.approx(0.5, rel=0.02)
+    assert estimates.devices["d"].codec_s_per_byte == pytest.approx(0.004 / fp32_down, rel=0.01)
+    state = estimates.fleet_state(["d"])
+    settings = TrainingSettings(32, 5, 1.0, estimates.uplink_ratio, estimates.downlink_ratio)
+    plain = SplitProblem.build(cut, state, TrainingSettings(32, 5))
+    packed = SplitProblem.build(cut, state, settings)
+    assert packed.uplink_bits == pytest.approx(0.15 * plain.uplink_bits, rel=0.02)
+    assert packed.downlink_bits == pytest.approx(0.5 * plain.downlink_bits, rel=0.02)
+    assert packed.forward_s[0] == pytest.approx(state.speed[0] ** -1 * cut.device_forward(32) + 0.004, rel=0.01)
+    later = costs.resolve("pool2")  # a cut with a quarter of the data: a quarter of the codec time
+    codec_later = SplitProblem.build(later, state, settings).forward_s[0] - later.device_forward(32) / state.speed[0]
+    assert codec_later == pytest.approx(0.004 * later.downlink_bytes(32) / fp32_down, rel=0.01)
+
+
+def test_compression_shortens_the_plan_on_a_slow_link():
+    devices = [record(f"dev{i}") for i in range(4)]
+    predicted = {}
+    for encodings in (("fp32", "fp32"), ("int8", "fp16")):
+        auto = scheduler(fixed_cut=2, compression=encodings)
+        for device in devices:
+            auto.add_device(device, link(0.5), devices)
+        predicted[encodings[0]] = auto.plan(0, devices)
+    assert predicted["int8"].decision["compression"]["uplink_ratio"] == 0.25  # nominal until measured
+    assert "compression" not in predicted["fp32"].decision
+    assert predicted["int8"].predicted_latency_s < 0.5 * predicted["fp32"].predicted_latency_s

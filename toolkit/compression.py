@@ -65,6 +65,12 @@ class Encoding:
         return self.quantiser + (f"+{self.packer}" if self.packer else "")
 
     @property
+    def nominal_ratio(self) -> float:
+        """Wire bytes per fp32 byte before anything is measured: the quantiser's width (what zstd
+        adds depends on the data, so it is not guessed)."""
+        return {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}[self.quantiser]
+
+    @property
     def is_identity(self) -> bool:
         return self.quantiser == "fp32" and self.packer is None
 

@@ -34,10 +34,16 @@ class TrainingSettings:
     batch_size: int = 32
     local_iterations: int = 20  # I: iterations per cluster turn (and per FL round)
     server_speed: float = 1.0  # server compute speed relative to the server profile
+    # what crosses the cut, encoded (toolkit.compression): bytes on the wire per fp32 byte,
+    # smashed data with labels up, gradients down; 1.0 without compression
+    uplink_ratio: float = 1.0
+    downlink_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.local_iterations < 1 or self.server_speed <= 0:
             raise ValueError("batch_size and local_iterations must be >= 1 and server_speed > 0")
+        if not (self.uplink_ratio > 0 and self.downlink_ratio > 0):
+            raise ValueError("the wire ratios of the cut's data must be positive")
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class FleetState:
     speed: np.ndarray
     uplink: RateModel
     downlink: RateModel
+    # per device, seconds to encode its smashed data and decode its gradient, per fp32 byte of
+    # smashed data (toolkit.compression's work is linear in the tensor); None: no compression
+    codec_s_per_byte: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -75,11 +84,12 @@ class SplitProblem:
     @classmethod
     def build(cls, cut: CutCost, state: FleetState, settings: TrainingSettings) -> SplitProblem:
         batch = settings.batch_size
+        codec_s = 0.0 if state.codec_s_per_byte is None else state.codec_s_per_byte * cut.downlink_bytes(batch)
         return cls(
-            forward_s=cut.device_forward(batch) / state.speed,
+            forward_s=cut.device_forward(batch) / state.speed + codec_s,
             backward_s=cut.device_backward(batch) / state.speed,
-            uplink_bits=8.0 * cut.uplink_bytes(batch),
-            downlink_bits=8.0 * cut.downlink_bytes(batch),
+            uplink_bits=8.0 * settings.uplink_ratio * cut.uplink_bytes(batch),
+            downlink_bits=8.0 * settings.downlink_ratio * cut.downlink_bytes(batch),
             model_bits=8.0 * cut.device_model_bytes,
             server=cut.server_step.scaled(1.0 / settings.server_speed),
             batch_size=batch,
