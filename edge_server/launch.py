@@ -16,7 +16,7 @@ from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
 from toolkit.allocator import pin_malloc_thresholds
-from toolkit.cli.common import listen_address, positive_float, positive_int
+from toolkit.cli.common import encoding_name, listen_address, positive_float, positive_int
 from toolkit.errors import UserError
 from toolkit.planning.medium import MEDIUM_CHOICES
 
@@ -101,16 +101,6 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")
-
-
-def encoding_name(text: str) -> str:
-    """An encoding of what crosses the cut (toolkit.compression), by its canonical name."""
-    from toolkit.compression import Encoding
-
-    try:
-        return Encoding.parse(text).name
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_id: str) -> ServerConfig:

@@ -64,6 +64,16 @@ def listen_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     return host, int(port)
 
 
+def encoding_name(text: str) -> str:
+    """An encoding of what crosses the cut (toolkit.compression), by its canonical name."""
+    from toolkit.compression import Encoding
+
+    try:
+        return Encoding.parse(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

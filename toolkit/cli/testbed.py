@@ -16,7 +16,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from toolkit.cli.common import OneLineArgumentParser, positive_int, run_cli
+from toolkit.cli.common import OneLineArgumentParser, encoding_name, positive_int, run_cli
 from toolkit.errors import UserError
 from toolkit.models.registry import BUILTIN_MODELS
 from toolkit.planning.medium import MEDIUM_CHOICES
@@ -123,6 +123,8 @@ def build_parser() -> OneLineArgumentParser:
         metavar="devI:ROUND:SECONDS",
         help="after ROUND, take device I's link down for SECONDS, then back up",
     )
+    run_parser.add_argument("--compress", type=encoding_name, default="fp32", help="the server's --compress")
+    run_parser.add_argument("--compress-gradients", type=encoding_name, help="the server's --compress-gradients")
     run_parser.add_argument("--debug", action="store_true")
     cleanup = sub.add_parser("cleanup", help="remove cpsl-* namespaces and cgroups left by a killed run")
     cleanup.add_argument("--debug", action="store_true")
@@ -170,6 +172,8 @@ def _main(argv: Sequence[str] | None) -> int:
         events=events,
         planner_medium=args.planner_medium,
         model=args.model or FLEETS[args.fleet][1],
+        compress=args.compress,
+        compress_gradients=args.compress_gradients,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
     testbed = Testbed(spec)

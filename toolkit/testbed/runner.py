@@ -85,6 +85,8 @@ class RunSpec:
     timeout_s: float = 60.0
     planner_medium: str = "auto"  # the server's --medium: how cpsl --auto models the medium
     model: str = MODEL  # a built-in model; every agent is configured to train it and only it
+    compress: str = "fp32"  # the server's --compress (toolkit.compression)
+    compress_gradients: str | None = None  # its --compress-gradients (None: as --compress)
     events: list[Event] = field(default_factory=list)
 
     def server_flags(self) -> list[str]:
@@ -116,6 +118,10 @@ class RunSpec:
             flags += ["--cut", self.cut]
         if self.target_accuracy is not None:
             flags += ["--target-accuracy", str(self.target_accuracy)]
+        if self.compress != "fp32":
+            flags += ["--compress", self.compress]
+        if self.compress_gradients is not None:
+            flags += ["--compress-gradients", self.compress_gradients]
         return ["--model", self.model, "--data", DATA, *flags]
 
     def agent_flags(self, index: int, devices: int, profile: Path) -> list[str]:
