@@ -247,6 +247,10 @@ def test_the_heavy_fleet_is_widenet_on_weak_devices_and_every_process_is_told_th
     agent = run.agent_flags(3, 8, tmp_path / "p.json")
     assert agent[agent.index("--model") + 1] == "widenet" and agent[agent.index("--partition") + 1] == "3/8"
     assert agent[agent.index("--device-id") + 1] == "dev3"
+    assert "--compress" not in server  # fp32 unless asked
+    packed = RunSpec(compress="int8+zstd", compress_gradients="fp16").server_flags()
+    assert packed[packed.index("--compress") + 1] == "int8+zstd"
+    assert packed[packed.index("--compress-gradients") + 1] == "fp16"
 
 
 @ROOT_ONLY
