@@ -11,14 +11,17 @@ The browser runs on the same machine as the demo here (2 vCPU): the worst case, 
 drawing competes with training for the cores; with the page on another machine only the
 server's side remains.
 
-    python bench/dashboard_cost.py [--pairs 5] [--rounds 15] [--out bench/results/dashboard]
+    python bench/dashboard_cost.py [--pairs 5] [--rounds 15] [--viewer chromium|client] [--out DIR]
 
-Writes OUT/dashboard_cost.json.
+Writes OUT/dashboard_cost_VIEWER.json. ``--viewer client`` makes the page's requests and reads its
+event stream without a browser: the server's side of the cost alone, as when the page is
+open on another machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -43,6 +46,7 @@ def mean_round_latency(run_dir: Path) -> float:
 
 def watch(url: str, stop: threading.Event, reload_s: float, stats: dict) -> None:
     """A chromium page on the dashboard until ``stop``: live updates, a full reload every ``reload_s``."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     deadline = time.monotonic() + 120
@@ -60,14 +64,51 @@ def watch(url: str, stop: threading.Event, reload_s: float, stats: dict) -> None
         while not stop.wait(0.5):
             if time.monotonic() - last >= reload_s:
                 stats["events"] += page.evaluate("() => window.cpslDashboard.events")
-                page.reload()
+                try:
+                    page.reload()
+                except PlaywrightError:  # the demo ended between two looks
+                    break
                 stats["reloads"] += 1
                 last = time.monotonic()
-        stats["events"] += page.evaluate("() => window.cpslDashboard.events")
+        with contextlib.suppress(PlaywrightError):
+            stats["events"] += page.evaluate("() => window.cpslDashboard.events")
         browser.close()
 
 
-def one_run(folder: Path, rounds: int, dashboard: bool, reload_s: float) -> dict:
+def watch_as_client(url: str, stop: threading.Event, reload_s: float, stats: dict) -> None:
+    """What a page asks of the server, without a browser's drawing on this machine: the page, its
+    files and the view on every refresh, and the event stream read as it comes in between."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    while not stop.is_set():
+        try:
+            for path in ("", "static/chart.umd.min.js", "static/dashboard.js", "static/dashboard.css", "api/view"):
+                urllib.request.urlopen(url + path, timeout=10).read()
+            stream = urllib.request.urlopen(url + "events", timeout=10)
+        except OSError:
+            return  # the demo ended
+        stats["reloads"] += 1
+        until = time.monotonic() + reload_s
+
+        def read(stream=stream) -> None:
+            with contextlib.suppress(OSError, ValueError):
+                for line in stream:
+                    if line.startswith(b"event: "):
+                        stats["events"] += 1
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        stop.wait(max(0.0, until - time.monotonic()))
+        stream.close()
+        reader.join(timeout=5)
+
+
+def one_run(folder: Path, rounds: int, dashboard: bool, reload_s: float, viewer: str = "chromium") -> dict:
     run_dir = folder / ("with" if dashboard else "without")
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, "-m", "edge_server", "demo", "--rounds", str(rounds), "--run-dir", str(run_dir)]
@@ -77,7 +118,8 @@ def one_run(folder: Path, rounds: int, dashboard: bool, reload_s: float) -> dict
     if dashboard:
         port = free_port()
         command += ["--dashboard", f"127.0.0.1:{port}"]
-        watcher = threading.Thread(target=watch, args=(f"http://127.0.0.1:{port}/", stop, reload_s, stats))
+        target = watch if viewer == "chromium" else watch_as_client
+        watcher = threading.Thread(target=target, args=(f"http://127.0.0.1:{port}/", stop, reload_s, stats))
     else:
         command += ["--no-dashboard"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -97,15 +139,22 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--reload-s", type=float, default=5.0, help="seconds between full page reloads")
+    parser.add_argument(
+        "--viewer",
+        choices=("chromium", "client"),
+        default="chromium",
+        help="chromium: a real page on this machine (its drawing competes for the cores); client: the same "
+        "requests and event stream without a browser, as when the page is on another machine",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dashboard")
     args = parser.parse_args()
-    if shutil.which("chromium") is None:
+    if args.viewer == "chromium" and shutil.which("chromium") is None:
         raise SystemExit("needs Debian's chromium (apt-get install chromium)")
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.pairs):
             order = (False, True) if index % 2 == 0 else (True, False)
-            runs = {on: one_run(Path(tmp), args.rounds, on, args.reload_s) for on in order}
+            runs = {on: one_run(Path(tmp), args.rounds, on, args.reload_s, args.viewer) for on in order}
             change = runs[True]["mean_round_s"] / runs[False]["mean_round_s"] - 1
             pairs.append({"without": runs[False], "with": runs[True], "change": change})
             print(
@@ -126,7 +175,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/dashboard_cost.py " + " ".join(sys.argv[1:])
     document = {"command": command.strip(), "pairs": pairs, "summary": summary}
-    (args.out / "dashboard_cost.json").write_text(json.dumps(document, indent=1) + "\n")
+    (args.out / f"dashboard_cost_{args.viewer}.json").write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":
