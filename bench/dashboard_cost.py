@@ -96,7 +96,7 @@ def watch_as_client(url: str, stop: threading.Event, reload_s: float, stats: dic
         until = time.monotonic() + reload_s
 
         def read(stream=stream) -> None:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # closed under it by the refresh
                 for line in stream:
                     if line.startswith(b"event: "):
                         stats["events"] += 1

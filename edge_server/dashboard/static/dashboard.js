@@ -350,6 +350,24 @@
     renderAll();
   }
 
+  // Live updates are drawn at most once a second: a fast run (the demo finishes a round
+  // every half second) would otherwise redraw every chart twice a second on the viewer's CPU.
+  const RENDERERS = { run: renderRun, fleet: renderFleet, curves: renderCurves, timeline: renderTimeline,
+    decisions: renderDecisions };
+  const dirty = new Set();
+  let timer = null;
+  let drawnAt = 0;
+  function later(...parts) {
+    for (const part of parts) dirty.add(part);
+    if (timer !== null) return;
+    timer = setTimeout(() => {
+      timer = null;
+      drawnAt = performance.now();
+      for (const part of Object.keys(RENDERERS)) if (dirty.has(part)) RENDERERS[part]();
+      dirty.clear();
+    }, Math.max(0, 1000 - (performance.now() - drawnAt)));
+  }
+
   function listen() {
     const source = new EventSource(withToken("events"));
     const on = (name, handler) =>
@@ -361,18 +379,15 @@
     on("rounds", (data) => {
       state.view.rounds.push(...data.rows);
       if (data.timeline) state.view.timeline = data.timeline;
-      renderRun();
-      renderCurves();
-      renderTimeline();
-      renderDecisions();
+      later("run", "curves", "timeline", "decisions");
     });
     on("fleet", (fleet) => {
       state.view.fleet = fleet;
-      renderFleet();
+      later("fleet");
     });
     on("run", (run) => {
       state.view.run = run;
-      renderRun();
+      later("run");
       if (run.state === "finished" || run.state === "failed") {
         source.close(); // the server is going away: nothing more will come
         setConnection("run " + run.state, run.state === "failed" ? "lost" : "report");

@@ -1,0 +1,303 @@
+"""The rounds role of the edge server: a round's turns, in order (the design notes' rounds role).
+
+What a split turn does -- hand out the device-side weights with the ASSIGN, run I iterations
+against the server-side model (collect the cluster's smashed data, one server step, gradients
+back in their slots), collect and average the trained weights -- and an FL round, with the
+pacing of bulk transfers in the plan's slots and the accounting of where the time went.
+A turn a restarted device was in starts again from a snapshot (edge_server.records.TurnSnapshot).
+
+:class:`RoundSteps` is mixed into :class:`edge_server.server.EdgeServer`, which owns the
+connection, the intake (``_collect``, ``_poll``, ``_send``), the model, the strategy and the
+run; this file holds only the order of a round's steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_server.intake import check_smashed, check_weights, decode_smashed
+from edge_server.records import DeviceRestartedError, TurnSnapshot, TurnStats, turn_record
+from edge_server.scheduler import RoundPlan
+from edge_server.strategy import Upload
+from edge_server.timeline import TurnStamps
+from toolkit import compression
+from toolkit.compression import Encoding
+from toolkit.protocol import Kind, topics
+from toolkit.protocol import messages as m
+from toolkit.protocol.endpoint import Received
+from toolkit.training import make_optimizer, server_step
+
+log = logging.getLogger("cpsl.server")
+
+
+class RoundSteps:
+    """The steps of a round; see the module's docstring for what the host class provides."""
+
+    def _assign(
+        self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan, turn: int | None = None
+    ) -> m.Assign:
+        c = self.config
+        return m.Assign(
+            scheme=c.scheme,
+            model=self.model.name,
+            model_fingerprint=self.model.fingerprint(),
+            input_shape=list(self.model.input_shape),
+            num_classes=self.data.num_classes,
+            cut=plan.cut,
+            cluster=cluster,
+            cluster_devices=devices,
+            hyper=m.Hyperparameters(
+                batch_size=c.batch_size,
+                iterations=c.iterations,
+                lr=c.lr,
+                momentum=c.momentum,
+                weight_decay=c.weight_decay,
+            ),
+            grant=plan.grants.get(device, m.Grant()),
+            gradient_timeout_s=c.iteration_timeout_s * 2,
+            data_seed=c.data_seed,
+            stream_position=self.stream_positions.get(device, 0),
+            turn=turn,
+            compression=m.Compression(smashed=c.compress_smashed, gradient=c.compress_gradient),
+        )
+
+    def _ensure_server_optimizer(self, cut: int) -> None:
+        if self.server_cut != cut:
+            self.server_cut = cut
+            server_part = self.model.net[cut:]
+            self.server_optimizer = make_optimizer(
+                list(server_part.parameters()), self.config.lr, self.config.momentum, self.config.weight_decay
+            )
+
+    def _check_smashed(self, item: Received, cut: int) -> str | None:
+        problem = decode_smashed(item, self.config.compress_smashed)
+        if problem:
+            return problem
+        return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
+
+    def _smashed_shape(self, cut: int) -> tuple[int, ...]:
+        """Per-sample shape of the cut's activations; one probe forward per cut, not per message."""
+        if cut not in self._smashed_shapes:
+            part = self.model.net[:cut]
+            was_training = part.training
+            with torch.no_grad():
+                shape = tuple(part.eval()(torch.zeros(1, *self.model.input_shape)).shape[1:])
+            part.train(was_training)
+            self._smashed_shapes[cut] = shape
+        return self._smashed_shapes[cut]
+
+    def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+        """One cluster's turn, started again if a device of it comes back mid-turn as a new agent
+        life (killed and restarted: what it had trained died with it). The server side is put
+        back as it was when the turn began and every device draws the same batches again, so
+        the turn trains what it would have trained without the fault; the time lost stays in
+        the round's latency and the record lists the restart. Past ``turn_replays`` restarts
+        of one turn, a restarted device is dropped from the round instead."""
+        self._ensure_server_optimizer(plan.cut)
+        before = TurnSnapshot.take(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions, devices)
+        for replays_left in range(self.config.turn_replays, -1, -1):
+            attempt = TurnStats(sessions=stats.sessions, replays_left=replays_left)
+            try:
+                self._split_turn_once(round_, cluster, devices, plan, attempt)
+            except DeviceRestartedError as restart:
+                log.warning(
+                    "round %d cluster %d: %s is back as a new agent life mid-turn; the turn starts again",
+                    round_,
+                    cluster,
+                    restart.device,
+                )
+                before.restore(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions)
+                stats.sessions[restart.device] = self.registry.devices[restart.device].session
+                stats.restarts.append({"cluster": cluster, "device": restart.device})
+                stats.absorb_time(attempt)
+                continue
+            stats.absorb(attempt)
+            return
+
+    def _split_turn_once(
+        self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+    ) -> None:
+        """One cluster's turn: weights down, I parallel iterations against the server model, average."""
+        cut = plan.cut
+        device_part, server_part = self.model.net[:cut], self.model.net[cut:]
+        self._ensure_server_optimizer(cut)
+        server_part.train()
+        timing = plan.timing.get(cluster)  # with slots: the downlink slots, and the next uplink slots' epoch
+        gradient_offsets = timing.gradient_offsets if timing is not None else {}
+        turn_started = time.monotonic()
+        state = self._hand_out(device_part, round_, cluster, devices, plan, stats)
+        stamps = TurnStamps(cluster, list(devices))
+        if stats.handout_epoch is not None:
+            stamps.epochs[0] = stats.handout_epoch
+        stamps.weights_sent = {d: stats.weights_sent[d] for d in devices if d in stats.weights_sent}
+        stats.stamps.append(stamps)
+        active = set(devices)
+        smashed_in: list[float] = []  # when each iteration's last smashed data arrived
+        for iteration in range(self.config.iterations):
+            deadline = time.monotonic() + self.config.iteration_timeout_s
+            got = self._collect(
+                Kind.SMASHED,
+                round_,
+                iteration,
+                active,
+                stats,
+                deadline,
+                check=lambda item: self._check_smashed(item, cut),
+            )
+            active = set(got)
+            smashed_in.append(time.monotonic())
+            for device, item in got.items():
+                stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
+                counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.data.num_classes)
+                stats.label_counts[device] = stats.label_counts.get(device, 0) + counts
+            if not active:
+                log.warning("cluster %d of round %d has no device left", cluster, round_)
+                return
+            order = sorted(got)
+            t0, wall0 = time.monotonic(), time.time()
+            grads, loss = server_step(
+                server_part,
+                self.server_optimizer,
+                [got[d].message.tensors["smashed"] for d in order],
+                [got[d].message.tensors["labels"] for d in order],
+                self.loss_fn,
+            )
+            t1 = time.monotonic()
+            stamps.server_steps[iteration] = (wall0, wall0 + (t1 - t0))
+            if not math.isfinite(loss):
+                # the server part was not stepped; the devices get zero gradients and go on
+                self.endpoint.count("non-finite server loss")
+                log.warning("round %d iteration %d: the server loss is %s; step skipped", round_, iteration, loss)
+            else:
+                stats.train_losses.append(loss)
+            stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
+            gradient_of = dict(zip(order, grads, strict=True))
+            epoch = time.time() + timing.downlink_s if timing is not None else None
+            if epoch is not None:
+                stamps.epochs[iteration + 1] = epoch
+            encoding = Encoding.parse(self.config.compress_gradient)
+            wire = {d: compression.encode("grad", gradient_of[d], encoding, per="sample") for d in order}
+            for device in self._in_slots(order, gradient_offsets, time.monotonic()):
+                body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
+                self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
+                stamps.gradients_sent[(device, iteration)] = time.time()
+            self.endpoint.transport.flush(self.config.iteration_timeout_s)
+            stats.server_compute_s += t1 - t0
+            stats.downlink_s += time.monotonic() - t1
+        t_weights = time.monotonic()
+        good = self._collect(
+            Kind.WEIGHTS_UP,
+            round_,
+            0,
+            active,
+            stats,
+            t_weights + self.config.iteration_timeout_s + self._transfer_allowance_s(state, len(active), 1),
+            check=lambda item: check_weights(item.message.tensors, state),
+        )
+        stamps.weights_arrived = {device: item.arrived_wall for device, item in good.items()}
+        self._average_into(device_part, state, good)
+        turn_ended = time.monotonic()
+        stats.model_transfer_s += turn_ended - t_weights
+        stats.turns.append(turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
+        self._account_device_timings(round_, sorted(good), stats)
+
+    def _transfer_allowance_s(self, state: dict[str, torch.Tensor], devices: int, directions: int) -> float:
+        """Seconds to allow for ``devices`` copies of ``state`` crossing the medium ``directions`` times
+        at the slowest rate the deployment allows: a fixed timeout alone cut off FL on a slow
+        fleet whose whole-model transfers took longer than it (issue #10)."""
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        return 8 * nbytes * devices * directions / self.config.min_link_bps
+
+    def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+        started = time.monotonic()
+        state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
+        compute_s = self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
+        deadline = started + compute_s + self._transfer_allowance_s(state, len(devices), 2)
+        good = self._collect(
+            Kind.WEIGHTS_UP,
+            round_,
+            0,
+            set(devices),
+            stats,
+            deadline,
+            check=lambda item: check_weights(item.message.tensors, state),
+        )
+        self._average_into(self.model.net, state, good)
+        self._account_device_timings(round_, sorted(good), stats)
+
+    def _hand_out(
+        self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+    ) -> dict[str, torch.Tensor]:
+        """ASSIGN and the current weights of ``part`` to each device; returns the weights sent."""
+        state = {k: v.detach().clone() for k, v in part.state_dict().items()}
+        started = time.monotonic()
+        timing = plan.timing.get(cluster)
+        epoch = time.time() + timing.model_down_s if timing is not None else None
+        stats.handout_epoch = epoch
+        stats.turn_token = secrets.randbelow(m.MAX_TURN_TOKEN)
+        for device in devices:
+            assign = self._assign(device, round_, cluster, devices, plan, stats.turn_token)
+            self._send(device, Kind.ASSIGN, assign, round_)
+            stats.handout_positions[device] = self.stream_positions.get(device, 0)
+            # the turn draws this many batches from the device's stream (its next ASSIGN says so)
+            self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
+        offsets = timing.weights_down_offsets if timing is not None else {}
+        for device in self._in_slots(devices, offsets, started):
+            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
+            stats.weights_sent[device] = time.time()
+        self.endpoint.transport.flush(self.config.iteration_timeout_s)
+        stats.model_transfer_s += time.monotonic() - started
+        return state
+
+    def _in_slots(self, devices: list[str], offsets: dict[str, float], start: float) -> Iterator[str]:
+        """``devices`` in slot order, each when its slot opens (``start`` + offset, monotonic).
+
+        The plan shares the medium one transfer at a time (TDMA, as Wi-Fi airtime is shared);
+        sending everything at once would let the access point interleave the transfers and
+        the plan's finish times would be fiction. Devices without a slot go first, at once.
+        """
+        for device in sorted(devices, key=lambda d: (offsets.get(d, -1.0), d)):
+            delay = start + offsets.get(device, 0.0) - time.monotonic()
+            if delay > 0:
+                time.sleep(min(delay, self.config.iteration_timeout_s))
+            yield device
+
+    def _average_into(self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received]) -> None:
+        """The strategy's average of the uploads (bounded weights, outliers rejected), loaded into ``part``."""
+        result = self.strategy.aggregate(
+            handed_out,
+            {
+                device: Upload(
+                    item.message.tensors, item.message.body.num_samples, self.registry.registered_samples(device)
+                )
+                for device, item in uploads.items()
+            },
+        )
+        for device, reason in sorted(result.rejected.items()):
+            self.endpoint.reject(topics.up(self.run_id, device), f"update norm outlier: weights of {device}: {reason}")
+        if result.state is None:
+            if uploads:
+                log.warning("no upload carried weight (%s): the weights stay as they were", sorted(uploads))
+            return
+        part.load_state_dict(result.state)
+
+    def _account_device_timings(self, round_: int, devices: list[str], stats: TurnStats) -> None:
+        """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
+        deadline = time.monotonic() + 2.0
+        while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:
+            self._poll(0.1)
+        reports = [self.timings[(round_, d)] for d in devices if (round_, d) in self.timings]
+        if not reports:
+            return
+        for iteration in range(max(len(r.iterations) for r in reports)):
+            rows = [r.iterations[iteration] for r in reports if iteration < len(r.iterations)]
+            stats.device_compute_s += max(row.forward_s for row in rows) + max(row.backward_s for row in rows)
+            stats.uplink_s += max(row.upload_s for row in rows)
