@@ -34,6 +34,7 @@ with whom.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -45,14 +46,14 @@ from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
 from edge_server.scheduler import ClusterTiming, RoundPlan
-from toolkit.compression import Encoding
+from toolkit.compression import Encoding, Trial
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
 from toolkit.planning.allocation import concurrent_phase, slot_schedule
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
 from toolkit.planning.costs import ModelCosts, full_step, model_costs
 from toolkit.planning.cut_selection import CutReselection, select_cut
-from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
+from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings, plan_split_round
 from toolkit.planning.medium import MediumEvidence, decide_medium
 from toolkit.planning.rates import RateModel
 from toolkit.planning.rounds import label_skew
@@ -135,6 +136,11 @@ class AutoScheduler:
     fixed_cut: int | None = None  # pinned by the user: no SAA, clusters and slots still live
     medium: str = "auto"  # "auto" (from probes), "airtime" or "shared"
     compression: tuple[str, str] = ("fp32", "fp32")  # smashed data, gradients (toolkit.compression)
+    # --compress auto: fp32 until the first split round's batches have been tried with every
+    # candidate, then the encodings with the least predicted round within the error budget
+    compression_auto: bool = False
+    compression_budget: float = 0.01  # the largest relative RMS error an encoding may add
+    compression_chosen: bool = False
     estimates: LiveEstimates = field(default_factory=LiveEstimates)
     costs: ModelCosts | None = None
     cut: int | None = None
@@ -153,6 +159,7 @@ class AutoScheduler:
 
     def __post_init__(self) -> None:
         self.reselection = CutReselection(self.reselect_every, self.drift_threshold)
+        self._last_round: tuple[list[str], list[list[int]], FleetState] | None = None
         smashed, gradient = (Encoding.parse(text) for text in self.compression)
         if not (smashed.is_identity and gradient.is_identity):
             # the encodings' nominal sizes until the first turns measure what they do to this model's data
@@ -259,6 +266,7 @@ class AutoScheduler:
             "device_speeds": {**self._restored_speeds, **measured},
             "server_speed": self.estimates.server_speed if self.estimates.server_measured else None,
             "fixed_costs": self.fixed_costs.to_dict(),
+            "compression": list(self.compression) if self.compression_chosen else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -291,6 +299,17 @@ class AutoScheduler:
         self.selected_skew, self.label_counts = skew, counts
         self.reselection.last_round = None if last is None else int(last)
         self.reselection.reference = reference
+        chosen = state.get("compression")
+        if self.compression_auto and chosen is not None:
+            try:
+                smashed, gradient = (Encoding.parse(str(text)).name for text in chosen)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"the saved scheduler state is not --auto's: compression {exc}") from None
+            self.compression, self.compression_chosen = (smashed, gradient), True
+            if (smashed, gradient) != ("fp32", "fp32"):
+                self.estimates.compressed = True
+                self.estimates.uplink_ratio = Encoding.parse(smashed).nominal_ratio
+                self.estimates.downlink_ratio = Encoding.parse(gradient).nominal_ratio
 
     def forget(self, device: str) -> None:
         """A device came back (after going offline, or restarted): what was measured of it --
@@ -392,6 +411,7 @@ class AutoScheduler:
         cut = self.costs.cut(self.cut)
         problem = SplitProblem.build(cut, state, self._settings())
         groups = cluster_devices(problem, bounds, seed=round_)
+        self._last_round = (ids, [list(group) for group in groups], state)
         latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
         clusters, grants, timing = [], {}, {}
         turns: list[float] = []
@@ -447,6 +467,62 @@ class AutoScheduler:
             predicted_latency_s=self.fixed_costs.round(turns),
             decision=decision,
         )
+
+    @property
+    def wants_encoding_trials(self) -> bool:
+        return self.compression_auto and not self.compression_chosen
+
+    def choose_encodings(self, trials: list[Trial]) -> dict:
+        """``--compress auto``: predict the last round's plan under each trial's sizes and codec
+        time, keep the trials within the error budget, take the fastest; the table for the record.
+
+        The trials ran on the edge server; a device's codec time is taken as the server's
+        scaled by their compute speeds (``server_speed / device speed``) until its own turns
+        report it."""
+        if self._last_round is None or self.costs is None or self.cut is None:
+            raise ValueError("no split round has been planned yet")
+        ids, groups, state = self._last_round
+        cut = self.costs.cut(self.cut)
+        rows = []
+        for candidate in trials:
+            codec = candidate.codec_s_per_byte * self.estimates.server_speed / state.speed
+            trial_state = dataclasses.replace(state, codec_s_per_byte=codec)
+            settings = TrainingSettings(
+                self.batch_size,
+                self.iterations,
+                self.estimates.server_speed,
+                candidate.uplink_ratio,
+                candidate.downlink_ratio,
+            )
+            predicted = plan_split_round(SplitProblem.build(cut, trial_state, settings), groups).latency_s
+            rows.append(
+                {
+                    **candidate.to_dict(),
+                    "predicted_round_s": predicted,
+                    "within_budget": candidate.error <= self.compression_budget,
+                }
+            )
+        allowed = [row for row in rows if row["within_budget"]] or rows[:1]
+        best = min(allowed, key=lambda row: row["predicted_round_s"])
+        self.compression = (best["smashed"], best["gradient"])
+        self.compression_chosen = True
+        chosen = next(t for t in trials if (t.smashed, t.gradient) == self.compression)
+        compressed = not (chosen.smashed == "fp32" and chosen.gradient == "fp32")
+        self.estimates.compressed = compressed
+        self.estimates.uplink_ratio = chosen.uplink_ratio if compressed else 1.0
+        self.estimates.downlink_ratio = chosen.downlink_ratio if compressed else 1.0
+        for index, device in enumerate(ids):
+            if compressed and device in self.estimates.devices:
+                self.estimates.devices[device].codec_s_per_byte = float(
+                    chosen.codec_s_per_byte * self.estimates.server_speed / state.speed[index]
+                )
+        log.warning(
+            "auto: encodings %s for smashed data, %s for gradients (predicted round %.2f s; fp32 %.2f s)",
+            *self.compression,
+            best["predicted_round_s"],
+            rows[0]["predicted_round_s"],
+        )
+        return {"budget": self.compression_budget, "chosen": list(self.compression), "trials": rows}
 
     def observe(
         self,

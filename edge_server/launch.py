@@ -21,6 +21,16 @@ from toolkit.errors import UserError
 from toolkit.planning.medium import MEDIUM_CHOICES
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
 def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument(
         "--metrics-port",
@@ -68,11 +78,20 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     parser.add_argument(
         "--compress",
-        type=encoding_name,
+        type=lambda text: "auto" if text == "auto" else encoding_name(text),
         default="fp32",
         metavar="ENC",
         help="how smashed data (and, unless --compress-gradients says otherwise, the gradients) cross the cut: "
-        "none (fp32), fp16, int8, each optionally +zstd (docs/compression.md)",
+        "none (fp32), fp16, int8, each optionally +zstd, or auto (--auto: chosen after the first round within "
+        "--compress-budget) (docs/compression.md)",
+    )
+    parser.add_argument(
+        "--compress-budget",
+        type=fraction,
+        default=0.01,
+        metavar="E",
+        help="--compress auto: the largest relative RMS error an encoding may add to what crosses the cut "
+        "(default 0.01; 0: lossless only)",
     )
     parser.add_argument(
         "--compress-gradients", type=encoding_name, metavar="ENC", help="the gradients' encoding (default: --compress)"
@@ -107,6 +126,10 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
     auto = args.scheme == "cpsl" if args.auto is None else args.auto
     if auto and args.scheme != "cpsl":
         raise UserError(f"--auto manages cpsl only; scheme {args.scheme} runs as configured (drop --auto)")
+    if args.compress == "auto" and not auto:
+        raise UserError("--compress auto needs --auto: the encodings are chosen by the plans they make")
+    if args.compress == "auto" and args.compress_gradients:
+        raise UserError("--compress auto chooses the gradients' encoding too: drop --compress-gradients")
     if args.random_clusters and (auto or args.scheme != "cpsl"):
         raise UserError("--random-clusters is for cpsl with --no-auto")
     if not (args.norm_factor == 0 or args.norm_factor >= 1):
@@ -147,6 +170,7 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         medium=args.medium,
         compress_smashed=args.compress,
         compress_gradient=args.compress_gradients or args.compress,
+        compress_budget=args.compress_budget,
         model_spec=getattr(args, "model", "") or "",
         data_spec=getattr(args, "data", "") or "",
     )

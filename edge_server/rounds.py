@@ -38,8 +38,19 @@ from toolkit.training import make_optimizer, server_step
 log = logging.getLogger("cpsl.server")
 
 
+ENCODING_SAMPLES = 4  # (smashed data, gradient) batches --compress auto tries the encodings on
+
+
 class RoundSteps:
     """The steps of a round; see the module's docstring for what the host class provides."""
+
+    encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
+
+    def encodings(self) -> tuple[str, str]:
+        """This round's encodings of smashed data and gradients: the scheduler's under --auto
+        (chosen by it with --compress auto), else the run's settings."""
+        chosen = getattr(self.scheduler, "compression", None)
+        return tuple(chosen) if chosen is not None else (self.config.compress_smashed, self.config.compress_gradient)
 
     def _assign(
         self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan, turn: int | None = None
@@ -66,7 +77,7 @@ class RoundSteps:
             data_seed=c.data_seed,
             stream_position=self.stream_positions.get(device, 0),
             turn=turn,
-            compression=m.Compression(smashed=c.compress_smashed, gradient=c.compress_gradient),
+            compression=m.Compression(smashed=self.encodings()[0], gradient=self.encodings()[1]),
         )
 
     def _ensure_server_optimizer(self, cut: int) -> None:
@@ -78,7 +89,7 @@ class RoundSteps:
             )
 
     def _check_smashed(self, item: Received, cut: int) -> str | None:
-        problem = decode_smashed(item, self.config.compress_smashed)
+        problem = decode_smashed(item, self.encodings()[0])
         if problem:
             return problem
         return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
@@ -183,8 +194,11 @@ class RoundSteps:
             epoch = time.time() + timing.downlink_s if timing is not None else None
             if epoch is not None:
                 stamps.epochs[iteration + 1] = epoch
-            encoding = Encoding.parse(self.config.compress_gradient)
+            encoding = Encoding.parse(self.encodings()[1])
             wire = {d: compression.encode("grad", gradient_of[d], encoding, per="sample") for d in order}
+            if self.encoding_samples is not None and len(self.encoding_samples) < ENCODING_SAMPLES:
+                first = order[0]  # real batches for --compress auto's trials
+                self.encoding_samples.append((got[first].message.tensors["smashed"], gradient_of[first].detach()))
             for device in self._in_slots(order, gradient_offsets, time.monotonic()):
                 body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
                 self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])

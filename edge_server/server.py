@@ -36,6 +36,7 @@ from edge_server.rounds import RoundSteps
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, Scheduler
 from edge_server.strategy import BoundedFedAvg
+from toolkit import compression
 from toolkit.data import Dataset
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
@@ -84,7 +85,8 @@ class ServerConfig:
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
     medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
     compress_smashed: str = "fp32"  # encodings of what crosses the cut (toolkit.compression)
-    compress_gradient: str = "fp32"
+    compress_gradient: str = "fp32"  # "auto" in both: chosen after the first split round (--auto only)
+    compress_budget: float = 0.01  # --compress auto: the largest relative RMS error an encoding may add
     model_spec: str = ""  # what the run was started with, for run.json (edge_server.run_state)
     data_spec: str = ""
 
@@ -135,7 +137,11 @@ class EdgeServer(RoundSteps):
                 c.drift_threshold,
                 fixed_cut=c.cut,
                 medium=c.medium,
-                compression=(c.compress_smashed, c.compress_gradient),
+                compression=("fp32", "fp32")
+                if c.compress_smashed == "auto"
+                else (c.compress_smashed, c.compress_gradient),
+                compression_auto=c.compress_smashed == "auto",
+                compression_budget=c.compress_budget,
             )
         return FixedScheduler(c.scheme, c.cut, c.clusters, c.random_clusters, c.data_seed)
 
@@ -317,6 +323,7 @@ class EdgeServer(RoundSteps):
         self.intake.start_round(round_)
         devices = self._devices_for_round(round_)
         self.probe_new_devices(round_, devices)
+        encoding_choice = self._choose_encodings()
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
         stats = TurnStats(sessions={d.id: d.session for d in devices})
@@ -335,7 +342,7 @@ class EdgeServer(RoundSteps):
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
             observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency, stats.label_counts)
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
-        return round_record(
+        record = round_record(
             RoundOutcome(round_, self.run_id, self.config.scheme, plan, started_wall, latency, accuracy, loss),
             stats,
             self.model.cut_name(plan.cut) if plan.cut else None,
@@ -344,6 +351,22 @@ class EdgeServer(RoundSteps):
             dict(self.intake.refusals),
             round_traffic(counters, (self.endpoint.bytes_received, self.endpoint.bytes_sent)),
         )
+        if encoding_choice is not None:
+            record["encoding_choice"] = encoding_choice
+        return record
+
+    def _choose_encodings(self) -> dict | None:
+        """--compress auto: once a split round has left batches to try, every candidate pair of
+        encodings on them; the scheduler picks (edge_server.auto). Until then, keep batches."""
+        if not getattr(self.scheduler, "wants_encoding_trials", False):
+            self.encoding_samples = None
+            return None
+        if not self.encoding_samples:
+            self.encoding_samples = []
+            return None
+        trials = [compression.trial(self.encoding_samples, s, g) for s, g in compression.CANDIDATES]
+        self.encoding_samples = None
+        return self.scheduler.choose_encodings(trials)
 
     def _write_fleet(self, records: RunRecords) -> None:
         """fleet.json when a device (or an agent life) is new since the last write."""

@@ -581,3 +581,75 @@ def test_compression_shortens_the_plan_on_a_slow_link():
     assert predicted["int8"].decision["compression"]["uplink_ratio"] == 0.25  # nominal until measured
     assert "compression" not in predicted["fp32"].decision
     assert predicted["int8"].predicted_latency_s < 0.5 * predicted["fp32"].predicted_latency_s
+
+
+def test_compress_auto_takes_the_fastest_encodings_within_the_error_budget():
+    import torch
+
+    from toolkit.compression import CANDIDATES, trial
+
+    generator = torch.Generator().manual_seed(0)
+    samples = [(torch.relu(torch.randn(32, 6, 14, 14, generator=generator)), torch.randn(32, 6, 14, 14) * 1e-3)] * 2
+    trials = [trial(samples, s, g) for s, g in CANDIDATES]
+    devices = [record(f"dev{i}") for i in range(4)]
+    chosen = {}
+    for budget in (0.0, 0.01):
+        auto = scheduler(fixed_cut=2, compression_auto=True, compression_budget=budget)
+        for device in devices:
+            auto.add_device(device, link(0.5), devices)
+        auto.plan(0, devices)
+        assert auto.wants_encoding_trials
+        table = auto.choose_encodings(trials)
+        assert not auto.wants_encoding_trials and table["chosen"] == list(auto.compression)
+        rows = {(row["smashed"], row["gradient"]): row for row in table["trials"]}
+        fastest = min((r for r in rows.values() if r["within_budget"]), key=lambda r: r["predicted_round_s"])
+        assert table["chosen"] == [fastest["smashed"], fastest["gradient"]]
+        chosen[budget] = (auto, rows)
+    lossless, _ = chosen[0.0]
+    assert lossless.compression == ("fp32", "fp32") and not lossless.estimates.compressed  # every other one errs
+    lossy, rows = chosen[0.01]
+    assert lossy.compression[0].startswith("int8")  # on a 0.5 Mbit/s link the fewest bytes win
+    assert rows[lossy.compression]["predicted_round_s"] < 0.5 * rows[("fp32", "fp32")]["predicted_round_s"]
+    assert lossy.estimates.uplink_ratio == rows[lossy.compression]["uplink_ratio"]
+    assert lossy.plan(1, devices).decision["compression"]["encodings"] == list(lossy.compression)
+    restored = scheduler(fixed_cut=2, compression_auto=True)
+    restored.load_state_dict(lossy.state_dict())  # --resume keeps the choice
+    assert restored.compression == lossy.compression and not restored.wants_encoding_trials
+
+
+def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_choice(broker, tmp_path):
+    data = load_dataset("builtin:digits", seed=0)
+    agents, _ = start_agents(broker, data, 3, profile=PROFILE.read_bytes())
+    config = ServerConfig(
+        broker=parse_broker_url(broker),
+        scheme="cpsl",
+        rounds=3,
+        min_devices=3,
+        batch_size=16,
+        iterations=4,
+        clusters=1,
+        cut=2,
+        run_dir=tmp_path / "run",
+        run_id="compress-auto",
+        iteration_timeout_s=20,
+        register_timeout_s=20,
+        compress_smashed="auto",
+        compress_gradient="auto",
+    )
+    auto = KnownLinkScheduler(
+        FINGERPRINT, 16, 4, ClusterBounds(min_clusters=1), fixed_cut=2, medium="airtime", compression_auto=True
+    )
+    server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=auto)
+    try:
+        server.run()
+    finally:
+        for agent in agents:
+            agent.close()
+    first, second, third = server.history
+    assert "encoding_choice" not in first and "compression" not in first["decision"]  # fp32 while it learns
+    choice = second["encoding_choice"]
+    assert len(choice["trials"]) == 6 and choice["chosen"] == list(auto.compression)
+    assert auto.compression != ("fp32", "fp32")  # 4 Mbit/s for LeNet-5's conv1 output: compression pays
+    assert all(r["rejected_messages"] == {} and r["dropped"] == [] for r in server.history)
+    assert third["bytes"]["smashed"] < 0.6 * first["bytes"]["smashed"]
+    assert third["train_loss"] < first["train_loss"]  # it trains on the compressed data (12 iterations in all)

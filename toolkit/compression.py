@@ -236,3 +236,69 @@ def _scale(tensor: torch.Tensor, length: int, name: str, nonnegative: bool = Tru
 
 def wire_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# trying the encodings on real data (``--compress auto``) ---------------------------------------
+CANDIDATES = (  # (smashed data, gradients): from none to the fewest bytes
+    ("fp32", "fp32"),
+    ("fp16", "fp16"),
+    ("fp16+zstd", "fp16+zstd"),
+    ("int8", "fp16"),
+    ("int8+zstd", "fp16+zstd"),
+    ("int8+zstd", "int8+zstd"),
+)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What one pair of encodings did to batches that crossed the cut."""
+
+    smashed: str
+    gradient: str
+    uplink_ratio: float  # wire bytes per fp32 byte, smashed data
+    downlink_ratio: float  # the same, gradients
+    smashed_error: float  # relative RMS error the encoding added, ||x - decode(encode(x))|| / ||x||
+    gradient_error: float
+    codec_s_per_byte: float  # encode + decode of both, here, per fp32 byte of smashed data
+
+    @property
+    def error(self) -> float:
+        return max(self.smashed_error, self.gradient_error)
+
+    def to_dict(self) -> dict:
+        return {key: getattr(self, key) for key in self.__dataclass_fields__}
+
+
+def trial(samples: list[tuple[torch.Tensor, torch.Tensor]], smashed: str, gradient: str) -> Trial:
+    """Encode and decode each (smashed data, gradient) pair of ``samples`` with the two encodings."""
+    import time
+
+    up_enc, down_enc = Encoding.parse(smashed), Encoding.parse(gradient)
+    if samples:  # once untimed: the first call of a codec pays for its imports and allocations
+        decode("smashed", encode("smashed", samples[0][0], up_enc), up_enc)
+        decode("grad", encode("grad", samples[0][1], down_enc, per="sample"), down_enc, per="sample")
+    wire_up = wire_down = fp32 = 0
+    error_up = error_down = norm_up = norm_down = 0.0
+    seconds = 0.0
+    for x, g in samples:
+        started = time.perf_counter()
+        pieces_up = encode("smashed", x, up_enc)
+        back_up = decode("smashed", pieces_up, up_enc)
+        pieces_down = encode("grad", g, down_enc, per="sample")
+        back_down = decode("grad", pieces_down, down_enc, per="sample")
+        seconds += time.perf_counter() - started
+        fp32 += x.numel() * 4
+        wire_up, wire_down = wire_up + wire_bytes(pieces_up), wire_down + wire_bytes(pieces_down)
+        error_up += float((x - back_up).pow(2).sum())
+        error_down += float((g - back_down).pow(2).sum())
+        norm_up, norm_down = norm_up + float(x.pow(2).sum()), norm_down + float(g.pow(2).sum())
+    fp32 = max(fp32, 1)
+    return Trial(
+        smashed,
+        gradient,
+        wire_up / fp32,
+        wire_down / fp32,
+        math.sqrt(error_up / norm_up) if norm_up > 0 else 0.0,
+        math.sqrt(error_down / norm_down) if norm_down > 0 else 0.0,
+        seconds / fp32,
+    )
