@@ -59,12 +59,20 @@ def test_round_rows_keep_what_is_drawn_and_turn_nan_into_gaps():
             3,
             loss=float("nan"),
             restarted_turns=[{"cluster": 0, "device": "dev1"}],
-            decision={"medium": {"uplink": "airtime", "downlink": "shared"}, "cut_selection": {"reason": "drift"}},
+            decision={
+                "medium": {"uplink": "airtime", "downlink": "shared"},
+                "cut_selection": {"reason": "drift"},
+                "compression": {"encodings": ["int8+zstd", "fp16"]},
+            },
+            bytes_up=1.5e6,
+            bytes_down=2e6,
         )
     )
     assert row["loss"] is None and row["accuracy"] == pytest.approx(0.8)
     assert set(row["breakdown"]) == set(v.BREAKDOWN_PARTS) and row["breakdown"]["server_compute_s"] == 0.0
     assert (row["restarted"], row["medium"], row["reselection"]) == (["dev1"], "airtime up, shared down", "drift")
+    assert (row["encodings"], row["bytes_up"], row["bytes_down"]) == ("int8+zstd up, fp16 down", 1.5e6, 2e6)
+    assert v.round_row(record(0))["encodings"] is None  # nothing compressed
     assert json.loads(v.to_json({"x": [float("inf"), 1.5]})) == {"x": [None, 1.5]}
 
 

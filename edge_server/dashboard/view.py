@@ -58,9 +58,21 @@ def round_row(record: Mapping) -> dict:
         "dropped": record.get("dropped") or [],
         "restarted": [str(r.get("device")) for r in restarted if isinstance(r, Mapping)],
         "medium": f"{medium.get('uplink')} up, {medium.get('downlink')} down" if medium else None,
+        "encodings": _encodings(decision),
+        "bytes_up": _number(record.get("bytes_up")),
+        "bytes_down": _number(record.get("bytes_down")),
         "reselection": str(selection.get("reason")) if selection and selection.get("reason") else None,
         "time": _number(record.get("time")),
     }
+
+
+def _encodings(decision: Mapping) -> str | None:
+    """What crossed the cut, in words: "int8+zstd up, fp16 down"; None when nothing was compressed."""
+    compression = decision.get("compression") if isinstance(decision.get("compression"), Mapping) else None
+    names = compression.get("encodings") if compression else None
+    if not isinstance(names, list) or len(names) != 2:
+        return None
+    return f"{names[0]} up, {names[1]} down"
 
 
 def timeline_of(record: Mapping) -> dict | None:

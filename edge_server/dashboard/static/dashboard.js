@@ -329,6 +329,8 @@
       cell(row, r.cut === null ? "none (FL)" : r.cut + (r.cut_name ? " · " + r.cut_name : ""));
       cell(row, r.clusters.map((members) => "[" + members.join(", ") + "]").join(" "));
       cell(row, r.medium || "–");
+      cell(row, r.encodings || "fp32");
+      cell(row, r.bytes_up === null ? "–" : fmt(r.bytes_up / 1e6, 2) + " / " + fmt(r.bytes_down / 1e6, 2), true);
       cell(row, r.reselection || "");
       cell(row, r.dropped.join(", "));
       cell(row, r.restarted.join(", "));
