@@ -5,8 +5,8 @@ a 20/40 Mbit/s shared medium) trains LeNet-5 on builtin:mnist5k with cpsl --auto
 pinned where the data crossing it is large (pool1: 4,704 bytes per sample each way), once per
 encoding, each run for the same number of rounds from the same seed:
 
-- fp32 (no compression), fp16 both ways, int8 smashed data with fp16 gradients, and the same
-  packed by zstd (int8+zstd / fp16+zstd).
+- fp32 (no compression), fp16 both ways, int8 smashed data with fp16 gradients, the same
+  packed by zstd (int8+zstd / fp16+zstd), and int8+zstd both ways.
 
 Reported per encoding: bytes per round (up, down, and what crossed the cut alone), mean round
 latency, time to the target accuracy (sum of round latencies until the first round at or
@@ -38,6 +38,7 @@ ENCODINGS = {  # name -> (smashed data, gradients)
     "fp16": ("fp16", "fp16"),
     "int8": ("int8", "fp16"),
     "int8+zstd": ("int8+zstd", "fp16+zstd"),
+    "int8+zstd/int8": ("int8+zstd", "int8+zstd"),  # int8 gradients too
 }
 
 
