@@ -366,7 +366,14 @@ class AutoScheduler:
     # per round -----------------------------------------------------------------------------
     def _settings(self) -> TrainingSettings:
         e = self.estimates
-        return TrainingSettings(self.batch_size, self.iterations, e.server_speed, e.uplink_ratio, e.downlink_ratio)
+        return TrainingSettings(
+            self.batch_size,
+            self.iterations,
+            e.server_speed,
+            e.uplink_ratio,
+            e.downlink_ratio,
+            e.server_codec_s_per_byte,
+        )
 
     def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
         view = self.view(devices)
@@ -386,6 +393,7 @@ class AutoScheduler:
                 "uplink_ratio": e.uplink_ratio,
                 "downlink_ratio": e.downlink_ratio,
                 "codec_s_per_mb": {d: 1e6 * e.devices[d].codec_s_per_byte for d in ids},
+                "server_codec_s_per_mb": 1e6 * e.server_codec_s_per_byte,
             }
         if not self.advised:
             decision["advice"] = self._advice(view)
@@ -493,6 +501,7 @@ class AutoScheduler:
                 self.estimates.server_speed,
                 candidate.uplink_ratio,
                 candidate.downlink_ratio,
+                candidate.codec_s_per_byte,
             )
             predicted = plan_split_round(SplitProblem.build(cut, trial_state, settings), groups).latency_s
             rows.append(
@@ -511,6 +520,7 @@ class AutoScheduler:
         self.estimates.compressed = compressed
         self.estimates.uplink_ratio = chosen.uplink_ratio if compressed else 1.0
         self.estimates.downlink_ratio = chosen.downlink_ratio if compressed else 1.0
+        self.estimates.server_codec_s_per_byte = chosen.codec_s_per_byte if compressed else 0.0
         for index, device in enumerate(ids):
             if compressed and device in self.estimates.devices:
                 self.estimates.devices[device].codec_s_per_byte = float(
@@ -533,6 +543,7 @@ class AutoScheduler:
         turns: list[dict] | None = None,
         round_latency_s: float | None = None,
         label_counts: dict[str, np.ndarray] | None = None,
+        server_codec: tuple[float, int] | None = None,
     ) -> None:
         """Fold a round's measurements into the estimates (``arrivals``: per device, per
         iteration, when its smashed data reached the server, server clock; ``turns``: the
@@ -570,6 +581,8 @@ class AutoScheduler:
         if server_steps:
             samples = sorted(server_steps)[len(server_steps) // 2]
             self.estimates.observe_server(cost, samples[0], samples[1])
+        if server_codec is not None:
+            self.estimates.observe_server_codec(*server_codec)
         newly = {d for d in prior_devices if d in self.estimates.devices and self.estimates.devices[d].speed_measured}
         if newly or (prior_server and self.estimates.server_measured):
             # the states sampled so far held profile figures where there are measurements now:

@@ -89,6 +89,7 @@ class LiveEstimates:
     compressed: bool = False
     uplink_ratio: float = 1.0
     downlink_ratio: float = 1.0
+    server_codec_s_per_byte: float = 0.0
 
     def add(self, device: str, speed: float, link: LinkMeasurement) -> None:
         self.devices[device] = DeviceEstimate(
@@ -182,6 +183,15 @@ class LiveEstimates:
                 self.server_speed, cut.server_step(samples) / seconds, self._weight(self.server_measured)
             )
             self.server_measured = True
+
+    def observe_server_codec(self, seconds: float, fp32_bytes: int) -> None:
+        """The server's decoding of smashed data and encoding of gradients over a round."""
+        if self.compressed and fp32_bytes > 0 and seconds >= 0:
+            rate = seconds / fp32_bytes
+            first = self.server_codec_s_per_byte == 0.0
+            self.server_codec_s_per_byte = (
+                rate if first else (1 - self.smoothing) * self.server_codec_s_per_byte + (self.smoothing * rate)
+            )
 
     def _weight(self, measured_before: bool) -> float:
         """The newest observation's weight: all of it against a profile's prior, else the smoothing."""

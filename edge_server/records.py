@@ -119,6 +119,8 @@ class TurnStats:
     turn_token: int | None = None  # the last hand-out's (ASSIGN.turn): replies must name it
     replays_left: int = 0  # times this turn may still start again for a restarted device (edge_server.server)
     restarts: list[dict] = field(default_factory=list)  # turns started again: cluster and device
+    server_codec_s: float = 0.0  # decoding smashed data, encoding gradients (toolkit.compression)
+    server_codec_bytes: int = 0  # fp32 bytes of smashed data they covered
 
     def absorb_time(self, attempt: TurnStats) -> None:
         """The seconds an abandoned attempt at a turn spent, and nothing it trained."""
@@ -139,6 +141,8 @@ class TurnStats:
         self.handout_epoch = attempt.handout_epoch
         self.handout_positions.update(attempt.handout_positions)
         self.weights_sent.update(attempt.weights_sent)
+        self.server_codec_s += attempt.server_codec_s
+        self.server_codec_bytes += attempt.server_codec_bytes
 
 
 class DeviceRestartedError(Exception):

@@ -45,6 +45,7 @@ class RoundSteps:
     """The steps of a round; see the module's docstring for what the host class provides."""
 
     encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
+    codec_clock: float = 0.0  # seconds this server spent decoding smashed data (toolkit.compression)
 
     def encodings(self) -> tuple[str, str]:
         """This round's encodings of smashed data and gradients: the scheduler's under --auto
@@ -89,7 +90,9 @@ class RoundSteps:
             )
 
     def _check_smashed(self, item: Received, cut: int) -> str | None:
+        started = time.perf_counter()
         problem = decode_smashed(item, self.encodings()[0])
+        self.codec_clock += time.perf_counter() - started
         if problem:
             return problem
         return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
@@ -165,6 +168,7 @@ class RoundSteps:
             )
             active = set(got)
             smashed_in.append(time.monotonic())
+            stats.server_codec_s, self.codec_clock = stats.server_codec_s + self.codec_clock, 0.0
             for device, item in got.items():
                 stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
                 counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.data.num_classes)
@@ -195,7 +199,10 @@ class RoundSteps:
             if epoch is not None:
                 stamps.epochs[iteration + 1] = epoch
             encoding = Encoding.parse(self.encodings()[1])
+            encode_started = time.perf_counter()
             wire = {d: compression.encode("grad", gradient_of[d], encoding, per="sample") for d in order}
+            stats.server_codec_s += time.perf_counter() - encode_started
+            stats.server_codec_bytes += sum(4 * gradient_of[d].numel() for d in order)
             if self.encoding_samples is not None and len(self.encoding_samples) < ENCODING_SAMPLES:
                 first = order[0]  # real batches for --compress auto's trials
                 self.encoding_samples.append((got[first].message.tensors["smashed"], gradient_of[first].detach()))

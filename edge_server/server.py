@@ -340,7 +340,16 @@ class EdgeServer(RoundSteps):
         observe = getattr(self.scheduler, "observe", None)
         if observe is not None and plan.cut is not None:
             reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            observe(plan.cut, reports, stats.server_steps, stats.arrivals, stats.turns, latency, stats.label_counts)
+            observe(
+                plan.cut,
+                reports,
+                stats.server_steps,
+                stats.arrivals,
+                stats.turns,
+                latency,
+                stats.label_counts,
+                server_codec=(stats.server_codec_s, stats.server_codec_bytes),
+            )
         accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
         record = round_record(
             RoundOutcome(round_, self.run_id, self.config.scheme, plan, started_wall, latency, accuracy, loss),

@@ -568,6 +568,12 @@ def test_the_planner_counts_compressed_bytes_and_codec_time_as_measured():
     later = costs.resolve("pool2")  # a cut with a quarter of the data: a quarter of the codec time
     codec_later = SplitProblem.build(later, state, settings).forward_s[0] - later.device_forward(32) / state.speed[0]
     assert codec_later == pytest.approx(0.004 * later.downlink_bytes(32) / fp32_down, rel=0.01)
+    # the server's side: decoding smashed data and encoding gradients, per sample of the step
+    estimates.observe_server_codec(0.002, fp32_down)
+    server = TrainingSettings(32, 5, 1.0, estimates.uplink_ratio, estimates.downlink_ratio, 0.002 / fp32_down)
+    extra = SplitProblem.build(cut, state, server).server_s(2) - SplitProblem.build(cut, state, settings).server_s(2)
+    assert estimates.server_codec_s_per_byte == pytest.approx(0.002 / fp32_down)
+    assert extra == pytest.approx(2 * 0.002, rel=0.01)  # a cluster of two: twice one batch's codec time
 
 
 def test_compression_shortens_the_plan_on_a_slow_link():
@@ -653,3 +659,4 @@ def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_c
     assert all(r["rejected_messages"] == {} and r["dropped"] == [] for r in server.history)
     assert third["bytes"]["smashed"] < 0.6 * first["bytes"]["smashed"]
     assert third["train_loss"] < first["train_loss"]  # it trains on the compressed data (12 iterations in all)
+    assert third["decision"]["compression"]["server_codec_s_per_mb"] > 0  # the server's codec time, measured

@@ -38,6 +38,8 @@ class TrainingSettings:
     # smashed data with labels up, gradients down; 1.0 without compression
     uplink_ratio: float = 1.0
     downlink_ratio: float = 1.0
+    # the edge server decoding the smashed data and encoding the gradients, per fp32 byte of smashed data
+    server_codec_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.local_iterations < 1 or self.server_speed <= 0:
@@ -66,6 +68,12 @@ class FleetState:
         return len(self.speed)
 
 
+def _with_codec(server: Affine, cut: CutCost, settings: TrainingSettings) -> Affine:
+    """The server step plus its share of the codec: linear in the samples, like the step."""
+    per_sample = settings.server_codec_s_per_byte * cut.downlink_bytes(1)
+    return Affine(server.fixed_s, server.per_sample_s + per_sample) if per_sample > 0 else server
+
+
 @dataclass(frozen=True)
 class SplitProblem:
     """One cut under one state: everything a cluster's latency depends on, in seconds and bits."""
@@ -91,7 +99,7 @@ class SplitProblem:
             uplink_bits=8.0 * settings.uplink_ratio * cut.uplink_bytes(batch),
             downlink_bits=8.0 * settings.downlink_ratio * cut.downlink_bytes(batch),
             model_bits=8.0 * cut.device_model_bytes,
-            server=cut.server_step.scaled(1.0 / settings.server_speed),
+            server=_with_codec(cut.server_step.scaled(1.0 / settings.server_speed), cut, settings),
             batch_size=batch,
             iterations=settings.local_iterations,
             uplink=state.uplink,
