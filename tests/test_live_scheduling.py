@@ -629,10 +629,10 @@ def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_c
     config = ServerConfig(
         broker=parse_broker_url(broker),
         scheme="cpsl",
-        rounds=3,
+        rounds=2,
         min_devices=3,
-        batch_size=16,
-        iterations=4,
+        batch_size=8,
+        iterations=2,  # fp32 at 4 Mbit/s in slots: round 0 is long, so it is short
         clusters=1,
         cut=2,
         run_dir=tmp_path / "run",
@@ -643,7 +643,7 @@ def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_c
         compress_gradient="auto",
     )
     auto = KnownLinkScheduler(
-        FINGERPRINT, 16, 4, ClusterBounds(min_clusters=1), fixed_cut=2, medium="airtime", compression_auto=True
+        FINGERPRINT, 8, 2, ClusterBounds(min_clusters=1), fixed_cut=2, medium="airtime", compression_auto=True
     )
     server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=auto)
     try:
@@ -651,12 +651,12 @@ def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_c
     finally:
         for agent in agents:
             agent.close()
-    first, second, third = server.history
+    first, second = server.history
     assert "encoding_choice" not in first and "compression" not in first["decision"]  # fp32 while it learns
     choice = second["encoding_choice"]
     assert len(choice["trials"]) == 6 and choice["chosen"] == list(auto.compression)
     assert auto.compression != ("fp32", "fp32")  # 4 Mbit/s for LeNet-5's conv1 output: compression pays
     assert all(r["rejected_messages"] == {} and r["dropped"] == [] for r in server.history)
-    assert third["bytes"]["smashed"] < 0.6 * first["bytes"]["smashed"]
-    assert third["train_loss"] < first["train_loss"]  # it trains on the compressed data (12 iterations in all)
-    assert third["decision"]["compression"]["server_codec_s_per_mb"] > 0  # the server's codec time, measured
+    assert second["bytes"]["smashed"] < 0.6 * first["bytes"]["smashed"]  # the choice is used at once
+    assert second["train_loss"] < first["train_loss"]  # it trains on the compressed data
+    assert auto.estimates.server_codec_s_per_byte > 0  # the server's codec time, measured in the round
