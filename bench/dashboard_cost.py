@@ -44,18 +44,23 @@ def mean_round_latency(run_dir: Path) -> float:
     return statistics.fmean(r["latency_s"] for r in records[1:])
 
 
+def wait_until_up(url: str, stop: threading.Event, timeout_s: float = 120) -> None:
+    """Until the demo's dashboard answers (it starts with the demo), or ``stop``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+
+
 def watch(url: str, stop: threading.Event, reload_s: float, stats: dict) -> None:
     """A chromium page on the dashboard until ``stop``: live updates, a full reload every ``reload_s``."""
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not stop.is_set():
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    wait_until_up(url, stop)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1900})
@@ -78,13 +83,7 @@ def watch(url: str, stop: threading.Event, reload_s: float, stats: dict) -> None
 def watch_as_client(url: str, stop: threading.Event, reload_s: float, stats: dict) -> None:
     """What a page asks of the server, without a browser's drawing on this machine: the page, its
     files and the view on every refresh, and the event stream read as it comes in between."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not stop.is_set():
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    wait_until_up(url, stop)
     while not stop.is_set():
         try:
             for path in ("", "static/chart.umd.min.js", "static/dashboard.js", "static/dashboard.css", "api/view"):

@@ -177,10 +177,10 @@ class KnownLinkScheduler(AutoScheduler):
         super().add_device(record, LinkMeasurement(link.rtt_s, link.clock_offset_s, 4e6, 8e6), devices)
 
 
-def run_cluster(broker: str, tmp_path, scheduler) -> EdgeServer:
+def run_cluster(broker: str, tmp_path, scheduler, **overrides) -> EdgeServer:
     data = load_dataset("builtin:digits", seed=0)
     agents, _ = start_agents(broker, data, 3, profile=PROFILE.read_bytes())
-    config = ServerConfig(
+    values = dict(
         broker=parse_broker_url(broker),
         scheme="cpsl",
         rounds=2,
@@ -194,6 +194,7 @@ def run_cluster(broker: str, tmp_path, scheduler) -> EdgeServer:
         iteration_timeout_s=20,
         register_timeout_s=20,
     )
+    config = ServerConfig(**{**values, **overrides})
     server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=scheduler)
     try:
         server.run()
@@ -624,33 +625,21 @@ def test_compress_auto_takes_the_fastest_encodings_within_the_error_budget():
 
 
 def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_choice(broker, tmp_path):
-    data = load_dataset("builtin:digits", seed=0)
-    agents, _ = start_agents(broker, data, 3, profile=PROFILE.read_bytes())
-    config = ServerConfig(
-        broker=parse_broker_url(broker),
-        scheme="cpsl",
-        rounds=2,
-        min_devices=3,
-        batch_size=8,
-        iterations=2,  # fp32 at 4 Mbit/s in slots: round 0 is long, so it is short
-        clusters=1,
-        cut=2,
-        run_dir=tmp_path / "run",
-        run_id="compress-auto",
-        iteration_timeout_s=20,
-        register_timeout_s=20,
-        compress_smashed="auto",
-        compress_gradient="auto",
-    )
     auto = KnownLinkScheduler(
         FINGERPRINT, 8, 2, ClusterBounds(min_clusters=1), fixed_cut=2, medium="airtime", compression_auto=True
     )
-    server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=auto)
-    try:
-        server.run()
-    finally:
-        for agent in agents:
-            agent.close()
+    # fp32 at 4 Mbit/s in slots makes round 0 long: short turns
+    server = run_cluster(
+        broker,
+        tmp_path,
+        auto,
+        batch_size=8,
+        iterations=2,
+        cut=2,
+        run_id="compress-auto",
+        compress_smashed="auto",
+        compress_gradient="auto",
+    )
     first, second = server.history
     assert "encoding_choice" not in first and "compression" not in first["decision"]  # fp32 while it learns
     choice = second["encoding_choice"]
