@@ -46,12 +46,11 @@ class LiveFeed:
     def fleet(self) -> list[dict]:
         registry = self.server.registry
         devices = list(registry.devices.values())
-        infos = {}
+        known, self._infos = self._infos, {}  # only the current lives: restarts do not pile up
         for record in devices:
             key = (record.id, record.session)
-            if key not in self._infos:
-                self._infos[key] = v.device_info(record)
-            infos[record.id] = self._infos[key]
+            self._infos[key] = known[key] if key in known else v.device_info(record)
+        infos = {device: info for (device, _), info in self._infos.items()}
         online = {record.id: registry.is_online(record.id) for record in devices}
         rejected = dict(self.server.endpoint.rejected_by_device)
         return v.fleet_rows(infos, self.records(), online, rejected)
