@@ -25,6 +25,7 @@ or data like it. Without ``--data`` the advice ranks by round latency and says s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -37,7 +38,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.console import Console
 
+from toolkit.cli.common import encoding_name
 from toolkit.cli.connection import add_broker_flags, broker_from_args
+from toolkit.compression import Encoding
 from toolkit.errors import UserError
 from toolkit.files import read_bounded
 from toolkit.planning.advice import SCHEMES, advise, plan_schemes
@@ -232,11 +235,16 @@ def run_advise(args) -> int:
     console = Console(stderr=True)
     fleet = from_broker(args, console) if args.broker else from_fleet_file(args)
     baseline = fleet.costs.resolve(args.cut).cut
+    settings = fleet.settings
+    if args.compress != "fp32":  # before a run has measured it, the quantiser's width (docs/compression.md)
+        ratio = Encoding.parse(args.compress).nominal_ratio
+        settings = dataclasses.replace(settings, uplink_ratio=ratio, downlink_ratio=ratio)
+        print(f"split schemes planned with {args.compress} across the cut ({ratio:g} of fp32's bytes; FL as is)")
     data = parts = None
     skew = args.skew
     if args.data:  # the cut cpsl-auto takes depends on the data's skew: measure it before planning
         data, parts, skew = partitioned(args, fleet.state.size)
-    plans = plan_schemes(fleet.costs, fleet.state, fleet.settings, fleet.bounds, baseline, args.clusters, skew=skew)
+    plans = plan_schemes(fleet.costs, fleet.state, settings, fleet.bounds, baseline, args.clusters, skew=skew)
     rounds = rehearsed_rounds(args, plans, data, parts, console) if args.data else None
     advice = advise(plans, rounds)
     print(f"{fleet.model} on {fleet.state.size} devices, {fleet.medium}, label skew {skew:.2f}")
@@ -280,6 +288,13 @@ def add_advise(commands) -> None:
     advise_parser.add_argument("--local-iterations", type=positive_int, default=20)
     advise_parser.add_argument("--lr", type=positive_float, default=0.05)
     advise_parser.add_argument("--seed", type=int, default=0)
+    advise_parser.add_argument(
+        "--compress",
+        type=encoding_name,
+        default="fp32",
+        metavar="ENC",
+        help="plan the split schemes with smashed data (and gradients) in this encoding, at its nominal size",
+    )
     advise_parser.add_argument("--json", type=Path, help="also write the advice here")
 
 

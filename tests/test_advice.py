@@ -172,3 +172,19 @@ def test_schemes_within_one_round_of_the_best_are_called_too_close():
     assert advice.to_dict()["close"] == ["fl"]
     rounds["fl"] = 13  # 78 s: more than a round behind
     assert advise(plans, rounds).close == ()
+
+
+def test_advise_plans_the_split_schemes_with_compression_and_fl_as_is(tmp_path, capsys):
+    from edge_server.cli import main
+
+    rounds = {}
+    for encoding in ("fp32", "int8"):  # in this process: the CLI's own path, without a second torch import
+        out = tmp_path / f"{encoding}.json"
+        fleet = str(ROOT / "bench" / "fleets" / "testbed-wifi.json")
+        args = ["advise", "--profile", str(LENET), "--fleet", fleet, "--cut", "pool1", "--compress", encoding]
+        assert main([*args, "--json", str(out)]) == 0
+        rounds[encoding] = {row["scheme"]: row["round_latency_s"] for row in json.loads(out.read_text())["schemes"]}
+    assert "planned with int8 across the cut" in capsys.readouterr().out
+    assert rounds["int8"]["fl"] == rounds["fp32"]["fl"]  # FL moves whole models: not compressed
+    for scheme in ("sl", "sfl", "cpsl-fixed"):  # pool1: most of a split round is the cut's traffic
+        assert rounds["int8"][scheme] < 0.6 * rounds["fp32"][scheme], scheme
