@@ -15,6 +15,7 @@ serving. No message can end the serve loop: a handler that fails costs that mess
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import secrets
 import threading
@@ -384,6 +385,9 @@ class DeviceAgent:
             )
         if body.cut is not None and not 1 <= body.cut < model.num_layers:
             raise RefusedError(f"assignment names cut {body.cut}, which {spec} does not have")
+        packed = [text for text in (body.compression.smashed, body.compression.gradient) if text.endswith("+zstd")]
+        if packed and importlib.util.find_spec("zstandard") is None:
+            raise RefusedError(f"assignment packs with zstd ({packed[0]}); this device lacks it: pip install zstandard")
         self._model = model
         self.assignment = body
         self.assigned_run, self.assigned_round = message.header.run, message.header.round

@@ -198,3 +198,35 @@ def test_a_run_compressed_losslessly_trains_what_fp32_trains_and_int8_sends_fewe
     assert gradient["int8+zstd"] < 0.55 * gradient["fp32"]  # fp16
     assert abs(int8.history[-1]["accuracy"] - fp32.history[-1]["accuracy"]) < 0.1
     assert all(r["bytes_up"] == r["bytes"]["smashed"] + r["bytes"]["weights_up"] for r in int8.history)
+
+
+def test_an_agent_without_zstandard_refuses_a_packed_assignment_in_one_line(monkeypatch):
+    import importlib.util
+
+    from firmware_agent.agent import AgentConfig, DeviceAgent, RefusedError
+    from toolkit.transport import parse_broker_url
+
+    data = load_dataset("builtin:digits", seed=0)
+    agent = DeviceAgent(
+        AgentConfig(parse_broker_url("mqtt://127.0.0.1:1"), "dev0", "0/1"), data, torch.arange(10).numpy(), None
+    )
+    model = load_model("lenet5", seed=0)
+    body = m.Assign(
+        scheme="cpsl",
+        model="lenet5",
+        model_fingerprint=model.fingerprint(),
+        input_shape=list(data.input_shape),
+        num_classes=data.num_classes,
+        cut=2,
+        cluster=0,
+        cluster_devices=["dev0"],
+        hyper=m.Hyperparameters(batch_size=8, iterations=1, lr=0.1, momentum=0.0, weight_decay=0.0),
+        gradient_timeout_s=5,
+        compression=m.Compression(smashed="int8+zstd", gradient="fp16"),
+    )
+    message = decode(encode(Kind.ASSIGN, make_header("r", "server"), body))
+    agent._accept_assignment(message)  # zstandard is installed here: accepted
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "zstandard" else real(name, *a))
+    with pytest.raises(RefusedError, match="lacks it: pip install zstandard"):
+        agent._accept_assignment(message)
