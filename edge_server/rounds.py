@@ -57,6 +57,7 @@ class RoundSteps:
         self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan, turn: int | None = None
     ) -> m.Assign:
         c = self.config
+        smashed, gradient = self.encodings()
         return m.Assign(
             scheme=c.scheme,
             model=self.model.name,
@@ -78,7 +79,7 @@ class RoundSteps:
             data_seed=c.data_seed,
             stream_position=self.stream_positions.get(device, 0),
             turn=turn,
-            compression=m.Compression(smashed=self.encodings()[0], gradient=self.encodings()[1]),
+            compression=m.Compression(smashed=smashed, gradient=gradient),
         )
 
     def _ensure_server_optimizer(self, cut: int) -> None:

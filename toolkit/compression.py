@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -271,8 +272,6 @@ class Trial:
 
 def trial(samples: list[tuple[torch.Tensor, torch.Tensor]], smashed: str, gradient: str) -> Trial:
     """Encode and decode each (smashed data, gradient) pair of ``samples`` with the two encodings."""
-    import time
-
     up_enc, down_enc = Encoding.parse(smashed), Encoding.parse(gradient)
     if samples:  # once untimed: the first call of a codec pays for its imports and allocations
         decode("smashed", encode("smashed", samples[0][0], up_enc), up_enc)
