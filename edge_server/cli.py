@@ -10,6 +10,8 @@
     edge_server advise --profile REF.json --fleet FLEET.json [--data D --non-iid X]    which scheme to run
     edge_server advise --broker URL --min-devices N [--model M]                   ... on the registered devices
     edge_server report RUN_DIR --out report.html                                   a finished run, drawn
+    edge_server export-heads RUN_DIR [--out DIR]                                   its ONNX heads, for cpsl-infer
+    edge_server serve RUN_DIR --broker URL [--bundle DIR]                          its server side, for cpsl-infer
 
 One parser: training flags at the top level (a run is what edge_server does most), the
 other jobs as subcommands.
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_server.advise import add_advise, check_args, run_advise
+from edge_server.inference_cli import add_inference_commands, run_export_heads, run_serve
 from edge_server.launch import add_training_flags, make_config, resume_run, train
 from toolkit.cli.common import OneLineArgumentParser, positive_float, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, broker_from_args
@@ -56,12 +59,15 @@ def build_parser() -> OneLineArgumentParser:
     )
     add_training_flags(parser, {"run_dir": None})
     commands = parser.add_subparsers(
-        dest="command", metavar="{demo,provision,advise,report}", parser_class=OneLineArgumentParser
+        dest="command",
+        metavar="{demo,provision,advise,report,export-heads,serve}",
+        parser_class=OneLineArgumentParser,
     )
     _add_demo(commands)
     _add_report(commands)
     _add_provision(commands)
     add_advise(commands)
+    add_inference_commands(commands)
     return parser
 
 
@@ -163,6 +169,10 @@ def _main(argv: Sequence[str] | None) -> int:
         size = write_report(args.run_dir, args.out)
         print(f"wrote {args.out} ({size / 1e6:.1f} MB): open it in any browser, no network needed")
         return 0
+    if args.command == "export-heads":
+        return run_export_heads(args)
+    if args.command == "serve":
+        return run_serve(args)
     if args.command == "advise":
         check_args(args)
         args.model = args.model or (load_profile(args.profile).model.name if args.profile else "lenet5")

@@ -217,8 +217,9 @@ def _save(deployment: Deployment) -> None:
 def acl_text(devices: list[str]) -> str:
     """Mosquitto ACL: the server may use the whole tree; each device only its own topics.
 
-    A device publishes only its registration/will, heartbeats and uploads, under its own
-    id, and reads only what is addressed to it and the server's broadcasts. Explicit
+    A device publishes only its registration/will, heartbeats, uploads and inference requests,
+    under its own id, and reads only what is addressed to it and the server's broadcasts
+    (inference services' status included). Explicit
     ``user`` blocks rather than one ``pattern`` with %u: a revoked device loses its rules
     at once (on the broker's next reload), even before its certificate is refused.
     """
@@ -240,6 +241,9 @@ def acl_text(devices: list[str]) -> str:
             f"topic read {topics.all_down_for(device)}",
             f"topic read {topics.server_status()}",
             f"topic read {topics.run_metrics('+')}",
+            f"topic write {topics.infer_request('+', device)}",
+            f"topic read {topics.infer_reply('+', device)}",
+            f"topic read {topics.infer_status('+')}",
         ]
     return "\n".join(lines) + "\n"
 

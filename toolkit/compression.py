@@ -183,6 +183,20 @@ def decode(
     return (payload.to(torch.float32) - 128.0) * step.view(view)
 
 
+def declared_shape(
+    name: str, tensors: Mapping[str, torch.Tensor], encoding: Encoding, per: str = "channel"
+) -> tuple[int, ...]:
+    """The shape the wire pieces of ``name`` declare, checked before anything is decompressed (so a
+    receiver can refuse an oversized batch first); ProtocolError if the pieces are not ``encoding``'s."""
+    mine = {key for key in tensors if key == name or key.startswith(name + ".")}
+    wanted = _pieces(name, encoding, per)
+    if mine != wanted:
+        raise ProtocolError(f"{name} in {encoding}: expected tensors {sorted(wanted)}, got {sorted(mine) or 'none'}")
+    if encoding.packer == "zstd":
+        return _declared_shape(tensors[f"{name}.shape"], name)
+    return tuple(tensors[f"{name}.q" if encoding.quantiser == "int8" else name].shape)
+
+
 def _pieces(name: str, encoding: Encoding, per: str) -> set[str]:
     if encoding.is_identity:
         return {name}

@@ -31,16 +31,19 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 2
     OFFLINE = 3
     SERVER_STATUS = 4
+    SERVICE_STATUS = 5
     ASSIGN = 10
     WEIGHTS_DOWN = 11
     GRADIENT = 12
     STOP = 13
     PROBE = 14
+    PREDICTION = 15
     SMASHED = 20
     WEIGHTS_UP = 21
     TIMINGS = 22
     PROBE_ECHO = 23
     REJECT = 24
+    INFER = 25
     METRICS = 30
     CHUNK = 40
 
@@ -250,6 +253,60 @@ class Reject(Body):
     reason: Text
 
 
+# split inference (toolkit.inference, edge_server.serve, firmware_agent.infer) ---------------------
+WEIGHTS_PATTERN = r"^[0-9a-f]{16,64}$"  # toolkit.inference.heads.weights_digest
+MAX_CUTS = 1024
+MAX_BATCH_SIZES = 16
+
+
+class TailLatency(Body):
+    """The server's measured time for its part of the model after ``cut`` (0: the whole model),
+    at each of ``batch_sizes``; the device interpolates for its own batch size."""
+
+    cut: int = Field(ge=0, le=100_000)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=1, max_length=MAX_BATCH_SIZES)
+    seconds: list[Annotated[float, Field(ge=0, le=3600)]] = Field(min_length=1, max_length=MAX_BATCH_SIZES)
+
+
+class ServiceStatus(Body):
+    """Retained on the service's status topic: what the inference service runs, or that it is
+    gone (its last will). ``weights``: digest of the trained weights; a device whose heads were
+    exported from other weights does not use the service. ``cuts``: the cuts it serves (0: the
+    raw input, the whole model on the server, only where its operator allows raw inputs)."""
+
+    state: Literal["online", "offline"]
+    model: Text = ""
+    model_fingerprint: Text = ""
+    weights: str = Field(default="", pattern=r"^([0-9a-f]{16,64})?$")
+    num_layers: int = Field(default=0, ge=0, le=100_000)
+    cuts: list[Annotated[int, Field(ge=0, le=100_000)]] = Field(default_factory=list, max_length=MAX_CUTS)
+    tail: list[TailLatency] = Field(default_factory=list, max_length=MAX_CUTS)
+    encodings: list[Annotated[str, Field(pattern=ENCODING_PATTERN)]] = Field(default_factory=list, max_length=16)
+    max_batch: int = Field(default=1, ge=1, le=65536)
+
+
+class Infer(Body):
+    """Device -> service: classify a batch whose first ``cut`` layers ran on the device.
+    Tensors: ``x``, the activations after layer ``cut`` (the raw inputs at cut 0), in
+    ``encoding`` (toolkit.compression's pieces). ``request``: the device's id for the reply."""
+
+    request: int = Field(ge=0, lt=1 << 63)
+    cut: int = Field(ge=0, le=100_000)
+    weights: str = Field(pattern=WEIGHTS_PATTERN)
+    encoding: str = Field(default="fp32", pattern=ENCODING_PATTERN)
+
+
+class Prediction(Body):
+    """Service -> device: the answer to INFER ``request``. Tensors: ``logits`` float32
+    [batch, classes], none when ``error`` says why the request was refused. ``server_s``:
+    decoding and the server's layers; ``queued_s``: waiting behind other requests."""
+
+    request: int = Field(ge=0, lt=1 << 63)
+    server_s: float = Field(default=0.0, ge=0, le=3600)
+    queued_s: float = Field(default=0.0, ge=0, le=3600)
+    error: Text = ""
+
+
 class Chunk(Body):
     transfer: str = Field(pattern=r"^[0-9a-f]{8,64}$")
     index: int = Field(ge=0)
@@ -262,16 +319,19 @@ BODIES: dict[Kind, type[Body]] = {
     Kind.HEARTBEAT: Heartbeat,
     Kind.OFFLINE: Offline,
     Kind.SERVER_STATUS: ServerStatus,
+    Kind.SERVICE_STATUS: ServiceStatus,
     Kind.ASSIGN: Assign,
     Kind.WEIGHTS_DOWN: WeightsDown,
     Kind.GRADIENT: Gradient,
     Kind.STOP: Stop,
     Kind.PROBE: Probe,
+    Kind.PREDICTION: Prediction,
     Kind.SMASHED: Smashed,
     Kind.WEIGHTS_UP: WeightsUp,
     Kind.TIMINGS: Timings,
     Kind.PROBE_ECHO: ProbeEcho,
     Kind.REJECT: Reject,
+    Kind.INFER: Infer,
     Kind.METRICS: Metrics,
     Kind.CHUNK: Chunk,
 }

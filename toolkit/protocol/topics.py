@@ -6,8 +6,11 @@
     cpsl/v1/runs/{run}/devices/{device}/down        server -> device: assignment, weights, gradients, stop
     cpsl/v1/runs/{run}/devices/{device}/up          device -> server: smashed data, weights, timings
     cpsl/v1/runs/{run}/metrics                      retained: the latest round's evaluation
+    cpsl/v1/infer/{service}/status                  retained: an inference service, or offline (last will)
+    cpsl/v1/infer/{service}/devices/{device}/request    device -> service: activations at a cut
+    cpsl/v1/infer/{service}/devices/{device}/reply      service -> device: predictions
 
-Device ids and run ids are restricted to ``[A-Za-z0-9_.-]`` so they can never inject
+Device ids, run ids and service ids are restricted to ``[A-Za-z0-9_.-]`` so they can never inject
 topic levels or wildcards.
 """
 
@@ -52,6 +55,22 @@ def run_metrics(run: str) -> str:
     return f"{ROOT}/runs/{run}/metrics"
 
 
+def infer_status(service: str) -> str:
+    return f"{ROOT}/infer/{service}/status"
+
+
+def infer_request(service: str, device: str) -> str:
+    return f"{ROOT}/infer/{service}/devices/{device}/request"
+
+
+def infer_reply(service: str, device: str) -> str:
+    return f"{ROOT}/infer/{service}/devices/{device}/reply"
+
+
+def all_infer_requests(service: str) -> str:
+    return f"{ROOT}/infer/{service}/devices/+/request"
+
+
 ALL_DEVICE_STATUS = f"{ROOT}/devices/+/status"
 ALL_DEVICE_HEARTBEATS = f"{ROOT}/devices/+/heartbeat"
 
@@ -70,14 +89,18 @@ def device_of(topic: str) -> str | None:
     if len(parts) >= 4 and "/".join(parts[:2]) == ROOT:
         if parts[2] == "devices" and _ID.match(parts[3]):
             return parts[3]
-        if parts[2] == "runs" and len(parts) == 7 and parts[4] == "devices" and _ID.match(parts[5]):
+        if parts[2] in _SCOPES and len(parts) == 7 and parts[4] == "devices" and _ID.match(parts[5]):
             return parts[5]
     return None
 
 
+_SCOPES = ("runs", "infer")  # a run's topics, an inference service's: the header's run names the scope
+
+
 def run_of(topic: str) -> str | None:
+    """The run (or inference service) a topic belongs to; frames on it must name it in their header."""
     parts = topic.split("/")
-    if len(parts) >= 4 and "/".join(parts[:2]) == ROOT and parts[2] == "runs" and _ID.match(parts[3]):
+    if len(parts) >= 4 and "/".join(parts[:2]) == ROOT and parts[2] in _SCOPES and _ID.match(parts[3]):
         return parts[3]
     return None
 
@@ -91,8 +114,11 @@ KINDS_BY_ROLE: dict[str, frozenset[Kind]] = {
     "down": frozenset({Kind.ASSIGN, Kind.WEIGHTS_DOWN, Kind.GRADIENT, Kind.STOP, Kind.PROBE}),
     "up": frozenset({Kind.SMASHED, Kind.WEIGHTS_UP, Kind.TIMINGS, Kind.PROBE_ECHO, Kind.REJECT}),
     "metrics": frozenset({Kind.METRICS}),
+    "service_status": frozenset({Kind.SERVICE_STATUS}),
+    "request": frozenset({Kind.INFER}),
+    "reply": frozenset({Kind.PREDICTION}),
 }
-CHUNKED_ROLES = frozenset({"down", "up"})  # large frames travel as CHUNKs on these
+CHUNKED_ROLES = frozenset({"down", "up", "request", "reply"})  # large frames travel as CHUNKs on these
 
 
 def role_of(topic: str) -> str | None:
@@ -109,4 +135,8 @@ def role_of(topic: str) -> str | None:
         return "metrics"
     if len(rest) == 5 and rest[0] == "runs" and _ID.match(rest[1]) and rest[2] == "devices" and _ID.match(rest[3]):
         return rest[4] if rest[4] in ("up", "down") else None
+    if len(rest) == 3 and rest[0] == "infer" and _ID.match(rest[1]) and rest[2] == "status":
+        return "service_status"
+    if len(rest) == 5 and rest[0] == "infer" and _ID.match(rest[1]) and rest[2] == "devices" and _ID.match(rest[3]):
+        return rest[4] if rest[4] in ("request", "reply") else None
     return None

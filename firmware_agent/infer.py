@@ -1,0 +1,361 @@
+"""Split inference on a device: the head of a trained model in onnxruntime here, the rest on the
+edge server's inference service (``edge_server serve``), cut where the predicted end-to-end
+latency is lowest (:mod:`toolkit.inference.planner`).
+
+The device measures what only it can: each head's time on its own inputs, the time to encode
+the activations, the size of the request frame at each cut, and the link, from its own
+requests (:mod:`toolkit.inference.link`). The service announces the rest in its retained
+status: the cuts it serves and its measured time for its part. The whole model on the device
+(no request at all) is always a candidate, and the fallback: a request that times out, a
+service that goes offline or refuses, costs that request its offload, never its answer.
+
+Nothing received names code. The heads are the owner's files (``--heads DIR``, checked
+against their manifest); the service's status only selects among them, and a service
+running other weights than the heads were exported from is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from toolkit import compression
+from toolkit.compression import Encoding
+from toolkit.inference.heads import HeadSet
+from toolkit.inference.link import LinkEstimator
+from toolkit.inference.planner import Choice, CutCost, choose, interpolate, predict
+from toolkit.protocol import Kind, topics
+from toolkit.protocol import messages as m
+from toolkit.protocol.codec import encode, make_header
+from toolkit.protocol.endpoint import Endpoint
+from toolkit.transport import BrokerAddress, MqttTransport
+
+log = logging.getLogger("cpsl.infer")
+
+SERVICE_BACKOFF_S = 10.0  # after a failed request, the device answers alone this long before trying again
+
+
+@dataclass
+class InferConfig:
+    broker: BrokerAddress
+    device_id: str
+    service: str
+    batch_size: int = 1
+    encoding: str = "fp16"
+    allow_raw_inputs: bool = False  # cut 0 sends the raw inputs: only where the owner allows it
+    timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    threads: int = 1
+    repeats: int = 7  # timed runs per head (median), after one untimed
+    probes: int = 3  # requests per calibration cut
+    replan_every: int = 50  # requests between cut choices (the link estimate moves on meanwhile)
+
+
+@dataclass(frozen=True)
+class LocalCost:
+    """What a cut costs on this device, measured: its head, encoding its output, the request's size."""
+
+    head_s: float
+    encode_s: float
+    wire_bytes: int
+
+
+@dataclass
+class Outcome:
+    logits: np.ndarray
+    cut: int  # where it was cut (the whole-model cut for device-only and for fallbacks)
+    latency_s: float
+    fallback: bool = False  # the service did not answer in time, or refused: computed here
+    server_s: float = 0.0
+
+
+@dataclass
+class Counts:
+    requests: int = 0
+    by_cut: dict[int, int] = field(default_factory=dict)
+    fallbacks: int = 0
+    refusals: list[str] = field(default_factory=list)  # the service's reasons (the first few)
+
+
+class ServiceError(Exception):
+    """The service did not answer a request in time, or refused it (the message says which)."""
+
+
+class InferenceClient:
+    def __init__(self, config: InferConfig, heads: HeadSet) -> None:
+        self.config = config
+        self.heads = heads
+        self.manifest = heads.manifest
+        self.encoding = Encoding.parse(config.encoding)
+        self.endpoint = Endpoint(f"infer-{config.device_id}")
+        self.status: m.ServiceStatus | None = None
+        self.link = LinkEstimator()
+        self.local: dict[int, LocalCost] = {}
+        self.choice: Choice | None = None
+        self.counts = Counts()
+        self._request_ids = secrets.randbits(48)
+        self._replies: dict[int, tuple[m.Prediction, dict[str, torch.Tensor]]] = {}
+        self._waiting: int | None = None
+        self._backoff_until = 0.0
+        self._since_plan = 0
+
+    @property
+    def whole_model(self) -> int:
+        return self.manifest.num_layers
+
+    # connection --------------------------------------------------------------------------------
+    def connect(self) -> bool:
+        """Connect and wait (up to the timeout) for the service's status; whether it can be used."""
+        transport = MqttTransport(
+            self.config.broker,
+            client_id=f"cpsl-infer-{self.config.device_id}-{secrets.token_hex(4)}",
+            on_message=self.endpoint.on_frame,
+            on_reconnect=self.endpoint.replay,  # a request a broker restart lost in flight goes again
+        )
+        self.endpoint.attach(transport)
+        transport.subscribe(topics.infer_reply(self.config.service, self.config.device_id), qos=1)
+        transport.subscribe(topics.infer_status(self.config.service), qos=1)
+        transport.connect(self.config.connect_timeout_s)
+        deadline = time.monotonic() + self.config.timeout_s
+        while self.status is None and time.monotonic() < deadline:
+            self._pump(deadline - time.monotonic())
+        problem = self.service_problem()
+        if problem:
+            log.warning("service %s not used: %s; the whole model runs here", self.config.service, problem)
+        return not problem
+
+    def close(self) -> None:
+        if self.endpoint.transport is not None:
+            self.endpoint.transport.close()
+
+    def service_problem(self) -> str:
+        """Why the service cannot take this device's requests, or "" when it can."""
+        status = self.status
+        if status is None:
+            return f"no status from service {self.config.service!r} within {self.config.timeout_s:g} s"
+        if status.state != "online":
+            return "it is offline"
+        if status.model_fingerprint != self.manifest.model_fingerprint:
+            return f"it serves another model ({status.model}, fingerprint {status.model_fingerprint})"
+        if status.weights != self.manifest.weights:
+            theirs, ours = status.weights[:12], self.manifest.weights[:12]
+            return f"it serves other weights ({theirs}...) than the heads' ({ours}...)"
+        if self.encoding.name not in status.encodings:
+            return f"it does not accept {self.encoding} (it takes {', '.join(status.encodings)})"
+        if self.config.batch_size > status.max_batch:
+            return f"it takes batches of at most {status.max_batch}"
+        return ""
+
+    def _pump(self, timeout_s: float) -> None:
+        """Take one message from the inbox: a status updates what we know, a reply is kept if awaited."""
+        received = self.endpoint.receive(max(0.0, timeout_s))
+        if received is None:
+            return
+        message = received.message
+        if message.kind is Kind.SERVICE_STATUS:
+            changed = self.status is None or self.status.state != message.body.state
+            self.status = message.body
+            if changed:
+                log.info("service %s is %s", self.config.service, message.body.state)
+        elif message.kind is Kind.PREDICTION and message.body.request == self._waiting:
+            self._replies[message.body.request] = (message.body, message.tensors)
+        # a late reply to a request given up on, or anything else: dropped
+
+    # candidates and costs ------------------------------------------------------------------
+    def network_cuts(self) -> list[int]:
+        """The cuts a request can be made at now: served, exported here, allowed by the owner."""
+        if self.service_problem():
+            return []
+        served = set(self.status.cuts)
+        mine = {cut for cut in self.manifest.cuts if cut < self.whole_model}
+        if self.config.allow_raw_inputs:
+            mine.add(0)
+        return sorted(served & mine)
+
+    def measure(self, sample: np.ndarray) -> dict[int, LocalCost]:
+        """Time every candidate head on ``sample`` (one batch of this device's inputs), encode its
+        output and size its request; cut 0 is the inputs encoded, the whole model costs no request."""
+        cuts = sorted({self.whole_model, *self.network_cuts()})
+        for cut in cuts:
+            head_s = 0.0
+            if cut > 0:
+                runs = []
+                for repeat in range(self.config.repeats + 1):
+                    started = time.perf_counter()
+                    output = self.heads.run(cut, sample)
+                    if repeat:
+                        runs.append(time.perf_counter() - started)
+                head_s = statistics.median(runs)
+            else:
+                output = sample
+            if cut == self.whole_model:
+                self.local[cut] = LocalCost(head_s, 0.0, 0)
+                continue
+            runs = []
+            for repeat in range(self.config.repeats + 1):
+                started = time.perf_counter()
+                pieces = compression.encode("x", torch.from_numpy(np.ascontiguousarray(output)), self.encoding)
+                if repeat:
+                    runs.append(time.perf_counter() - started)
+            header = make_header(self.config.service, self.config.device_id)
+            frame = encode(Kind.INFER, header, self._body(cut, 0), pieces)
+            self.local[cut] = LocalCost(head_s, statistics.median(runs), len(frame))
+        return self.local
+
+    def costs(self) -> list[CutCost]:
+        result = []
+        tails = {entry.cut: entry for entry in (self.status.tail if self.status else [])}
+        networked = set(self.network_cuts())
+        for cut, local in sorted(self.local.items()):
+            if cut == self.whole_model:
+                result.append(CutCost(cut, local.head_s))
+            elif cut in networked and cut in tails:
+                tail = tails[cut]
+                server_s = interpolate(tail.batch_sizes, tail.seconds, self.config.batch_size)
+                result.append(CutCost(cut, local.head_s, local.encode_s, local.wire_bytes, server_s))
+        return result
+
+    def calibrate(self, sample: np.ndarray) -> None:
+        """A few real requests at the smallest and the largest request size, to fit the link."""
+        networked = [cut for cut in self.network_cuts() if cut in self.local]
+        if not networked:
+            return
+        by_size = sorted(networked, key=lambda cut: self.local[cut].wire_bytes)
+        for cut in dict.fromkeys([by_size[0], by_size[-1]]):
+            for _ in range(self.config.probes):
+                try:
+                    self._offload(sample, cut)
+                except ServiceError as exc:
+                    log.warning("calibration request at cut %d failed: %s", cut, exc)
+                    return
+
+    def plan(self) -> Choice:
+        self.choice = choose(self.costs(), self.link.estimate())
+        self._since_plan = 0
+        return self.choice
+
+    # requests ------------------------------------------------------------------------------
+    def _body(self, cut: int, request: int) -> m.Infer:
+        return m.Infer(request=request, cut=cut, weights=self.manifest.weights, encoding=self.encoding.name)
+
+    def _offload(self, inputs: np.ndarray, cut: int) -> Outcome:
+        started = time.perf_counter()
+        activations = self.heads.run(cut, inputs)
+        pieces = compression.encode("x", torch.from_numpy(np.ascontiguousarray(activations)), self.encoding)
+        self._request_ids += 1
+        request = self._request_ids
+        self._waiting = request
+        sent = time.perf_counter()
+        size = self.endpoint.send(
+            topics.infer_request(self.config.service, self.config.device_id),
+            Kind.INFER,
+            self._body(cut, request),
+            run=self.config.service,
+            device=self.config.device_id,
+            tensors=pieces,
+        )
+        deadline = time.monotonic() + self.config.timeout_s
+        while request not in self._replies:
+            if time.monotonic() >= deadline:
+                self._waiting = None
+                raise ServiceError(f"no answer within {self.config.timeout_s:g} s")
+            if self.status is not None and self.status.state != "online":
+                self._waiting = None
+                raise ServiceError("the service went offline")
+            self._pump(min(0.5, deadline - time.monotonic()))
+        reply, tensors = self._replies.pop(request)
+        self._waiting = None
+        ended = time.perf_counter()
+        if reply.error:
+            raise ServiceError(f"refused: {reply.error}")
+        logits = tensors.get("logits")
+        expected = (inputs.shape[0], self.manifest.num_classes)
+        if logits is None or logits.dtype != torch.float32 or tuple(logits.shape) != expected:
+            raise ServiceError(f"the answer is not {list(expected)} float32 logits")
+        self.link.add(cut, size, (ended - sent) - reply.server_s - reply.queued_s)
+        return Outcome(logits.numpy(), cut, ended - started, server_s=reply.server_s)
+
+    def _alone(self, inputs: np.ndarray, fallback: bool = False) -> Outcome:
+        started = time.perf_counter()
+        logits = self.heads.run(self.whole_model, inputs)
+        return Outcome(np.asarray(logits), self.whole_model, time.perf_counter() - started, fallback=fallback)
+
+    def infer(self, inputs: np.ndarray, cut: int | None = None) -> Outcome:
+        """Classify one batch at ``cut`` (None: the planned cut, re-planned every few requests)."""
+        if cut is None:
+            if self.choice is None or self._since_plan >= self.config.replan_every:
+                self._refresh_link(inputs)
+                self.plan()
+            cut = self.choice.cut
+        self._since_plan += 1
+        self.counts.requests += 1
+        if cut != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem():
+            started = time.perf_counter()
+            try:
+                outcome = self._offload(inputs, cut)
+            except ServiceError as exc:
+                self._failed(str(exc))
+                outcome = self._alone(inputs, fallback=True)
+                outcome.latency_s = time.perf_counter() - started  # the failed request's wait included
+        elif cut != self.whole_model:
+            outcome = self._alone(inputs, fallback=True)
+        else:
+            outcome = self._alone(inputs)
+        self.counts.by_cut[outcome.cut] = self.counts.by_cut.get(outcome.cut, 0) + 1
+        self.counts.fallbacks += int(outcome.fallback)
+        return outcome
+
+    def _refresh_link(self, inputs: np.ndarray) -> None:
+        """While the whole model runs here, the link has no new samples: one request at the
+        smallest networked cut keeps the estimate current (a real inference, its answer used)."""
+        if self.choice is None or self.choice.cut != self.whole_model or time.monotonic() < self._backoff_until:
+            return
+        networked = [cut for cut in self.network_cuts() if cut in self.local]
+        if networked:
+            cut = min(networked, key=lambda c: self.local[c].wire_bytes)
+            try:
+                self._offload(inputs, cut)
+            except ServiceError as exc:
+                self._failed(str(exc))
+
+    def _failed(self, reason: str) -> None:
+        self._backoff_until = time.monotonic() + SERVICE_BACKOFF_S
+        if len(self.counts.refusals) < 8:
+            self.counts.refusals.append(reason)
+        service, backoff = self.config.service, SERVICE_BACKOFF_S
+        log.warning("request to %s failed (%s): answering here for %g s", service, reason, backoff)
+
+
+def predicted_table(client: InferenceClient) -> list[dict]:
+    """One row per candidate for ``cpsl-infer plan`` and the bench: measured parts and the prediction."""
+    link = client.link.estimate()
+    rows = []
+    for cost in client.costs():
+        rows.append(
+            {
+                "cut": cost.cut,
+                "after": "(input)" if cost.cut == 0 else client.manifest.layer_names[cost.cut - 1],
+                "where": "device" if cost.device_only else ("server" if cost.cut == 0 else "split"),
+                "head_s": cost.head_s,
+                "encode_s": cost.encode_s,
+                "wire_bytes": cost.wire_bytes,
+                "server_s": cost.server_s,
+                "predicted_s": predict(cost, link),
+            }
+        )
+    return rows
+
+
+def link_summary(client: InferenceClient) -> dict:
+    link = client.link.estimate()
+    if link is None:
+        return {"base_s": None, "up_mbit": None, "samples": 0}
+    rate = None if math.isinf(link.up_bytes_per_s) else link.up_bytes_per_s * 8 / 1e6
+    return {"base_s": link.base_s, "up_mbit": rate, "samples": client.link.samples}
