@@ -2,13 +2,16 @@
 
     cpsl-infer plan --heads DIR --service NAME --broker URL [--bundle DIR] --device-id ID
     cpsl-infer run  --heads DIR ... --data builtin:mnist5k | --inputs FILE.npy [--cut auto] [--out FILE.jsonl]
+    cpsl-infer sweep --heads DIR ... [--requests 20]     every candidate cut measured, against the plan
 
 ``plan`` measures the heads here, asks the service what it serves, probes the link with a
 few real requests and prints the predicted latency of every candidate cut (the chosen one
 marked). ``run`` does the same, then classifies the inputs, re-choosing the cut every
 ``--replan-every`` requests, and prints accuracy (when the inputs have labels), latency per
-request and per sample, throughput, and where each batch was cut. Any flag may come from a
-``--config`` TOML file, as for cpsl-agent.
+request and per sample, throughput, and where each batch was cut. ``sweep`` checks the plan
+here: it runs a few requests at every candidate cut and reports each one's measured latency
+beside its prediction, and how much slower the chosen cut is than the best measured. Any
+flag may come from a ``--config`` TOML file, as for cpsl-agent.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ MAX_INPUT_BYTES = 2 << 30  # an --inputs file
 
 def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description="Split inference with a trained run's ONNX heads.")
-    commands = parser.add_subparsers(dest="command", metavar="{plan,run}", parser_class=OneLineArgumentParser)
+    commands = parser.add_subparsers(dest="command", metavar="{plan,run,sweep}", parser_class=OneLineArgumentParser)
     commands.required = True
     plan = commands.add_parser("plan", help="measure, probe, and print the predicted latency of every cut")
     run = commands.add_parser("run", help="classify local inputs at the best cut")
-    for sub in (plan, run):
+    sweep = commands.add_parser("sweep", help="measure every candidate cut for real, against the plan")
+    for sub in (plan, run, sweep):
         sub.add_argument("--config", type=Path, help="TOML file of settings (any long flag)")
         add_broker_flags(sub)
         sub.add_argument("--device-id", required=False, help="this device's id (with TLS: its certificate's name)")
@@ -70,14 +74,16 @@ def build_parser() -> OneLineArgumentParser:
         sub.add_argument("--json", type=Path, help="write the plan (and the run's summary) to this JSON file")
         sub.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         sub.add_argument("--debug", action="store_true")
-    run.add_argument("--data", help="labelled inputs: a dataset spec (builtin:mnist5k, idx:DIR, folder:DIR)")
-    run.add_argument("--split", choices=["test", "train"], default="test", help="which part of --data (default test)")
-    run.add_argument("--inputs", type=Path, help="unlabelled inputs: a .npy float32 array [N, *input shape]")
-    run.add_argument("--limit", type=positive_int, help="classify the first N inputs only")
+    for sub in (run, sweep):
+        sub.add_argument("--data", help="labelled inputs: a dataset spec (builtin:mnist5k, idx:DIR, folder:DIR)")
+        sub.add_argument("--split", choices=["test", "train"], default="test", help="which part of --data")
+        sub.add_argument("--inputs", type=Path, help="unlabelled inputs: a .npy float32 array [N, *input shape]")
+        sub.add_argument("--limit", type=positive_int, help="use the first N inputs only")
+    sweep.add_argument("--requests", type=positive_int, default=20, help="requests timed at each cut (default 20)")
     run.add_argument("--cut", default="auto", help="auto (default), device, server, or a cut number or layer name")
     run.add_argument("--replan-every", type=positive_int, default=50, help="requests between cut choices")
     run.add_argument("--out", type=Path, help="one JSON line per input: index, class, label, cut, latency")
-    parser.set_defaults(_commands={"plan": plan, "run": run})
+    parser.set_defaults(_commands={"plan": plan, "run": run, "sweep": sweep})
     return parser
 
 
@@ -91,7 +97,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("plan", "run"):  # --config fills the subcommand's defaults
+    if argv and argv[0] in ("plan", "run", "sweep"):  # --config fills the subcommand's defaults
         apply_config_file(parser.get_default("_commands")[argv[0]], argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s infer %(levelname)s %(message)s")
@@ -101,7 +107,9 @@ def _main(argv: Sequence[str] | None) -> int:
     check_id(args.device_id, "device id")
     heads = HeadSet.open(args.heads, threads=args.threads)
     service = check_id(args.service or heads.manifest.run, "service name")
-    inputs, labels = _inputs(args, heads) if args.command == "run" else (None, None)
+    inputs, labels = (None, None)
+    if args.command == "run" or (args.command == "sweep" and (args.data or args.inputs)):
+        inputs, labels = _inputs(args, heads)
     if getattr(args, "out", None) is not None:
         ensure_writable_file(args.out, "--out")
     if args.json is not None:
@@ -133,6 +141,9 @@ def _main(argv: Sequence[str] | None) -> int:
             cut = _forced_cut(args.cut, client)
             report["run"] = _classify(client, inputs, labels, args, cut)
             _print_summary(report["run"])
+        elif args.command == "sweep":
+            report["sweep"] = _sweep(client, inputs if inputs is not None else sample, args.requests, report["plan"])
+            _print_sweep(report["sweep"])
     finally:
         client.close()
     if args.json is not None:
@@ -307,3 +318,60 @@ def _print_summary(run: dict) -> None:
         f"{run['throughput_per_s']:.1f} inputs/s; {cuts}"
         + (f"; {run['fallbacks']} answered here after a failed request" if run["fallbacks"] else "")
     )
+
+
+def _sweep(client, inputs: np.ndarray, requests: int, plan: dict) -> dict:
+    """``requests`` batches at every candidate cut, then the plan's choice against the best."""
+    from rich.console import Console
+
+    from toolkit.cli.common import progress_bar
+
+    batch = client.config.batch_size
+    rows = []
+    with progress_bar(Console(stderr=True)) as progress:
+        task = progress.add_task("sweeping cuts", total=requests * len(plan["candidates"]))
+        for candidate in plan["candidates"]:
+            cut = candidate["cut"]
+            latencies = []
+            began = time.perf_counter()
+            for index in range(requests):
+                start = (index * batch) % max(1, len(inputs) - batch + 1)
+                latencies.append(client.infer(inputs[start : start + batch], cut).latency_s)
+                progress.advance(task)
+            elapsed = time.perf_counter() - began
+            ordered = sorted(latencies)
+            rows.append(
+                {
+                    **candidate,
+                    "measured_s": statistics.median(latencies),
+                    "measured_p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+                    "throughput_per_s": requests * batch / elapsed if elapsed > 0 else None,
+                }
+            )
+    best = min(rows, key=lambda row: row["measured_s"])
+    chosen = next(row for row in rows if row["cut"] == plan["chosen"])
+    return {
+        "batch": batch,
+        "requests_per_cut": requests,
+        "rows": rows,
+        "chosen": chosen["cut"],
+        "best": best["cut"],
+        "chosen_over_best": chosen["measured_s"] / best["measured_s"] - 1.0,
+        "fallbacks": client.counts.fallbacks,
+    }
+
+
+def _print_sweep(sweep: dict) -> None:
+    print(f"measured, {sweep['requests_per_cut']} requests of {sweep['batch']} at each cut:")
+    for row in sweep["rows"]:
+        marks = "  chosen" if row["cut"] == sweep["chosen"] else ""
+        marks += "  best" if row["cut"] == sweep["best"] else ""
+        print(
+            f"{row['cut']:>4} {row['after']:<12} predicted {_ms(row['predicted_s'])} ms  measured "
+            f"{_ms(row['measured_s'])} ms  {row['throughput_per_s']:8.1f} inputs/s{marks}"
+        )
+    print(f"the chosen cut is {sweep['chosen_over_best']:+.1%} against the best measured")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
