@@ -187,7 +187,8 @@ def plot(results: dict, path: Path) -> None:
 
 def markdown(results: dict) -> str:
     lines = [
-        "| device | model | batch | device-only ms | server-only ms | best cut | best ms | chosen cut | chosen vs best |",
+        "| device | model | batch | device-only ms | server-only ms | best cut | best ms | chosen cut "
+        "| chosen vs best |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, summary in results.items():
@@ -227,7 +228,9 @@ def main() -> None:
     try:
         testbed.create()
         config = args.out / "mosquitto.conf"
-        config.write_text(f"listener {PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n")
+        config.write_text(
+            f"listener {PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+        )
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         processes.append(subprocess.Popen(testbed.ap_command([mosquitto, "-c", str(config)])))
         time.sleep(0.5)

@@ -257,7 +257,7 @@ class TailService:
                 f"made for other weights ({request.weights[:12]}...): this service runs {self.digest[:12]}..."
             )
         if request.cut not in self.cuts:
-            served = f"cuts served: 1..{self.num_layers - 1}"
+            served = f"cuts served: {self.cuts[0]}..{self.cuts[-1]}"
             if request.cut == 0:
                 served = "raw inputs (cut 0) are not accepted here"
             raise RequestRefusedError(f"cut {request.cut} is not served: {served}")

@@ -21,6 +21,7 @@ import math
 import secrets
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,7 @@ from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.inference.heads import HeadSet
 from toolkit.inference.link import LinkEstimator
-from toolkit.inference.planner import Choice, CutCost, choose, interpolate, predict
+from toolkit.inference.planner import Choice, CutCost, choose, interpolate, predict, shortlist
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import encode, make_header
@@ -40,6 +41,7 @@ from toolkit.transport import BrokerAddress, MqttTransport
 log = logging.getLogger("cpsl.infer")
 
 SERVICE_BACKOFF_S = 10.0  # after a failed request, the device answers alone this long before trying again
+OBSERVED_WINDOW = 8  # end-to-end latencies kept per cut
 
 
 @dataclass
@@ -53,8 +55,10 @@ class InferConfig:
     timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     threads: int = 1
-    repeats: int = 7  # timed runs per head (median), after one untimed
+    head_time_s: float = 0.1  # each head runs back to back at least this long (and 5 times) to be timed
     probes: int = 3  # requests per calibration cut
+    shortlist: int = 3  # predicted-best cuts confirmed with real requests before the choice
+    confirm_requests: int = 5  # requests per shortlisted cut
     replan_every: int = 50  # requests between cut choices (the link estimate moves on meanwhile)
 
 
@@ -105,6 +109,7 @@ class InferenceClient:
         self._waiting: int | None = None
         self._backoff_until = 0.0
         self._since_plan = 0
+        self._observed: dict[int, deque[float]] = {}  # cut -> recent end-to-end latencies
 
     @property
     def whole_model(self) -> int:
@@ -181,33 +186,37 @@ class InferenceClient:
 
     def measure(self, sample: np.ndarray) -> dict[int, LocalCost]:
         """Time every candidate head on ``sample`` (one batch of this device's inputs), encode its
-        output and size its request; cut 0 is the inputs encoded, the whole model costs no request."""
+        output and size its request; cut 0 is the inputs encoded, the whole model costs no request.
+
+        Each part runs back to back for a while and its mean is taken, not a median of a few
+        runs: under a CPU quota (a board sharing its cores, the testbed's CFS groups) a run is
+        fast while the quota lasts and stalls once it is spent, and only the sustained mean
+        says what the part costs request after request."""
         cuts = sorted({self.whole_model, *self.network_cuts()})
         for cut in cuts:
-            head_s = 0.0
+            head_s, output = (0.0, sample)
             if cut > 0:
-                runs = []
-                for repeat in range(self.config.repeats + 1):
-                    started = time.perf_counter()
-                    output = self.heads.run(cut, sample)
-                    if repeat:
-                        runs.append(time.perf_counter() - started)
-                head_s = statistics.median(runs)
-            else:
-                output = sample
+                head_s, output = self._sustained(lambda cut=cut: self.heads.run(cut, sample))
             if cut == self.whole_model:
                 self.local[cut] = LocalCost(head_s, 0.0, 0)
                 continue
-            runs = []
-            for repeat in range(self.config.repeats + 1):
-                started = time.perf_counter()
-                pieces = compression.encode("x", torch.from_numpy(np.ascontiguousarray(output)), self.encoding)
-                if repeat:
-                    runs.append(time.perf_counter() - started)
+            x = torch.from_numpy(np.ascontiguousarray(output))
+            encode_s, pieces = self._sustained(lambda x=x: compression.encode("x", x, self.encoding))
             header = make_header(self.config.service, self.config.device_id)
             frame = encode(Kind.INFER, header, self._body(cut, 0), pieces)
-            self.local[cut] = LocalCost(head_s, statistics.median(runs), len(frame))
+            self.local[cut] = LocalCost(head_s, encode_s, len(frame))
         return self.local
+
+    def _sustained(self, work):
+        """(mean seconds of ``work`` run back to back for ``head_time_s`` and at least 5 times, after
+        one untimed run; its last result)."""
+        result = work()
+        runs = 0
+        started = time.perf_counter()
+        while runs < 5 or (time.perf_counter() - started < self.config.head_time_s and runs < 10_000):
+            result = work()
+            runs += 1
+        return (time.perf_counter() - started) / runs, result
 
     def costs(self) -> list[CutCost]:
         result = []
@@ -236,8 +245,21 @@ class InferenceClient:
                     log.warning("calibration request at cut %d failed: %s", cut, exc)
                     return
 
+    def confirm(self, sample: np.ndarray) -> list[int]:
+        """Time real requests at the predicted-best cuts (and device-only), so the choice rests on
+        what they cost end to end here; the cuts confirmed."""
+        picked = shortlist(self.costs(), self.link.estimate(), self.config.shortlist)
+        for cut in picked:
+            for _ in range(self.config.confirm_requests):
+                self.infer(sample, cut, record=False)
+        return picked
+
+    def observed(self) -> dict[int, float]:
+        """The median end-to-end latency of the recent requests at each cut tried (3 at least)."""
+        return {cut: statistics.median(kept) for cut, kept in self._observed.items() if len(kept) >= 3}
+
     def plan(self) -> Choice:
-        self.choice = choose(self.costs(), self.link.estimate())
+        self.choice = choose(self.costs(), self.link.estimate(), self.observed())
         self._since_plan = 0
         return self.choice
 
@@ -287,15 +309,25 @@ class InferenceClient:
         logits = self.heads.run(self.whole_model, inputs)
         return Outcome(np.asarray(logits), self.whole_model, time.perf_counter() - started, fallback=fallback)
 
-    def infer(self, inputs: np.ndarray, cut: int | None = None) -> Outcome:
-        """Classify one batch at ``cut`` (None: the planned cut, re-planned every few requests)."""
+    def infer(self, inputs: np.ndarray, cut: int | None = None, record: bool = True) -> Outcome:
+        """Classify one batch at ``cut`` (None: the planned cut, re-planned every few requests).
+        ``record``: count it among the answers (calibration and confirmation requests are not)."""
         if cut is None:
             if self.choice is None or self._since_plan >= self.config.replan_every:
                 self._refresh_link(inputs)
                 self.plan()
             cut = self.choice.cut
         self._since_plan += 1
-        self.counts.requests += 1
+        outcome = self._infer_at(inputs, cut)
+        if not outcome.fallback:
+            self._observed.setdefault(outcome.cut, deque(maxlen=OBSERVED_WINDOW)).append(outcome.latency_s)
+        if record:
+            self.counts.requests += 1
+            self.counts.by_cut[outcome.cut] = self.counts.by_cut.get(outcome.cut, 0) + 1
+            self.counts.fallbacks += int(outcome.fallback)
+        return outcome
+
+    def _infer_at(self, inputs: np.ndarray, cut: int) -> Outcome:
         if cut != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem():
             started = time.perf_counter()
             try:
@@ -308,22 +340,17 @@ class InferenceClient:
             outcome = self._alone(inputs, fallback=True)
         else:
             outcome = self._alone(inputs)
-        self.counts.by_cut[outcome.cut] = self.counts.by_cut.get(outcome.cut, 0) + 1
-        self.counts.fallbacks += int(outcome.fallback)
         return outcome
 
     def _refresh_link(self, inputs: np.ndarray) -> None:
-        """While the whole model runs here, the link has no new samples: one request at the
-        smallest networked cut keeps the estimate current (a real inference, its answer used)."""
+        """While the whole model runs here, the other cuts get no new requests: one request at the
+        best of them keeps its latency (and the link estimate) current, so a link that got faster
+        is noticed. A real inference; its answer is not used."""
         if self.choice is None or self.choice.cut != self.whole_model or time.monotonic() < self._backoff_until:
             return
-        networked = [cut for cut in self.network_cuts() if cut in self.local]
-        if networked:
-            cut = min(networked, key=lambda c: self.local[c].wire_bytes)
-            try:
-                self._offload(inputs, cut)
-            except ServiceError as exc:
-                self._failed(str(exc))
+        others = [(seconds, cut) for cut, seconds in self.choice.table if cut != self.whole_model]
+        if others and math.isfinite(min(others)[0]):
+            self.infer(inputs, min(others)[1], record=False)
 
     def _failed(self, reason: str) -> None:
         self._backoff_until = time.monotonic() + SERVICE_BACKOFF_S
@@ -348,6 +375,7 @@ def predicted_table(client: InferenceClient) -> list[dict]:
                 "wire_bytes": cost.wire_bytes,
                 "server_s": cost.server_s,
                 "predicted_s": predict(cost, link),
+                "observed_s": client.observed().get(cost.cut),
             }
         )
     return rows

@@ -134,6 +134,7 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         client.measure(sample)
         client.calibrate(sample)
+        client.confirm(sample)
         choice = client.plan()
         report = {"plan": _plan_report(client, choice)}
         _print_plan(report["plan"])
@@ -299,13 +300,14 @@ def _print_plan(plan: dict) -> None:
         speed = f"{link['up_mbit']:.1f} Mbit/s" if link["up_mbit"] else "bytes free"
         rate = f"base {link['base_s'] * 1e3:.2f} ms, {speed}"
     print(f"batch {plan['batch']}, {plan['encoding']}; link: {rate}")
-    columns = ("head ms", "enc ms", "bytes", "server ms", "predicted")
+    columns = ("head ms", "enc ms", "bytes", "server ms", "predicted", "observed")
     print(f"{'cut':>4} {'after':<12} {'where':<6} " + " ".join(f"{name:>9}" for name in columns))
     for row in plan["candidates"]:
         mark = "  <- chosen" if row["cut"] == plan["chosen"] else ""
         print(
             f"{row['cut']:>4} {row['after']:<12} {row['where']:<6} {_ms(row['head_s'])} {_ms(row['encode_s'])} "
-            f"{int(row['wire_bytes']):>9} {_ms(row['server_s']):>9} {_ms(row['predicted_s']):>9}{mark}"
+            f"{int(row['wire_bytes']):>9} {_ms(row['server_s'])} {_ms(row['predicted_s'])} "
+            f"{_ms(row['observed_s'])}{mark}"
         )
 
 

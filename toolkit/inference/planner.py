@@ -14,13 +14,18 @@ inputs, ``wire_bytes`` is the size of the encoded request frame, ``server_s`` is
 announces it measured for its part, and the link (``base_s``, ``up_bytes_per_s``) is fitted to
 the device's own requests (:mod:`toolkit.inference.link`). The reply (a few logits) is small and
 the same size at every cut, so it sits in ``base_s``.
+
+A prediction is where nothing better is known. Once requests at a cut have been timed end to
+end, their median stands for that cut (``observed``): on a board under a CPU quota, or beside
+other work, what a request really costs includes stalls no per-part timing sees, and the
+client confirms its shortlist of predicted-best cuts with real requests before it settles.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -63,14 +68,24 @@ def predict(cost: CutCost, link: Link | None) -> float:
     return device + link.base_s + transfer + cost.server_s
 
 
-def choose(costs: Sequence[CutCost], link: Link | None) -> Choice:
-    """The candidate with the lowest predicted latency; on a tie the one that keeps more layers on
-    the device (less of the input's information leaves it)."""
+def choose(costs: Sequence[CutCost], link: Link | None, observed: Mapping[int, float] | None = None) -> Choice:
+    """The candidate with the lowest latency -- observed where requests were timed, predicted
+    elsewhere; on a tie the one that keeps more layers on the device (less of the input's
+    information leaves it)."""
     if not costs:
         raise ValueError("no candidate cut")
-    table = tuple(sorted((cost.cut, predict(cost, link)) for cost in costs))
+    seen = observed or {}
+    table = tuple(sorted((cost.cut, seen.get(cost.cut, predict(cost, link))) for cost in costs))
     cut, best = min(table, key=lambda item: (item[1], -item[0]))
     return Choice(cut, best, table)
+
+
+def shortlist(costs: Sequence[CutCost], link: Link | None, size: int) -> list[int]:
+    """The ``size`` candidates predicted fastest, and the device-only one (it costs no request)."""
+    ranked = sorted(costs, key=lambda cost: (predict(cost, link), -cost.cut))
+    picked = [cost.cut for cost in ranked[:size]]
+    picked += [cost.cut for cost in costs if cost.device_only and cost.cut not in picked]
+    return picked
 
 
 def interpolate(batch_sizes: Sequence[int], seconds: Sequence[float], batch: int) -> float:
