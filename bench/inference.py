@@ -229,10 +229,12 @@ def main() -> None:
         testbed.create()
         config = args.out / "mosquitto.conf"
         config.write_text(
-            f"listener {PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+            f"listener {PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"  # as provisioned
         )
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        processes.append(subprocess.Popen(testbed.ap_command([mosquitto, "-c", str(config)])))
+        broker_log = (args.out / "mosquitto.log").open("w")
+        broker = testbed.ap_command([mosquitto, "-c", str(config)])
+        processes.append(subprocess.Popen(broker, stdout=broker_log, stderr=subprocess.STDOUT))
         time.sleep(0.5)
         for name in models:
             serve = [sys.executable, "-m", "edge_server", "serve", str(heads[name].parent), "--service", name]
