@@ -229,7 +229,7 @@ def main() -> None:
         testbed.create()
         config = args.out / "mosquitto.conf"
         config.write_text(
-            f"listener {PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"  # as provisioned
+            f"listener {PORT} {AP_ADDRESS}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
         )
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         broker_log = (args.out / "mosquitto.log").open("w")
