@@ -215,12 +215,12 @@ def _forced_cut(text: str, client) -> int | None:
         from toolkit.models.layered import resolve_cut
 
         cut = resolve_cut(client.manifest.layer_names, text)
+    if cut == 0 and not client.config.allow_raw_inputs:
+        raise UserError("--cut server sends the raw inputs: add --allow-raw-inputs")
     if cut not in client.network_cuts():
         problem = client.service_problem()
         if problem:
             raise UserError(f"--cut {text}: the service cannot be used: {problem}")
-        if cut == 0 and not client.config.allow_raw_inputs:
-            raise UserError("--cut server sends the raw inputs: add --allow-raw-inputs")
         raise UserError(f"--cut {text}: cut {cut} is not served, or its head is not in --heads")
     return cut
 

@@ -108,8 +108,11 @@ def test_the_acl_confines_each_device_to_its_own_topics(fleet) -> None:
     server.subscribe("cpsl/v1/#")
     device.subscribe(topics.all_down_for("dev0"))
     device.subscribe(topics.all_down_for("dev1"))  # another device's commands: the broker delivers none
+    device.subscribe(topics.infer_reply("svc", "dev0"))
+    device.subscribe(topics.infer_reply("svc", "dev1"))  # another device's predictions: none either
     time.sleep(0.5)
     device.publish(topics.device_heartbeat("dev0"), b"own")
+    device.publish(topics.infer_request("svc", "dev0"), b"own request")
     for topic in (
         topics.device_heartbeat("dev1"),
         topics.device_status("dev1"),
@@ -117,15 +120,23 @@ def test_the_acl_confines_each_device_to_its_own_topics(fleet) -> None:
         topics.down("run", "dev1"),
         topics.server_status(),
         topics.run_metrics("run"),
+        topics.infer_request("svc", "dev1"),
+        topics.infer_reply("svc", "dev0"),
+        topics.infer_status("svc"),
     ):
         device.publish(topic, b"forged")
     server.publish(topics.down("run", "dev0"), b"for dev0")
     server.publish(topics.down("run", "dev1"), b"for dev1")
+    server.publish(topics.infer_reply("svc", "dev0"), b"answer for dev0")
+    server.publish(topics.infer_reply("svc", "dev1"), b"answer for dev1")
     device.flush(5)
     server.flush(5)
     time.sleep(0.5)
-    assert [p for _, p in server_saw if p != b"for dev0" and p != b"for dev1"] == [b"own"]
-    assert device_saw == [(topics.down("run", "dev0"), b"for dev0")]
+    assert [p for _, p in server_saw if not p.startswith((b"for dev", b"answer for"))] == [b"own", b"own request"]
+    assert device_saw == [
+        (topics.down("run", "dev0"), b"for dev0"),
+        (topics.infer_reply("svc", "dev0"), b"answer for dev0"),
+    ]
     server.close()
     device.close()
 
@@ -383,3 +394,37 @@ def test_a_running_client_reconnects_over_tls_after_the_broker_restarts(fleet) -
     assert seen == [(topics.down("run", "dev0"), b"after the restart")]  # subscriptions renewed too
     server.close()
     device.close()
+
+
+def test_split_inference_runs_over_tls_with_each_sides_certificate(fleet, tmp_path) -> None:
+    """The same protocol and security as training: the service with the server's bundle, the
+    device's client with its own; the answers are the trained model's."""
+    import numpy as np
+
+    from edge_server.serve import ServeConfig, TailService, load_trained
+    from firmware_agent.infer import InferConfig, InferenceClient
+    from tests.trained_run import RUN_ID, make_run
+    from toolkit.inference.heads import HeadSet
+
+    make_run(tmp_path / "run", cuts=(6, 12))
+    model, run_id = load_trained(tmp_path / "run")
+    service = TailService(ServeConfig(fleet.address("server"), tmp_path / "run", tail_repeats=1), model, run_id)
+    service.start()
+    thread = threading.Thread(target=service.serve, daemon=True)
+    thread.start()
+    settings = InferConfig(fleet.address("dev0"), "dev0", RUN_ID, batch_size=2, timeout_s=5.0, head_time_s=0.01)
+    client = InferenceClient(settings, HeadSet.open(tmp_path / "run" / "heads"))
+    try:
+        assert client.connect(), client.service_problem()
+        x = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+        outcome = client.infer(x, 6)
+        with torch.no_grad():
+            expected = model.net(torch.from_numpy(x)).numpy()
+        assert not outcome.fallback and outcome.cut == 6
+        np.testing.assert_allclose(outcome.logits, expected, atol=0.02 * float(np.abs(expected).max()))
+        assert service.served[6] == 1
+    finally:
+        client.close()
+        service.stop()
+        thread.join(5)
+        service.close()
