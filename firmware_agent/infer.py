@@ -58,7 +58,7 @@ class InferConfig:
     head_time_s: float = 0.1  # each head runs back to back at least this long (and 5 times) to be timed
     probes: int = 3  # requests per calibration cut
     shortlist: int = 3  # predicted-best cuts confirmed with real requests before the choice
-    confirm_requests: int = 5  # requests per shortlisted cut
+    confirm_requests: int = 8  # requests per shortlisted cut
     replan_every: int = 50  # requests between cut choices (the link estimate moves on meanwhile)
 
 

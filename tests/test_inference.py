@@ -48,7 +48,9 @@ def test_the_lowest_predicted_latency_wins_and_without_a_link_only_the_device_ca
     assert choose(costs, Link(0.001, math.inf)).cut == 0  # bytes free: nothing on the device is cheaper
     assert choose(costs, Link(0.001, 0.1e6 / 8)).cut == 12  # 100 kbit/s: keep it all here
     assert choose(costs, None).cut == 12
-    assert choose(costs, fast, observed={3: 0.05}).cut == 0  # what requests really cost overrides the model
+    # requests at cut 3 really took 50 ms: that overrides the model, and the model's 7.6x optimism
+    # there scales the unconfirmed server-only prediction too, so the device keeps it all
+    assert choose(costs, fast, observed={3: 0.05}).cut == 12
     assert shortlist(costs, fast, 1) == [3, 12]  # the best predicted, and device-only (it costs no request)
 
 
@@ -353,3 +355,13 @@ def test_the_inference_topics_name_service_and_device_and_carry_only_their_kinds
     assert endpoint.receive(0) is None and sum(endpoint.rejected.values()) == 2
     endpoint.on_frame(reply, frame)
     assert endpoint.receive(0).message.body == body
+
+
+def test_an_unconfirmed_cut_is_judged_by_how_far_off_the_model_was_on_the_confirmed_ones():
+    costs = [CutCost(cut, 0.001 * cut, 0.0, 1000, 0.010) for cut in (1, 2, 3)] + [CutCost(9, 0.050)]
+    link = Link(0.002, math.inf)  # predicted 13, 14 and 15 ms; device-only 50 ms
+    observed = {1: 0.0182, 2: 0.0168}  # the model was 1.4x and 1.2x optimistic on the two measured
+    choice = choose(costs, link, observed)
+    assert choice.cut == 2  # cut 3's 15 ms becomes 19.5 ms (x1.3): the measured 16.8 ms wins
+    assert dict(choice.table)[3] == pytest.approx(0.015 * 1.3)
+    assert dict(choice.table)[9] == 0.050  # device-only is not a networked prediction: unscaled

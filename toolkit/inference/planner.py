@@ -19,12 +19,16 @@ A prediction is where nothing better is known. Once requests at a cut have been 
 end, their median stands for that cut (``observed``): on a board under a CPU quota, or beside
 other work, what a request really costs includes stalls no per-part timing sees, and the
 client confirms its shortlist of predicted-best cuts with real requests before it settles.
+The cuts not confirmed keep their prediction scaled by how far off the model was on the
+confirmed ones (the median of observed over predicted among the networked cuts), so an
+optimistic model does not make an unconfirmed cut look better than one that was measured.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -75,9 +79,28 @@ def choose(costs: Sequence[CutCost], link: Link | None, observed: Mapping[int, f
     if not costs:
         raise ValueError("no candidate cut")
     seen = observed or {}
-    table = tuple(sorted((cost.cut, seen.get(cost.cut, predict(cost, link))) for cost in costs))
+    bias = model_bias(costs, link, seen)
+    table = tuple(
+        sorted(
+            (
+                cost.cut,
+                seen[cost.cut] if cost.cut in seen else predict(cost, link) * (1.0 if cost.device_only else bias),
+            )
+            for cost in costs
+        )
+    )
     cut, best = min(table, key=lambda item: (item[1], -item[0]))
     return Choice(cut, best, table)
+
+
+def model_bias(costs: Sequence[CutCost], link: Link | None, observed: Mapping[int, float]) -> float:
+    """Median of observed / predicted over the networked cuts with both (1.0 without any)."""
+    ratios = []
+    for cost in costs:
+        predicted = predict(cost, link)
+        if not cost.device_only and cost.cut in observed and 0 < predicted < math.inf:
+            ratios.append(observed[cost.cut] / predicted)
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def shortlist(costs: Sequence[CutCost], link: Link | None, size: int) -> list[int]:
