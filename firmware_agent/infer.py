@@ -29,6 +29,7 @@ import torch
 
 from toolkit import compression
 from toolkit.compression import Encoding
+from toolkit.errors import UserError
 from toolkit.inference.heads import HeadSet
 from toolkit.inference.link import LinkEstimator
 from toolkit.inference.planner import Choice, CutCost, choose, interpolate, predict, shortlist
@@ -110,6 +111,7 @@ class InferenceClient:
         self._backoff_until = 0.0
         self._since_plan = 0
         self._observed: dict[int, deque[float]] = {}  # cut -> recent end-to-end latencies
+        self._unreachable = ""  # why the broker could not be reached, if it could not
 
     @property
     def whole_model(self) -> int:
@@ -127,7 +129,12 @@ class InferenceClient:
         self.endpoint.attach(transport)
         transport.subscribe(topics.infer_reply(self.config.service, self.config.device_id), qos=1)
         transport.subscribe(topics.infer_status(self.config.service), qos=1)
-        transport.connect(self.config.connect_timeout_s)
+        try:
+            transport.connect(self.config.connect_timeout_s)
+        except UserError as exc:  # no broker: the board still answers, with the whole model
+            self._unreachable = str(exc)
+            log.warning("%s; the whole model runs here", exc)
+            return False
         deadline = time.monotonic() + self.config.timeout_s
         while self.status is None and time.monotonic() < deadline:
             self._pump(deadline - time.monotonic())
@@ -143,6 +150,8 @@ class InferenceClient:
     def service_problem(self) -> str:
         """Why the service cannot take this device's requests, or "" when it can."""
         status = self.status
+        if self._unreachable:
+            return self._unreachable
         if status is None:
             return f"no status from service {self.config.service!r} within {self.config.timeout_s:g} s"
         if status.state != "online":

@@ -69,7 +69,9 @@ def build_parser() -> OneLineArgumentParser:
             action="store_true",
             help="let the cut choice send raw inputs (cut 0, the whole model on the server); off by default",
         )
-        sub.add_argument("--timeout", type=positive_float, default=10.0, help="seconds to wait for an answer")
+        sub.add_argument(
+            "--timeout", type=positive_float, default=10.0, help="seconds to wait for the broker, the service, a reply"
+        )
         sub.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads")
         sub.add_argument("--json", type=Path, help="write the plan (and the run's summary) to this JSON file")
         sub.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -122,6 +124,7 @@ def _main(argv: Sequence[str] | None) -> int:
         encoding=args.compress,
         allow_raw_inputs=args.allow_raw_inputs,
         timeout_s=args.timeout,
+        connect_timeout_s=args.timeout,
         threads=args.threads,
         replan_every=getattr(args, "replan_every", 50),
     )
@@ -129,9 +132,8 @@ def _main(argv: Sequence[str] | None) -> int:
     sample = _calibration_batch(inputs, heads, args.batch)
     try:
         usable = client.connect()
-        print(
-            f"service {service}: " + ("online" if usable else f"not used ({client.service_problem()})"), file=sys.stderr
-        )
+        state = "online" if usable else f"not used ({client.service_problem()}): the whole model runs here"
+        print(f"service {service}: {state}", file=sys.stderr)
         client.measure(sample)
         client.calibrate(sample)
         client.confirm(sample)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from edge_server.serve import RequestRefusedError, ServeConfig, TailService, load_trained
 from firmware_agent.infer import InferConfig, InferenceClient
 from firmware_agent.infer_cli import main as infer_main
+from tests.brokers import free_port
 from tests.conftest import run_cli
 from tests.fuzzing import mutate, recorded_frames
 from tests.trained_run import RUN_ID, make_run
@@ -333,6 +334,10 @@ def test_the_clis_export_serve_and_classify(run_dir, broker, tmp_path, capsys):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(6)) and {line["cut"] for line in lines} == {12}
     assert json.loads(report.read_text())["plan"]["service_usable"] is False
+    nobody = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--out", str(out)]  # no broker there at all
+    assert infer_main(["run", *common[:2], *common[4:], "--inputs", str(tmp_path / "inputs.npy"), *nobody]) == 0
+    assert {json.loads(line)["cut"] for line in out.read_text().splitlines()} == {12}
+    assert "not used (cannot reach broker" in capsys.readouterr().err
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
     assert infer_main(["run", *common, "--inputs", str(tmp_path / "bad.npy")]) == 2
     assert "is not a .npy array" in capsys.readouterr().err
