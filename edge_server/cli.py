@@ -186,8 +186,10 @@ def _main(argv: Sequence[str] | None) -> int:
     broker = broker_from_args(args)
     if args.run_id:
         check_id(args.run_id, "run id")
-    model = load_model(args.model, seed=args.seed)
     data = load_dataset(args.data, args.seed)
+    # built for the data's shape and classes, as every agent builds it for its own data (the
+    # VGG-style model on 1x28x28 digits, a user's model): else the fingerprints differ
+    model = load_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=args.seed)
     config = make_config(args, broker, model, args.min_devices, args.run_id or "")
     config.register_timeout_s = args.wait_devices
     return train(config, model, data, metrics_address=args.metrics_port, dashboard_address=args.dashboard)

@@ -266,8 +266,8 @@ def resume_run(
         config = ServerConfig(broker=broker or settings.broker, **values)
     except TypeError as exc:
         raise UserError(f"{run_dir}/run.json does not fit this version's settings: {exc}") from None
-    model = load_model(settings.model, seed=settings.seed)
     data = load_dataset(settings.data, settings.seed)
+    model = load_model(settings.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=settings.seed)
     state = load_state(run_dir, config.run_id, model.fingerprint())
     if state.round + 1 >= config.rounds:
         raise UserError(f"run {config.run_id} already completed its {config.rounds} rounds")

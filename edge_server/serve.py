@@ -76,7 +76,13 @@ def load_trained(run_dir: Path) -> tuple[LayeredModel, str]:
     settings = read_settings(run_dir)
     if not settings.model:
         raise UserError(f"{run_dir}/run.json names no model")
-    model = load_model(settings.model, seed=settings.seed)
+    shape, classes = None, 10
+    if settings.data:  # built for the data's shape and classes, as the run built it
+        from toolkit.data import load_dataset
+
+        data = load_dataset(settings.data, settings.seed)
+        shape, classes = data.input_shape, data.num_classes
+    model = load_model(settings.model, input_shape=shape, num_classes=classes, seed=settings.seed)
     raw = read_bounded(run_dir / "model.pt", MAX_MODEL_BYTES, "trained model")
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
