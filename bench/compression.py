@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from toolkit.cli.testbed import FLEETS, default_spec
+from toolkit.cli.testbed import default_spec
 from toolkit.testbed.runner import RunSpec, profile_devices, run
 from toolkit.testbed.topology import MEDIA, Testbed, require_root
 
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--cut", default="pool1")
+    parser.add_argument("--model", default="lenet5", help="lenet5, or vgg (the VGG-style model, built for 1x28x28)")
+    parser.add_argument("--local-iterations", type=int, default=20)
     parser.add_argument("--medium", choices=MEDIA, default="wired")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compression")
     args = parser.parse_args()
@@ -102,7 +104,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))  # clean up
     args.out.mkdir(parents=True, exist_ok=True)
     spec = default_spec(args.devices, medium=args.medium)
-    model = FLEETS["default"][1]
+    model = args.model
     results: dict[str, dict] = {}
     started = time.time()
     testbed = Testbed(spec)
@@ -118,6 +120,7 @@ def main() -> None:
                 rounds=args.rounds,
                 target_accuracy=None,  # every encoding trains the same rounds
                 model=model,
+                local_iterations=args.local_iterations,
                 compress=smashed,
                 compress_gradients=gradients,
             )
@@ -149,7 +152,8 @@ def write_report(args, spec, started: float, results: dict) -> None:
             row["accuracy_gap_pp_vs_fp32"] = 100 * (row["final_accuracy"] - base["final_accuracy"])
     out = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
     report = {
-        "command": f"sudo python bench/compression.py --encodings {args.encodings} --rounds {args.rounds} "
+        "command": f"sudo python bench/compression.py --model {args.model} --encodings {args.encodings} "
+        f"--rounds {args.rounds} --local-iterations {args.local_iterations} --devices {args.devices} "
         f"--cut {args.cut} --medium {args.medium} --out {out}",
         "spec": [vars(d) for d in spec.devices],
         "medium": args.medium,
