@@ -130,6 +130,8 @@ class AutoScheduler:
     iterations: int
     bounds: ClusterBounds
     server_profile: Profile | None = None
+    # where ``server_profile`` came from (--server-profile, measured at start, cached), for the record
+    server_profile_source: str = "none: the reference device's stands for the server"
     reselect_every: int = 10
     drift_threshold: float = 0.3
     saa_window: int = 10
@@ -337,9 +339,10 @@ class AutoScheduler:
             self.cut = self.fixed_cut
         self.costs = model_costs(reference, self.server_profile, cuts)
         log.info(
-            "auto: reference profile %s (%s); candidate cuts %s",
+            "auto: reference profile %s (%s); server profile: %s; candidate cuts %s",
             reference.device.id,
             reference.model.name,
+            self.server_profile_source,
             ", ".join(f"{c.cut}:{c.name}" for c in self.costs.cuts),
         )
 
@@ -397,6 +400,7 @@ class AutoScheduler:
             }
         if not self.advised:
             decision["advice"] = self._advice(view)
+            decision["server_profile"] = self.server_profile_source
         if not self.medium_logged:  # the evidence, in the round it was decided
             decision["medium_evidence"] = {"uplink": uplink_medium.to_dict(), "downlink": downlink_medium.to_dict()}
             self.medium_logged = True

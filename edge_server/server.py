@@ -122,10 +122,16 @@ class EdgeServer(RoundSteps):
         c = self.config
         if c.auto and c.scheme == "cpsl":
             from edge_server.auto import AutoScheduler
+            from edge_server.own_profile import own_profile, pooled_batch_sizes
             from toolkit.planning.clustering import ClusterBounds
             from toolkit.profile_format import load_profile
 
-            server_profile = load_profile(c.server_profile, self.model.fingerprint()) if c.server_profile else None
+            if c.server_profile:
+                server_profile = load_profile(c.server_profile, self.model.fingerprint())
+                source = f"given ({c.server_profile})"
+            else:  # measured here, on the threads it trains with (edge_server/own_profile.py)
+                largest = c.max_cluster_size or max(1, -(-c.min_devices // max(1, c.clusters)))
+                server_profile, source = own_profile(self.model, pooled_batch_sizes(c.batch_size, largest))
             bounds = ClusterBounds(max_cluster_size=c.max_cluster_size, min_clusters=c.clusters)
             return AutoScheduler(
                 self.model.fingerprint(),
@@ -133,6 +139,7 @@ class EdgeServer(RoundSteps):
                 c.iterations,
                 bounds,
                 server_profile,
+                source,
                 c.reselect_every,
                 c.drift_threshold,
                 fixed_cut=c.cut,
