@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOWN_KINDS = ("ASSIGN", "WEIGHTS_DOWN", "GRADIENT", "STOP", "PROBE")
+INFERENCE_KINDS = ("INFER", "PREDICTION", "SERVICE_STATUS")  # split inference: the service and a client
 
 
 def main() -> None:
@@ -37,7 +39,15 @@ def main() -> None:
 
     import psutil
 
-    from tests.fuzzing import AgentHarness, ServerHarness, decode_only, endpoint_only, mutate, recorded_frames
+    from tests.fuzzing import (
+        AgentHarness,
+        InferenceHarness,
+        ServerHarness,
+        decode_only,
+        endpoint_only,
+        mutate,
+        recorded_frames,
+    )
     from toolkit.protocol import ProtocolError, decode
     from toolkit.protocol.endpoint import Endpoint
 
@@ -50,11 +60,12 @@ def main() -> None:
         by_kind[recorded.kind].append(recorded)
     process = psutil.Process()
     server, agent = ServerHarness(), AgentHarness()
+    inference = InferenceHarness(Path(tempfile.mkdtemp(prefix="cpsl-fuzz-")))
     endpoint = Endpoint("fuzz")
     rows = []
     started = time.monotonic()
     for kind, corpus in sorted(by_kind.items()):
-        harness = agent if kind.name in DOWN_KINDS else server
+        harness = agent if kind.name in DOWN_KINDS else inference if kind.name in INFERENCE_KINDS else server
         rss_before = process.memory_info().rss
         outcome_before = (harness.outcome.accepted, harness.outcome.rejected, len(harness.outcome.uncaught))
         changed_before = harness.outcome.changed_by_rejected
@@ -82,7 +93,7 @@ def main() -> None:
             "kind": kind.name,
             "frames": args.per_kind,
             "still_decodable": decodable,
-            "handler": "agent" if harness is agent else "server",
+            "handler": {id(agent): "agent", id(inference): "inference"}.get(id(harness), "server"),
             "accepted": accepted,
             "rejected": rejected,
             "uncaught_codec": len(codec_uncaught),

@@ -304,14 +304,20 @@ class InferenceClient:
         reply, tensors = self._replies.pop(request)
         self._waiting = None
         ended = time.perf_counter()
+        logits = self.answer_of(reply, tensors, inputs.shape[0])
+        self.link.add(cut, size, (ended - sent) - reply.server_s - reply.queued_s)
+        return Outcome(logits, cut, ended - started, server_s=reply.server_s)
+
+    def answer_of(self, reply: m.Prediction, tensors: dict[str, torch.Tensor], batch: int) -> np.ndarray:
+        """The logits a reply carries for a batch of ``batch``; ServiceError for a refusal, or for
+        anything but exactly [batch, classes] float32 logits (and nothing else)."""
         if reply.error:
             raise ServiceError(f"refused: {reply.error}")
         logits = tensors.get("logits")
-        expected = (inputs.shape[0], self.manifest.num_classes)
-        if logits is None or logits.dtype != torch.float32 or tuple(logits.shape) != expected:
-            raise ServiceError(f"the answer is not {list(expected)} float32 logits")
-        self.link.add(cut, size, (ended - sent) - reply.server_s - reply.queued_s)
-        return Outcome(logits.numpy(), cut, ended - started, server_s=reply.server_s)
+        expected = (batch, self.manifest.num_classes)
+        if set(tensors) != {"logits"} or logits.dtype != torch.float32 or tuple(logits.shape) != expected:
+            raise ServiceError(f"the answer is not {list(expected)} float32 logits alone")
+        return logits.numpy()
 
     def _alone(self, inputs: np.ndarray, fallback: bool = False) -> Outcome:
         started = time.perf_counter()

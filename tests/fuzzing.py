@@ -22,7 +22,7 @@ from edge_server.strategy import Upload
 from firmware_agent.agent import AgentConfig, DeviceAgent
 from toolkit.data import load_dataset, partition_indices
 from toolkit.models import load_model
-from toolkit.protocol import Kind, ProtocolError, decode
+from toolkit.protocol import Kind, ProtocolError, decode, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Endpoint
 from toolkit.training import server_step
@@ -393,3 +393,74 @@ def endpoint_only(topic: str, frame: bytes, endpoint: Endpoint) -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"[:300]
     return None
+
+
+class InferenceHarness:
+    """Split inference's two ends, fed frame by frame: INFER to the service (edge_server.serve),
+    SERVICE_STATUS and PREDICTION to a device's client (firmware_agent.infer).
+
+    The service's model must never change (it only answers); an accepted INFER is one answered
+    with logits. The client awaits whichever request a reply names, so a reply that decodes
+    goes through its checks (a refusal or malformed logits is rejected there); an accepted
+    status must leave the client able to say whether it can use the service."""
+
+    def __init__(self, folder: Path) -> None:
+        from edge_server.serve import ServeConfig, TailService
+        from firmware_agent.infer import InferConfig, InferenceClient
+        from toolkit.inference.heads import HeadSet, export_heads
+
+        model = load_model("lenet5", seed=0)
+        broker = BrokerAddress("127.0.0.1", 1)
+        config = ServeConfig(broker, folder, service=RUN, tail_repeats=1, tail_batch_sizes=(1,))
+        self.service = TailService(config, model, RUN)
+        self.service.endpoint.attach(RecordingTransport())
+        export_heads(model, folder / "heads", RUN, cuts=[12])
+        self.client = InferenceClient(InferConfig(broker, "dev0", RUN), HeadSet.open(folder / "heads"))
+        self.client.endpoint.attach(RecordingTransport())
+        self.outcome = Outcome()
+
+    def feed(self, topic: str, frame: bytes) -> None:
+        from firmware_agent.infer import ServiceError
+
+        before = parameters_digest(self.service.model.net)
+        accepted = False
+        try:
+            if topics.role_of(topic) == "request":
+                self.service.endpoint._seen.clear()
+                answered = self.service.served.total()
+                self.service.endpoint.on_frame(topic, frame)
+                item = self.service.endpoint.receive(0)
+                if item is not None:
+                    self.service.handle(item)
+                accepted = self.service.served.total() > answered
+            else:
+                client = self.client
+                client.endpoint._seen.clear()
+                try:  # the client awaits the request this reply names (if it is one)
+                    peek = decode(frame)
+                    if isinstance(peek.body, m.Prediction):
+                        client._waiting = peek.body.request
+                except ProtocolError:
+                    pass
+                status = client.status
+                client.endpoint.on_frame(topic, frame)
+                client._pump(0)
+                if client.status is not status:
+                    accepted = isinstance(client.service_problem(), str) and isinstance(client.network_cuts(), list)
+                elif client._replies:
+                    _, (reply, tensors) = client._replies.popitem()
+                    batch = tensors["logits"].shape[0] if "logits" in tensors and tensors["logits"].dim() else 1
+                    try:
+                        client.answer_of(reply, tensors, batch)
+                        accepted = True
+                    except ServiceError:
+                        accepted = False
+        except Exception as exc:  # the property: never
+            self.outcome.uncaught.append(f"{type(exc).__name__}: {exc}"[:300])
+            return
+        if accepted:
+            self.outcome.accepted += 1
+        else:
+            self.outcome.rejected += 1
+        if parameters_digest(self.service.model.net) != before:
+            self.outcome.changed_by_rejected += 1  # the service never trains: any change is a defect
