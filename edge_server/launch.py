@@ -94,6 +94,12 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         "(default 0.01; 0: lossless only)",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the server side trains: cpu (default), cuda, cuda:N, or auto (CUDA when torch sees it); "
+        "the device side of the model stays on the CPU (docs/operations.md)",
+    )
+    parser.add_argument(
         "--compress-gradients", type=encoding_name, metavar="ENC", help="the gradients' encoding (default: --compress)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -171,6 +177,7 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         compress_smashed=args.compress,
         compress_gradient=args.compress_gradients or args.compress,
         compress_budget=args.compress_budget,
+        device=args.device,
         model_spec=getattr(args, "model", "") or "",
         data_spec=getattr(args, "data", "") or "",
     )

@@ -34,14 +34,18 @@ def pooled_batch_sizes(batch_size: int, max_cluster: int) -> list[int]:
     return sorted({batch_size, batch_size * max(4, max_cluster)})
 
 
-def own_profile(model: LayeredModel, batch_sizes: list[int], cache: Path | None = None) -> tuple[Profile, str]:
-    """(the server's profile of ``model``, where it came from: "cached FILE" or "measured ...");
-    ``cache``: the folder (default CACHE)."""
+def own_profile(
+    model: LayeredModel, batch_sizes: list[int], cache: Path | None = None, device: torch.device | None = None
+) -> tuple[Profile, str]:
+    """(the server's profile of ``model`` on ``device`` (default the CPU), where it came from:
+    "cached FILE" or "measured ..."); ``cache``: the folder (default CACHE)."""
     cache = cache or CACHE
+    cuda = device is not None and device.type == "cuda"
     threads = torch.get_num_threads()
     host = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in platform.node()) or "host"
     sizes = "-".join(str(b) for b in batch_sizes)
-    path = cache / f"{model.name}-{model.fingerprint()}-{host}-t{threads}-b{sizes}.json"
+    where = f"cuda{device.index or 0}" if cuda else f"t{threads}"
+    path = cache / f"{model.name}-{model.fingerprint()}-{host}-{where}-b{sizes}.json"
     if path.is_file():
         try:
             return load_profile(path, model.fingerprint()), f"cached {path}"
@@ -50,7 +54,7 @@ def own_profile(model: LayeredModel, batch_sizes: list[int], cache: Path | None 
     from toolkit.profiler.runner import ProfileRequest, run_profile
 
     started = time.monotonic()
-    log.info("profiling the server's side of %s at batches %s on %d threads", model.name, sizes, threads)
+    log.info("profiling the server's side of %s at batches %s on %s", model.name, sizes, where)
     request = ProfileRequest(
         model=model,
         batch_sizes=batch_sizes,
@@ -59,6 +63,7 @@ def own_profile(model: LayeredModel, batch_sizes: list[int], cache: Path | None 
         passes=1,
         threads=threads,
         device_id="edge-server",
+        use_cuda=cuda,
     )
     rng = torch.get_rng_state()
     try:
@@ -70,4 +75,5 @@ def own_profile(model: LayeredModel, batch_sizes: list[int], cache: Path | None 
         save_profile(profile, path)
     except OSError as exc:  # a read-only home costs the next run a profile, not this one
         log.warning("cannot cache the server profile in %s: %s", cache, exc)
-    return profile, f"measured at start ({time.monotonic() - started:.1f} s, {threads} threads)"
+    on = f"CUDA device {device.index or 0}" if cuda else f"{threads} threads"
+    return profile, f"measured at start ({time.monotonic() - started:.1f} s, {on})"

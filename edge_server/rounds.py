@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edge_server.intake import check_smashed, check_weights, decode_smashed
+from edge_server.placement import place
 from edge_server.records import DeviceRestartedError, TurnSnapshot, TurnStats, turn_record
 from edge_server.scheduler import RoundPlan
 from edge_server.strategy import Upload
@@ -85,6 +86,7 @@ class RoundSteps:
     def _ensure_server_optimizer(self, cut: int) -> None:
         if self.server_cut != cut:
             self.server_cut = cut
+            place(self.model.net, cut, self.device)  # the server side on --device, the rest on the CPU
             server_part = self.model.net[cut:]
             self.server_optimizer = make_optimizer(
                 list(server_part.parameters()), self.config.lr, self.config.momentum, self.config.weight_decay
@@ -179,13 +181,14 @@ class RoundSteps:
                 return
             order = sorted(got)
             t0, wall0 = time.monotonic(), time.time()
-            grads, loss = server_step(
+            grads, loss = server_step(  # decoded and checked on the CPU, then moved
                 server_part,
                 self.server_optimizer,
-                [got[d].message.tensors["smashed"] for d in order],
-                [got[d].message.tensors["labels"] for d in order],
+                [got[d].message.tensors["smashed"].to(self.device) for d in order],
+                [got[d].message.tensors["labels"].to(self.device) for d in order],
                 self.loss_fn,
             )
+            grads = [g.cpu() for g in grads]  # encoded and sent from the CPU
             t1 = time.monotonic()
             stamps.server_steps[iteration] = (wall0, wall0 + (t1 - t0))
             if not math.isfinite(loss):

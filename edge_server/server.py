@@ -22,6 +22,7 @@ from torch import nn
 
 from edge_server.dashboard.view import device_info
 from edge_server.intake import Intake
+from edge_server.placement import SplitForward, place, resolve_device
 from edge_server.records import (
     DeviceRestartedError,
     RoundOutcome,
@@ -87,6 +88,7 @@ class ServerConfig:
     compress_smashed: str = "fp32"  # encodings of what crosses the cut (toolkit.compression)
     compress_gradient: str = "fp32"  # "auto" in both: chosen after the first split round (--auto only)
     compress_budget: float = 0.01  # --compress auto: the largest relative RMS error an encoding may add
+    device: str = "cpu"  # where the server side trains: cpu, cuda, cuda:N, auto (edge_server.placement)
     model_spec: str = ""  # what the run was started with, for run.json (edge_server.run_state)
     data_spec: str = ""
 
@@ -103,6 +105,7 @@ class EdgeServer(RoundSteps):
         self.config = config
         self.model = model
         self.data = data
+        self.device = resolve_device(config.device)
         self.run_id = config.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.scheduler = scheduler or self._default_scheduler()
         self.on_round = on_round or (lambda record: None)
@@ -131,7 +134,8 @@ class EdgeServer(RoundSteps):
                 source = f"given ({c.server_profile})"
             else:  # measured here, on the threads it trains with (edge_server/own_profile.py)
                 largest = c.max_cluster_size or max(1, -(-c.min_devices // max(1, c.clusters)))
-                server_profile, source = own_profile(self.model, pooled_batch_sizes(c.batch_size, largest))
+                sizes = pooled_batch_sizes(c.batch_size, largest)
+                server_profile, source = own_profile(self.model, sizes, device=self.device)
             bounds = ClusterBounds(max_cluster_size=c.max_cluster_size, min_clusters=c.clusters)
             return AutoScheduler(
                 self.model.fingerprint(),
@@ -357,7 +361,8 @@ class EdgeServer(RoundSteps):
                 stats.label_counts,
                 server_codec=(stats.server_codec_s, stats.server_codec_bytes),
             )
-        accuracy, loss = evaluate(self.model.net, self.data.test_x, self.data.test_y)
+        whole = SplitForward(self.model.net, self.server_cut, self.device)  # each side where it trains
+        accuracy, loss = evaluate(whole, self.data.test_x, self.data.test_y)
         record = round_record(
             RoundOutcome(round_, self.run_id, self.config.scheme, plan, started_wall, latency, accuracy, loss),
             stats,
@@ -416,6 +421,7 @@ class EdgeServer(RoundSteps):
                 if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
                     log.warning("target accuracy %.2f reached in round %d", self.config.target_accuracy, round_)
                     break
+            place(self.model.net, None, self.device)  # the whole model on the CPU, for model.pt and the ONNX file
             records.save_final(self.model)
         finally:
             self.close()

@@ -1,0 +1,59 @@
+"""Where the edge server computes (issue #15, item 1): ``--device cpu|cuda|cuda:N|auto``.
+
+The server-side layers (after the cut) and their optimiser live on the chosen device; the
+device-side layers stay on the CPU, where the weights are handed out, averaged and checked.
+What comes from the wire is decoded and validated on the CPU and only then moved; the
+gradients at the cut go back to the CPU before they are encoded. When the cut moves (the
+automatic scheduler re-selects it), the layers are placed again and the server optimiser is
+made anew for the new server side, as it always was. Evaluation runs the two sides where
+they are and moves the activations between them, so it computes what the whole model on one
+device computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from toolkit.errors import UserError
+
+CHOICES = "cpu, cuda, cuda:N or auto"
+
+
+def resolve_device(text: str) -> torch.device:
+    """The torch device ``--device`` names; one line saying why not when it cannot be used."""
+    value = text.strip().lower()
+    if value == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if value == "cpu":
+        return torch.device("cpu")
+    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {text}: torch sees no CUDA device here (torch {torch.__version__}); use cpu")
+        index = int(value[5:]) if ":" in value else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (0..)")
+        return torch.device("cuda", index)
+    raise UserError(f"--device {text!r}: choose {CHOICES}")
+
+
+def place(net: nn.Sequential, cut: int | None, device: torch.device) -> None:
+    """Layers 1..cut on the CPU, the rest on ``device`` (cut None: the whole model on the CPU, as
+    FL aggregates it). In place: parameters keep their identity, so references stay valid."""
+    split = len(net) if cut is None else cut
+    net[:split].to("cpu")
+    net[split:].to(device)
+
+
+class SplitForward(nn.Module):
+    """The whole model as one module while its two sides sit on different devices: the CPU side,
+    then the activations moved, then the rest; logits back on the CPU."""
+
+    def __init__(self, net: nn.Sequential, cut: int | None, device: torch.device) -> None:
+        super().__init__()
+        self.net, self.cut, self.device = net, cut, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cut is None or self.device.type == "cpu":
+            return self.net(x)
+        return self.net[self.cut :](self.net[: self.cut](x).to(self.device)).cpu()
