@@ -80,7 +80,7 @@ def test_dp_oracle_equals_plain_enumeration(costs, seed):
 def test_clustering_is_within_target_of_exhaustive_enumeration(costs):
     """Issue #4: mean gap under 1%, worst under 5%, over >= 100 seeded instances of N <= 8."""
     gaps = []
-    for seed in range(120):
+    for seed in range(100):  # the issue's count: the suite's budget has no room for more
         problem, bounds = instance(costs, seed)
         clusters = cluster_devices(problem, bounds, seed=seed)
         cap, fewest, most = bounds.resolve(problem.size)

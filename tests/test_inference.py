@@ -385,3 +385,10 @@ def test_an_unconfirmed_cut_is_judged_by_how_far_off_the_model_was_on_the_confir
     assert choice.cut == 2  # cut 3's 15 ms becomes 19.5 ms (x1.3): the measured 16.8 ms wins
     assert dict(choice.table)[3] == pytest.approx(0.015 * 1.3)
     assert dict(choice.table)[9] == 0.050  # device-only is not a networked prediction: unscaled
+
+
+def test_a_service_status_whose_timings_do_not_pair_up_is_refused():
+    with pytest.raises(ValueError, match="one time per batch size"):
+        m.TailLatency(cut=3, batch_sizes=[1, 8], seconds=[0.001])
+    with pytest.raises(ValueError, match="each batch size once"):
+        m.TailLatency(cut=3, batch_sizes=[8, 8], seconds=[0.001, 0.002])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 SESSION_PATTERN = r"^[0-9a-f]{16,64}$"
@@ -266,6 +266,12 @@ class TailLatency(Body):
     cut: int = Field(ge=0, le=100_000)
     batch_sizes: list[Annotated[int, Field(ge=1, le=65536)]] = Field(min_length=1, max_length=MAX_BATCH_SIZES)
     seconds: list[Annotated[float, Field(ge=0, le=3600)]] = Field(min_length=1, max_length=MAX_BATCH_SIZES)
+
+    @model_validator(mode="after")
+    def _one_time_per_batch_size(self) -> TailLatency:
+        if len(self.seconds) != len(self.batch_sizes) or len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise ValueError("one time per batch size, and each batch size once")
+        return self
 
 
 class ServiceStatus(Body):
