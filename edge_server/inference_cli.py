@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import statistics
 import threading
 from pathlib import Path
 
@@ -109,4 +110,5 @@ def _progress(service) -> None:
 def _summary(service) -> str:
     served = sum(service.served.values())
     cuts = ", ".join(f"cut {cut}: {count}" for cut, count in sorted(service.served.items())) or "none"
-    return f"{served} requests answered ({service.samples} inputs; {cuts}), {service.refused} refused"
+    timing = f"; median {statistics.median(service.server_s) * 1e3:.2f} ms each" if service.server_s else ""
+    return f"{served} requests answered ({service.samples} inputs; {cuts}{timing}), {service.refused} refused"

@@ -26,7 +26,7 @@ import secrets
 import statistics
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +115,7 @@ class TailService:
         self.served: Counter[int] = Counter()  # requests answered, by cut
         self.samples = 0
         self.refused = 0
-        self.server_s: list[float] = []  # the last requests' decode + tail seconds
+        self.server_s: deque[float] = deque(maxlen=1000)  # the last requests' decode + tail seconds
         self._stop = threading.Event()
 
     def _shapes(self) -> dict[int, tuple[int, ...]]:
@@ -242,7 +242,7 @@ class TailService:
         if not error:
             self.served[request.cut] += 1
             self.samples += int(tensors["logits"].shape[0])
-            self.server_s = [*self.server_s[-999:], server_s]
+            self.server_s.append(server_s)
         body = m.Prediction(request=request.request, server_s=server_s, queued_s=max(0.0, queued), error=error)
         try:
             self.endpoint.send(
