@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.live import Live
 
 from edge_server.display import make_console, rejections_summary, rounds_table
+from edge_server.placement import resolve_device
 from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
@@ -130,6 +131,7 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_id: str) -> ServerConfig:
     auto = args.scheme == "cpsl" if args.auto is None else args.auto
+    resolve_device(args.device)  # a device that cannot be used is one line before anything starts
     if auto and args.scheme != "cpsl":
         raise UserError(f"--auto manages cpsl only; scheme {args.scheme} runs as configured (drop --auto)")
     if args.compress == "auto" and not auto:

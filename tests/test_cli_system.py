@@ -49,6 +49,7 @@ def test_agent_unreachable_broker() -> None:
         (["--data", "nope:x"], "unknown data spec"),
         (["--model", "resnet"], "unknown model"),
         (["--broker", "http://x"], "give mqtt://HOST:PORT or mqtts://HOST:PORT"),
+        (["--device", "gpu"], "choose cpu, cuda, cuda:N or auto"),
     ],
 )
 def test_server_bad_input(flags, message) -> None:
