@@ -377,7 +377,7 @@ class InferenceClient:
 
 def predicted_table(client: InferenceClient) -> list[dict]:
     """One row per candidate for ``cpsl-infer plan`` and the bench: measured parts and the prediction."""
-    link = client.link.estimate()
+    link, observed = client.link.estimate(), client.observed()
     rows = []
     for cost in client.costs():
         rows.append(
@@ -390,7 +390,7 @@ def predicted_table(client: InferenceClient) -> list[dict]:
                 "wire_bytes": cost.wire_bytes,
                 "server_s": cost.server_s,
                 "predicted_s": predict(cost, link),
-                "observed_s": client.observed().get(cost.cut),
+                "observed_s": observed.get(cost.cut),
             }
         )
     return rows

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 
 from toolkit.cli.common import (
     OneLineArgumentParser,
@@ -33,6 +34,7 @@ from toolkit.cli.common import (
     ensure_writable_file,
     positive_float,
     positive_int,
+    progress_bar,
     run_cli,
 )
 from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
@@ -228,10 +230,6 @@ def _forced_cut(text: str, client) -> int | None:
 
 
 def _classify(client, inputs: np.ndarray, labels: np.ndarray | None, args: argparse.Namespace, cut: int | None) -> dict:
-    from rich.console import Console
-
-    from toolkit.cli.common import progress_bar
-
     batch = args.batch
     starts = range(0, len(inputs), batch)
     latencies, correct, lines = [], 0, []
@@ -326,10 +324,6 @@ def _print_summary(run: dict) -> None:
 
 def _sweep(client, inputs: np.ndarray, requests: int, plan: dict) -> dict:
     """``requests`` batches at every candidate cut, then the plan's choice against the best."""
-    from rich.console import Console
-
-    from toolkit.cli.common import progress_bar
-
     batch = client.config.batch_size
     rows = []
     with progress_bar(Console(stderr=True)) as progress:
