@@ -350,6 +350,14 @@ class AutoScheduler:
         """A newly probed device: its speed from its own profile if it sent one, else 1."""
         self._ensure_costs(devices)
         profile = _profile_of(record, self.model_fingerprint)
+        if profile is not None and profile.device.accelerator != record.capabilities.accelerator:
+            log.warning(
+                "auto: %s's profile was measured on %s but it trains on %s: its compute is mispredicted until "
+                "its first rounds measure its speed (profile it where its agent trains: cpsl-profile --device)",
+                record.id,
+                profile.device.accelerator,
+                record.capabilities.accelerator,
+            )
         reference_step_s = self.costs.full_step(self.batch_size)  # the costs' whole-model step is the reference's
         speed = reference_step_s / full_step(profile)(self.batch_size) if profile is not None else 1.0
         restored = self._restored_speeds.pop(record.id, None)  # measured in the rounds before a --resume

@@ -12,12 +12,12 @@ from pathlib import Path
 from rich.live import Live
 
 from edge_server.display import make_console, rejections_summary, rounds_table
-from edge_server.placement import resolve_device
 from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
 from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import encoding_name, listen_address, positive_float, positive_int
+from toolkit.devices import device_name, resolve_device
 from toolkit.errors import UserError
 from toolkit.planning.medium import MEDIUM_CHOICES
 
@@ -96,6 +96,7 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     parser.add_argument(
         "--device",
+        type=device_name,
         default="cpu",
         help="where the server side trains: cpu (default), cuda, cuda:N, or auto (CUDA when torch sees it); "
         "the device side of the model stays on the CPU (docs/operations.md)",

@@ -63,7 +63,7 @@ def own_profile(
         passes=1,
         threads=threads,
         device_id="edge-server",
-        use_cuda=cuda,
+        device=device if cuda else torch.device("cpu"),
     )
     rng = torch.get_rng_state()
     try:

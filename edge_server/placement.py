@@ -15,27 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from toolkit.errors import UserError
-
-CHOICES = "cpu, cuda, cuda:N or auto"
-
-
-def resolve_device(text: str) -> torch.device:
-    """The torch device ``--device`` names; one line saying why not when it cannot be used."""
-    value = text.strip().lower()
-    if value == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if value == "cpu":
-        return torch.device("cpu")
-    if value == "cuda" or (value.startswith("cuda:") and value[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {text}: torch sees no CUDA device here (torch {torch.__version__}); use cpu")
-        index = int(value[5:]) if ":" in value else 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices (0..)")
-        return torch.device("cuda", index)
-    raise UserError(f"--device {text!r}: choose {CHOICES}")
-
 
 def place(net: nn.Sequential, cut: int | None, device: torch.device) -> None:
     """Layers 1..cut on the CPU, the rest on ``device`` (cut None: the whole model on the CPU, as

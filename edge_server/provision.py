@@ -296,6 +296,8 @@ model = ["lenet5"]
 # Where its data is (folder:DIR, idx:DIR, builtin:NAME), and which share of it:
 {data_line}
 # partition = "0/1"
+# Where it trains: cpu (default), or cuda on a Jetson with NVIDIA's torch (docs/deploy.md):
+# device = "cuda"
 """
 
 

@@ -90,7 +90,13 @@ class Registry:
             models=tuple(body.models),
         )
         if was is None or not was.online:
-            log.info("device %s online (%d samples, partition %s)", device, body.num_samples, body.partition)
+            log.info(
+                "device %s online (%d samples, partition %s, trains on %s)",
+                device,
+                body.num_samples,
+                body.partition,
+                body.capabilities.accelerator_name or body.capabilities.accelerator,
+            )
 
     def take_announced(self) -> set[str]:
         """The devices that registered since the last call: after a reconnect, a device missed

@@ -22,7 +22,7 @@ from torch import nn
 
 from edge_server.dashboard.view import device_info
 from edge_server.intake import Intake
-from edge_server.placement import SplitForward, place, resolve_device
+from edge_server.placement import SplitForward, place
 from edge_server.records import (
     DeviceRestartedError,
     RoundOutcome,
@@ -39,6 +39,7 @@ from edge_server.scheduler import FixedScheduler, Scheduler
 from edge_server.strategy import BoundedFedAvg
 from toolkit import compression
 from toolkit.data import Dataset
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError
 from toolkit.models import LayeredModel
 from toolkit.protocol import Kind, topics

@@ -31,6 +31,7 @@ from firmware_agent.health import write_health
 from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.data import Dataset
+from toolkit.devices import accelerator_name, resolve_device, synchronize
 from toolkit.models import LayeredModel, load_model
 from toolkit.models.registry import canonical_name
 from toolkit.protocol import Kind, topics
@@ -66,6 +67,9 @@ class AgentConfig:
     model_fingerprint: str = ""
     max_probe_bytes: int = m.MAX_PROBE_BYTES
     health_file: Path | None = None  # refreshed every heartbeat (firmware_agent/health.py)
+    # Where the device side trains: cpu, cuda, cuda:N or auto (toolkit.devices). Weights, smashed
+    # data and gradients cross the wire as CPU tensors; only the layers and the batch live there.
+    device: str = "cpu"
 
 
 class RefusedError(Exception):
@@ -82,6 +86,7 @@ class DeviceAgent:
         self.data = data
         self.indices = np.asarray(indices)
         self.profile_json = profile_json
+        self.device = resolve_device(config.device)
         self.endpoint = Endpoint(config.device_id)
         self.session = secrets.token_hex(16)  # repeated in our OFFLINE frames, last will included
         self.started = time.monotonic()
@@ -107,7 +112,9 @@ class DeviceAgent:
     def _build(self, spec: str) -> LayeredModel:
         """A configured model, built once for the shape and classes of this device's data."""
         if spec not in self._built:
-            self._built[spec] = load_model(spec, self.data.input_shape, self.data.num_classes)
+            model = load_model(spec, self.data.input_shape, self.data.num_classes)
+            model.net.to(self.device)
+            self._built[spec] = model
         return self._built[spec]
 
     def warm_up(self) -> None:
@@ -129,11 +136,13 @@ class DeviceAgent:
             log.warning("no warm-up: cannot build %s (%s)", self.config.models[0], exc)
             return
         started = time.monotonic()
-        batch = torch.zeros(2, *model.input_shape)
-        nn.functional.cross_entropy(model.net(batch), torch.zeros(2, dtype=torch.int64)).backward()
+        batch = torch.zeros(2, *model.input_shape, device=self.device)
+        labels = torch.zeros(2, dtype=torch.int64, device=self.device)
+        nn.functional.cross_entropy(model.net(batch), labels).backward()
         model.net.zero_grad(set_to_none=True)
+        synchronize(self.device)
         self._model = model
-        log.info("warmed up %s in %.1f s", model.name, time.monotonic() - started)
+        log.info("warmed up %s on %s in %.1f s", model.name, accelerator_name(self.device), time.monotonic() - started)
 
     def start(self) -> None:
         self.warm_up()
@@ -173,7 +182,13 @@ class DeviceAgent:
             session=self.session,
             num_samples=len(self.indices),
             partition=self.config.partition,
-            capabilities=m.Capabilities(board=_board(), torch=torch.__version__, threads=self.config.threads),
+            capabilities=m.Capabilities(
+                board=_board(),
+                torch=torch.__version__,
+                threads=self.config.threads,
+                accelerator="cuda" if self.device.type == "cuda" else "cpu",
+                accelerator_name=accelerator_name(self.device),
+            ),
             model=self.config.models[0] if self.config.models else "",
             model_fingerprint=self.config.model_fingerprint,
             models=list(self.config.models),
@@ -422,12 +437,12 @@ class DeviceAgent:
         started = time.monotonic()
         timings = []
         for iteration, batch in enumerate(stream.take(a.hyper.iterations)):
-            x, y = self.data.train_x[batch], self.data.train_y[batch]
+            x, y = self.data.train_x[batch].to(self.device), self.data.train_y[batch]
             if a.cut is None:
-                timings.append(self._local_step(part, optimizer, x, y, iteration))
-            else:
+                timings.append(self._local_step(part, optimizer, x, y.to(self.device), iteration))
+            else:  # the labels go to the server from here, as they are
                 timings.append(self._split_step(part, optimizer, x, y, run, round_, iteration, up))
-        state = {k: v.detach() for k, v in part.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in part.state_dict().items()}
         if a.cut is not None:
             self._wait_until_granted(a.grant.weights_slot_offset_s)
         weights_up_start = time.time()
@@ -459,9 +474,11 @@ class DeviceAgent:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
+        synchronize(self.device)
         t1 = time.perf_counter()
         loss.backward()
         optimizer.step()
+        synchronize(self.device)
         t2 = time.perf_counter()
         return m.IterationTiming(
             iteration=iteration,
@@ -499,9 +516,10 @@ class DeviceAgent:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         smashed = part(x)
+        synchronize(self.device)
         t1 = time.perf_counter()
         encoding = Encoding.parse(a.compression.smashed)
-        wire = compression.encode("smashed", smashed.detach(), encoding)
+        wire = compression.encode("smashed", smashed.detach().cpu(), encoding)
         encode_s = time.perf_counter() - t1
         waited, late = self._wait_for_slot()
         upload_start = time.time()
@@ -534,8 +552,9 @@ class DeviceAgent:
         except ProtocolError as exc:
             raise TurnAbortedError(f"gradient for iteration {iteration}: {exc}") from None
         t3 = time.perf_counter()
-        smashed.backward(grad.to(smashed.dtype))
+        smashed.backward(grad.to(self.device, smashed.dtype))
         optimizer.step()
+        synchronize(self.device)
         t4 = time.perf_counter()
         self._uplink_epoch = gradient.body.uplink_epoch
         transit = received.arrived_wall - a.grant.clock_offset_s - gradient.header.sent_at

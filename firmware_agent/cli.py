@@ -17,11 +17,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from firmware_agent.agent import AgentConfig, DeviceAgent
 from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import OneLineArgumentParser, keepalive_seconds, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
 from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
+from toolkit.devices import device_name, resolve_device
 from toolkit.errors import UserError
 from toolkit.models import load_model
 from toolkit.protocol.topics import check_id
@@ -54,6 +57,13 @@ def build_parser() -> OneLineArgumentParser:
     )
     parser.add_argument("--no-profile", action="store_true", help="register without a profile")
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads for training")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where the device side trains: cpu (default), cuda (a Jetson's GPU), cuda:N, or auto "
+        "(CUDA where torch sees it); the profile is measured there too",
+    )
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
     parser.add_argument(
         "--keepalive",
@@ -76,24 +86,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(PROG, _main, argv)
 
 
-def _profile_bytes(args, model_name: str, threads: int, data) -> tuple[bytes | None, str]:
-    """The profile to register with: given, cached, or measured now (and cached)."""
+def _profile_bytes(args, model_name: str, threads: int, data, device: torch.device) -> tuple[bytes | None, str]:
+    """The profile to register with: given, cached, or measured now on ``device`` (and cached)."""
     from toolkit.profile_format import load_profile, save_profile
 
+    log = logging.getLogger("cpsl.agent")
     if args.no_profile:
         return None, ""
     if args.profile is not None:
         profile = load_profile(args.profile)
+        measured_on = profile.device.accelerator
+        if measured_on != ("cuda" if device.type == "cuda" else "cpu"):
+            log.warning(
+                "the profile %s was measured on %s, but this agent trains on %s: the server's plans for this "
+                "device will be off until its rounds correct them (profile it with cpsl-profile --device %s)",
+                args.profile,
+                measured_on,
+                device,
+                args.device,
+            )
         return args.profile.read_bytes(), profile.model.fingerprint
     model = load_model(model_name, data.input_shape, data.num_classes)
-    cached = CACHE / f"{model.name}-{model.fingerprint()}-t{threads}.json"
+    where = f"cuda{device.index or 0}" if device.type == "cuda" else f"t{threads}"
+    cached = CACHE / f"{model.name}-{model.fingerprint()}-{where}.json"
     if not cached.is_file():
         from toolkit.profiler.runner import ProfileRequest, run_profile
 
-        logging.getLogger("cpsl.agent").info("no profile given or cached: profiling %s (about a minute)", model.name)
+        log.info("no profile given or cached: profiling %s on %s (about a minute)", model.name, device)
         profile = run_profile(
             ProfileRequest(
-                model=model, batch_sizes=[16], repeats=10, passes=1, threads=threads, device_id=args.device_id
+                model=model,
+                batch_sizes=[16],
+                repeats=10,
+                passes=1,
+                threads=threads,
+                device_id=args.device_id,
+                device=device,
             )
         )
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -179,13 +207,12 @@ def _main(argv: Sequence[str] | None) -> int:
     broker = broker_from_args(args)
     index, count = parse_partition(args.partition)
     parse_scheme(args.non_iid)
+    device = resolve_device(args.device)  # one line now, not after the data is loaded
     pin_malloc_thresholds()
-    import torch
-
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data, args.seed)
     indices = partition_indices(data.train_y.numpy(), count, args.non_iid or "iid", args.seed)[index]
-    profile, fingerprint = _profile_bytes(args, models[0], args.threads, data)
+    profile, fingerprint = _profile_bytes(args, models[0], args.threads, data, device)
     config = AgentConfig(
         broker=broker,
         device_id=args.device_id,
@@ -197,6 +224,7 @@ def _main(argv: Sequence[str] | None) -> int:
         models=tuple(models),
         model_fingerprint=fingerprint,
         health_file=args.health_file,
+        device=str(device),
     )
     agent = DeviceAgent(config, data, indices, profile)
 

@@ -12,6 +12,13 @@ allows (``systemd-analyze security`` exposure about 2; an unhardened unit scores
 - no capabilities, no device nodes, no new privileges, no namespaces, only IP and Unix
   sockets, the ``@system-service`` system calls.
 
+An agent configured to train on the GPU (``device = "cuda"``, ``"cuda:N"`` or ``"auto"``) gets
+a unit that can reach it: the host's /dev instead of a private one, but the device cgroup still
+closed except for NVIDIA's device groups (``char-nvidia*``: the driver's nodes on a PC;
+``char-nv*``/``char-host1x*`` and /dev/nvmap: a Jetson's integrated GPU under L4T), and the
+``video`` and ``render`` groups Jetson's nodes belong to -- which needs the real group ids,
+so no ``PrivateUsers``. Its exposure is still under 3.5.
+
 Left open on purpose: ``MemoryDenyWriteExecute`` (oneDNN, torch's CPU kernels, compiles
 kernels at run time into executable memory and fails under it) and ``ProcSubset=pid``
 (psutil reads /proc/meminfo and /proc/stat for the memory and CPU figures the agent
@@ -41,6 +48,23 @@ STATE_DIRECTORY = "cpsl-agent"
 SYSUSERS_ENTRY = f'u {USER} - "cpsl-edge device agent" /var/lib/{STATE_DIRECTORY}\n'
 SYSTEMCTL_TIMEOUT_S = 60
 
+DEVICES_NONE = """\
+PrivateDevices=yes
+DevicePolicy=closed
+PrivateUsers=yes
+"""
+# The GPU's device nodes, by device group (/proc/devices names, globbed by systemd): NVIDIA's
+# driver on a PC registers nvidia, nvidia-frontend, nvidia-uvm, nvidia-caps; L4T's nvgpu,
+# nvhost and host1x drivers on a Jetson; nvmap is a misc device there, so it goes by its path.
+DEVICES_GPU = """\
+PrivateDevices=no
+DevicePolicy=closed
+DeviceAllow=char-nvidia* rw
+DeviceAllow=char-nv* rw
+DeviceAllow=char-host1x* rw
+DeviceAllow=/dev/nvmap rw
+SupplementaryGroups=video render
+"""
 HARDENING = """\
 NoNewPrivileges=yes
 CapabilityBoundingSet=
@@ -48,9 +72,6 @@ AmbientCapabilities=
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-PrivateDevices=yes
-DevicePolicy=closed
-PrivateUsers=yes
 ProtectClock=yes
 ProtectHostname=yes
 ProtectKernelTunables=yes
@@ -77,13 +98,17 @@ SystemCallErrorNumber=EPERM
 class ServiceSpec:
     config: Path  # absolute path of the agent's TOML file
     python: Path  # the interpreter of the environment the agent is installed in
+    gpu: bool = False  # the config lets the agent train on a GPU: the unit must reach its device nodes
 
     @classmethod
     def for_config(cls, config: Path) -> ServiceSpec:
+        from toolkit.cli.connection import read_config_values
+
         path = config.expanduser().resolve()
         if not path.is_file():
             raise UserError(f"config file {config} does not exist")
-        return cls(config=path, python=Path(sys.executable))
+        device = str(read_config_values(path).get("device", "cpu")).strip().lower()
+        return cls(config=path, python=Path(sys.executable), gpu=device != "cpu")
 
 
 def render_unit(spec: ServiceSpec) -> str:
@@ -112,7 +137,7 @@ StateDirectory={STATE_DIRECTORY}
 StateDirectoryMode=0750
 Environment=XDG_CACHE_HOME=%S/{STATE_DIRECTORY} PYTHONUNBUFFERED=1
 WorkingDirectory=%S/{STATE_DIRECTORY}
-{HARDENING}
+{DEVICES_GPU if spec.gpu else DEVICES_NONE}{HARDENING}
 [Install]
 WantedBy=multi-user.target
 """

@@ -12,16 +12,16 @@ from toolkit.transport import parse_broker_url
 
 
 def start_agents(
-    broker: str, data, count: int, scheme: str = "iid", profile: bytes | None = None
+    broker: str, data, count: int, scheme: str = "iid", profile: bytes | None = None, device: str = "cpu"
 ) -> tuple[list[DeviceAgent], dict[str, np.ndarray]]:
     """``count`` agents dev0.. on ``scheme`` partitions of ``data``, each serving on a thread;
     returns them and each device's sample indices. Close them when done."""
     parts = partition_indices(data.train_y.numpy(), count, scheme, 0)
     agents, shares = [], {}
     for index in range(count):
-        device = f"dev{index}"
-        shares[device] = parts[index]
-        config = AgentConfig(parse_broker_url(broker), device, f"{index}/{count}", heartbeat_s=0.5)
+        name = f"dev{index}"
+        shares[name] = parts[index]
+        config = AgentConfig(parse_broker_url(broker), name, f"{index}/{count}", heartbeat_s=0.5, device=device)
         agent = DeviceAgent(config, data, parts[index], profile)
         agent.start()
         threading.Thread(target=agent.serve_forever, daemon=True).start()

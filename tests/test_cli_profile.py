@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 from toolkit.profile_format import load_profile
@@ -125,6 +126,35 @@ def test_cut_that_does_not_exist(tmp_path) -> None:
         tmp_path, "--model", "lenet5", "--batch-size", "4", "--cuts", "pool9", "--out", str(tmp_path / "x.json")
     )
     assert "cut 'pool9' does not exist" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device", "gpu"], "'gpu' is not a device: choose cpu, cuda, cuda:N or auto"),
+        (["--cuda", "--device", "cuda:1"], "--cuda and --device cuda:1 disagree"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: torch",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device is usable"),
+        ),
+    ],
+)
+def test_a_device_that_is_not_one_or_not_here(tmp_path, flags, message) -> None:
+    line = _bad(tmp_path, "--model", "lenet5", "--batch-size", "4", "--out", str(tmp_path / "x.json"), *flags)
+    assert message in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device on this machine")
+def test_a_profile_on_the_gpu_says_so_and_times_every_cut(tmp_path) -> None:
+    out = tmp_path / "gpu.json"
+    result = run_cli(
+        CLI, "--model", "lenet5", "--batch-size", "16", "--device", "cuda", "--no-onnx", "--out", str(out), *FAST
+    )
+    assert result.returncode == 0, result.stderr
+    profile = load_profile(out)
+    assert profile.device.accelerator == "cuda" and profile.device.cuda_device
+    assert all(c.batches[0].forward_s.median > 0 and c.batches[0].step_s.median > 0 for c in profile.cuts)
 
 
 def test_unwritable_output(tmp_path) -> None:

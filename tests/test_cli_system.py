@@ -7,6 +7,7 @@ import os
 
 import psutil
 import pytest
+import torch
 
 from tests.brokers import free_port
 from tests.conftest import run_cli
@@ -16,6 +17,12 @@ BAD_AGENT = [
     (["--data", "builtin:digits", "--partition", "4/4"], "partition '4/4' is out of range"),
     (["--data", "builtin:digits", "--non-iid", "dirichlet:-1"], "non-IID scheme"),
     (["--data", "builtin:digits", "--device-id", "bad/id"], "device id 'bad/id'"),
+    (["--data", "builtin:digits", "--device", "gpu"], "'gpu' is not a device: choose cpu, cuda, cuda:N or auto"),
+    pytest.param(
+        ["--data", "builtin:digits", "--device", "cuda"],
+        "--device cuda: torch",  # and why: a CPU-only build, or no GPU or driver reachable
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device is usable"),
+    ),
 ]
 
 

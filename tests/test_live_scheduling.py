@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -155,6 +156,24 @@ def test_a_pinned_cut_is_kept_and_devices_without_profiles_start_at_reference_sp
     assert auto.estimates.devices["b"].speed == 1.0
     assert auto.plan(0, devices).cut == 6
     assert auto.plan(1, devices).cut == 6
+
+
+def test_a_device_training_elsewhere_than_its_profile_was_measured_is_named(caplog):
+    """A Jetson that registers training on CUDA with a profile measured on its CPU: the plan's
+    figures for it are wrong until its rounds measure it, and the log says why."""
+    auto = scheduler()
+    gpu = record("a")
+    gpu.capabilities = m.Capabilities(accelerator="cuda", accelerator_name="cuda:0 (Orin)")
+    devices = [gpu, record("b")]
+    with caplog.at_level(logging.WARNING, logger="cpsl.server"):
+        for device in devices:
+            auto.add_device(device, link(10), devices)
+    warnings = [r.getMessage() for r in caplog.records if "was measured on" in r.getMessage()]
+    assert warnings == [
+        "auto: a's profile was measured on cpu but it trains on cuda: its compute is mispredicted "
+        "until its first rounds measure its speed (profile it where its agent trains: "
+        "cpsl-profile --device)"
+    ]
 
 
 def test_auto_without_any_profile_says_what_to_do():

@@ -1,15 +1,20 @@
-"""Where the edge server computes (issue #15, item 1). On the CPU everywhere; the CUDA cases run
-where torch sees a GPU and are skipped, with the reason, elsewhere."""
+"""Where each side computes (issue #15): the edge server's ``--device`` (item 1) and the agent's
+(item 2). On the CPU everywhere; the CUDA cases run where torch sees a GPU and are skipped,
+with the reason, elsewhere."""
 
 from __future__ import annotations
+
+import argparse
+import json
 
 import pytest
 import torch
 
-from edge_server.placement import SplitForward, place, resolve_device
+from edge_server.placement import SplitForward, place
 from tests.agents import start_agents
 from tests.test_system import DATA, assert_same_weights, centralized, close, run_server, server_config
 from toolkit.data import load_dataset
+from toolkit.devices import device_name, resolve_device
 from toolkit.errors import UserError
 from toolkit.models import load_model
 
@@ -28,11 +33,18 @@ def test_device_names_resolve_or_fail_in_one_line():
     with pytest.raises(UserError, match="choose cpu, cuda, cuda:N or auto"):
         resolve_device("gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="torch sees no CUDA device"):
+        with pytest.raises(UserError, match=r"--device cuda:0: torch \S+ sees no CUDA device here \("):
             resolve_device("cuda:0")
     else:
         with pytest.raises(UserError, match="CUDA devices"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_device_names_are_checked_as_flags_before_anything_runs():
+    assert device_name(" CUDA:1 ") == "cuda:1" and device_name("auto") == "auto"
+    for bad in ("gpu", "cuda:", "cuda:-1", "cuda:x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a device"):
+            device_name(bad)
 
 
 def test_the_split_forward_computes_what_the_whole_model_computes():
@@ -64,3 +76,27 @@ def test_the_server_side_on_any_device_with_a_cpu_agent_trains_the_centralized_w
     assert {p.device.type for p in server.model.net.parameters()} == {"cpu"}  # all back for model.pt and ONNX
     expected = centralized(digits, [["dev0"]], shares, config)
     assert_same_weights(server.model.net.state_dict(), expected, atol=1e-5 if device == "cpu" else 1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["cpsl", "fl"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_an_agent_on_any_device_trains_the_centralized_weights_and_registers_where(
+    broker, digits, tmp_path, device, scheme
+):
+    """The device side on ``device`` (cpsl: its layers up to the cut, with smashed data and
+    gradients crossing as CPU tensors; fl: the whole model), the server on the CPU: the weights
+    are centralized training's on the same batches. Tolerance as above: 1e-5 on the CPU, 1e-4
+    on CUDA. The registration says where it trains, and the run's fleet.json keeps it."""
+    agents, shares = start_agents(broker, digits, 1, device=device)
+    config = server_config(broker, tmp_path, scheme=scheme, rounds=2, iterations=4)
+    server = run_server(config, digits)
+    close(agents)
+    model = agents[0]._model
+    assert {p.device.type for p in model.net.parameters()} == {device}
+    expected = centralized(digits, [["dev0"]], shares, config)
+    assert_same_weights(server.model.net.state_dict(), expected, atol=1e-5 if device == "cpu" else 1e-4)
+    capabilities = server.registry.devices["dev0"].capabilities
+    assert capabilities.accelerator == device
+    assert capabilities.accelerator_name.startswith("cpu" if device == "cpu" else "cuda:0 (")
+    (info,) = json.loads((config.run_dir / "fleet.json").read_text())["devices"]
+    assert info["accelerator"] == capabilities.accelerator_name, info

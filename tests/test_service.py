@@ -67,6 +67,24 @@ def test_the_unit_verifies_and_its_exposure_is_at_most_3_5(config, tmp_path):
     assert exposure(bare) > 8.0 > hardened + 4
 
 
+@ANALYZE
+def test_a_gpu_agents_unit_reaches_only_nvidias_device_nodes_and_stays_hardened(config, tmp_path):
+    """device = "cuda" (a Jetson): the host's /dev, the device cgroup closed but for NVIDIA's
+    groups, the video and render groups; verify clean and exposure still at most 3.5. The CPU
+    agent's unit keeps its private /dev. (That these groups are exactly JetPack 6's nodes is
+    checked on a board, not here: docs/deploy.md.)"""
+    cpu = printed_unit(config, tmp_path).read_text()
+    assert "PrivateDevices=yes" in cpu and "DeviceAllow" not in cpu and "PrivateUsers=yes" in cpu
+    config.write_text(config.read_text() + 'device = "cuda"\n')
+    unit = printed_unit(config, tmp_path)
+    text = unit.read_text()
+    assert "PrivateDevices=no" in text and "DevicePolicy=closed" in text and "PrivateUsers" not in text
+    assert "DeviceAllow=char-nvidia* rw" in text and "SupplementaryGroups=video render" in text
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "cpsl-agent" not in done.stderr, done.stderr
+    assert exposure(unit) <= 3.5
+
+
 @OFFLINE_TOOLS
 def test_install_into_an_image_makes_the_user_and_enables_the_unit_and_uninstall_removes_it(config, tmp_path):
     image = tmp_path / "image"
@@ -97,6 +115,7 @@ def test_install_into_an_image_makes_the_user_and_enables_the_unit_and_uninstall
         ('broker = "mqtt://x"\nbogus = 1\n', "unknown setting 'bogus'"),
         ('broker = "mqtt://x"\ndata = "builtin:digits"\n', "--device-id is required"),
         ("broker = [\n", "not valid TOML"),
+        ('broker = "mqtt://x"\ndevice-id = "j1"\ndata = "builtin:digits"\ndevice = "gpu"\n', "device: 'gpu' is not"),
     ],
 )
 def test_a_unit_is_not_written_for_a_config_the_agent_would_refuse(tmp_path, text, message):

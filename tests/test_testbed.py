@@ -67,6 +67,19 @@ def run_dir(tmp_path, profile_cache):
             shutil.copy(profile, profile_cache)
 
 
+def quick_spec(folder: Path) -> Path:
+    """The default fleet's two links (16 and 6 Mbit/s up, twice that down), both devices at the
+    fast CPU class: a device at 0.15 core takes some 30 s to import torch and register, which
+    the runs that test links and media need not wait for (and that class's profile is cached)."""
+    devices = [
+        {"name": f"dev{i}", "uplink_mbit": up, "downlink_mbit": 2 * up, "cpu_share": 0.3}
+        for i, up in enumerate((16.0, 6.0))
+    ]
+    path = folder / "quick.json"
+    path.write_text(json.dumps({"devices": devices}))
+    return path
+
+
 def assert_nothing_left() -> None:
     namespaces, groups = leftovers()
     assert namespaces == [] and groups == [], (namespaces, groups)
@@ -198,8 +211,8 @@ def test_the_wifi_medium_carries_a_slotted_run_through_its_relay_and_cleans_up(r
             "run",
             "--medium",
             "wifi",
-            "--devices",
-            "2",
+            "--spec",
+            str(quick_spec(run_dir.parent)),
             "--scheme",
             "cpsl",
             "--cut",
@@ -297,8 +310,8 @@ def test_a_device_whose_link_is_down_for_10_s_catches_up_and_no_round_is_lost(ru
         [
             *CLI,
             "run",
-            "--devices",
-            "2",
+            "--spec",
+            str(quick_spec(run_dir.parent)),
             "--scheme",
             "cpsl",
             "--no-auto",

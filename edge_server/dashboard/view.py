@@ -128,7 +128,7 @@ def device_info(record) -> dict:
         "id": record.id,
         "board": capabilities.board or "",
         "threads": capabilities.threads,
-        "accelerator": capabilities.accelerator,
+        "accelerator": capabilities.accelerator_name or capabilities.accelerator,
         "samples": record.num_samples,
         "partition": record.partition,
         "profile": profile_summary(record.profile_json),

@@ -22,6 +22,7 @@ from toolkit.cli.common import (
     progress_bar,
     run_cli,
 )
+from toolkit.devices import device_name, resolve_device
 from toolkit.errors import UserError
 from toolkit.models import BUILTIN_MODELS, load_model
 from toolkit.profile_format import load_profile, save_profile
@@ -65,7 +66,13 @@ def build_parser() -> OneLineArgumentParser:
     )
     parser.add_argument("--cuts", help="comma-separated cuts to profile, by index or layer name (default: all)")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    parser.add_argument("--cuda", action="store_true", help="profile on the CUDA device")
+    parser.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where to measure: cpu (default), cuda, cuda:N or auto -- where the agent will train (its --device)",
+    )
+    parser.add_argument("--cuda", action="store_true", help="the same as --device cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, help="draw SL per cut against FL to this PNG or SVG")
     parser.add_argument(
@@ -117,6 +124,9 @@ def _main(argv: Sequence[str] | None) -> int:
             )
         ensure_writable_dir(onnx_dir, "ONNX folder")
 
+    if args.cuda and args.device not in ("cpu", "cuda"):
+        parser.error(f"--cuda and --device {args.device} disagree: give one")
+    device = resolve_device("cuda" if args.cuda else args.device)
     model = load_model(args.model, input_shape=args.input_shape, num_classes=args.num_classes, seed=args.seed)
     cuts = [model.cut_index(part.strip()) for part in args.cuts.split(",")] if args.cuts else None
     request = ProfileRequest(
@@ -130,7 +140,7 @@ def _main(argv: Sequence[str] | None) -> int:
         onnx_dir=onnx_dir,
         profile_dir=args.out.parent,
         cuts=cuts,
-        use_cuda=args.cuda,
+        device=device,
         optimizer=args.optimizer,
         seed=args.seed,
     )

@@ -57,7 +57,7 @@ class ProfileRequest:
     onnx_dir: Path | None = None
     profile_dir: Path | None = None  # ONNX paths in the profile are written relative to it
     cuts: list[int] | None = None
-    use_cuda: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # toolkit.devices.resolve_device
     optimizer: str = "sgd"
     seed: int = 0
     notes: list[str] = field(default_factory=list)  # filled with warnings worth showing the user
@@ -147,9 +147,9 @@ def run_profile(request: ProfileRequest, on_step: Callable[[str], None] = lambda
     """Measure ``request.model`` and return the validated profile (not yet written anywhere)."""
     if request.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {request.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-    if request.use_cuda and not torch.cuda.is_available():
-        raise UserError("--cuda was given but torch sees no CUDA device")
-    device = torch.device("cuda") if request.use_cuda else torch.device("cpu")
+    device = request.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("profiling on CUDA was asked for, but torch sees no CUDA device")
     allocator = pin_malloc_thresholds()
     threads = request.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

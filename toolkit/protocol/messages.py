@@ -67,7 +67,8 @@ class Capabilities(Body):
     board: Text = ""
     torch: Text = ""
     threads: int = Field(default=1, ge=1)
-    accelerator: Literal["cpu", "cuda"] = "cpu"
+    accelerator: Literal["cpu", "cuda"] = "cpu"  # where the device side trains (cpsl-agent --device)
+    accelerator_name: Text = ""  # e.g. "cuda:0 (Orin)"; "" from agents before it was sent
 
 
 class Register(Body):
