@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -11,6 +14,9 @@ import torch
 
 from tests.brokers import free_port
 from tests.conftest import run_cli
+from toolkit.protocol import Kind, topics
+from toolkit.protocol.codec import decode
+from toolkit.transport import MqttTransport, parse_broker_url
 
 BAD_AGENT = [
     (["--data", "builtin:cifar"], "unknown data spec 'builtin:cifar'"),
@@ -127,3 +133,35 @@ def test_secure_demo_provisions_and_trains_over_tls_with_mosquitto(tmp_path) -> 
         and any(name in " ".join(p.info["cmdline"] or []) for name in ("firmware_agent", str(run_dir)))
     ]
     assert leftovers == []
+
+
+def test_an_agent_configured_for_auto_registers_where_it_trains(broker, tmp_path) -> None:
+    """``device = "auto"`` in agent.toml: the agent trains on CUDA where torch sees it, else the CPU,
+    and its retained registration says which -- what the server, fleet.json and dashboard show."""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'broker = "{broker}"\ndevice-id = "j1"\ndata = "builtin:digits"\nno-profile = true\ndevice = "auto"\n'
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "firmware_agent", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    frames: queue.Queue[bytes] = queue.Queue()
+    watcher = MqttTransport(parse_broker_url(broker), "watcher", lambda topic, payload: frames.put(payload))
+    try:
+        watcher.subscribe(topics.device_status("j1"))
+        watcher.connect(10)
+        register = None
+        while register is None:
+            message = decode(frames.get(timeout=60))  # retained: there as soon as the agent is up
+            register = message.body if message.kind is Kind.REGISTER else None
+    finally:
+        watcher.close()
+        agent.terminate()
+        _, stderr = agent.communicate(timeout=30)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert register.capabilities.accelerator == expected, stderr[-2000:]
+    assert register.capabilities.accelerator_name.startswith(expected)
+    assert f"warmed up lenet5 on {register.capabilities.accelerator_name}" in stderr
