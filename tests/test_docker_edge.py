@@ -109,20 +109,65 @@ def test_the_image_builds_runs_as_its_own_user_trains_and_reports_healthy(tmp_pa
     name = f"cpsl-agent-test-{os.getpid()}"
     with mosquitto(tmp_path) as url:
         agent = subprocess.run(
-            [DOCKER, "run", "-d", "--rm", "--name", name, "--network", "host",
-             "-v", f"{data}:/data/digits:ro", IMAGE,
-             "--broker", url, "--device-id", "dock0", "--data", "idx:/data/digits", "--no-profile", "--heartbeat", "1"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [
+                DOCKER,
+                "run",
+                "-d",
+                "--rm",
+                "--name",
+                name,
+                "--network",
+                "host",
+                "-v",
+                f"{data}:/data/digits:ro",
+                IMAGE,
+                "--broker",
+                url,
+                "--device-id",
+                "dock0",
+                "--data",
+                "idx:/data/digits",
+                "--no-profile",
+                "--heartbeat",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert agent.returncode == 0, agent.stderr
         try:
             run_dir = tmp_path / "run"
             server = subprocess.run(
-                [sys.executable, "-m", "edge_server", "--broker", url, "--model", "lenet5", "--data", f"idx:{data}",
-                 "--min-devices", "1", "--scheme", "cpsl", "--no-auto", "--rounds", "2", "--local-iterations", "3",
-                 "--timeout", "120", "--run-dir", str(run_dir)],
-                cwd=ROOT, capture_output=True, text=True, timeout=600,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "edge_server",
+                    "--broker",
+                    url,
+                    "--model",
+                    "lenet5",
+                    "--data",
+                    f"idx:{data}",
+                    "--min-devices",
+                    "1",
+                    "--scheme",
+                    "cpsl",
+                    "--no-auto",
+                    "--rounds",
+                    "2",
+                    "--local-iterations",
+                    "3",
+                    "--timeout",
+                    "120",
+                    "--run-dir",
+                    str(run_dir),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             logs = subprocess.run([DOCKER, "logs", name], capture_output=True, text=True).stderr
             assert server.returncode == 0, server.stderr[-2000:] + logs[-2000:]
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -49,8 +49,12 @@ def test_the_user_data_carries_the_bundle_and_a_config_the_agent_accepts(deploym
     assert commands[2][-3:] == ["--index-url", "https://download.pytorch.org/whl/cpu", "torch"]  # not PyPI's CUDA
     assert commands[3][-1] == "cpsl-edge[agent]"
     assert commands[-1] == [
-        "/opt/cpsl-edge/bin/cpsl-agent", "service", "install", "--config", "/etc/cpsl-edge/agent.toml"
-    ]  # fmt: skip
+        "/opt/cpsl-edge/bin/cpsl-agent",
+        "service",
+        "install",
+        "--config",
+        "/etc/cpsl-edge/agent.toml",
+    ]
     # what the board will have in /etc/cpsl-edge is a configuration the agent (and its unit) accept
     etc = tmp_path / "etc" / "cpsl-edge"
     etc.mkdir(parents=True)
@@ -68,9 +72,20 @@ def test_cloud_init_validates_the_user_data_with_and_without_tls(deployment, tmp
     done = provision("add-device", "pi-02", "--dir", str(deployment), "--data", "builtin:mnist5k", "--cloud-init")
     assert done.returncode == 0, done.stderr
     plain = provision(
-        "add-device", "pi-03", "--dir", str(tmp_path / "plain"), "--broker", "mqtt://edge.local:1883",
-        "--data", "idx:/srv/mnist", "--cloud-init", "--torch", "torch==2.5.1", "--torch-index", "none",
-    )  # fmt: skip
+        "add-device",
+        "pi-03",
+        "--dir",
+        str(tmp_path / "plain"),
+        "--broker",
+        "mqtt://edge.local:1883",
+        "--data",
+        "idx:/srv/mnist",
+        "--cloud-init",
+        "--torch",
+        "torch==2.5.1",
+        "--torch-index",
+        "none",
+    )
     assert plain.returncode == 0, plain.stderr
     for user_data in (deployment / "devices/pi-02/user-data", tmp_path / "plain/devices/pi-03/user-data"):
         check = subprocess.run(

@@ -20,9 +20,17 @@ def test_a_device_clock_ahead_by_its_offset_lands_on_the_servers_clock():
     turn.gradients_sent[("b", 0)] = 1001.25
     arrivals = {"a": {0: 1000.9}, "b": {0: 1000.95}}
     timing = m.IterationTiming(
-        iteration=0, forward_s=0.2, backward_s=0.1, upload_s=0.1, wait_gradient_s=0.3, up_bytes=1, down_bytes=1,
-        upload_start_at=1002.7, upload_end_at=1002.8, slot_wait_s=0.1,
-    )  # fmt: skip
+        iteration=0,
+        forward_s=0.2,
+        backward_s=0.1,
+        upload_s=0.1,
+        wait_gradient_s=0.3,
+        up_bytes=1,
+        down_bytes=1,
+        upload_start_at=1002.7,
+        upload_end_at=1002.8,
+        slot_wait_s=0.1,
+    )
     grants = {"a": m.Grant(slot_offset_s=0.1, slot_duration_s=0.2, clock_offset_s=2.0)}  # a's clock runs 2 s ahead
     rows = round_timeline(start, [turn], arrivals, {"a": report(timing)}, grants)
     a, b = rows
