@@ -41,6 +41,7 @@ from rich.console import Console
 from toolkit.cli.common import encoding_name
 from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.compression import Encoding
+from toolkit.devices import device_name
 from toolkit.errors import UserError
 from toolkit.files import read_bounded
 from toolkit.planning.advice import SCHEMES, advise, plan_schemes
@@ -163,22 +164,53 @@ class FleetPlanInput:
     bounds: ClusterBounds
     medium: str  # as printed: "airtime", "shared", or each direction's kind when probed
     devices: dict  # name -> what is known of it, for the JSON
+    server: str  # where the server side's costs come from (issue #15 item 3), as printed
+
+
+def server_side(args, reference: Profile, batch_sizes: list[int]) -> tuple[Profile | None, str]:
+    """The server's profile for planning from a fleet file: ``--server-profile``, or measured
+    here on ``--device`` as edge_server measures itself at start (run the advisor on the edge
+    PC, or give its profile). None -- the reference device stands for the server -- only
+    where the reference's model cannot be built here (a user model not named by ``--model``)."""
+    from edge_server.own_profile import own_profile
+    from toolkit.devices import resolve_device
+    from toolkit.models import load_model
+
+    if args.server_profile:
+        return load_profile(args.server_profile, reference.model.fingerprint), f"given ({args.server_profile})"
+    info = reference.model
+    try:
+        model = load_model(
+            args.model or info.name,
+            input_shape=tuple(info.input_shape),
+            num_classes=reference.layers[-1].output_shape[-1],
+        )
+    except (UserError, ValueError) as exc:
+        return None, f"the reference device's (cannot build {info.name} here to measure it: {exc})"
+    if model.fingerprint() != info.fingerprint:
+        return None, f"the reference device's ({info.name} here is not the profile's model: give --server-profile)"
+    profile, source = own_profile(model, batch_sizes, device=resolve_device(args.device))
+    return profile, source
 
 
 def from_fleet_file(args) -> FleetPlanInput:
+    from edge_server.own_profile import pooled_batch_sizes
+
     reference = load_profile(args.profile)
     spec = load_fleet(args.fleet)
     state = fleet_state(spec, reference, args.batch_size, args.fleet.parent)
     size = args.max_cluster_size or math.ceil(len(spec.devices) / args.clusters)
     devices = {d.name: {"uplink_mbit": d.uplink_mbit, "downlink_mbit": d.downlink_mbit} for d in spec.devices}
+    server_profile, server = server_side(args, reference, pooled_batch_sizes(args.batch_size, size))
     return FleetPlanInput(
         reference.model.name,
-        model_costs(reference),
+        model_costs(reference, server_profile),
         state,
         TrainingSettings(args.batch_size, args.local_iterations),
         ClusterBounds(size, args.clusters),
         f"{spec.medium} medium",
         devices,
+        server,
     )
 
 
@@ -201,6 +233,7 @@ def from_broker(args, console: Console) -> FleetPlanInput:
         auto=True,
         max_cluster_size=args.max_cluster_size,
         server_profile=args.server_profile,
+        device=args.device,
         medium=args.medium,
         run_id=f"advise-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
         register_timeout_s=args.wait_devices,
@@ -228,7 +261,8 @@ def from_broker(args, console: Console) -> FleetPlanInput:
             highlight=False,
         )
     medium = f"uplink {view.uplink_medium.kind}, downlink {view.downlink_medium.kind} (probed)"
-    return FleetPlanInput(model.name, view.costs, view.state, view.settings, view.bounds, medium, known)
+    server_source = server.scheduler.server_profile_source
+    return FleetPlanInput(model.name, view.costs, view.state, view.settings, view.bounds, medium, known, server_source)
 
 
 def run_advise(args) -> int:
@@ -248,10 +282,17 @@ def run_advise(args) -> int:
     rounds = rehearsed_rounds(args, plans, data, parts, console) if args.data else None
     advice = advise(plans, rounds)
     print(f"{fleet.model} on {fleet.state.size} devices, {fleet.medium}, label skew {skew:.2f}")
+    print(f"server side on {args.device}: profile {fleet.server}")
     for line in advice.lines():
         print(line)
     if args.json:
-        document = {"skew": skew, "medium": fleet.medium, "devices": fleet.devices, **advice.to_dict()}
+        document = {
+            "skew": skew,
+            "medium": fleet.medium,
+            "devices": fleet.devices,
+            "server": {"device": args.device, "profile": fleet.server},
+            **advice.to_dict(),
+        }
         args.json.write_text(json.dumps(document, indent=1))
     return 0
 
@@ -272,7 +313,18 @@ def add_advise(commands) -> None:
     advise_parser.add_argument(
         "--medium", choices=MEDIUM_CHOICES, default="auto", help="with --broker: as edge_server --medium"
     )
-    advise_parser.add_argument("--server-profile", type=Path, help="with --broker: as edge_server --server-profile")
+    advise_parser.add_argument(
+        "--server-profile",
+        type=Path,
+        help="the edge PC's profile of the model, as edge_server --server-profile (default: measured here on "
+        "--device, as edge_server does at start: run the advisor on the edge PC)",
+    )
+    advise_parser.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where the edge server will train its side: cpu (default), cuda, cuda:N, auto (as edge_server --device)",
+    )
     advise_parser.add_argument(
         "--model", default=None, help="built-in model to plan and rehearse (default: the profile's, or lenet5)"
     )

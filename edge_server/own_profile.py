@@ -76,4 +76,4 @@ def own_profile(
     except OSError as exc:  # a read-only home costs the next run a profile, not this one
         log.warning("cannot cache the server profile in %s: %s", cache, exc)
     on = f"CUDA device {device.index or 0}" if cuda else f"{threads} threads"
-    return profile, f"measured at start ({time.monotonic() - started:.1f} s, {on})"
+    return profile, f"measured here ({time.monotonic() - started:.1f} s, {on})"

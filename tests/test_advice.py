@@ -99,6 +99,40 @@ def test_advise_rehearses_each_scheme_and_prints_and_writes_the_table(tmp_path):
     assert [row["scheme"] for row in advice["schemes"]] == list(SCHEMES)
     assert advice["recommended"] in SCHEMES and advice["skew"] < 0.2
     assert any(row["rounds"] for row in advice["schemes"])
+    # no --server-profile: the server side planned on this machine's own measurement, and said so
+    assert advice["server"]["device"] == "cpu"
+    assert advice["server"]["profile"].startswith(("measured here", "cached")), advice["server"]
+    assert f"server side on cpu: profile {advice['server']['profile']}" in result.stdout
+
+
+def _scaled(document, factor: float):
+    """The profile with every timing summary scaled: a machine ``1/factor`` times as fast."""
+    if isinstance(document, dict):
+        if {"median", "p10", "p90", "n"} <= document.keys():
+            return {k: v * factor if k != "n" else v for k, v in document.items()}
+        return {k: _scaled(v, factor) for k, v in document.items()}
+    if isinstance(document, list):
+        return [_scaled(v, factor) for v in document]
+    return document
+
+
+def test_the_advice_plans_the_server_side_on_the_servers_profile(tmp_path):
+    """The same fleet and reference, the server's profile 10x faster: every split scheme's
+    round is predicted shorter, FL's (no server side) is not."""
+    fast = tmp_path / "fast-server.json"
+    fast.write_text(json.dumps(_scaled(json.loads(LENET.read_text()), 0.1)))
+    latency = {}
+    for name, server in (("same", LENET), ("fast", fast)):
+        out = tmp_path / f"{name}.json"
+        fleet_file = str(ROOT / "bench" / "fleets" / "testbed-wifi.json")
+        result = cli(
+            "--profile", str(LENET), "--fleet", fleet_file, "--server-profile", str(server), "--json", str(out)
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"profile given ({server})" in result.stdout
+        latency[name] = {row["scheme"]: row["round_latency_s"] for row in json.loads(out.read_text())["schemes"]}
+    assert all(latency["fast"][s] < latency["same"][s] for s in ("sl", "sfl", "cpsl-fixed")), latency
+    assert latency["fast"]["fl"] == latency["same"]["fl"]
 
 
 @pytest.mark.parametrize(
@@ -140,6 +174,7 @@ def test_advise_against_a_broker_plans_on_the_registered_devices_and_leaves_them
         assert all(row["round_latency_s"] > 0 for row in advice["schemes"])
         assert result.stdout.strip().splitlines()[-1] == f"run {advice['recommended']} ({advice['basis']})"
         assert all(agent.state == "idle" and agent.assignment is None for agent in agents)
+        assert advice["server"]["profile"].startswith(("measured here", "cached")), advice["server"]
     finally:
         for agent in agents:
             agent.close()

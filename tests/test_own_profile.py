@@ -18,7 +18,7 @@ def test_the_server_measures_itself_once_caches_it_and_leaves_the_runs_random_dr
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     profile, source = own_profile(model, [8, 32], cache=tmp_path)
-    assert source.startswith("measured at start") and torch.equal(torch.rand(3), expected_next)
+    assert source.startswith("measured here") and torch.equal(torch.rand(3), expected_next)
     assert profile.settings.batch_sizes == [8, 32] and profile.device.id == "edge-server"
     assert profile.model.fingerprint == model.fingerprint()
     again, source = own_profile(model, [8, 32], cache=tmp_path)
@@ -39,4 +39,4 @@ def test_auto_plans_with_the_servers_own_profile_and_says_where_it_came_from(tmp
     scheduler = server.scheduler
     assert scheduler.server_profile is not None and scheduler.server_profile.device.id == "edge-server"
     assert scheduler.server_profile.settings.batch_sizes == [8, 32]  # clusters of 2: pooled 16, at least 4x
-    assert scheduler.server_profile_source.startswith(("measured at start", "cached"))
+    assert scheduler.server_profile_source.startswith(("measured here", "cached"))
