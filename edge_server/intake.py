@@ -60,7 +60,7 @@ class Intake:
             body: m.Reject = message.body
             self.refusals[header.device] = f"{body.refused}: {body.reason}"
             self.endpoint.count(f"device refused {body.refused}")
-            self.registry.refuse(header.device, body.reason)
+            self.registry.refuse(header.device, body.reason, body.refused)
             return None
         return item
 

@@ -109,12 +109,14 @@ class Registry:
         returned, self.returned = self.returned, set()
         return returned
 
-    def refuse(self, device: str, reason: str) -> None:
-        """The device refused the run's assignment: leave it out of plans until it registers anew."""
+    def refuse(self, device: str, reason: str, refused: str = "ASSIGN") -> None:
+        """The device refused the run's assignment, or could not carry out a turn (``refused``:
+        WEIGHTS_DOWN, e.g. out of GPU memory): leave it out of plans until it registers anew."""
         record = self.devices.get(device)
         if record is not None and not record.refused:
             record.refused = reason
-            log.warning("device %s refused the assignment: %s", device, reason)
+            what = "refused the assignment" if refused == "ASSIGN" else f"could not carry out {refused}"
+            log.warning("device %s %s: %s", device, what, reason)
 
     def seen(self, device: str) -> None:
         """Any accepted message from the device is a sign of life, not only heartbeats: a heartbeat

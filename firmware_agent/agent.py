@@ -299,8 +299,24 @@ class DeviceAgent:
             self._train_turn(message)
         except TurnAbortedError as reason:
             log.warning("turn abandoned: %s", reason)
+        except Exception as exc:  # say why now: the server would otherwise wait out its timeout
+            self._refuse(message, self._turn_failure(exc))
+            raise  # handle_safely logs it, traceback and all, counts it, and serves on
         finally:
             self.state = "idle"
+
+    def _turn_failure(self, exc: Exception) -> str:
+        """The reason a turn failed, as the server shows it (a REJECT of the weights)."""
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed step held goes back for the next run
+            batch = self.assignment.hyper.batch_size if self.assignment is not None else "?"
+            return (
+                f"out of memory on {accelerator_name(self.device)} at batch {batch} "
+                f"(train on the CPU or with a smaller batch): {first_line}"
+            )
+        return f"training failed: {type(exc).__name__}: {first_line}"
 
     def _server_status(self, message: Message) -> None:
         """Watch the edge server: when a server (re)starts, announce ourselves to it again; when

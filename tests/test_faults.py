@@ -3,6 +3,7 @@ stopped and restarted at three points of a round, with and without its persisten
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -198,3 +199,34 @@ def test_an_agent_killed_mid_turn_and_restarted_gets_its_turn_started_again(brok
     got, want = server.model.net.state_dict(), twin.model.net.state_dict()
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_a_device_out_of_memory_mid_turn_says_so_and_is_dropped_at_once(broker, tmp_path, caplog):
+    """dev1's first forward of the turn fails as a Jetson's GPU out of memory would (torch's own
+    exception, raised by a hook on its first layer): the agent tells the server why (a REJECT
+    of the weights) instead of going silent, the server drops it from the run at once -- long
+    before its iteration timeout -- and the round completes with dev0; the agent serves on."""
+    data = load_dataset("builtin:digits", seed=0)
+    agents, _ = start_agents(broker, data, 2)
+
+    def out_of_memory(module, inputs):
+        if module.training:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    agents[1]._build("lenet5").net[0].register_forward_pre_hook(out_of_memory)
+    config = dataclasses.replace(three_device_config(broker, tmp_path, "oom", 30), rounds=3, min_devices=2)
+    server = EdgeServer(config, load_model("lenet5", seed=0), data)
+    started = time.monotonic()
+    try:
+        with caplog.at_level("WARNING", logger="cpsl.server"):
+            server.run()
+    finally:
+        for agent in agents:
+            agent.close()
+    assert time.monotonic() - started < config.iteration_timeout_s  # not one timeout waited out
+    first = server.history[0]
+    assert first["dropped"] == ["dev1"], first["dropped"]
+    assert first["refusals"]["dev1"].startswith("WEIGHTS_DOWN: out of memory on cpu at batch 8 ")
+    assert all(r["clusters"] == [["dev0"]] for r in server.history[1:])  # out for the rest of the run
+    assert agents[1].failures == 1  # counted and logged; its serve loop went on
+    assert any("could not carry out WEIGHTS_DOWN: out of memory" in r.getMessage() for r in caplog.records)
