@@ -15,6 +15,7 @@ from pathlib import Path
 
 from toolkit.cli.common import positive_float, positive_int
 from toolkit.cli.connection import add_broker_flags, broker_from_args
+from toolkit.devices import device_name, resolve_device
 
 log = logging.getLogger("cpsl.serve")
 
@@ -38,6 +39,12 @@ def add_inference_commands(commands) -> None:
     add_broker_flags(serve)
     serve.add_argument("--service", help="the service's name, which devices give as --service (default: the run id)")
     serve.add_argument("--threads", type=positive_int, default=1, help="torch threads for the server's part")
+    serve.add_argument(
+        "--device",
+        type=device_name,
+        default="cpu",
+        help="where the server's part runs: cpu (default), cuda, cuda:N, or auto (as edge_server --device)",
+    )
     serve.add_argument("--max-batch", type=positive_int, default=256, help="the largest batch a request may carry")
     serve.add_argument(
         "--no-raw-inputs", action="store_true", help="refuse cut 0 (raw inputs from the device), whatever devices allow"
@@ -68,6 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s serve %(levelname)s %(message)s")
     broker = broker_from_args(args)
+    resolve_device(args.device)  # a device torch cannot use is one line before the model loads
     model, run_id = load_trained(args.run_dir)
     config = ServeConfig(
         broker=broker,
@@ -76,12 +84,13 @@ def run_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_batch=args.max_batch,
         raw_inputs=not args.no_raw_inputs,
+        device=args.device,
     )
     import torch
 
     torch.set_num_threads(args.threads)
     service = TailService(config, model, run_id)
-    print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts", flush=True)
+    print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts on {service.device}", flush=True)
     service.measure_tails()
     service.start()
     stop = threading.Event()

@@ -36,6 +36,7 @@ import torch
 from edge_server.run_state import read_settings
 from toolkit import compression
 from toolkit.compression import Encoding
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError
 from toolkit.files import read_bounded
 from toolkit.inference.heads import weights_digest
@@ -65,6 +66,7 @@ class ServeConfig:
     connect_timeout_s: float = 10.0
     tail_batch_sizes: tuple[int, ...] = TAIL_BATCH_SIZES
     tail_repeats: int = 5
+    device: str = "cpu"  # where the server's part runs: cpu, cuda, cuda:N, auto (toolkit.devices)
 
 
 class RequestRefusedError(Exception):
@@ -104,10 +106,12 @@ class TailService:
         self.model = model
         self.run_id = run_id
         self.service = topics.check_id(config.service or run_id, "service name")
+        self.device = resolve_device(config.device)
         model.net.eval()
         self.num_layers = model.num_layers
         self.cuts = list(range(0 if config.raw_inputs else 1, self.num_layers))
-        self.digest = weights_digest(model.net.state_dict())
+        self.digest = weights_digest(model.net.state_dict())  # of the CPU tensors, as the heads were digested
+        model.net.to(self.device)  # requests are decoded on the CPU, then moved; logits come back
         self.shapes = self._shapes()
         self.accepted = {Encoding.parse(name).name for name in ACCEPTED_ENCODINGS}
         self.endpoint = Endpoint(f"serve-{self.service}")
@@ -121,7 +125,7 @@ class TailService:
     def _shapes(self) -> dict[int, tuple[int, ...]]:
         """Each cut's activations for one sample (cut 0: the input)."""
         shapes = {0: tuple(self.model.input_shape)}
-        x = torch.zeros(1, *self.model.input_shape)
+        x = torch.zeros(1, *self.model.input_shape, device=self.device)
         with torch.inference_mode():
             for index, layer in enumerate(self.model.net, start=1):
                 x = layer(x)
@@ -145,7 +149,7 @@ class TailService:
                 with torch.inference_mode():
                     for repeat in range(self.config.tail_repeats + 1):
                         started = time.perf_counter()
-                        tail(x)
+                        tail(x.to(self.device)).cpu()  # as a request runs: in, computed, back
                         if repeat:
                             runs.append(time.perf_counter() - started)
                 seconds.append(statistics.median(runs))
@@ -288,4 +292,4 @@ class TailService:
         except ProtocolError as exc:
             raise RequestRefusedError(str(exc)) from None
         with torch.inference_mode():
-            return self.model.net[request.cut :](x).to(torch.float32).contiguous()
+            return self.model.net[request.cut :](x.to(self.device)).to("cpu", torch.float32).contiguous()

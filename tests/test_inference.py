@@ -159,6 +159,26 @@ def test_the_service_answers_with_the_logits_of_the_trained_model(service, encod
     assert logits.shape == (4, 10) and float((logits - expected).abs().max()) <= tolerance
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device on this machine")
+def test_a_service_on_the_gpu_answers_as_the_cpu_one_does(run_dir, service):
+    """``serve --device cuda``: requests decoded on the CPU, the tail on the GPU, logits back on the
+    CPU; the same weights digest (of the CPU tensors) and the same answers within 1e-4."""
+    model, run_id = load_trained(run_dir)
+    config = ServeConfig(
+        parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, tail_batch_sizes=(1, 4), device="cuda"
+    )
+    gpu = TailService(config, model, run_id)
+    assert gpu.digest == service.digest and gpu.measure_tails()
+    for cut in (0, 3, 6):
+        with torch.no_grad():
+            activations = service.model.net[:cut](torch.randn(4, 1, 28, 28))
+        request = m.Infer(request=1, cut=cut, weights=service.digest, encoding="fp32")
+        tensors = compression.encode("x", activations, Encoding.parse("fp32"))
+        logits = gpu.answer(request, tensors)
+        assert logits.device.type == "cpu"
+        torch.testing.assert_close(logits, service.answer(request, tensors), atol=1e-4, rtol=0)
+
+
 def _request(service, **changes) -> tuple[m.Infer, dict]:
     fields = {"request": 1, "cut": 3, "weights": service.digest, "encoding": "fp16"}
     fields.update(changes)
