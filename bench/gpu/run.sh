@@ -2,7 +2,7 @@
 # Issue #15's GPU checks, step 2 of 2 -- run ON THE GPU MACHINE, from the repository root, with
 # .gpu/ carried (bench/gpu/prepare.sh made it here). In one call (about 5 minutes on an H100):
 #   1. the CUDA tests: the server side on CUDA with a CPU agent, an agent on CUDA (cpsl and fl),
-#      a profile on the GPU -- each against centralized training's weights (tolerance 1e-4);
+#      a profile on the GPU, split inference's tail on the GPU -- against the CPU's results (1e-4);
 #   2. bench/server_step.py on the CPU and the GPU (issue #15 item 4's table).
 # Everything it writes goes to $OUT (the device tool brings it back), or bench/results/gpu.
 # A dry run here: SKIP_WHEELS=1 PYTHON=.venv/bin/python OUT=/tmp/gpu-dry bash bench/gpu/run.sh
@@ -31,6 +31,7 @@ export PATH="/tmp/gpu-mq/bin:$PATH"
 $PY -m pytest -q -rs -p no:cacheprovider \
     tests/test_placement.py tests/test_cli_profile.py::test_a_profile_on_the_gpu_says_so_and_times_every_cut \
     "tests/test_cli_system.py::test_an_agent_configured_for_auto_registers_where_it_trains" \
+    "tests/test_inference.py::test_a_service_on_the_gpu_answers_as_the_cpu_one_does" \
     2>&1 | tee "$OUT/cuda_tests.txt"
 tests=${PIPESTATUS[0]}
 
