@@ -240,7 +240,9 @@ def test_the_wifi_medium_carries_a_slotted_run_through_its_relay_and_cleans_up(r
         assert evidence[direction]["kind"] == "airtime", evidence
         assert 0.7 < evidence[direction]["utilisation"] <= 1.4
     assert records[0]["slots"]["iterations"] == 6
-    assert "listener 1883 127.0.0.1" in (run_dir / "mosquitto.conf").read_text()  # devices reach it via the relay
+    broker_config = (run_dir / "mosquitto.conf").read_text()
+    assert "listener 1883 127.0.0.1" in broker_config  # devices reach it via the relay
+    assert "set_tcp_nodelay true" in broker_config  # as provisioned (--broker-nagle leaves it out)
     assert all(
         "registered at mqtt://10.77.0.1:1883" in (run_dir / "logs" / f"agent-{i}.log").read_text() for i in (0, 1)
     )

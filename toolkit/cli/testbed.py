@@ -125,6 +125,12 @@ def build_parser() -> OneLineArgumentParser:
     )
     run_parser.add_argument("--compress", type=encoding_name, default="fp32", help="the server's --compress")
     run_parser.add_argument("--compress-gradients", type=encoding_name, help="the server's --compress-gradients")
+    run_parser.add_argument(
+        "--broker-nagle",
+        action="store_true",
+        help="leave Nagle's algorithm on the broker's sockets (Mosquitto's default, as the testbed ran before "
+        "2026-11-26); by default the broker has set_tcp_nodelay true, as provisioned",
+    )
     run_parser.add_argument("--debug", action="store_true")
     cleanup = sub.add_parser("cleanup", help="remove cpsl-* namespaces and cgroups left by a killed run")
     cleanup.add_argument("--debug", action="store_true")
@@ -174,6 +180,7 @@ def _main(argv: Sequence[str] | None) -> int:
         model=args.model or FLEETS[args.fleet][1],
         compress=args.compress,
         compress_gradients=args.compress_gradients,
+        broker_nodelay=not args.broker_nagle,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
     testbed = Testbed(spec)

@@ -88,6 +88,9 @@ class RunSpec:
     compress: str = "fp32"  # the server's --compress (toolkit.compression)
     compress_gradients: str | None = None  # its --compress-gradients (None: as --compress)
     events: list[Event] = field(default_factory=list)
+    # The broker as provisioned (set_tcp_nodelay true); False: Mosquitto's default, Nagle's
+    # algorithm on its sockets, as the testbed ran before 2026-11-26 (docs/testbed.md)
+    broker_nodelay: bool = True
 
     def server_flags(self) -> list[str]:
         flags = [
@@ -238,7 +241,8 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
     # wifi: devices reach the broker's address through the airtime relay; the broker listens on the
     # access point's loopback, where the edge server (wired to the access point) reaches it directly
     broker_listen = "127.0.0.1" if wifi else AP_ADDRESS
-    config.write_text(f"listener {BROKER_PORT} {broker_listen}\nallow_anonymous true\npersistence false\n")
+    nodelay = "set_tcp_nodelay true\n" if spec.broker_nodelay else ""
+    config.write_text(f"listener {BROKER_PORT} {broker_listen}\nallow_anonymous true\npersistence false\n{nodelay}")
     processes: list[subprocess.Popen] = []
 
     def start(command: list[str], log_name: str) -> subprocess.Popen:
