@@ -16,18 +16,19 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from firmware_agent.agent import AgentConfig, DeviceAgent
-from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import OneLineArgumentParser, keepalive_seconds, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
-from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
-from toolkit.devices import device_name, resolve_device
+from toolkit.devices import device_name
 from toolkit.errors import UserError
-from toolkit.models import load_model
-from toolkit.protocol.topics import check_id
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and everything that loads it (the agent, the data, the models) are imported by the
+# run itself: `cpsl-agent health` is a container's HEALTHCHECK every 30 s and `service` runs
+# once at install, and neither should pay torch's start-up (2 s of CPU here, more on a Pi)
 
 PROG = "cpsl-agent"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cpsl-edge" / "profiles"
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _profile_bytes(args, model_name: str, threads: int, data, device: torch.device) -> tuple[bytes | None, str]:
     """The profile to register with: given, cached, or measured now on ``device`` (and cached)."""
+    from toolkit.models import load_model
     from toolkit.profile_format import load_profile, save_profile
 
     log = logging.getLogger("cpsl.agent")
@@ -201,6 +203,19 @@ def _main(argv: Sequence[str] | None) -> int:
     if argv[:1] == ["run"]:
         argv = argv[1:]
     args = _settings(argv)
+    return _run(args)
+
+
+def _run(args) -> int:
+    """Train: register, then serve the edge server's commands until stopped."""
+    import torch
+
+    from firmware_agent.agent import AgentConfig, DeviceAgent
+    from toolkit.allocator import pin_malloc_thresholds
+    from toolkit.data import load_dataset, parse_partition, parse_scheme, partition_indices
+    from toolkit.devices import resolve_device
+    from toolkit.protocol.topics import check_id
+
     models = args.model or ["lenet5"]
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
     check_id(args.device_id, "device id")

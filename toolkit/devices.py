@@ -13,10 +13,12 @@ agent's reported timings and the profiler's measurements mean the same on either
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from toolkit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 CHOICES = "cpu, cuda, cuda:N or auto"
 
@@ -32,6 +34,8 @@ def device_name(text: str) -> str:
 
 def resolve_device(text: str, flag: str = "--device") -> torch.device:
     """The torch device ``text`` names; one line saying why not when it cannot be used here."""
+    import torch  # here, not above: device_name checks flags in processes that never load torch
+
     value = str(text).strip().lower()
     if value == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -50,6 +54,8 @@ def resolve_device(text: str, flag: str = "--device") -> torch.device:
 
 
 def _why_no_cuda() -> str:
+    import torch
+
     if torch.version.cuda is None:
         return "this torch is a CPU-only build"
     return f"a CUDA {torch.version.cuda} build, but no GPU or driver is reachable"
@@ -58,11 +64,15 @@ def _why_no_cuda() -> str:
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device``: call it before reading a clock (a no-op on the CPU)."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
 def accelerator_name(device: torch.device) -> str:
     """What a person recognises: ``cpu`` or ``cuda:0 (NVIDIA Orin)``."""
     if device.type == "cuda":
+        import torch
+
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
     return "cpu"
