@@ -47,6 +47,11 @@ def add_inference_commands(commands) -> None:
     )
     serve.add_argument("--max-batch", type=positive_int, default=256, help="the largest batch a request may carry")
     serve.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="answer requests one at a time (default: those waiting together go through the model as one batch)",
+    )
+    serve.add_argument(
         "--no-raw-inputs", action="store_true", help="refuse cut 0 (raw inputs from the device), whatever devices allow"
     )
     serve.add_argument("--duration", type=positive_float, help="stop after this many seconds (default: until stopped)")
@@ -85,6 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         raw_inputs=not args.no_raw_inputs,
         device=args.device,
+        batching=not args.no_batching,
     )
     import torch
 
@@ -120,4 +126,5 @@ def _summary(service) -> str:
     served = sum(service.served.values())
     cuts = ", ".join(f"cut {cut}: {count}" for cut, count in sorted(service.served.items())) or "none"
     timing = f"; median {statistics.median(service.server_s) * 1e3:.2f} ms each" if service.server_s else ""
-    return f"{served} requests answered ({service.samples} inputs; {cuts}{timing}), {service.refused} refused"
+    merged = f" in {service.forwards} batches" if service.forwards < served else ""
+    return f"{served} requests answered{merged} ({service.samples} inputs; {cuts}{timing}), {service.refused} refused"

@@ -32,6 +32,7 @@ from toolkit.inference.planner import CutCost, Link, choose, interpolate, predic
 from toolkit.models import load_model
 from toolkit.protocol import Kind, decode, encode, make_header, topics
 from toolkit.protocol import messages as m
+from toolkit.protocol.codec import Message
 from toolkit.protocol.endpoint import Endpoint
 from toolkit.transport import parse_broker_url
 
@@ -177,6 +178,86 @@ def test_a_service_on_the_gpu_answers_as_the_cpu_one_does(run_dir, service):
         logits = gpu.answer(request, tensors)
         assert logits.device.type == "cpu"
         torch.testing.assert_close(logits, service.answer(request, tensors), atol=1e-4, rtol=0)
+
+
+class KeptFrames:
+    """The transport seam's in-memory stand-in: keeps what the service publishes (no broker here;
+    the same batching over Mosquitto is in test_split_inference_over_mosquitto...)."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.frames.append((topic, payload))
+
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+
+def _queue_requests(service, requests) -> dict[tuple[str, int], torch.Tensor]:
+    """INFER frames (device, request id, cut, activations, weights) into the service's inbox, as the
+    transport's thread would put them while the service is busy; the activations by request."""
+    sent = {}
+    for seq, (device, request_id, cut, x, weights) in enumerate(requests):
+        body = m.Infer(request=request_id, cut=cut, weights=weights or service.digest, encoding="fp32")
+        frame = encode(Kind.INFER, make_header(service.service, device, seq=seq), body, {"x": x})
+        service.endpoint.on_frame(topics.infer_request(service.service, device), frame)
+        sent[(device, request_id)] = x
+    return sent
+
+
+def _replies(transport) -> dict[tuple[str, int], Message]:
+    return {(r.header.device, r.body.request): r for r in (decode(f) for _, f in transport.frames)}
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_requests_waiting_together_are_answered_in_one_forward_per_cut(run_dir, service, batching):
+    """Five requests queued at once from two devices: three at cut 3 (1, 2 and 4 inputs), one at
+    cut 6, one for other weights. Batched: two forwards, one per cut; each device gets its own
+    rows, as a request answered alone gets them (within 1e-5), and the refusal is its own."""
+    model, run_id = load_trained(run_dir)
+    config = ServeConfig(
+        parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, tail_batch_sizes=(1,), batching=batching
+    )
+    batched = TailService(config, model, run_id)
+    transport = KeptFrames()
+    batched.endpoint.attach(transport)
+    with torch.no_grad():
+        inputs = [service.model.net[:3](torch.randn(n, 1, 28, 28)) for n in (1, 2, 4)]
+        at_six = service.model.net[:6](torch.randn(2, 1, 28, 28))
+    sent = _queue_requests(
+        batched,
+        [
+            ("dev0", 1, 3, inputs[0], None),
+            ("dev1", 1, 3, inputs[1], None),
+            ("dev0", 2, 6, at_six, None),
+            ("dev1", 2, 3, inputs[2], "0" * 64),
+            ("dev0", 3, 3, inputs[2], None),
+        ],
+    )
+    batched.serve(duration_s=0.3)
+    replies = _replies(transport)
+    assert sorted(replies) == sorted(sent)
+    assert "other weights" in replies[("dev1", 2)].body.error and batched.refused == 1
+    for key in set(sent) - {("dev1", 2)}:
+        cut = {("dev0", 2): 6}.get(key, 3)
+        alone = service.answer(m.Infer(request=1, cut=cut, weights=service.digest, encoding="fp32"), {"x": sent[key]})
+        torch.testing.assert_close(replies[key].tensors["logits"], alone, atol=1e-5, rtol=0)
+    assert batched.forwards == (2 if batching else 4)
+
+
+def test_a_batch_never_goes_past_max_batch_inputs(run_dir, service):
+    model, run_id = load_trained(run_dir)
+    config = ServeConfig(parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, max_batch=4)
+    batched = TailService(config, model, run_id)
+    batched.endpoint.attach(transport := KeptFrames())
+    with torch.no_grad():
+        x = service.model.net[:3](torch.randn(2, 1, 28, 28))
+    _queue_requests(batched, [(f"dev{i}", 1, 3, x, None) for i in range(3)])
+    batched.serve(duration_s=0.3)
+    assert len(_replies(transport)) == 3 and batched.forwards == 2  # 4 inputs, then 2
 
 
 def _request(service, **changes) -> tuple[m.Infer, dict]:
