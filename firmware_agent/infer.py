@@ -22,6 +22,7 @@ import secrets
 import statistics
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +88,20 @@ class Counts:
     by_cut: dict[int, int] = field(default_factory=dict)
     fallbacks: int = 0
     refusals: list[str] = field(default_factory=list)  # the service's reasons (the first few)
+    most_in_flight: int = 0  # the most requests out at once (--in-flight)
+
+
+@dataclass
+class Pending:
+    """A request sent and not yet answered (``cpsl-infer run --in-flight``)."""
+
+    request: int
+    cut: int
+    inputs: np.ndarray
+    started: float  # perf_counter: before its head ran
+    sent: float  # perf_counter: when it went out
+    size: int  # bytes on the wire
+    deadline: float  # monotonic
 
 
 class ServiceError(Exception):
@@ -107,7 +122,7 @@ class InferenceClient:
         self.counts = Counts()
         self._request_ids = secrets.randbits(48)
         self._replies: dict[int, tuple[m.Prediction, dict[str, torch.Tensor]]] = {}
-        self._waiting: int | None = None
+        self._awaited: set[int] = set()  # requests sent and not yet answered or given up on
         self._backoff_until = 0.0
         self._since_plan = 0
         self._observed: dict[int, deque[float]] = {}  # cut -> recent end-to-end latencies
@@ -178,7 +193,7 @@ class InferenceClient:
             self.status = message.body
             if changed:
                 log.info("service %s is %s", self.config.service, message.body.state)
-        elif message.kind is Kind.PREDICTION and message.body.request == self._waiting:
+        elif message.kind is Kind.PREDICTION and message.body.request in self._awaited:
             self._replies[message.body.request] = (message.body, message.tensors)
         # a late reply to a request given up on, or anything else: dropped
 
@@ -277,12 +292,17 @@ class InferenceClient:
         return m.Infer(request=request, cut=cut, weights=self.manifest.weights, encoding=self.encoding.name)
 
     def _offload(self, inputs: np.ndarray, cut: int) -> Outcome:
+        return self._collect(self._send(inputs, cut))
+
+    def _send(self, inputs: np.ndarray, cut: int) -> Pending:
+        """Run the head, encode its output and send the request; the answer is :meth:`_collect`'s."""
         started = time.perf_counter()
         activations = self.heads.run(cut, inputs)
         pieces = compression.encode("x", torch.from_numpy(np.ascontiguousarray(activations)), self.encoding)
         self._request_ids += 1
         request = self._request_ids
-        self._waiting = request
+        self._awaited.add(request)
+        self.counts.most_in_flight = max(self.counts.most_in_flight, len(self._awaited))
         sent = time.perf_counter()
         size = self.endpoint.send(
             topics.infer_request(self.config.service, self.config.device_id),
@@ -293,20 +313,25 @@ class InferenceClient:
             tensors=pieces,
         )
         deadline = time.monotonic() + self.config.timeout_s
-        while request not in self._replies:
-            if time.monotonic() >= deadline:
-                self._waiting = None
-                raise ServiceError(f"no answer within {self.config.timeout_s:g} s")
-            if self.status is not None and self.status.state != "online":
-                self._waiting = None
-                raise ServiceError("the service went offline")
-            self._pump(min(0.5, deadline - time.monotonic()))
-        reply, tensors = self._replies.pop(request)
-        self._waiting = None
+        return Pending(request, cut, inputs, started, sent, size, deadline)
+
+    def _collect(self, pending: Pending) -> Outcome:
+        """Wait for ``pending``'s answer (replies to the other requests in flight are kept meanwhile);
+        ServiceError when it does not come in time, the service goes offline, or it is refused."""
+        try:
+            while pending.request not in self._replies:
+                if time.monotonic() >= pending.deadline:
+                    raise ServiceError(f"no answer within {self.config.timeout_s:g} s")
+                if self.status is not None and self.status.state != "online":
+                    raise ServiceError("the service went offline")
+                self._pump(min(0.5, pending.deadline - time.monotonic()))
+            reply, tensors = self._replies.pop(pending.request)
+        finally:
+            self._awaited.discard(pending.request)
         ended = time.perf_counter()
-        logits = self.answer_of(reply, tensors, inputs.shape[0])
-        self.link.add(cut, size, (ended - sent) - reply.server_s - reply.queued_s)
-        return Outcome(logits, cut, ended - started, server_s=reply.server_s)
+        logits = self.answer_of(reply, tensors, pending.inputs.shape[0])
+        self.link.add(pending.cut, pending.size, (ended - pending.sent) - reply.server_s - reply.queued_s)
+        return Outcome(logits, pending.cut, ended - pending.started, server_s=reply.server_s)
 
     def answer_of(self, reply: m.Prediction, tensors: dict[str, torch.Tensor], batch: int) -> np.ndarray:
         """The logits a reply carries for a batch of ``batch``; ServiceError for a refusal, or for
@@ -327,20 +352,59 @@ class InferenceClient:
     def infer(self, inputs: np.ndarray, cut: int | None = None, record: bool = True) -> Outcome:
         """Classify one batch at ``cut`` (None: the planned cut, re-planned every few requests).
         ``record``: count it among the answers (calibration and confirmation requests are not)."""
+        outcome = self._infer_at(inputs, self._cut_for(inputs, cut))
+        self._count(outcome, record, observed=True)
+        return outcome
+
+    def infer_stream(
+        self, batches: Iterable[np.ndarray], cut: int | None = None, in_flight: int = 2
+    ) -> Iterator[Outcome]:
+        """Classify ``batches`` in order, up to ``in_flight`` requests out at once: the next batch's
+        head runs (and goes out) while the service answers the previous ones, so a board keeps
+        its CPU, the link and the server busy together. Each answer is yielded in input order;
+        one that fails falls back to the whole model here, as :meth:`infer`'s does. Latencies
+        here include waiting behind the board's own earlier requests, so they do not feed the
+        cut choice's observed latencies (the link estimate still learns from them)."""
+        window: deque[Pending | Outcome] = deque()
+        for inputs in batches:
+            chosen = self._cut_for(inputs, cut)
+            if chosen != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem():
+                window.append(self._send(inputs, chosen))
+            else:
+                window.append(self._alone(inputs, fallback=chosen != self.whole_model))
+            while len(window) >= max(1, in_flight):
+                yield self._finish(window.popleft())
+        while window:
+            yield self._finish(window.popleft())
+
+    def _finish(self, item: Pending | Outcome) -> Outcome:
+        if isinstance(item, Pending):
+            try:
+                item = self._collect(item)
+            except ServiceError as exc:
+                started = item.started
+                self._failed(str(exc))
+                item = self._alone(item.inputs, fallback=True)
+                item.latency_s = time.perf_counter() - started
+        self._count(item, record=True, observed=False)
+        return item
+
+    def _cut_for(self, inputs: np.ndarray, cut: int | None) -> int:
         if cut is None:
             if self.choice is None or self._since_plan >= self.config.replan_every:
                 self._refresh_link(inputs)
                 self.plan()
             cut = self.choice.cut
         self._since_plan += 1
-        outcome = self._infer_at(inputs, cut)
-        if not outcome.fallback:
+        return cut
+
+    def _count(self, outcome: Outcome, record: bool, observed: bool) -> None:
+        if observed and not outcome.fallback:
             self._observed.setdefault(outcome.cut, deque(maxlen=OBSERVED_WINDOW)).append(outcome.latency_s)
         if record:
             self.counts.requests += 1
             self.counts.by_cut[outcome.cut] = self.counts.by_cut.get(outcome.cut, 0) + 1
             self.counts.fallbacks += int(outcome.fallback)
-        return outcome
 
     def _infer_at(self, inputs: np.ndarray, cut: int) -> Outcome:
         if cut != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem():

@@ -86,6 +86,13 @@ def build_parser() -> OneLineArgumentParser:
     sweep.add_argument("--requests", type=positive_int, default=20, help="requests timed at each cut (default 20)")
     run.add_argument("--cut", default="auto", help="auto (default), device, server, or a cut number or layer name")
     run.add_argument("--replan-every", type=positive_int, default=50, help="requests between cut choices")
+    run.add_argument(
+        "--in-flight",
+        type=positive_int,
+        default=1,
+        help="requests out at once (default 1): with 2 or more the next batch's head runs while the service "
+        "answers the previous ones -- more inputs per second, each answered later",
+    )
     run.add_argument("--out", type=Path, help="one JSON line per input: index, class, label, cut, latency")
     parser.set_defaults(_commands={"plan": plan, "run": run, "sweep": sweep})
     return parser
@@ -236,9 +243,13 @@ def _classify(client, inputs: np.ndarray, labels: np.ndarray | None, args: argpa
     began = time.perf_counter()
     with progress_bar(Console(stderr=True)) as progress:
         task = progress.add_task("classifying", total=len(inputs))
-        for start in starts:
+        chunks = (inputs[start : start + batch] for start in starts)
+        if args.in_flight > 1:
+            outcomes = client.infer_stream(chunks, cut, in_flight=args.in_flight)
+        else:
+            outcomes = (client.infer(chunk, cut) for chunk in chunks)
+        for start, outcome in zip(starts, outcomes, strict=True):
             chunk = inputs[start : start + batch]
-            outcome = client.infer(chunk, cut)
             predicted = outcome.logits.argmax(axis=1)
             latencies.append(outcome.latency_s)
             if labels is not None:
@@ -270,6 +281,7 @@ def _classify(client, inputs: np.ndarray, labels: np.ndarray | None, args: argpa
         "fallbacks": counts.fallbacks,
         "service_failures": counts.refusals,
         "forced_cut": cut,
+        "in_flight": args.in_flight,
     }
 
 

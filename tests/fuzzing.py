@@ -439,7 +439,7 @@ class InferenceHarness:
                 try:  # the client awaits the request this reply names (if it is one)
                     peek = decode(frame)
                     if isinstance(peek.body, m.Prediction):
-                        client._waiting = peek.body.request
+                        client._awaited = {peek.body.request}
                 except ProtocolError:
                     pass
                 status = client.status

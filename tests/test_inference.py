@@ -422,6 +422,33 @@ def test_split_inference_over_mosquitto_gives_the_models_answers_and_falls_back_
     client.close()
 
 
+def test_requests_in_flight_together_give_the_answers_in_order_and_fall_back_when_the_service_goes(
+    run_dir, broker, live_service
+):
+    """``cpsl-infer run --in-flight 4``: up to four requests out at once, each batch answered in
+    input order with its own logits; once the service goes, what is still out and what follows
+    is classified here -- every input answered."""
+    client = _client(broker, run_dir / "heads")
+    assert client.connect(), client.service_problem()
+    batches = [np.random.default_rng(seed).standard_normal((4, 1, 28, 28)).astype(np.float32) for seed in range(12)]
+    with torch.no_grad():
+        expected = [live_service.model.net(torch.from_numpy(x)).numpy() for x in batches]
+    outcomes = list(client.infer_stream(batches, 6, in_flight=4))
+    assert client.counts.most_in_flight == 4 and client.counts.requests == 12
+    for outcome, want in zip(outcomes, expected, strict=True):
+        assert not outcome.fallback and outcome.cut == 6
+        np.testing.assert_allclose(outcome.logits, want, atol=0.02 * float(np.abs(want).max()))
+    live_service.stop()
+    time.sleep(0.5)
+    live_service.close()
+    stream = client.infer_stream(batches, 6, in_flight=4)
+    outcomes = list(stream)
+    assert len(outcomes) == 12 and all(o.fallback and o.cut == 12 for o in outcomes)
+    for outcome, want in zip(outcomes, expected, strict=True):
+        np.testing.assert_allclose(outcome.logits, want, rtol=1e-4, atol=1e-5)
+    client.close()
+
+
 def test_heads_of_other_weights_never_use_the_service(tmp_path, broker, live_service):
     make_run(tmp_path / "other", seed=7)
     client = _client(broker, tmp_path / "other" / "heads")
