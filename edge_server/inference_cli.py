@@ -13,7 +13,7 @@ import statistics
 import threading
 from pathlib import Path
 
-from toolkit.cli.common import positive_float, positive_int
+from toolkit.cli.common import listen_address, positive_float, positive_int
 from toolkit.cli.connection import add_broker_flags, broker_from_args
 from toolkit.devices import device_name, resolve_device
 
@@ -46,6 +46,12 @@ def add_inference_commands(commands) -> None:
         help="where the server's part runs: cpu (default), cuda, cuda:N, or auto (as edge_server --device)",
     )
     serve.add_argument("--max-batch", type=positive_int, default=256, help="the largest batch a request may carry")
+    serve.add_argument(
+        "--metrics-port",
+        type=listen_address,
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics (edge_server/serve_metrics.py) on this port (loopback unless HOST is given)",
+    )
     serve.add_argument(
         "--no-batching",
         action="store_true",
@@ -96,6 +102,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     service = TailService(config, model, run_id)
+    metrics = None
+    if args.metrics_port is not None:
+        from edge_server.serve_metrics import ServiceMetrics
+
+        metrics = ServiceMetrics(service)
+        metrics.serve(*args.metrics_port)  # a port in use is one line before anything is measured
+        print(f"Prometheus metrics at http://{args.metrics_port[0]}:{metrics.port}/metrics", flush=True)
     print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts on {service.device}", flush=True)
     service.measure_tails()
     service.start()
@@ -114,6 +127,8 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         service.close()
+        if metrics is not None:
+            metrics.close()
     print(_summary(service), flush=True)
     return 0
 

@@ -248,6 +248,36 @@ def test_requests_waiting_together_are_answered_in_one_forward_per_cut(run_dir, 
     assert batched.forwards == (2 if batching else 4)
 
 
+def test_the_service_is_scraped_by_prometheus(run_dir, service):
+    """``serve --metrics-port``: what it answered, refused and merged, over HTTP, parsed with the
+    Prometheus client's own parser."""
+    from edge_server.serve_metrics import ServiceMetrics
+    from tests.test_prometheus import scrape
+
+    model, run_id = load_trained(run_dir)
+    config = ServeConfig(parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, tail_batch_sizes=(1,))
+    live = TailService(config, model, run_id)
+    live.endpoint.attach(KeptFrames())
+    metrics = ServiceMetrics(live)
+    metrics.serve("127.0.0.1", 0)
+    try:
+        assert scrape(metrics.port)[("cpsl_infer_inputs_total", ())] == 0
+        with torch.no_grad():
+            x = service.model.net[:3](torch.randn(2, 1, 28, 28))
+        _queue_requests(live, [("dev0", 1, 3, x, None), ("dev1", 1, 3, x, None), ("dev1", 2, 3, x, "0" * 64)])
+        live.serve(duration_s=0.3)
+        samples = scrape(metrics.port)
+    finally:
+        metrics.close()
+    assert samples[("cpsl_infer_requests_total", (("cut", "3"),))] == 2
+    assert samples[("cpsl_infer_inputs_total", ())] == 4
+    assert samples[("cpsl_infer_forward_passes_total", ())] == 1  # the two merged
+    assert samples[("cpsl_infer_refused_total", ())] == 1
+    assert sum(v for (name, _), v in samples.items() if name == "cpsl_infer_rejected_total") == 1
+    assert 0 < samples[("cpsl_infer_server_seconds", (("quantile", "0.5"),))] < 10
+    assert samples[("cpsl_infer_sent_bytes_total", (("kind", "prediction"),))] > 0
+
+
 def test_a_batch_never_goes_past_max_batch_inputs(run_dir, service):
     model, run_id = load_trained(run_dir)
     config = ServeConfig(parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, max_batch=4)
