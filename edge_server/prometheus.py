@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from threading import Thread
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -66,11 +65,35 @@ class _LiveCounters(Collector):
         yield online
 
 
-class RunMetrics:
+class Exporter:
+    """A registry of our own served over HTTP: ``serve`` on a port, ``close`` at the end."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._http = None
+
+    def serve(self, host: str, port: int) -> None:
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise UserError(f"--metrics-port {host}:{port}: cannot listen ({exc.strerror or exc})") from None
+
+    @property
+    def port(self) -> int:
+        return self._http.server_port if self._http is not None else 0
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class RunMetrics(Exporter):
     """The exporter for one edge server: ``observe`` each round record; ``close`` at the end."""
 
     def __init__(self, server, scheme: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         labels = {"scheme": scheme}
         self.rounds = Counter("cpsl_rounds", "Rounds completed.", ["scheme"], registry=self.registry).labels(**labels)
         self.round = Gauge("cpsl_round", "Index of the last completed round.", registry=self.registry)
@@ -86,8 +109,6 @@ class RunMetrics:
         self.cut = Gauge("cpsl_cut_layer", "Cut layer of the last round (0: FL).", registry=self.registry)
         self.dropped = Counter("cpsl_devices_dropped", "Devices dropped from a round.", registry=self.registry)
         self.registry.register(_LiveCounters(server))
-        self._http = None
-        self._thread: Thread | None = None
 
     def observe(self, record: dict) -> None:
         self.rounds.inc()
@@ -102,22 +123,6 @@ class RunMetrics:
                 gauge.set(record[key])
         self.cut.set(record["cut"] or 0)
         self.dropped.inc(len(record.get("dropped") or ()))
-
-    def serve(self, host: str, port: int) -> None:
-        try:
-            self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise UserError(f"--metrics-port {host}:{port}: cannot listen ({exc.strerror or exc})") from None
-
-    @property
-    def port(self) -> int:
-        return self._http.server_port if self._http is not None else 0
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 def chain(*handlers: Callable[[dict], None]) -> Callable[[dict], None]:

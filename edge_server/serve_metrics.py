@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from toolkit.errors import UserError
+from edge_server.prometheus import Exporter
 
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -67,26 +66,9 @@ class _ServiceCollector(Collector):
             yield quantiles
 
 
-class ServiceMetrics:
+class ServiceMetrics(Exporter):
     """The exporter for one TailService: ``serve`` on a port, ``close`` at the end."""
 
     def __init__(self, service) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         self.registry.register(_ServiceCollector(service))
-        self._http = None
-
-    def serve(self, host: str, port: int) -> None:
-        try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as exc:
-            raise UserError(f"--metrics-port {host}:{port}: cannot listen ({exc.strerror or exc})") from None
-
-    @property
-    def port(self) -> int:
-        return self._http.server_port if self._http is not None else 0
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
