@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from toolkit.cli.common import OneLineArgumentParser, keepalive_seconds, positive_int, run_cli
+from toolkit.cli.common import OneLineArgumentParser, keepalive_seconds, positive_float, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
 from toolkit.devices import device_name
 from toolkit.errors import UserError
@@ -66,6 +66,13 @@ def build_parser() -> OneLineArgumentParser:
         "(CUDA where torch sees it); the profile is measured there too",
     )
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
+    parser.add_argument(
+        "--connect-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds to keep trying the broker at start (default 10; a refused connection is tried again "
+        "too, as a broker still starting refuses); once connected, the agent reconnects for ever",
+    )
     parser.add_argument(
         "--keepalive",
         type=keepalive_seconds,
@@ -240,6 +247,7 @@ def _run(args) -> int:
         model_fingerprint=fingerprint,
         health_file=args.health_file,
         device=str(device),
+        connect_timeout_s=args.connect_timeout,
     )
     agent = DeviceAgent(config, data, indices, profile)
 

@@ -50,9 +50,12 @@ def test_agent_unreachable_broker() -> None:
         "--data",
         "builtin:digits",
         "--no-profile",
+        "--connect-timeout",
+        "2",
         timeout=60,
     )
-    assert result.returncode == 2 and "cannot reach broker" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot reach broker" in result.stderr and "within 2 s" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(
