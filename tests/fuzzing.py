@@ -266,6 +266,14 @@ class Outcome:
     uncaught: list[str] = field(default_factory=list)
     changed_by_rejected: int = 0
 
+    def count(self, accepted: bool, changed: bool) -> None:
+        """One frame: accepted or rejected, and whether it changed what it must not."""
+        if accepted:
+            self.accepted += 1
+        else:
+            self.rejected += 1
+        self.changed_by_rejected += int(changed)
+
 
 class ServerHarness:
     """The server's intake, checks, training step and strategy, fed frame by frame.
@@ -305,12 +313,7 @@ class ServerHarness:
         except Exception as exc:  # the property: never
             self.outcome.uncaught.append(f"{type(exc).__name__}: {exc}"[:300])
             return
-        if accepted:
-            self.outcome.accepted += 1
-        else:
-            self.outcome.rejected += 1
-            if parameters_digest(self.server.model.net) != before:
-                self.outcome.changed_by_rejected += 1
+        self.outcome.count(accepted, not accepted and parameters_digest(self.server.model.net) != before)
 
     def _handle(self, topic: str, frame: bytes) -> bool:
         server = self.server
@@ -458,9 +461,5 @@ class InferenceHarness:
         except Exception as exc:  # the property: never
             self.outcome.uncaught.append(f"{type(exc).__name__}: {exc}"[:300])
             return
-        if accepted:
-            self.outcome.accepted += 1
-        else:
-            self.outcome.rejected += 1
-        if parameters_digest(self.service.model.net) != before:
-            self.outcome.changed_by_rejected += 1  # the service never trains: any change is a defect
+        # the service never trains: any change at all is a defect
+        self.outcome.count(accepted, parameters_digest(self.service.model.net) != before)
