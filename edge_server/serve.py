@@ -253,7 +253,6 @@ class TailService:
     def handle_batch(self, items: list[Received]) -> None:
         """Requests that arrived together: each checked and decoded alone (a refusal is that
         request's), then one forward per cut for the rest, and each answered with its rows."""
-        started_at = time.monotonic()
         ready: dict[int, list[tuple[Received, torch.Tensor, float]]] = {}
         for item in items:
             if item.message.kind is not Kind.INFER:  # the endpoint lets only INFER through; a defect otherwise
@@ -262,28 +261,31 @@ class TailService:
             try:
                 x = self.prepare(item.message.body, item.message.tensors)
             except RequestRefusedError as exc:
-                self._reply(item, started_at, time.perf_counter() - started, error=str(exc))
+                checked_s = time.perf_counter() - started
+                self._reply(item, time.monotonic() - checked_s, checked_s, error=str(exc))
                 continue
             ready.setdefault(item.message.body.cut, []).append((item, x, time.perf_counter() - started))
         for cut, requests in ready.items():
             for group in _at_most(requests, self.config.max_batch):
-                started = time.perf_counter()
+                group_at, started = time.monotonic(), time.perf_counter()
                 logits = self.forward(cut, torch.cat([x for _, x, _ in group]) if len(group) > 1 else group[0][1])
                 shared_s = time.perf_counter() - started
                 rows = 0
                 for item, x, decode_s in group:
                     mine = logits[rows : rows + x.shape[0]].contiguous()
                     rows += x.shape[0]
-                    self._reply(item, started_at, decode_s + shared_s, logits=mine)
+                    # queued: all but its own decode and the forward (the others' decodes, earlier groups)
+                    self._reply(item, group_at - decode_s, decode_s + shared_s, logits=mine)
 
     def _reply(
-        self, item: Received, started_at: float, server_s: float, error: str = "", logits: torch.Tensor | None = None
+        self, item: Received, queued_until: float, server_s: float, error: str = "", logits: torch.Tensor | None = None
     ) -> None:
-        """Send one request its PREDICTION (logits, or the reason it was refused) and count it."""
+        """Send one request its PREDICTION (logits, or the reason it was refused) and count it;
+        ``queued_until``: when the work counted in ``server_s`` began for it (monotonic)."""
         message = item.message
         device = message.header.device
         request: m.Infer = message.body
-        queued = started_at - item.received_at
+        queued = queued_until - item.received_at
         tensors: dict[str, torch.Tensor] = {}
         if error:
             self.refused += 1
