@@ -368,7 +368,7 @@ class InferenceClient:
         window: deque[Pending | Outcome] = deque()
         for inputs in batches:
             chosen = self._cut_for(inputs, cut)
-            if chosen != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem():
+            if self._can_offload(chosen):
                 window.append(self._send(inputs, chosen))
             else:
                 window.append(self._alone(inputs, fallback=chosen != self.whole_model))
@@ -378,16 +378,24 @@ class InferenceClient:
             yield self._finish(window.popleft())
 
     def _finish(self, item: Pending | Outcome) -> Outcome:
-        if isinstance(item, Pending):
-            try:
-                item = self._collect(item)
-            except ServiceError as exc:
-                started = item.started
-                self._failed(str(exc))
-                item = self._alone(item.inputs, fallback=True)
-                item.latency_s = time.perf_counter() - started
-        self._count(item, record=True, observed=False)
-        return item
+        outcome = self._settle(item) if isinstance(item, Pending) else item
+        self._count(outcome, record=True, observed=False)
+        return outcome
+
+    def _can_offload(self, cut: int) -> bool:
+        """A request at ``cut`` may go to the service now: not the whole model, no backoff, usable."""
+        return cut != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem()
+
+    def _settle(self, pending: Pending) -> Outcome:
+        """``pending``'s answer, or, when the service fails it, the whole model here (the failed
+        request's wait included in its latency) and a backoff before the service is tried again."""
+        try:
+            return self._collect(pending)
+        except ServiceError as exc:
+            self._failed(str(exc))
+            outcome = self._alone(pending.inputs, fallback=True)
+            outcome.latency_s = time.perf_counter() - pending.started
+            return outcome
 
     def _cut_for(self, inputs: np.ndarray, cut: int | None) -> int:
         if cut is None:
@@ -407,19 +415,9 @@ class InferenceClient:
             self.counts.fallbacks += int(outcome.fallback)
 
     def _infer_at(self, inputs: np.ndarray, cut: int) -> Outcome:
-        if cut != self.whole_model and time.monotonic() >= self._backoff_until and not self.service_problem():
-            started = time.perf_counter()
-            try:
-                outcome = self._offload(inputs, cut)
-            except ServiceError as exc:
-                self._failed(str(exc))
-                outcome = self._alone(inputs, fallback=True)
-                outcome.latency_s = time.perf_counter() - started  # the failed request's wait included
-        elif cut != self.whole_model:
-            outcome = self._alone(inputs, fallback=True)
-        else:
-            outcome = self._alone(inputs)
-        return outcome
+        if self._can_offload(cut):
+            return self._settle(self._send(inputs, cut))
+        return self._alone(inputs, fallback=cut != self.whole_model)
 
     def _refresh_link(self, inputs: np.ndarray) -> None:
         """While the whole model runs here, the other cuts get no new requests: one request at the
