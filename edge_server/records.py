@@ -127,6 +127,14 @@ class TurnStats:
         for name in ("device_compute_s", "uplink_s", "server_compute_s", "downlink_s", "model_transfer_s"):
             setattr(self, name, getattr(self, name) + getattr(attempt, name))
 
+    def abandon(self, attempt: TurnStats) -> None:
+        """An attempt at a turn given up on (a device came back as a new agent life): its seconds,
+        and what the server stamped of it for the timeline, marked abandoned; nothing it trained."""
+        self.absorb_time(attempt)
+        for stamps in attempt.stamps:
+            stamps.abandoned, stamps.arrivals = True, attempt.arrivals
+        self.stamps += attempt.stamps
+
     def absorb(self, attempt: TurnStats) -> None:
         """A completed turn's stats into the round's."""
         self.absorb_time(attempt)

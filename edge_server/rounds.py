@@ -134,7 +134,7 @@ class RoundSteps:
                 before.restore(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions)
                 stats.sessions[restart.device] = self.registry.devices[restart.device].session
                 stats.restarts.append({"cluster": cluster, "device": restart.device})
-                stats.absorb_time(attempt)
+                stats.abandon(attempt)
                 continue
             stats.absorb(attempt)
             return

@@ -27,6 +27,10 @@ class TurnStamps:
     gradients_sent: dict[tuple[str, int], float] = field(default_factory=dict)  # (device, iteration) -> sent
     weights_sent: dict[str, float] = field(default_factory=dict)  # device -> its device-side weights went down
     weights_arrived: dict[str, float] = field(default_factory=dict)  # device -> its trained weights came up
+    # an attempt given up on (a device restarted mid-turn, the turn started again): its rows are
+    # the server's stamps only (no device reported on it), with its own smashed-data arrivals
+    abandoned: bool = False
+    arrivals: dict[str, dict[int, float]] | None = None
 
 
 def round_timeline(
@@ -36,7 +40,8 @@ def round_timeline(
     reports: Mapping[str, m.Timings],
     grants: Mapping[str, m.Grant],
 ) -> list[dict]:
-    """One row per device and iteration of every turn, in turn and iteration order."""
+    """One row per device and iteration of every turn, in turn and iteration order; the rows of an
+    abandoned attempt say so (``abandoned``) and come before the attempt that completed."""
 
     def at(value: float | None) -> float | None:
         return None if value is None else round(value - round_start, 6)
@@ -46,12 +51,14 @@ def round_timeline(
         for device in turn.devices:
             grant = grants.get(device)
             offset = grant.clock_offset_s if grant is not None else 0.0
-            measured = {row.iteration: row for row in reports[device].iterations} if device in reports else {}
-            iterations = sorted(
-                {*measured, *arrivals.get(device, {}), *(i for d, i in turn.gradients_sent if d == device)}
-            )
+            reported = device in reports and not turn.abandoned
+            measured = {row.iteration: row for row in reports[device].iterations} if reported else {}
+            arrived = (turn.arrivals or {}).get(device, {}) if turn.abandoned else arrivals.get(device, {})
+            iterations = sorted({*measured, *arrived, *(i for d, i in turn.gradients_sent if d == device)})
             for iteration in iterations:
                 row: dict = {"device": device, "cluster": turn.cluster, "iteration": iteration}
+                if turn.abandoned:
+                    row["abandoned"] = True
                 timing = measured.get(iteration)
                 if timing is not None and timing.upload_start_at > 0:
                     start = timing.upload_start_at - offset  # device clock -> server clock
@@ -64,8 +71,8 @@ def round_timeline(
                 if grant is not None and grant.slot_duration_s is not None and epoch is not None:
                     row["slot_start"] = at(epoch + grant.slot_offset_s)
                     row["slot_end"] = at(epoch + grant.slot_offset_s + grant.slot_duration_s)
-                if iteration in arrivals.get(device, {}):
-                    row["smashed_arrived"] = at(arrivals[device][iteration])
+                if iteration in arrived:
+                    row["smashed_arrived"] = at(arrived[iteration])
                 if iteration in turn.server_steps:
                     row["server_step"] = [at(t) for t in turn.server_steps[iteration]]
                 if (device, iteration) in turn.gradients_sent:
@@ -82,6 +89,8 @@ def turn_transfers(round_start: float, turns: list[TurnStamps]) -> list[dict]:
     for turn in turns:
         for device in turn.devices:
             row: dict = {"device": device, "cluster": turn.cluster}
+            if turn.abandoned:
+                row["abandoned"] = True
             if device in turn.weights_sent:
                 row["weights_sent"] = round(turn.weights_sent[device] - round_start, 6)
             last_gradient = max((t for (d, _), t in turn.gradients_sent.items() if d == device), default=None)

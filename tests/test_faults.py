@@ -192,6 +192,17 @@ def test_an_agent_killed_mid_turn_and_restarted_gets_its_turn_started_again(brok
     assert [r["round"] for r in history] == [0, 1, 2, 3, 4]
     assert all(r["dropped"] == [] for r in history)
     assert history[2]["restarted_turns"] == [{"cluster": 0, "device": "dev1"}]
+    # the timeline keeps the abandoned attempt (the server's stamps of it) before the one that completed
+    rows = history[2]["timeline"]
+    abandoned = [r for r in rows if r.get("abandoned")]
+    assert abandoned and rows.index(abandoned[-1]) < rows.index(next(r for r in rows if not r.get("abandoned")))
+    assert all("forward_start" not in r for r in abandoned)  # no device reported on it
+    assert any("server_step" in r for r in abandoned)  # the server stepped before dev1 died
+    completed = [r for r in rows if not r.get("abandoned")]
+    assert {(r["device"], r["iteration"]) for r in completed} == {
+        (d, i) for d in ("dev0", "dev1", "dev2") for i in range(ITERATIONS)
+    }
+    assert [t.get("abandoned", False) for t in history[2]["transfers"]].count(True) == 3
     assert history[2]["latency_s"] < config.iteration_timeout_s  # started again when it came back, not at a deadline
     assert all("restarted_turns" not in r for r in history[:2] + history[3:])
     assert turns == [(2, 2 * ITERATIONS), (3, 3 * ITERATIONS), (4, 4 * ITERATIONS)]  # round 2 again, from its start

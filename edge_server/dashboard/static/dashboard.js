@@ -231,8 +231,9 @@
   function timelineBars(timeline, filter) {
     const bars = Object.fromEntries(Object.keys(PHASES).map((key) => [key, []]));
     const labels = [];
-    const labelOf = (cluster, device) => {
-      const label = "turn " + cluster + " · " + device;
+    // an abandoned attempt (a device restarted mid-turn) gets its own lines, above the retry's
+    const labelOf = (row) => {
+      const label = "turn " + row.cluster + " · " + row.device + (row.abandoned ? " (abandoned)" : "");
       if (!labels.includes(label)) labels.push(label);
       return label;
     };
@@ -252,7 +253,7 @@
       (filter.iterations === null || row.iteration === undefined || row.iteration < filter.iterations);
     for (const row of timeline.rows) {
       if (!shown(row)) continue;
-      const y = labelOf(row.cluster, row.device);
+      const y = labelOf(row);
       const add = (key, start, end) => {
         if (typeof start === "number" && typeof end === "number") {
           bars[key].push({ x: [start, Math.max(end, start + tick)], y: y, iteration: row.iteration });
@@ -260,7 +261,7 @@
       };
       if (typeof row.forward_start === "number") {
         add("forward", row.forward_start, row.forward_start + row.forward_s);
-        const key = row.cluster + "/" + row.device;
+        const key = y;
         firstForward[key] = Math.min(firstForward[key] === undefined ? Infinity : firstForward[key], row.forward_start);
       }
       add("slot", row.slot_start, row.slot_end);
@@ -270,8 +271,8 @@
     }
     for (const row of timeline.transfers || []) {
       if (!shown(row)) continue;
-      const y = labelOf(row.cluster, row.device);
-      const forward = firstForward[row.cluster + "/" + row.device];
+      const y = labelOf(row);
+      const forward = firstForward[y];
       if (typeof row.weights_sent === "number") {
         const end = forward === undefined ? row.weights_sent : forward;
         bars.weights_down.push({ x: [row.weights_sent, Math.max(end, row.weights_sent + tick)], y: y });
