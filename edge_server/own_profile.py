@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from toolkit.devices import cache_tag
 from toolkit.errors import ProfileError
 from toolkit.models import LayeredModel
 from toolkit.profile_format import Profile, load_profile, save_profile
@@ -40,11 +41,12 @@ def own_profile(
     """(the server's profile of ``model`` on ``device`` (default the CPU), where it came from:
     "cached FILE" or "measured ..."); ``cache``: the folder (default CACHE)."""
     cache = cache or CACHE
-    cuda = device is not None and device.type == "cuda"
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
     threads = torch.get_num_threads()
     host = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in platform.node()) or "host"
     sizes = "-".join(str(b) for b in batch_sizes)
-    where = f"cuda{device.index or 0}" if cuda else f"t{threads}"
+    where = cache_tag(device, threads)
     path = cache / f"{model.name}-{model.fingerprint()}-{host}-{where}-b{sizes}.json"
     if path.is_file():
         try:
@@ -63,7 +65,7 @@ def own_profile(
         passes=1,
         threads=threads,
         device_id="edge-server",
-        device=device if cuda else torch.device("cpu"),
+        device=device,
     )
     rng = torch.get_rng_state()
     try:

@@ -31,7 +31,7 @@ from firmware_agent.health import write_health
 from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.data import Dataset
-from toolkit.devices import accelerator_name, resolve_device, synchronize
+from toolkit.devices import accelerator_kind, accelerator_name, resolve_device, synchronize
 from toolkit.models import LayeredModel, load_model
 from toolkit.models.registry import canonical_name
 from toolkit.protocol import Kind, topics
@@ -186,7 +186,7 @@ class DeviceAgent:
                 board=_board(),
                 torch=torch.__version__,
                 threads=self.config.threads,
-                accelerator="cuda" if self.device.type == "cuda" else "cpu",
+                accelerator=accelerator_kind(self.device),
                 accelerator_name=accelerator_name(self.device),
             ),
             model=self.config.models[0] if self.config.models else "",

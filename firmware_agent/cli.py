@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _profile_bytes(args, model_name: str, threads: int, data, device: torch.device) -> tuple[bytes | None, str]:
     """The profile to register with: given, cached, or measured now on ``device`` (and cached)."""
+    from toolkit.devices import accelerator_kind, cache_tag
     from toolkit.models import load_model
     from toolkit.profile_format import load_profile, save_profile
 
@@ -105,7 +106,7 @@ def _profile_bytes(args, model_name: str, threads: int, data, device: torch.devi
     if args.profile is not None:
         profile = load_profile(args.profile)
         measured_on = profile.device.accelerator
-        if measured_on != ("cuda" if device.type == "cuda" else "cpu"):
+        if measured_on != accelerator_kind(device):
             log.warning(
                 "the profile %s was measured on %s, but this agent trains on %s: the server's plans for this "
                 "device will be off until its rounds correct them (profile it with cpsl-profile --device %s)",
@@ -116,8 +117,7 @@ def _profile_bytes(args, model_name: str, threads: int, data, device: torch.devi
             )
         return args.profile.read_bytes(), profile.model.fingerprint
     model = load_model(model_name, data.input_shape, data.num_classes)
-    where = f"cuda{device.index or 0}" if device.type == "cuda" else f"t{threads}"
-    cached = CACHE / f"{model.name}-{model.fingerprint()}-{where}.json"
+    cached = CACHE / f"{model.name}-{model.fingerprint()}-{cache_tag(device, threads)}.json"
     if not cached.is_file():
         from toolkit.profiler.runner import ProfileRequest, run_profile
 

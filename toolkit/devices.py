@@ -61,6 +61,16 @@ def _why_no_cuda() -> str:
     return f"a CUDA {torch.version.cuda} build, but no GPU or driver is reachable"
 
 
+def accelerator_kind(device: torch.device) -> str:
+    """``cuda`` or ``cpu``: what a registration's capabilities and a profile's device record say."""
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def cache_tag(device: torch.device, threads: int) -> str:
+    """What a cached profile's file name says of where it was measured: ``cuda0``, or ``t2`` (threads)."""
+    return f"cuda{device.index or 0}" if device.type == "cuda" else f"t{threads}"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on ``device``: call it before reading a clock (a no-op on the CPU)."""
     if device.type == "cuda":

@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from toolkit import __version__
+from toolkit.devices import accelerator_kind
 from toolkit.profile_format import DeviceInfo
 
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
@@ -64,7 +65,7 @@ def describe_device(device_id: str | None, threads: int, accelerator: torch.devi
         python=platform.python_version(),
         torch=torch.__version__,
         onnxruntime=_onnxruntime_version(),
-        accelerator="cuda" if accelerator.type == "cuda" else "cpu",
+        accelerator=accelerator_kind(accelerator),
         cuda_device=cuda_name,
         threads=threads,
     )
