@@ -20,6 +20,7 @@ from toolkit.cli.common import OneLineArgumentParser, encoding_name, positive_in
 from toolkit.errors import UserError
 from toolkit.models.registry import BUILTIN_MODELS
 from toolkit.planning.medium import MEDIUM_CHOICES
+from toolkit.testbed.airtime import CONTENTION_MODES
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
 from toolkit.testbed.topology import MEDIA, DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
 
@@ -33,7 +34,12 @@ FLEETS = {"default": (CPU_CLASSES, "lenet5"), "heavy": (HEAVY_CPU_CLASSES, "wide
 
 
 def default_spec(
-    devices: int, medium_up: float = 20.0, medium_down: float = 40.0, medium: str = "wired", fleet: str = "default"
+    devices: int,
+    medium_up: float = 20.0,
+    medium_down: float = 40.0,
+    medium: str = "wired",
+    fleet: str = "default",
+    contention: str = "dcf",
 ) -> TestbedSpec:
     """Device i: compute class i mod 3 (of the fleet's classes), channel class
     (i // 3 + i) mod 3 (so the two do not line up), downlink twice its uplink; the shared
@@ -49,10 +55,11 @@ def default_spec(
         medium_up,
         medium_down,
         medium,
+        contention,
     )
 
 
-def load_spec(path: Path, medium: str = "wired") -> TestbedSpec:
+def load_spec(path: Path, medium: str = "wired", contention: str = "dcf") -> TestbedSpec:
     try:
         data = json.loads(path.read_text())
         devices = tuple(
@@ -60,7 +67,11 @@ def load_spec(path: Path, medium: str = "wired") -> TestbedSpec:
             for d in data["devices"]
         )
         return TestbedSpec(
-            devices, float(data.get("medium_up_mbit", 20)), float(data.get("medium_down_mbit", 40)), medium
+            devices,
+            float(data.get("medium_up_mbit", 20)),
+            float(data.get("medium_down_mbit", 40)),
+            medium,
+            contention,
         )
     except OSError as exc:
         raise UserError(f"cannot read testbed spec {path}: {exc.strerror or exc}") from exc
@@ -82,6 +93,13 @@ def build_parser() -> OneLineArgumentParser:
         choices=MEDIA,
         default="wired",
         help="wired: tbf shares bytes (caps plus a shared capacity); wifi: an airtime relay, 802.11's rule",
+    )
+    run_parser.add_argument(
+        "--contention",
+        choices=CONTENTION_MODES,
+        default="dcf",
+        help="wifi: dcf, stations that send at once contend as 802.11 DCF has them (random backoff, "
+        "collisions); none, they take turns without collisions",
     )
     run_parser.add_argument(
         "--planner-medium",
@@ -154,9 +172,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     require_root()
     if args.spec:
-        spec = load_spec(args.spec, args.medium)
+        spec = load_spec(args.spec, args.medium, args.contention)
     else:
-        spec = default_spec(args.devices, medium=args.medium, fleet=args.fleet)
+        spec = default_spec(args.devices, medium=args.medium, fleet=args.fleet, contention=args.contention)
     if args.throttle and spec.medium != "wired":
         raise UserError("--throttle needs --medium wired (the wifi relay's rates are fixed per run)")
     count = len(spec.devices)

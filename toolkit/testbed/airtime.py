@@ -11,9 +11,12 @@ second: the slowest station drags all the others down to about its own rate (the
 
 :class:`AirtimeScheduler` is that rule as a pure, deterministic object: contenders with
 byte queues, served one frame per turn in round-robin order among the backlogged ones,
-one transmission at a time. The access point is one contender like any station (its
-downlink frames to different devices take turns inside its queue), so downlink traffic
-shares the same airtime. ``toolkit/testbed/wifi.py`` drives it with real TCP traffic.
+one transmission at a time, no collision. :class:`DcfScheduler` is what DCF really does
+with the same queues: random backoff and collisions, whose cost grows with the number of
+stations that send at once (Bianchi 2000; ``toolkit.planning.contention``). The access
+point is one contender like any station (its downlink frames to different devices take
+turns inside its queue), so downlink traffic shares the same airtime.
+``toolkit/testbed/wifi.py`` drives them with real TCP traffic.
 
 Default per-frame overhead, 802.11a/g/n OFDM at 5 GHz (IEEE 802.11-2016, clauses 17 and
 19): DIFS 34 us (SIFS 16 + 2 slots of 9), mean backoff 67.5 us (CWmin 15: 7.5 slots),
@@ -24,12 +27,14 @@ are added to each frame's bytes. Heusse et al. derive the same quantities for 80
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
-DEFAULT_OVERHEAD_S = 165.5e-6
-MAC_HEADER_BYTES = 34
-DEFAULT_FRAME_BYTES = 1500  # an Ethernet-sized MSDU: what a station sends per transmit opportunity
+from toolkit.planning.contention import DEFAULT_DCF, DEFAULT_FRAME_BYTES, MAC_HEADER_BYTES, DcfTiming
+
+DEFAULT_OVERHEAD_S = DEFAULT_DCF.frame_fixed_s + DEFAULT_DCF.mean_first_backoff_s  # 165.5 us
+CONTENTION_MODES = ("dcf", "none")
 
 
 def frame_airtime(nbytes: int, rate_bps: float, overhead_s: float = DEFAULT_OVERHEAD_S) -> float:
@@ -70,7 +75,8 @@ class Transmission:
     contender: str  # a station's name, or "ap"
     flow: str  # which queue the bytes came from (a device's uplink, or the AP's flow to one device)
     nbytes: int
-    airtime_s: float
+    airtime_s: float  # from the end of the previous transmission to the end of this one
+    collisions: int = 0  # collided attempts (any station's) within airtime_s, before this frame got through
 
 
 @dataclass
@@ -141,3 +147,92 @@ class AirtimeScheduler:
                     contender.flows.remove(flow)
                 return Transmission(name, flow, nbytes, frame_airtime(nbytes, self.rates_bps[flow], self.overhead_s))
         return None
+
+
+class DcfScheduler(AirtimeScheduler):
+    """Contention as 802.11's DCF has it: random backoff, collisions, doubling windows.
+
+    Every contender holds a backoff counter drawn from its contention window. The ready
+    contenders (those with a frame whose receiver takes bytes) count idle slots down
+    together; the first at zero transmits; two or more at zero in the same slot collide:
+    the medium is busy for the longest of their frames, nothing is delivered, each of them
+    doubles its window (up to CWmax) and draws again, and their frames stay at the head of
+    their queues. A success resets the sender's window and draws its next backoff. The
+    same frame-level rule as :class:`AirtimeScheduler`'s otherwise (the AP is one
+    contender whose flows take turns), so with one station the mean air time per frame
+    is the same; with several, the idle slots and collisions are the cost of contention
+    that Bianchi's model predicts (``toolkit.planning.contention``).
+
+    :meth:`next` returns the next frame that gets through, with ``airtime_s`` counting the
+    idle slots and collisions since the previous transmission; the draws come from a
+    seeded generator, so a run is reproducible.
+    """
+
+    def __init__(self, frame_bytes: int = DEFAULT_FRAME_BYTES, timing: DcfTiming = DEFAULT_DCF, seed: int = 0) -> None:
+        super().__init__(frame_bytes, timing.frame_fixed_s)
+        self.timing = timing
+        self._random = random.Random(seed)
+        self._backoff: dict[str, int] = {}
+        self._stage: dict[str, int] = {}
+        self.attempts = 0
+        self.collided_attempts = 0  # attempts that were part of a collision
+
+    def add_flow(self, flow: str, contender: str, rate_bps: float) -> None:
+        super().add_flow(flow, contender, rate_bps)
+        if contender not in self._stage:
+            self._stage[contender] = 0
+            self._backoff[contender] = self._draw(0)
+
+    def _draw(self, stage: int) -> int:
+        return self._random.randrange(self.timing.window_at(stage))
+
+    def _head(self, contender: _Contender, blocked: set[str]) -> str | None:
+        return next((flow for flow in contender.flows if flow not in blocked), None)
+
+    def _frame_s(self, flow: str) -> float:
+        return self.timing.transmission_s(min(self.frame_bytes, self.queued[flow]), self.rates_bps[flow])
+
+    def next(self, blocked: set[str] = frozenset()) -> Transmission | None:
+        heads = {name: head for name, c in self._contenders.items() if (head := self._head(c, blocked)) is not None}
+        if not heads:
+            return None
+        elapsed, collisions = 0.0, 0
+        while True:
+            wait = min(self._backoff[name] for name in heads)
+            for name in heads:
+                self._backoff[name] -= wait
+            elapsed += wait * self.timing.slot_s
+            senders = [name for name in heads if self._backoff[name] == 0]
+            self.attempts += len(senders)
+            if len(senders) == 1:
+                break
+            elapsed += max(self._frame_s(heads[name]) for name in senders)
+            collisions += 1
+            self.collided_attempts += len(senders)
+            for name in senders:
+                self._stage[name] = min(self._stage[name] + 1, self.timing.max_stage)
+                self._backoff[name] = self._draw(self._stage[name])
+        name = senders[0]
+        flow = heads[name]
+        elapsed += self._frame_s(flow)
+        nbytes = min(self.frame_bytes, self.queued[flow])
+        self.queued[flow] -= nbytes
+        contender = self._contenders[name]
+        contender.flows.remove(flow)
+        if self.queued[flow]:
+            contender.flows.append(flow)  # its other flows go first next time (round robin)
+        self._stage[name] = 0
+        self._backoff[name] = self._draw(0)
+        return Transmission(name, flow, nbytes, elapsed, collisions)
+
+
+def make_scheduler(
+    contention: str, frame_bytes: int = DEFAULT_FRAME_BYTES, overhead_s: float = DEFAULT_OVERHEAD_S, seed: int = 0
+) -> AirtimeScheduler:
+    """``dcf``: stations contend (:class:`DcfScheduler`, the 802.11 timings); ``none``: they take
+    turns, each frame charged ``overhead_s`` (:class:`AirtimeScheduler`)."""
+    if contention == "dcf":
+        return DcfScheduler(frame_bytes, seed=seed)
+    if contention == "none":
+        return AirtimeScheduler(frame_bytes, overhead_s)
+    raise ValueError(f"contention {contention!r} is not one of {', '.join(CONTENTION_MODES)}")

@@ -265,6 +265,10 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
                 f"{AP_ADDRESS}:{BROKER_PORT}",
                 "--target",
                 f"127.0.0.1:{BROKER_PORT}",
+                "--contention",
+                testbed.spec.contention,
+                "--seed",
+                str(spec.seed),
             ]
             for station in testbed.wifi_stations():
                 relay += ["--station", station]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.testbed.airtime import CONTENTION_MODES
 
 log = logging.getLogger("cpsl.testbed")
 
@@ -69,12 +70,16 @@ class TestbedSpec:
     medium_up_mbit: float = 20.0  # the shared uplink medium (wired: tbf capacity)
     medium_down_mbit: float = 20.0
     medium: str = "wired"  # "wired": tbf shares bytes; "wifi": the airtime relay shares time
+    # wifi only: "dcf", stations that send at once contend (backoff, collisions); "none", they take turns
+    contention: str = "dcf"
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.devices) <= 200:
             raise UserError("a testbed has 1 to 200 devices")
         if self.medium not in MEDIA:
             raise UserError(f"medium {self.medium!r}: choose one of {', '.join(MEDIA)}")
+        if self.contention not in CONTENTION_MODES:
+            raise UserError(f"contention {self.contention!r}: choose one of {', '.join(CONTENTION_MODES)}")
         if not (self.medium_up_mbit > 0 and self.medium_down_mbit > 0):
             raise UserError("medium rates must be positive")
 

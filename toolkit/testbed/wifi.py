@@ -9,13 +9,20 @@ delivered. Transmissions never overlap, so n saturated stations each get about
 1/sum_j(1/r_j) of the medium's time: the 802.11 performance anomaly, which tbf (bytes, not
 time) cannot produce. The real MQTT/TCP traffic of the real processes crosses it.
 
+Who transmits next is decided as 802.11's DCF decides it (``--contention dcf``, the
+default): every contender counts down a random backoff, two that reach zero together
+collide, lose the air time of their frames and double their windows, so stations that
+send at once pay for it (Bianchi 2000; ``toolkit.testbed.airtime.DcfScheduler``).
+``--contention none`` has them take polite turns instead, one frame each, each frame
+charged the mean backoff of a lone station: the contention-free medium.
+
 TCP is terminated on both sides of the relay, so TCP's own acknowledgements do not take
-airtime here; the per-frame overhead stands for the MAC-level ACK and the contention.
+airtime here; the per-frame overhead stands for the MAC-level ACK.
 Each flow's queue is bounded (``queue_bytes``): a sender faster than its share is held
 back by TCP flow control, as a station's full transmit queue holds back its applications.
 
     python -m toolkit.testbed.wifi --listen 10.77.0.1:1883 --target 127.0.0.1:1884 \\
-        --station 10.77.0.10=dev0:24:24 --station 10.77.0.11=dev1:6:6 [--frame-bytes 1500] [--overhead-us 165.5]
+        --station 10.77.0.10=dev0:24:24 --station 10.77.0.11=dev1:6:6 [--contention dcf|none] [--seed 0]
 """
 
 from __future__ import annotations
@@ -28,7 +35,13 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
-from toolkit.testbed.airtime import DEFAULT_FRAME_BYTES, DEFAULT_OVERHEAD_S, AirtimeScheduler
+from toolkit.testbed.airtime import (
+    CONTENTION_MODES,
+    DEFAULT_FRAME_BYTES,
+    DEFAULT_OVERHEAD_S,
+    DcfScheduler,
+    make_scheduler,
+)
 
 log = logging.getLogger("cpsl.wifi")
 
@@ -62,11 +75,15 @@ class WifiRelay:
         frame_bytes: int = DEFAULT_FRAME_BYTES,
         overhead_s: float = DEFAULT_OVERHEAD_S,
         queue_bytes: int = 256 << 10,
+        contention: str = "dcf",
+        seed: int = 0,
     ) -> None:
         self.target = target
         self.stations = stations
         self.queue_bytes = queue_bytes
-        self.scheduler = AirtimeScheduler(frame_bytes, overhead_s)
+        self.scheduler = make_scheduler(contention, frame_bytes, overhead_s, seed)
+        self.collisions = 0  # collisions on the medium so far (dcf)
+        self.frames = 0
         self._pipes: dict[str, _Pipe] = {}
         self._wake = asyncio.Event()
         self._ids = itertools.count()
@@ -151,6 +168,8 @@ class WifiRelay:
             # wake-up (the event loop overslept, or was busy) is caught up by sending the frames
             # that fell due, not lost. Only CATCH_UP_S of lateness is caught up (a starved relay
             # must not burst for long); an idle medium's clock restarts at now (below).
+            self.frames += 1
+            self.collisions += sent.collisions
             clock = max(clock, loop.time() - CATCH_UP_S) + sent.airtime_s
             ahead = clock - loop.time()
             if ahead > SLACK_S:
@@ -191,10 +210,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", type=_host_port, required=True)
     parser.add_argument("--station", type=parse_station, action="append", required=True)
     parser.add_argument("--frame-bytes", type=int, default=DEFAULT_FRAME_BYTES)
-    parser.add_argument("--overhead-us", type=float, default=DEFAULT_OVERHEAD_S * 1e6)
+    parser.add_argument(
+        "--overhead-us",
+        type=float,
+        default=DEFAULT_OVERHEAD_S * 1e6,
+        help="per-frame overhead with --contention none (with dcf the 802.11 timings decide it)",
+    )
+    parser.add_argument(
+        "--contention",
+        choices=CONTENTION_MODES,
+        default="dcf",
+        help="dcf: stations sending at once contend (random backoff, collisions); none: they take turns",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the backoff draws' seed (dcf)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s wifi %(levelname)s %(message)s")
-    relay = WifiRelay(args.target, dict(args.station), args.frame_bytes, args.overhead_us * 1e-6)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s wifi %(levelname)s %(message)s")
+    relay = WifiRelay(
+        args.target,
+        dict(args.station),
+        args.frame_bytes,
+        args.overhead_us * 1e-6,
+        contention=args.contention,
+        seed=args.seed,
+    )
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -203,6 +241,14 @@ def main(argv: list[str] | None = None) -> None:
             loop.add_signal_handler(signum, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await relay.serve(*args.listen)
+        if isinstance(relay.scheduler, DcfScheduler) and relay.scheduler.attempts:
+            share = relay.scheduler.collided_attempts / relay.scheduler.attempts
+            log.info(
+                "%d frames through, %d collisions (%.1f%% of attempts collided)",
+                relay.frames,
+                relay.collisions,
+                100 * share,
+            )
 
     asyncio.run(run())
 
