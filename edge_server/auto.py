@@ -50,6 +50,7 @@ from toolkit.compression import Encoding, Trial
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
 from toolkit.planning.allocation import concurrent_phase, slot_schedule
+from toolkit.planning.bound import round_bound
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
 from toolkit.planning.costs import ModelCosts, full_step, model_costs
 from toolkit.planning.cut_selection import CutReselection, select_cut
@@ -430,6 +431,9 @@ class AutoScheduler:
         self.history.append(state)
         cut = self.costs.cut(self.cut)
         problem = SplitProblem.build(cut, state, self._settings())
+        one_air = uplink_medium.kind == "airtime" and downlink_medium.kind == "airtime"
+        limit = round_bound(problem, one_air)
+        decision["bound"] = limit.to_dict()
         groups = cluster_devices(problem, bounds, seed=round_)
         self._last_round = (ids, [list(group) for group in groups], state)
         latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
@@ -485,6 +489,7 @@ class AutoScheduler:
             grants=grants,
             timing=timing,
             predicted_latency_s=self.fixed_costs.round(turns),
+            bound_s=limit.bound_s,
             decision=decision,
         )
 

@@ -24,6 +24,7 @@ from edge_server.scheduler import RoundPlan
 from edge_server.timeline import round_timeline, turn_transfers
 from toolkit.files import write_atomically
 from toolkit.models import LayeredModel
+from toolkit.planning.bound import efficiency
 from toolkit.profiler.onnx_export import torchscript_exporter
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
@@ -263,6 +264,8 @@ def round_record(
         "train_loss": sum(stats.train_losses) / len(stats.train_losses) if stats.train_losses else None,
         "latency_s": outcome.latency_s,
         "predicted_latency_s": plan.predicted_latency_s,
+        "bound_s": plan.bound_s,
+        "efficiency": efficiency(plan.bound_s, outcome.latency_s),
         "breakdown": parts,
         "dropped": sorted(stats.dropped),
         "rejected_messages": rejected,

@@ -56,6 +56,8 @@ class RoundPlan:
     grants: dict[str, m.Grant] = field(default_factory=dict)
     timing: dict[int, ClusterTiming] = field(default_factory=dict)  # by cluster index; empty: no slots
     predicted_latency_s: float | None = None
+    # the least any plan could take at this cut with these devices (toolkit.planning.bound)
+    bound_s: float | None = None
     decision: dict = field(default_factory=dict)  # logged to metrics.jsonl as is
 
 

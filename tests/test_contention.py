@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from toolkit.planning.contention import (
@@ -20,7 +22,7 @@ RATES_MBIT = [54, 6, 24, 12, 36, 18, 48, 9, 54, 6, 24, 12, 36, 18, 48, 9]
 def test_the_timings_are_802_11a_at_5_ghz_and_match_the_contention_free_overhead() -> None:
     assert DEFAULT_DCF.window == 16 and DEFAULT_DCF.max_stage == 6 and DEFAULT_DCF.window_at(9) == 1024
     assert DEFAULT_DCF.frame_fixed_s + DEFAULT_DCF.mean_first_backoff_s == pytest.approx(165.5e-6)
-    assert DEFAULT_OVERHEAD_S == pytest.approx(165.5e-6)
+    assert pytest.approx(165.5e-6) == DEFAULT_OVERHEAD_S
     with pytest.raises(ValueError, match="2\\^k - 1"):
         DcfTiming(cw_min=10)
 
@@ -41,7 +43,7 @@ def test_bianchis_fixed_point_holds_and_collisions_grow_with_the_stations() -> N
 def test_contention_costs_more_the_more_stations_send_at_once() -> None:
     efficiencies = [contention_efficiency(n) for n in (1, 2, 4, 8, 16)]
     assert efficiencies[0] == 1.0
-    assert all(a > b for a, b in zip(efficiencies, efficiencies[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(efficiencies))
     assert 0.83 < efficiencies[3] < 0.9 and 0.76 < efficiencies[4] < 0.84
     # one station alone: the same as taking turns (its mean backoff is the overhead's)
     assert saturated_throughput_dcf([24e6]) == pytest.approx(saturated_throughput_turns([24e6]))

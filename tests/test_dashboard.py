@@ -39,6 +39,8 @@ def record(round_: int, **extra) -> dict:
         "train_loss": 1.2,
         "latency_s": 2.0,
         "predicted_latency_s": 1.8,
+        "bound_s": 1.5,
+        "efficiency": 0.75,
         "breakdown": {"device_compute_s": 1.0, "uplink_s": 0.5, "waiting_s": 0.5},
         "dropped": [],
         "time": 1000.0 + round_,
@@ -72,7 +74,9 @@ def test_round_rows_keep_what_is_drawn_and_turn_nan_into_gaps():
     assert set(row["breakdown"]) == set(v.BREAKDOWN_PARTS) and row["breakdown"]["server_compute_s"] == 0.0
     assert (row["restarted"], row["medium"], row["reselection"]) == (["dev1"], "airtime up, shared down", "drift")
     assert (row["encodings"], row["bytes_up"], row["bytes_down"]) == ("int8+zstd up, fp16 down", 1.5e6, 2e6)
+    assert (row["bound_s"], row["efficiency"]) == (1.5, 0.75)
     assert v.round_row(record(0))["encodings"] is None  # nothing compressed
+    assert v.round_row(record(0, bound_s=None, efficiency=None))["efficiency"] is None  # a baseline's round
     assert json.loads(v.to_json({"x": [float("inf"), 1.5]})) == {"x": [None, 1.5]}
 
 

@@ -111,6 +111,9 @@ def test_auto_plan_has_balanced_clusters_and_non_overlapping_slots():
     assert sorted(itertools.chain.from_iterable(plan.clusters)) == [d.id for d in devices]
     assert len(plan.clusters) == 2 and all(len(c) == 3 for c in plan.clusters)
     assert plan.predicted_latency_s == pytest.approx(sum(t.predicted_turn_s for t in plan.timing.values()))
+    # the least any plan could take is below the plan's own figure, and says what binds it
+    assert 0 < plan.bound_s < plan.predicted_latency_s
+    assert plan.decision["bound"]["bound_s"] == plan.bound_s and plan.decision["bound"]["binding"]
     for index, members in enumerate(plan.clusters):
         slots = sorted((plan.grants[d].slot_offset_s, plan.grants[d].slot_duration_s) for d in members)
         for (start, duration), (next_start, _) in itertools.pairwise(slots):
@@ -251,6 +254,9 @@ def test_uploads_keep_to_their_slots_and_never_overlap(broker, tmp_path):
     # the prediction sits next to the measurement in metrics.jsonl
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["predicted_latency_s"] > 0 and "grants" in line["decision"] for line in lines)
+    # and the distance to the limit: the bound at the estimated rates over the measured round (here
+    # above 1: the plan's 4 Mbit/s is far below what loopback moves, and the bound believes the plan)
+    assert all(line["efficiency"] > 0 and line["efficiency"] == line["bound_s"] / line["latency_s"] for line in lines)
     # and the round's timeline: every device's iteration, its phases in the order they happen
     slack = 0.05  # the server's estimate of each device's clock offset, on loopback
     for line in lines:

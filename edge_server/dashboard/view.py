@@ -51,6 +51,8 @@ def round_row(record: Mapping) -> dict:
         "train_loss": _number(record.get("train_loss")),
         "latency_s": _number(record.get("latency_s")),
         "predicted_latency_s": _number(record.get("predicted_latency_s")),
+        "bound_s": _number(record.get("bound_s")),
+        "efficiency": _number(record.get("efficiency")),
         "breakdown": {part: _number(breakdown.get(part)) or 0.0 for part in BREAKDOWN_PARTS},
         "cut": record.get("cut"),
         "cut_name": record.get("cut_name"),

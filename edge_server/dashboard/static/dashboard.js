@@ -135,6 +135,7 @@
       [
         { label: "measured (s)", data: [], borderColor: "#0f766e", backgroundColor: "#0f766e" },
         { label: "predicted (s)", data: [], borderColor: "#9333ea", backgroundColor: "#9333ea", borderDash: [6, 4] },
+        { label: "lower bound (s)", data: [], borderColor: "#64748b", backgroundColor: "#64748b", borderDash: [2, 3] },
       ],
       { x: { title: { display: true, text: "round" } }, y: { title: { display: true, text: "seconds" }, min: 0 } }
     );
@@ -208,6 +209,7 @@
     latency.data.labels = labels;
     latency.data.datasets[0].data = rounds.map((r) => r.latency_s);
     latency.data.datasets[1].data = rounds.map((r) => r.predicted_latency_s);
+    latency.data.datasets[2].data = rounds.map((r) => r.bound_s);
     latency.update("none");
     const breakdown = state.charts.breakdown;
     breakdown.data.labels = labels;
@@ -332,6 +334,7 @@
       cell(row, r.medium || "–");
       cell(row, r.encodings || "fp32");
       cell(row, r.bytes_up === null ? "–" : fmt(r.bytes_up / 1e6, 2) + " / " + fmt(r.bytes_down / 1e6, 2), true);
+      cell(row, r.efficiency === null ? "–" : fmt(r.efficiency, 2), true);
       cell(row, r.reselection || "");
       cell(row, r.dropped.join(", "));
       cell(row, r.restarted.join(", "));
