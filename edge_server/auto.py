@@ -45,11 +45,11 @@ from edge_server.calibration import FixedCosts
 from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
-from edge_server.scheduler import ClusterTiming, RoundPlan
+from edge_server.scheduler import ClusterTiming, RoundPlan, dealt_clusters
 from toolkit.compression import Encoding, Trial
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
-from toolkit.planning.allocation import concurrent_phase, slot_schedule
+from toolkit.planning.allocation import boundary_schedule, concurrent_phase, slot_schedule
 from toolkit.planning.bound import round_bound
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
 from toolkit.planning.costs import ModelCosts, full_step, model_costs
@@ -77,9 +77,10 @@ class PhaseTiming:
     durations: dict[int, float] | None
 
 
-def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0.0) -> PhaseTiming:
-    """Slots on an air-time medium (one sender at a time); all at once on a byte-shared one."""
-    if rates.is_linear():
+def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0.0, slots: bool = True) -> PhaseTiming:
+    """Slots on an air-time medium (one sender at a time); all at once on a byte-shared one, or
+    without ``slots``, where the devices contend."""
+    if slots and rates.is_linear():
         schedule = slot_schedule(rates, rows, bits, lead=lead, tail=tail)
         return PhaseTiming(
             schedule.finish_s,
@@ -87,6 +88,49 @@ def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0
             {slot.device: slot.duration_s for slot in schedule.slots},
         )
     return PhaseTiming(concurrent_phase(rates, rows, bits, lead=lead, tail=tail).finish_s, None, None)
+
+
+@dataclass(frozen=True)
+class TurnTiming:
+    """A cluster turn as planned: each transfer's slots (offsets None: no slots) and its times."""
+
+    uplink: PhaseTiming  # the smashed data's slots, from the uplink epoch
+    downlink: PhaseTiming  # the gradients as a phase of their own, each backward pass after it
+    gradients: PhaseTiming  # the gradients' slots as sent (the flow's order where there is one)
+    model_down: PhaseTiming
+    model_up: PhaseTiming  # from when every backward pass is predicted done
+    iteration_s: float  # from one server step to the next, fixed costs included
+    turn_s: float
+    epoch_s: float  # the next uploads' epoch, from when the gradients start to go out
+    handout_shift_s: float  # the first uploads' epoch, from the weights being all in
+    last_gradients_s: float  # the weights' epoch lies this much before the backward passes' end
+
+    @property
+    def slotted(self) -> bool:
+        return self.uplink.offsets is not None
+
+
+def plan_flow(
+    state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray
+) -> tuple[PhaseTiming, PhaseTiming] | None:
+    """On an air-time medium: the uploads (slots from the gradients' start) and the gradients of
+    one stretch from a server step to the next (``allocation.boundary_schedule``); None on a
+    byte-shared medium, where transfers overlap and nothing is slotted."""
+    if not (state.uplink.is_linear() and state.downlink.is_linear()):
+        return None
+    compute = one_way + problem.backward_s[rows] + problem.forward_s[rows]
+    flow = boundary_schedule(state.downlink, state.uplink, rows, problem.downlink_bits, problem.uplink_bits, compute)
+    uploads = PhaseTiming(
+        flow.uploads.finish_s,
+        {slot.device: slot.start_s for slot in flow.uploads.slots},
+        {slot.device: slot.duration_s for slot in flow.uploads.slots},
+    )
+    gradients = PhaseTiming(
+        flow.gradients.finish_s,
+        {slot.device: slot.start_s for slot in flow.gradients.slots},
+        {slot.device: slot.duration_s for slot in flow.gradients.slots},
+    )
+    return uploads, gradients
 
 
 @dataclass(frozen=True)
@@ -144,6 +188,14 @@ class AutoScheduler:
     compression_auto: bool = False
     compression_budget: float = 0.01  # the largest relative RMS error an encoding may add
     compression_chosen: bool = False
+    # on air time, plan the gradients and the next uploads as one stretch (devices compute while
+    # others use the air); False: two phases with a barrier, as the latency model's iteration has
+    iteration_flow: bool = True
+    # ablations of the fast timescale: clusters drawn at random (as cpsl without resource management
+    # draws them, from ``cluster_seed``), and no slots (the devices contend for the medium)
+    random_clusters: bool = False
+    cluster_seed: int = 0
+    slots: bool = True
     estimates: LiveEstimates = field(default_factory=LiveEstimates)
     costs: ModelCosts | None = None
     cut: int | None = None
@@ -434,29 +486,30 @@ class AutoScheduler:
         one_air = uplink_medium.kind == "airtime" and downlink_medium.kind == "airtime"
         limit = round_bound(problem, one_air)
         decision["bound"] = limit.to_dict()
-        groups = cluster_devices(problem, bounds, seed=round_)
+        if self.random_clusters:
+            row = {device: i for i, device in enumerate(ids)}
+            dealt = dealt_clusters(ids, self.bounds.min_clusters, self.cluster_seed, round_)
+            groups = [[row[device] for device in group] for group in dealt]
+        else:
+            groups = cluster_devices(problem, bounds, seed=round_)
         self._last_round = (ids, [list(group) for group in groups], state)
         latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
         clusters, grants, timing = [], {}, {}
         turns: list[float] = []
+        slot_choices: list[dict] = []
         self._solo_senders = set()
         for index, group in enumerate(groups):
             members = [ids[i] for i in group]
             clusters.append(members)
             rows = np.asarray(group)
             one_way = latency[rows]
-            uplink = plan_phase(state.uplink, rows, problem.uplink_bits, lead=problem.forward_s[rows])
-            downlink = plan_phase(state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way)
-            model_down = plan_phase(state.downlink, rows, problem.model_bits, tail=one_way)
-            # counted from the last gradient's epoch, when every backward pass is predicted done
-            model_up = plan_phase(state.uplink, rows, problem.model_bits)
-            server_s = problem.server_s(len(members))
-            iteration_s = self.fixed_costs.iteration(
-                uplink.finish_s + one_way.max() + server_s + downlink.finish_s + GUARD_S
-            )
-            turn_s = self.fixed_costs.turn(
-                model_down.finish_s + GUARD_S + self.iterations * iteration_s + model_up.finish_s + one_way.max()
-            )
+            turn = self._plan_turn(state, problem, rows, one_way, self.slots)
+            if turn.slotted:  # slots that buy nothing on this medium are skipped (docs/latency-model.md)
+                free = self._plan_turn(state, problem, rows, one_way, slots=False)
+                slot_choices.append({"slotted_s": float(turn.turn_s), "unslotted_s": float(free.turn_s)})
+                if free.turn_s < turn.turn_s:
+                    turn = free
+            uplink, model_up, turn_s = turn.uplink, turn.model_up, turn.turn_s
             turns.append(turn_s)
             if uplink.offsets is not None or len(members) == 1:
                 self._solo_senders.update(members)
@@ -469,17 +522,26 @@ class AutoScheduler:
                     slot_duration_s=max(uplink.durations[row], 1e-6) if slotted else None,
                     rate_bps=estimate.up_bps if slotted else None,
                     clock_offset_s=estimate.clock_offset_s,
-                    weights_slot_offset_s=model_up.offsets.get(row) if model_up.offsets is not None else None,
+                    weights_slot_offset_s=(
+                        model_up.offsets[row] + turn.last_gradients_s if model_up.offsets is not None else None
+                    ),
                 )
             timing[index] = ClusterTiming(
-                model_down_s=model_down.finish_s + GUARD_S,
-                downlink_s=downlink.finish_s + GUARD_S,
+                model_down_s=turn.model_down.finish_s + GUARD_S + turn.handout_shift_s,
+                downlink_s=turn.epoch_s,
                 predicted_turn_s=turn_s,
-                predicted_iteration_s=iteration_s,
-                predicted_model_up_s=downlink.finish_s + model_up.finish_s + one_way.max(),
-                weights_down_offsets={ids[r]: t for r, t in (model_down.offsets or {}).items()},
-                gradient_offsets={ids[r]: t for r, t in (downlink.offsets or {}).items()},
+                predicted_iteration_s=turn.iteration_s,
+                predicted_model_up_s=turn.downlink.finish_s + model_up.finish_s + one_way.max(),
+                weights_down_offsets={ids[r]: t for r, t in (turn.model_down.offsets or {}).items()},
+                gradient_offsets={ids[r]: t for r, t in (turn.gradients.offsets or {}).items()},
             )
+        decision["plan"] = {
+            "clusters": "random" if self.random_clusters else "planned",
+            "slots": self.slots,
+            "iteration_flow": self.slots and self.iteration_flow,
+        }
+        if slot_choices:  # per cluster, the turn predicted with slots and without: slots kept where they pay
+            decision["slots"] = slot_choices
         decision["grants"] = {d: g.model_dump() for d, g in grants.items()}
         decision["fixed_costs"] = self.fixed_costs.to_dict()
         decision["predicted_turn_s"] = [timing[i].predicted_turn_s for i in range(len(clusters))]
@@ -491,6 +553,50 @@ class AutoScheduler:
             predicted_latency_s=self.fixed_costs.round(turns),
             bound_s=limit.bound_s,
             decision=decision,
+        )
+
+    def _plan_turn(
+        self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray, slots: bool
+    ) -> TurnTiming:
+        """One cluster's turn: every transfer's slots (or none) and the predicted times."""
+        uplink = plan_phase(state.uplink, rows, problem.uplink_bits, lead=problem.forward_s[rows], slots=slots)
+        downlink = plan_phase(
+            state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way, slots=slots
+        )
+        model_down = plan_phase(state.downlink, rows, problem.model_bits, tail=one_way, slots=slots)
+        # counted from the last gradient's epoch, when every backward pass is predicted done
+        model_up = plan_phase(state.uplink, rows, problem.model_bits, slots=slots)
+        server_s = problem.server_s(len(rows))
+        flow = plan_flow(state, problem, rows, one_way) if slots and self.iteration_flow else None
+        if flow is None:  # two phases with a barrier: every backward pass done before any upload
+            gradients, between_s, epoch_s = downlink, uplink.finish_s + downlink.finish_s, downlink.finish_s + GUARD_S
+            handout_shift_s = last_gradients_s = 0.0
+        else:  # one stretch of air from the gradients out to the next uploads in
+            uplink, gradients = flow
+            between_s, epoch_s, last_gradients_s = uplink.finish_s + GUARD_S, GUARD_S, downlink.finish_s
+            # the first uploads count from the weights being in: each slot after its forward pass
+            handout_shift_s = max(problem.forward_s[row] - uplink.offsets[row] for row in rows)
+        iteration_s = self.fixed_costs.iteration(between_s + one_way.max() + server_s + GUARD_S)
+        turn_s = self.fixed_costs.turn(
+            model_down.finish_s
+            + GUARD_S
+            + handout_shift_s
+            + self.iterations * iteration_s
+            + last_gradients_s
+            + model_up.finish_s
+            + one_way.max()
+        )
+        return TurnTiming(
+            uplink,
+            downlink,
+            gradients,
+            model_down,
+            model_up,
+            iteration_s,
+            turn_s,
+            epoch_s,
+            handout_shift_s,
+            last_gradients_s,
         )
 
     @property

@@ -204,7 +204,7 @@ class LiveEstimates:
         rows = [self.devices[d] for d in devices]
         return FleetState(
             speed=np.array([r.speed for r in rows]),
-            uplink=rate_model(uplink, np.array([r.up_bps for r in rows])),
+            uplink=rate_model(uplink, np.array([r.up_bps for r in rows]), stations_send=True),
             downlink=rate_model(downlink, np.array([r.down_bps for r in rows])),
             codec_s_per_byte=np.array([r.codec_s_per_byte for r in rows]) if self.compressed else None,
         )

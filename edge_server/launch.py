@@ -60,7 +60,24 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     parser.add_argument("--max-cluster-size", type=positive_int, help="--auto: most devices trained in parallel")
     parser.add_argument(
-        "--random-clusters", action="store_true", help="--no-auto cpsl: draw the clusters at random every round"
+        "--random-clusters",
+        action="store_true",
+        help="cpsl: draw the clusters at random every round (with --auto: the cut and slots still planned; "
+        "an ablation of what clustering buys)",
+    )
+    parser.add_argument(
+        "--slots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--auto on air time: grant transmission slots (default); --no-slots lets the devices contend "
+        "(an ablation of what slots buy)",
+    )
+    parser.add_argument(
+        "--iteration-flow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="--auto with slots: plan each iteration's gradients and the next uploads as one stretch of air, "
+        "devices computing while others send (default); --no-iteration-flow: two phases with a barrier",
     )
     parser.add_argument("--server-profile", type=Path, help="--auto: this server's cpsl-profile of the model")
     parser.add_argument("--reselect-every", type=positive_int, default=10, help="--auto: rounds between cut choices")
@@ -139,8 +156,10 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         raise UserError("--compress auto needs --auto: the encodings are chosen by the plans they make")
     if args.compress == "auto" and args.compress_gradients:
         raise UserError("--compress auto chooses the gradients' encoding too: drop --compress-gradients")
-    if args.random_clusters and (auto or args.scheme != "cpsl"):
-        raise UserError("--random-clusters is for cpsl with --no-auto")
+    if args.random_clusters and args.scheme != "cpsl":
+        raise UserError("--random-clusters is for cpsl")
+    if not auto and not (args.slots and args.iteration_flow):
+        raise UserError("--no-slots and --no-iteration-flow are for cpsl --auto (without it there are no slots)")
     if not (args.norm_factor == 0 or args.norm_factor >= 1):
         raise UserError(f"--norm-factor {args.norm_factor:g} must be 0 (off) or at least 1")
     if args.target_accuracy is not None and args.target_accuracy > 1:
@@ -174,6 +193,8 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         reselect_every=args.reselect_every,
         drift_threshold=args.drift_threshold,
         random_clusters=args.random_clusters,
+        slots=args.slots,
+        iteration_flow=args.iteration_flow,
         norm_factor=args.norm_factor,
         target_accuracy=args.target_accuracy,
         medium=args.medium,

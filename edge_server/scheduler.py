@@ -80,14 +80,20 @@ class FixedScheduler:
 
     def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
         ids = sorted(device.id for device in devices)
-        if self.random_clusters:
-            order = random.Random(f"{self.seed}/{round_}")
-            order.shuffle(ids)
         if self.scheme == "sl":
             groups = [[device] for device in ids]
         elif self.scheme in ("sfl", "fl"):
             groups = [ids]
         else:
-            count = max(1, min(self.clusters, len(ids)))
-            groups = [ids[start::count] for start in range(count)]
+            groups = dealt_clusters(ids, self.clusters, self.seed if self.random_clusters else None, round_)
         return RoundPlan(cut=None if self.scheme == "fl" else self.cut, clusters=[g for g in groups if g])
+
+
+def dealt_clusters(ids: list[str], count: int, seed: int | None, round_: int) -> list[list[str]]:
+    """``count`` clusters dealt round-robin from ``ids`` in sorted order, or, with a ``seed``, from
+    a permutation drawn for the round: the same draw for every scheduler that asks for it."""
+    ids = sorted(ids)
+    if seed is not None:
+        random.Random(f"{seed}/{round_}").shuffle(ids)
+    count = max(1, min(count, len(ids)))
+    return [group for group in (ids[start::count] for start in range(count)) if group]

@@ -82,7 +82,9 @@ class ServerConfig:
     server_profile: Path | None = None
     reselect_every: int = 10
     drift_threshold: float = 0.3
-    random_clusters: bool = False  # fixed cpsl: clusters drawn at random each round
+    random_clusters: bool = False  # cpsl: clusters drawn at random each round (with --auto: the rest planned)
+    slots: bool = True  # --auto on air time: transmission slots (False: devices contend)
+    iteration_flow: bool = True  # --auto with slots: gradients and the next uploads as one stretch
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
     medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
@@ -154,6 +156,10 @@ class EdgeServer(RoundSteps):
                 else (c.compress_smashed, c.compress_gradient),
                 compression_auto=c.compress_smashed == "auto",
                 compression_budget=c.compress_budget,
+                random_clusters=c.random_clusters,
+                cluster_seed=c.data_seed,
+                slots=c.slots,
+                iteration_flow=c.iteration_flow,
             )
         return FixedScheduler(c.scheme, c.cut, c.clusters, c.random_clusters, c.data_seed)
 

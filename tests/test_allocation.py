@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from toolkit.planning.allocation import allocate_shares, allocate_shares_many, equal_shares, slot_schedule
+from toolkit.planning.allocation import (
+    allocate_shares,
+    allocate_shares_many,
+    boundary_schedule,
+    equal_shares,
+    slot_schedule,
+)
 from toolkit.planning.rates import LinearRates, PowerLimitedRates
 
 
@@ -171,3 +179,66 @@ def test_batched_bisection_equals_the_one_cluster_solver(shannon):
             alone = allocate_shares(rates, group, bits_each, lead=lead[group], tail=lead[::-1][group])
             assert plan.finish_s == pytest.approx(alone.finish_s, rel=1e-10)
             np.testing.assert_allclose(plan.shares, alone.shares, rtol=1e-7, atol=1e-12)
+
+
+def _coupled_optimum(down_s, up_s, compute) -> float:
+    """Every sequence of the 2n transfers on one air (a device's upload after its gradient and
+    its compute), interleaved or not: the exact optimum the flow plan is checked against."""
+    n = len(down_s)
+    best = float("inf")
+    operations = [("down", i) for i in range(n)] + [("up", i) for i in range(n)]
+    for sequence in itertools.permutations(operations):
+        position = {op: k for k, op in enumerate(sequence)}
+        if any(position[("up", i)] < position[("down", i)] for i in range(n)):
+            continue
+        clock, delivered = 0.0, {}
+        for kind, i in sequence:
+            if kind == "down":
+                clock += down_s[i]
+                delivered[i] = clock
+            else:
+                clock = max(clock, delivered[i] + compute[i]) + up_s[i]
+        best = min(best, clock)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_flow_plan_of_gradients_and_uploads_is_feasible_and_beats_the_barrier(seed):
+    """One air from the gradients out to the next uploads in: one sender at a time, each upload
+    after its device's gradient and compute, never longer than two phases with a barrier, and
+    (4 devices) equal to the optimum over every sequence of the 8 transfers."""
+    rng = np.random.default_rng(seed)
+    n = 4
+    down_rates, up_rates = LinearRates(rng.uniform(2e6, 30e6, n)), LinearRates(rng.uniform(1e6, 16e6, n))
+    devices = np.arange(n)
+    forward, backward = rng.uniform(0.0, 0.2, n), rng.uniform(0.0, 0.2, n)
+    down_bits, up_bits = 8 * 35e3, 8 * 36e3
+    flow = boundary_schedule(down_rates, up_rates, devices, down_bits, up_bits, forward + backward)
+    slots = sorted(
+        [(s.start_s, s.start_s + s.duration_s) for s in flow.gradients.slots]
+        + [(s.start_s, s.start_s + s.duration_s) for s in flow.uploads.slots]
+    )
+    assert all(end <= start + 1e-12 for (_, end), (start, _) in itertools.pairwise(slots))
+    for device in range(n):
+        gradient, upload = flow.gradients.slot_of(device), flow.uploads.slot_of(device)
+        ready = gradient.start_s + gradient.duration_s + forward[device] + backward[device]
+        assert upload.start_s >= ready - 1e-12
+    barrier = (
+        slot_schedule(down_rates, devices, down_bits, tail=backward).finish_s
+        + slot_schedule(up_rates, devices, up_bits, lead=forward).finish_s
+    )
+    assert flow.finish_s <= barrier + 1e-12
+    down_s, up_s = down_bits / down_rates.capacity, up_bits / up_rates.capacity
+    assert flow.finish_s == pytest.approx(_coupled_optimum(down_s, up_s, forward + backward), rel=1e-9)
+
+
+def test_the_flow_plan_of_a_large_cluster_searches_locally_and_stays_feasible():
+    rng = np.random.default_rng(3)
+    n = 9
+    devices = np.arange(n)
+    compute = rng.uniform(0, 0.3, n)
+    rates = LinearRates(rng.uniform(2e6, 20e6, n))
+    flow = boundary_schedule(rates, rates, devices, 8 * 30e3, 8 * 30e3, compute)
+    air = float(np.sum(2 * 8 * 30e3 / rates.capacity))
+    assert air <= flow.finish_s <= air + compute.max() + 1e-12
+    assert sorted(s.device for s in flow.uploads.slots) == list(range(n))

@@ -161,3 +161,34 @@ def test_a_pinned_cpsl_cut_is_kept_every_round(tmp_path):
     assert result.returncode == 0, result.stderr
     rounds = json.loads(out.read_text())["schemes"]["cpsl"]["rounds"]
     assert {(r["cut"], r["cut_name"]) for r in rounds} == {(6, "pool2")}
+
+
+def test_the_ablation_runs_at_cpsl_s_cut_and_the_split_baselines_at_theirs(tmp_path):
+    out = tmp_path / "ablation.json"
+    schemes = "sl,cpsl-random,cpsl-none,cpsl-clusters,cpsl-slots,cpsl"
+    args = ("--devices", "8", "--rounds", "3", "--medium", "wifi", "--cpsl-cut", "pool1", "--split-cut", "pool2")
+    result = run_cli(CLI, *args, "--schemes", schemes, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["config"]["radio"]["medium"] == "wifi"
+    runs = data["schemes"]
+    for scheme in ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl"):
+        assert {r["cut_name"] for r in runs[scheme]["rounds"]} == {"pool1"}, scheme
+    for scheme in ("sl", "cpsl-random"):
+        assert {r["cut_name"] for r in runs[scheme]["rounds"]} == {"pool2"}, scheme
+    # the same random draw for the ablations without planned clusters; planned ones for the others
+    clusters = {s: [r["clusters"] for r in runs[s]["rounds"]] for s in runs}
+    assert clusters["cpsl-none"] == clusters["cpsl-slots"]
+    assert clusters["cpsl-clusters"] == clusters["cpsl"]
+    # planned clusters never lose to a random draw on the same medium plan
+    assert runs["cpsl-clusters"]["mean_latency_s"] <= runs["cpsl-none"]["mean_latency_s"] * 1.001
+
+
+@pytest.mark.parametrize("medium", ["cell", "wifi", "wired"])
+def test_every_medium_runs_the_default_schemes(tmp_path, medium):
+    out = tmp_path / f"{medium}.json"
+    result = run_cli(CLI, "--devices", "5", "--rounds", "2", "--medium", medium, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(out.read_text())["schemes"]
+    assert set(runs) == {"sl", "sfl", "fl", "cpsl-random", "cpsl"}
+    assert all(body["mean_latency_s"] > 0 for body in runs.values())

@@ -11,6 +11,8 @@ from toolkit.planning.contention import (
     DcfTiming,
     collision_probability,
     contention_efficiency,
+    contention_factor,
+    phy_rate_of,
     saturated_throughput_dcf,
     saturated_throughput_turns,
 )
@@ -111,3 +113,28 @@ def test_make_scheduler_names_the_modes() -> None:
     assert type(make_scheduler("none")) is AirtimeScheduler
     with pytest.raises(ValueError, match="dcf, none"):
         make_scheduler("csma")
+
+
+def test_the_planner_charges_contention_to_unscheduled_uplinks_only() -> None:
+    import numpy as np
+
+    from toolkit.planning.medium import decide_medium, rate_model
+    from toolkit.planning.rates import LinearRates
+
+    rates = np.array([15e6, 6e6, 2.5e6, 5e6])
+    devices = np.arange(4)
+    free = LinearRates(rates).concurrent_bps(devices)
+    contended = LinearRates(rates, contention=True).concurrent_bps(devices)
+    assert contended == pytest.approx(free * contention_factor(rates.tolist()))
+    assert 0.8 < contention_factor(rates.tolist()) < 0.9
+    # a slot plan is unaffected: one sender at a time at its own rate
+    assert LinearRates(rates, contention=True).rate_bps(np.ones(4), devices) == pytest.approx(rates)
+    airtime = decide_medium("airtime", dict(zip("abcd", rates, strict=True)))
+    assert rate_model(airtime, rates, stations_send=True).contention
+    assert not rate_model(airtime, rates).contention  # the access point sends alone
+
+
+def test_rates_beyond_single_frame_wifi_are_not_charged_contention() -> None:
+    assert phy_rate_of(saturated_throughput_turns([24e6])[0]) == pytest.approx(24e6)
+    assert phy_rate_of(100e6) is None  # more than 8 F / 165.5 us: no 802.11 link without aggregation
+    assert contention_factor([1e9, 1e9, 1e9]) == 1.0

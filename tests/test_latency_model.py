@@ -158,3 +158,25 @@ def _scale(channel: ChannelModel) -> float:
 
 def test_reference_affine_scaling():
     assert Affine(1.0, 2.0).scaled(0.5)(3) == pytest.approx(3.5)
+
+
+def test_the_wifi_cell_is_air_time_with_contention_and_the_wired_one_a_switch():
+    from toolkit.planning.allocation import concurrent_phase
+    from toolkit.planning.rates import SharedRates
+
+    speeds = np.ones(6)
+    wifi = ChannelModel(speeds, RadioSettings(medium="wifi"), seed=1).state(0)
+    assert isinstance(wifi.uplink, LinearRates) and wifi.uplink.contention
+    assert isinstance(wifi.downlink, LinearRates) and not wifi.downlink.contention
+    devices = np.arange(6)
+    assert (wifi.uplink.capacity_bps(devices) < 0.6 * 54e6).all(), "54 Mbit/s PHY, less 802.11's per-frame costs"
+    # at these rates six stations contending move less than the same bits sent one after another
+    together = concurrent_phase(wifi.uplink, devices, 8e6).finish_s
+    in_turn = float(np.sum(8e6 / wifi.uplink.capacity_bps(devices)))
+    assert together > in_turn
+    wired = ChannelModel(speeds, RadioSettings(medium="wired", wired_capacity_bps=5e6), seed=1)
+    first, second = wired.state(0), wired.state(1)
+    assert isinstance(first.uplink, SharedRates) and first.uplink.capacity == 5e6
+    assert np.array_equal(first.uplink.caps, second.uplink.caps), "a cable does not fade"
+    with pytest.raises(ValueError, match="medium"):
+        RadioSettings(medium="carrier-pigeon")

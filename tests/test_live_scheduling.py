@@ -364,8 +364,13 @@ def test_on_an_airtime_medium_the_plan_gives_slots():
     plan = auto.plan(0, [record("a"), record("b"), record("c")])
     assert plan.decision["medium"] == {"uplink": "airtime", "downlink": "airtime"}
     assert plan.decision["medium_evidence"]["downlink"]["utilisation"] == pytest.approx(1.0)
-    assert all(g.slot_duration_s is not None for g in plan.grants.values())
-    assert all(t.gradient_offsets for t in plan.timing.values())
+    # every cluster of two or more gets slots; a device alone contends with nobody, and the plan
+    # says what slots would cost or save each cluster
+    shared = [(i, c) for i, c in enumerate(plan.clusters) if len(c) > 1]
+    assert shared and all(plan.grants[d].slot_duration_s is not None for _, c in shared for d in c)
+    assert all(plan.timing[i].gradient_offsets for i, _ in shared)
+    assert len(plan.decision["slots"]) == len(plan.clusters)
+    assert plan.decision["plan"] == {"clusters": "planned", "slots": True, "iteration_flow": True}
 
 
 def test_overlap_is_predicted_faster_than_slots_on_a_shared_medium():

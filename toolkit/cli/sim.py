@@ -24,13 +24,13 @@ from toolkit.cli.common import (
     run_cli,
 )
 from toolkit.errors import UserError
-from toolkit.planning.channel import RadioSettings
+from toolkit.planning.channel import MEDIA, RadioSettings
 from toolkit.planning.clustering import ClusterBounds
 from toolkit.planning.device_classes import load_device_classes, parse_fleet
 from toolkit.planning.latency import TrainingSettings
 from toolkit.planning.plots import plot_rounds, plot_sweep
 from toolkit.planning.scenario import Scenario, find_model_profile, load_costs, profile_classes, run_scenario, run_sweep
-from toolkit.planning.simulate import SCHEMES, SimulationConfig, parse_schemes
+from toolkit.planning.simulate import DEFAULT_SCHEMES, SCHEMES, SimulationConfig, parse_schemes
 
 PROG = "cpsl-sim"
 DEFAULT_FLEET = "raspberry-pi-4,jetson-nano,jetson-orin-nano"
@@ -55,7 +55,12 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument(
         "--devices", type=number_list(positive_int), default=[10], help="number of devices; a comma list sweeps"
     )
-    parser.add_argument("--schemes", type=parse_schemes, default=list(SCHEMES), help=f"among {','.join(SCHEMES)}")
+    parser.add_argument(
+        "--schemes",
+        type=parse_schemes,
+        default=list(DEFAULT_SCHEMES),
+        help=f"among {','.join(SCHEMES)} (default {','.join(DEFAULT_SCHEMES)})",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", default="lenet5", help="use the shipped reference profile of this model")
     source.add_argument(
@@ -93,6 +98,16 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--local-iterations", type=positive_int, default=20, help="iterations per cluster turn")
     parser.add_argument("--cpsl-cut", help="pin cpsl's cut (layer name or number) instead of choosing it by SAA")
+    parser.add_argument("--split-cut", help="pin sl's, sfl's and cpsl-random's cut (default: the middle candidate)")
+    parser.add_argument(
+        "--medium",
+        choices=MEDIA,
+        default="cell",
+        help="cell: frequency shares (CPSL.md); wifi: air time with DCF contention; wired: a switch",
+    )
+    parser.add_argument(
+        "--wired-capacity-mbit", type=positive_float, default=20.0, help="--medium wired: the server's link"
+    )
     parser.add_argument("--saa-samples", type=positive_int, default=10, help="sampled states per cut selection")
     parser.add_argument("--reselect-every", type=positive_int, default=10, help="rounds between cut selections")
     parser.add_argument("--drift-threshold", type=positive_float, default=0.3, help="log-drift forcing re-selection")
@@ -132,12 +147,19 @@ def _scenario(args) -> Scenario:
     )
     try:
         settings = TrainingSettings(args.batch_size, args.local_iterations, args.server_speed)
-        radio = RadioSettings(cell_radius_m=args.cell_radius_m, speed_jitter=args.speed_jitter)
+        radio = RadioSettings(
+            cell_radius_m=args.cell_radius_m,
+            speed_jitter=args.speed_jitter,
+            medium=args.medium,
+            wired_capacity_bps=args.wired_capacity_mbit * 1e6,
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     cpsl_cut = costs.resolve(args.cpsl_cut).cut if args.cpsl_cut else None
+    split_cut = costs.resolve(args.split_cut).cut if args.split_cut else None
     config = SimulationConfig(
         cpsl_cut=cpsl_cut,
+        split_cut=split_cut,
         rounds=args.rounds,
         seed=args.seed,
         settings=settings,

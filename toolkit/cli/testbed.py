@@ -116,7 +116,16 @@ def build_parser() -> OneLineArgumentParser:
     run_parser.add_argument("--model", choices=sorted(BUILTIN_MODELS), help="train this built-in model instead")
     run_parser.add_argument("--scheme", choices=("cpsl", "sl", "sfl", "fl"), default="cpsl")
     run_parser.add_argument("--auto", action=argparse.BooleanOptionalAction, default=None)
-    run_parser.add_argument("--random-clusters", action="store_true")
+    run_parser.add_argument("--random-clusters", action="store_true", help="cpsl: clusters drawn at random")
+    run_parser.add_argument(
+        "--slots", action=argparse.BooleanOptionalAction, default=True, help="cpsl --auto: the server's --slots"
+    )
+    run_parser.add_argument(
+        "--iteration-flow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cpsl --auto: the server's --iteration-flow",
+    )
     run_parser.add_argument("--cut")
     run_parser.add_argument("--clusters", type=positive_int, default=2)
     run_parser.add_argument("--rounds", type=positive_int, default=30)
@@ -195,6 +204,8 @@ def _main(argv: Sequence[str] | None) -> int:
         seed=args.seed,
         events=events,
         planner_medium=args.planner_medium,
+        slots=args.slots,
+        iteration_flow=args.iteration_flow,
         model=args.model or FLEETS[args.fleet][1],
         compress=args.compress,
         compress_gradients=args.compress_gradients,

@@ -27,6 +27,7 @@ cpsl on a byte-shared medium, where overlapping transfers is the better plan.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +225,96 @@ def slot_schedule(
         clock += float(durations[pick])
         finish = max(finish, clock + float(tail[pick]))
     return SlotSchedule(tuple(slots), finish)
+
+
+@dataclass(frozen=True)
+class BoundarySchedule:
+    """One iteration's gradients and the next iteration's uploads as one stretch of one air.
+
+    Times are from the moment the gradients start going out (the server's step is done).
+    """
+
+    gradients: SlotSchedule  # finish: when the last device is ready to upload again
+    uploads: SlotSchedule  # finish: when the last upload ends
+
+    @property
+    def finish_s(self) -> float:
+        return self.uploads.finish_s
+
+
+EXHAUSTIVE_BOUNDARY_DEVICES = 6  # up to 720 gradient orders are tried outright; above, local search
+
+
+def boundary_schedule(
+    downlink: RateModel,
+    uplink: RateModel,
+    devices: np.ndarray,
+    gradient_bits: float | np.ndarray,
+    upload_bits: float | np.ndarray,
+    compute: float | np.ndarray,
+) -> BoundarySchedule:
+    """Gradients out and the next smashed data in, as one flow shop on an air-time medium.
+
+    Between two server steps every device of the cluster needs the medium twice (its
+    gradient down, later its next upload) with its own compute in between (``compute``: the
+    gradient's delivery delay, the backward pass and the next forward pass). Planned as two
+    phases with a barrier between them, the medium idles while the last device runs its
+    backward pass and again while the first runs its forward pass. Planned as one stretch
+    it need not: the gradients go out back to back, and each device uploads as soon as it
+    is ready and the medium is free, in order of readiness (uploads start once the last
+    gradient is out: one sender at a time). What is left to choose is the gradients' order,
+    and it matters both ways: a device with much compute ahead wants its gradient early,
+    and the first upload wants a device that is ready by the time the gradients are out
+    (a two-operation coupled-task problem, NP-hard in general). Up to
+    :data:`EXHAUSTIVE_BOUNDARY_DEVICES` devices every order is tried; above, a local search
+    (moving one device at a time) from the longest-compute-first order (Jackson's rule).
+    """
+    devices = np.asarray(devices, dtype=int)
+    size = len(devices)
+    compute = _as_array(compute, size)
+    down_bits = _as_array(gradient_bits, size)
+    up_bits = _as_array(upload_bits, size)
+    down_s = np.where(down_bits > 0, down_bits / downlink.capacity_bps(devices), 0.0)
+    up_s = np.where(up_bits > 0, up_bits / uplink.capacity_bps(devices), 0.0)
+
+    def uploads_after(order: tuple[int, ...]) -> tuple[float, np.ndarray, np.ndarray, list[int]]:
+        delivered = np.zeros(size)
+        clock = 0.0
+        for k in order:
+            clock += down_s[k]
+            delivered[k] = clock
+        ready = delivered + compute
+        starts = np.zeros(size)
+        sequence = sorted(range(size), key=lambda k: (ready[k], -up_s[k], k))
+        for k in sequence:
+            starts[k] = clock = max(clock, ready[k])
+            clock += up_s[k]
+        return clock, delivered, starts, sequence
+
+    jackson = tuple(sorted(range(size), key=lambda k: (-compute[k], k)))
+    if size <= EXHAUSTIVE_BOUNDARY_DEVICES:
+        best = min(itertools.permutations(range(size)), key=lambda order: (uploads_after(order)[0], order != jackson))
+    else:
+        best, best_s = jackson, uploads_after(jackson)[0]
+        improved = True
+        while improved:
+            improved = False
+            for source in range(size):
+                for target in range(size):
+                    if source == target:
+                        continue
+                    order = list(best)
+                    order.insert(target, order.pop(source))
+                    finish = uploads_after(tuple(order))[0]
+                    if finish < best_s * (1 - 1e-12):
+                        best, best_s, improved = tuple(order), finish, True
+    finish, delivered, starts, sequence = uploads_after(tuple(best))
+    gradients = SlotSchedule(
+        tuple(Slot(int(devices[k]), float(delivered[k] - down_s[k]), float(down_s[k])) for k in best),
+        float(np.max(delivered + compute)) if size else 0.0,
+    )
+    uploads = SlotSchedule(tuple(Slot(int(devices[k]), float(starts[k]), float(up_s[k])) for k in sequence), finish)
+    return BoundarySchedule(gradients, uploads)
 
 
 def allocate_shares_many(

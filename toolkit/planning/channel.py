@@ -12,6 +12,14 @@ Our choices (docs/simulation.md lists them with their sources):
 - downlink: the access point spreads ``ap_power_dbm`` over the whole band, so a share of
   the band is a share of its rate (:class:`rates.LinearRates`);
 - thermal noise ``noise_dbm_per_hz`` (-174 dBm/Hz at 290 K);
+- ``medium``: ``cell`` is the above (frequency shares, power-limited uplink, as in CPSL.md);
+  ``wifi`` is one channel shared in air time: each device's PHY rate is its Shannon rate at
+  its distance, capped at ``wifi_max_phy_bps`` (802.11a/g's 54 Mbit/s), and what it moves
+  alone is what DCF leaves of that rate (:func:`contention.saturated_throughput_turns`:
+  headers, preamble, ACK, backoff); both ways linear in air time, and devices that send
+  unscheduled contend under DCF (:class:`rates.LinearRates` with ``contention``);
+  ``wired`` is a switch: each device's own link at that rate, all of them sharing
+  ``wired_capacity_bps`` to the server (:class:`rates.SharedRates`, bytes overlap for free);
 - compute speed of each device: its class's speed times a log-normal factor drawn per
   round (``speed_jitter`` is the standard deviation of its logarithm), for thermal
   throttling and background load.
@@ -26,11 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from toolkit.planning.contention import saturated_throughput_turns
 from toolkit.planning.latency import FleetState
-from toolkit.planning.rates import LinearRates, PowerLimitedRates
+from toolkit.planning.rates import LinearRates, PowerLimitedRates, SharedRates
 
 POSITION_STREAM = 0x5EED_0001
 ROUND_STREAM = 0x5EED_0002
+MEDIA = ("cell", "wifi", "wired")
 
 
 def dbm_to_watt(dbm: float) -> float:
@@ -50,14 +60,26 @@ class RadioSettings:
     cell_radius_m: float = 200.0
     min_distance_m: float = 20.0
     speed_jitter: float = 0.1
+    medium: str = "cell"
+    wifi_max_phy_bps: float = 54e6  # 802.11a/g's fastest rate
+    wired_capacity_bps: float = 20e6  # the testbed's wired medium (topology.TestbedSpec.medium_up_mbit)
 
     def __post_init__(self) -> None:
+        if self.medium not in MEDIA:
+            raise ValueError(f"medium {self.medium!r}: choose among {', '.join(MEDIA)}")
+        if not (self.wifi_max_phy_bps > 0 and self.wired_capacity_bps > 0):
+            raise ValueError("wifi_max_phy_bps and wired_capacity_bps must be positive")
         if self.bandwidth_hz <= 0:
             raise ValueError("bandwidth must be positive")
         if not 0 < self.min_distance_m < self.cell_radius_m:
             raise ValueError("need 0 < min_distance_m < cell_radius_m")
         if self.speed_jitter < 0:
             raise ValueError("speed_jitter must be >= 0")
+
+
+def _wifi_effective(phy_bps: np.ndarray) -> np.ndarray:
+    """What each station moves alone at its PHY rate, once 802.11's per-frame costs are paid."""
+    return np.array([saturated_throughput_turns([float(rate)])[0] for rate in phy_bps])
 
 
 class ChannelModel:
@@ -91,8 +113,21 @@ class ChannelModel:
         gain = self.mean_gain()
         snr_up = dbm_to_watt(radio.device_power_dbm) * gain * fading_up / noise_w
         snr_down = dbm_to_watt(radio.ap_power_dbm) * gain * fading_down / noise_w
+        speed = self.base_speed * jitter
+        if radio.medium == "wifi":
+            up = _wifi_effective(np.minimum(radio.bandwidth_hz * np.log2(1.0 + snr_up), radio.wifi_max_phy_bps))
+            down = _wifi_effective(np.minimum(radio.bandwidth_hz * np.log2(1.0 + snr_down), radio.wifi_max_phy_bps))
+            return FleetState(speed=speed, uplink=LinearRates(up, contention=True), downlink=LinearRates(down))
+        if radio.medium == "wired":
+            # a cable does not fade: each link's rate is set by the device's mean path gain
+            link = radio.bandwidth_hz * np.log2(1.0 + dbm_to_watt(radio.device_power_dbm) * gain / noise_w)
+            return FleetState(
+                speed=speed,
+                uplink=SharedRates(link, radio.wired_capacity_bps),
+                downlink=SharedRates(link, radio.wired_capacity_bps),
+            )
         return FleetState(
-            speed=self.base_speed * jitter,
+            speed=speed,
             uplink=PowerLimitedRates(radio.bandwidth_hz, snr_up),
             downlink=LinearRates(radio.bandwidth_hz * np.log2(1.0 + snr_down)),
         )

@@ -155,3 +155,31 @@ def contention_efficiency(
         saturated_throughput_dcf(rates, frame_bytes, timing)[0]
         / saturated_throughput_turns(rates, frame_bytes, timing)[0]
     )
+
+
+def phy_rate_of(
+    effective_bps: float, frame_bytes: int = DEFAULT_FRAME_BYTES, timing: DcfTiming = DEFAULT_DCF
+) -> float | None:
+    """The PHY rate at which a lone station moves ``effective_bps`` of payload (the inverse of
+    :func:`saturated_throughput_turns` for one station): what the planner measures is the
+    effective rate, what contention depends on is the frame's air time. None when no PHY
+    rate could: one frame per transmit opportunity tops out at ``8 F / overhead`` (72.5
+    Mbit/s with the defaults), so a faster link is not a single-frame 802.11 link (a wire,
+    loopback, or Wi-Fi with frame aggregation, which this model does not cover)."""
+    per_frame_s = 8.0 * frame_bytes / effective_bps - timing.frame_fixed_s - timing.mean_first_backoff_s
+    return 8.0 * (frame_bytes + MAC_HEADER_BYTES) / per_frame_s if per_frame_s > 0 else None
+
+
+def contention_factor(
+    effective_bps: Sequence[float], frame_bytes: int = DEFAULT_FRAME_BYTES, timing: DcfTiming = DEFAULT_DCF
+) -> float:
+    """What stations with these solo rates move sending at once under DCF, against taking turns
+    (1 for one station, and where a rate is beyond what the model covers: :func:`phy_rate_of`)."""
+    if len(effective_bps) <= 1:
+        return 1.0
+    phy = [phy_rate_of(rate, frame_bytes, timing) for rate in effective_bps]
+    if any(rate is None for rate in phy):
+        return 1.0
+    return (
+        saturated_throughput_dcf(phy, frame_bytes, timing)[0] / saturated_throughput_turns(phy, frame_bytes, timing)[0]
+    )

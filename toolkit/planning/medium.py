@@ -157,11 +157,13 @@ def decide_medium(
     )
 
 
-def rate_model(evidence: MediumEvidence | None, caps_bps: np.ndarray) -> RateModel:
+def rate_model(evidence: MediumEvidence | None, caps_bps: np.ndarray, stations_send: bool = False) -> RateModel:
     """The rate law for these devices' solo rates (in the planner's device order); air time
-    when no medium was decided."""
+    when no medium was decided. ``stations_send``: the devices are the senders (an uplink),
+    who contend for air time when nobody schedules them; on a downlink the access point
+    sends alone."""
     caps = np.asarray(caps_bps, dtype=float)
     if evidence is None or evidence.kind == "airtime":
-        return LinearRates(caps)
+        return LinearRates(caps, contention=stations_send)
     capacity = evidence.capacity_bps if evidence.capacity_bps else float(caps.sum())
     return SharedRates(caps, max(capacity, float(caps.max(initial=0.0)), 1.0))

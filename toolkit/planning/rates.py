@@ -28,6 +28,8 @@ from typing import Protocol
 import numpy as np
 from scipy.special import lambertw
 
+from toolkit.planning.contention import contention_factor
+
 LN2 = float(np.log(2.0))
 
 
@@ -60,6 +62,9 @@ class LinearRates:
     """``r(x) = x * capacity``: time- or frequency-sharing with no power gain."""
 
     capacity: np.ndarray  # bit/s per device with the whole medium
+    # the devices are stations contending under 802.11 DCF when they send unscheduled (a Wi-Fi
+    # uplink); False: one sender, or senders that take turns for free (the access point's downlink)
+    contention: bool = False
 
     def rate_bps(self, share: np.ndarray, devices: np.ndarray) -> np.ndarray:
         return np.asarray(share, dtype=float) * self.capacity[devices]
@@ -80,11 +85,14 @@ class LinearRates:
 
     def concurrent_bps(self, devices: np.ndarray) -> np.ndarray:
         """802.11 DCF: equal transmit opportunities give every backlogged station the same
-        throughput, ``1 / sum_j (1 / C_j)`` (Heusse et al., INFOCOM 2003)."""
+        throughput, ``1 / sum_j (1 / C_j)`` (Heusse et al., INFOCOM 2003); with ``contention``,
+        times what backoff and collisions leave of it for that many stations
+        (:func:`toolkit.planning.contention.contention_factor`, Bianchi's model)."""
         capacity = self.capacity[devices].astype(float)
         if capacity.size == 0:
             return capacity
-        return np.full(capacity.shape, 1.0 / float(np.sum(1.0 / capacity)))
+        factor = contention_factor(capacity.tolist()) if self.contention else 1.0
+        return np.full(capacity.shape, factor / float(np.sum(1.0 / capacity)))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,15 @@ schemes' decisions alone:
 - ``cpsl-random``: the middle cut, random clusters (as many as ``cpsl`` may use, sizes
   as equal as possible, redrawn every round), equal shares;
 - ``cpsl``: the cut chosen by SAA (re-chosen every K rounds or on drift), clusters and
-  shares optimised every round from that round's state.
+  shares optimised every round from that round's state;
+- the ablation of ``cpsl``'s fast timescale, each at ``cpsl``'s cut of the round:
+  ``cpsl-none`` (random clusters, no shares planned: the devices send when ready and the
+  medium shares itself, :func:`allocation.concurrent_phase` - contention on ``wifi``,
+  water-filling on ``wired``, equal shares of the band on ``cell``), ``cpsl-clusters``
+  (planned clusters, unplanned medium), ``cpsl-slots`` (random clusters, planned shares).
+
+``split_cut`` pins the cut of ``sl``, ``sfl`` and ``cpsl-random`` (default: the middle
+candidate), so a baseline can be given its best cut by a sweep.
 """
 
 from __future__ import annotations
@@ -22,14 +30,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from toolkit.errors import UserError
-from toolkit.planning.allocation import allocate_shares, equal_shares
+from toolkit.planning.allocation import allocate_shares, concurrent_phase, equal_shares
 from toolkit.planning.channel import ChannelModel
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
 from toolkit.planning.costs import ModelCosts
 from toolkit.planning.cut_selection import CutReselection, select_cut
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings, plan_fl_round, plan_split_round
 
-SCHEMES = ("sl", "sfl", "fl", "cpsl-random", "cpsl")
+SCHEMES = ("sl", "sfl", "fl", "cpsl-random", "cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl")
+ABLATIONS = ("cpsl-none", "cpsl-clusters", "cpsl-slots")
+DEFAULT_SCHEMES = ("sl", "sfl", "fl", "cpsl-random", "cpsl")
 SAA_STREAM_OFFSET = 1_000_000  # SAA samples are rounds the run never plays
 
 
@@ -88,6 +98,7 @@ class SimulationConfig:
     reselect_every: int = 10
     drift_threshold: float = 0.3
     cpsl_cut: int | None = None  # pin cpsl's cut (no SAA): separates the cut's gain from clustering's
+    split_cut: int | None = None  # pin sl's, sfl's and cpsl-random's cut (default: the middle one)
 
 
 def random_clusters(devices: int, count: int, rng: np.random.Generator) -> list[list[int]]:
@@ -98,10 +109,11 @@ def random_clusters(devices: int, count: int, rng: np.random.Generator) -> list[
 class _Schemes:
     def __init__(self, costs: ModelCosts, channel: ChannelModel, config: SimulationConfig):
         self.costs, self.channel, self.config = costs, channel, config
-        self.middle = costs.middle_cut()
+        self.middle = costs.middle_cut() if config.split_cut is None else costs.cut(config.split_cut)
         self.cluster_count = config.bounds.resolve(channel.size)[1]
         self.reselection = CutReselection(config.reselect_every, config.drift_threshold)
         self.cpsl_cut = None
+        self.cut_round: tuple[int, str] | None = None  # the round whose cut is chosen, and its note
 
     def sl(self, round_: int, state: FleetState) -> RoundRecord:
         problem = SplitProblem.build(self.middle, state, self.config.settings)
@@ -126,8 +138,11 @@ class _Schemes:
         plan = plan_split_round(problem, clusters, equal_shares)
         return RoundRecord(round_, plan.latency_s, self.middle.cut, self.middle.name, clusters)
 
-    def cpsl(self, round_: int, state: FleetState) -> RoundRecord:
-        started = time.perf_counter()
+    def _cut_of(self, round_: int, state: FleetState) -> str:
+        """cpsl's cut for this round, chosen once a round and shared by the ablations (the first
+        scheme of the round pays for the choice in its decision time); the change's note."""
+        if self.cut_round is not None and self.cut_round[0] == round_:
+            return self.cut_round[1]
         note = ""
         reason = None if self.config.cpsl_cut is not None else self.reselection.due(round_, state)
         if self.cpsl_cut is None and self.config.cpsl_cut is not None:
@@ -143,11 +158,33 @@ class _Schemes:
             if self.cpsl_cut is None or choice.cut != self.cpsl_cut.cut:
                 note = f"cut {choice.cut}:{choice.name} ({reason})"
             self.cpsl_cut = self.costs.cut(choice.cut)
+        self.cut_round = (round_, note)
+        return note
+
+    def _ablated(self, round_: int, state: FleetState, planned_clusters: bool, planned_shares: bool) -> RoundRecord:
+        started = time.perf_counter()
+        note = self._cut_of(round_, state)
         problem = SplitProblem.build(self.cpsl_cut, state, self.config.settings)
-        clusters = cluster_devices(problem, self.config.bounds, seed=self.config.seed + round_)
-        plan = plan_split_round(problem, clusters, allocate_shares)
+        if planned_clusters:
+            clusters = cluster_devices(problem, self.config.bounds, seed=self.config.seed + round_)
+        else:
+            rng = np.random.default_rng([self.config.seed, 0xA11, round_])
+            clusters = random_clusters(state.size, self.cluster_count, rng)
+        plan = plan_split_round(problem, clusters, allocate_shares if planned_shares else concurrent_phase)
         elapsed = time.perf_counter() - started
         return RoundRecord(round_, plan.latency_s, self.cpsl_cut.cut, self.cpsl_cut.name, clusters, elapsed, note)
+
+    def cpsl(self, round_: int, state: FleetState) -> RoundRecord:
+        return self._ablated(round_, state, planned_clusters=True, planned_shares=True)
+
+    def cpsl_none(self, round_: int, state: FleetState) -> RoundRecord:
+        return self._ablated(round_, state, planned_clusters=False, planned_shares=False)
+
+    def cpsl_clusters(self, round_: int, state: FleetState) -> RoundRecord:
+        return self._ablated(round_, state, planned_clusters=True, planned_shares=False)
+
+    def cpsl_slots(self, round_: int, state: FleetState) -> RoundRecord:
+        return self._ablated(round_, state, planned_clusters=False, planned_shares=True)
 
     def runner(self, scheme: str) -> Callable[[int, FleetState], RoundRecord]:
         return {
@@ -155,6 +192,9 @@ class _Schemes:
             "sfl": self.sfl,
             "fl": self.fl,
             "cpsl-random": self.cpsl_random,
+            "cpsl-none": self.cpsl_none,
+            "cpsl-clusters": self.cpsl_clusters,
+            "cpsl-slots": self.cpsl_slots,
             "cpsl": self.cpsl,
         }[scheme]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.files import write_atomically
 from toolkit.testbed.topology import AP_ADDRESS, Testbed
 
 log = logging.getLogger("cpsl.testbed")
@@ -84,6 +85,8 @@ class RunSpec:
     non_iid: str = "dirichlet:0.5"
     timeout_s: float = 60.0
     planner_medium: str = "auto"  # the server's --medium: how cpsl --auto models the medium
+    slots: bool = True  # cpsl --auto: --no-slots when False (the devices contend)
+    iteration_flow: bool = True  # cpsl --auto: --no-iteration-flow when False
     model: str = MODEL  # a built-in model; every agent is configured to train it and only it
     compress: str = "fp32"  # the server's --compress (toolkit.compression)
     compress_gradients: str | None = None  # its --compress-gradients (None: as --compress)
@@ -117,6 +120,10 @@ class RunSpec:
             flags += ["--medium", self.planner_medium]
         if self.random_clusters:
             flags.append("--random-clusters")
+        if not self.slots:
+            flags.append("--no-slots")
+        if not self.iteration_flow:
+            flags.append("--no-iteration-flow")
         if self.cut:
             flags += ["--cut", self.cut]
         if self.target_accuracy is not None:
@@ -303,6 +310,8 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
             "WARNING",
             *spec.server_flags(),
         ]
+        # time to a target counts from here: the server's own profiling, probes and planning included
+        write_atomically(run_dir / "testbed.json", json.dumps({"server_started_at": time.time()}).encode())
         server = start(testbed.ap_command(server_command), "server.log")
         watcher = threading.Thread(
             target=_apply_events, args=(testbed, spec.events, metrics, agents, server), daemon=True

@@ -1,0 +1,247 @@
+"""What each piece of resource management buys, on the emulated testbed, under a skeptic's rules.
+
+cpsl at one cut with (a) nothing (random clusters, no slots), (b) clustering only, (c) slots
+only, (d) both, and (e) the cut chosen too (cpsl-auto), beside SL, SFL and FL at the cuts
+named for them, on one fleet and medium, in one invocation:
+
+    sudo .venv/bin/python bench/ablation.py --fleet heavy --medium wifi --cut pool3 \\
+        --variants cpsl-none,cpsl-clusters,cpsl-slots,cpsl-both,cpsl-auto,sl@pool3,sfl@pool3,fl \\
+        --seeds 0,1,2 --out bench/results/ablation/heavy_wifi
+
+The rules (issue #24 item 4):
+
+- time to target is wall-clock from the server's start (its own profiling, the probes, the
+  planning and the encoding trials included) to the end of the first round at the target;
+  the sum of the round latencies up to it is shown beside it;
+- every variant runs every seed (the seed sets the data partition, the initial weights,
+  the random clusters and the medium's backoff draws); medians and ranges over the seeds;
+- a claim "X beats Y" holds when X's median beats Y's median and X's slowest seed beats Y's
+  median too;
+- events (``--throttle``, ``--drop``) hit every variant alike;
+- a variant whose first seed took over 3x as long as cpsl-auto's slowest runs that one seed
+  (``--all-seeds`` runs them anyway);
+- resumable: each finished run leaves ``OUT/VARIANT/seed-K/summary.json`` and is not run
+  again; a run that was cut short is run again from its start. The summary is rewritten
+  after every run, so a stopped invocation keeps what it measured.
+
+Writes ``OUT/ablation.json`` (every run, the medians, the claims) and prints the table.
+Needs root (the testbed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolkit.cli.testbed import FLEETS, default_spec, load_spec  # noqa: E402
+from toolkit.files import write_atomically  # noqa: E402
+from toolkit.testbed.runner import Event, RunSpec, profile_devices, run  # noqa: E402
+from toolkit.testbed.topology import MEDIA, Testbed, require_root  # noqa: E402
+
+VARIANTS = ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl-both", "cpsl-auto")
+SLOW_FACTOR = 3.0
+
+
+def run_spec(variant: str, cut: str) -> RunSpec:
+    """The testbed run of a variant: cpsl ablations at ``cut``, or ``sl@CUT``, ``sfl@CUT``, ``fl``."""
+    if variant == "cpsl-none":
+        return RunSpec(scheme="cpsl", auto=False, random_clusters=True, cut=cut)
+    if variant == "cpsl-clusters":
+        return RunSpec(scheme="cpsl", auto=True, cut=cut, slots=False)
+    if variant == "cpsl-slots":
+        return RunSpec(scheme="cpsl", auto=True, cut=cut, random_clusters=True)
+    if variant == "cpsl-both":
+        return RunSpec(scheme="cpsl", auto=True, cut=cut)
+    if variant == "cpsl-auto":
+        return RunSpec(scheme="cpsl", auto=True)
+    if variant == "fl":
+        return RunSpec(scheme="fl")
+    scheme, _, at = variant.partition("@")
+    if scheme in ("sl", "sfl") and at:
+        return RunSpec(scheme=scheme, cut=at)
+    raise SystemExit(f"variant {variant!r}: choose among {', '.join(VARIANTS)}, sl@CUT, sfl@CUT, fl")
+
+
+def summarize(records: list[dict], started_at: float, target: float) -> dict:
+    latencies = [r["latency_s"] for r in records]
+    reached = next((i for i, r in enumerate(records) if r["accuracy"] >= target), None)
+    efficiencies = [r["efficiency"] for r in records[1:] if isinstance(r.get("efficiency"), int | float)]
+    bounds = [r["bound_s"] for r in records if isinstance(r.get("bound_s"), int | float)]
+    return {
+        "rounds": len(records),
+        "round_to_target": reached,
+        "wall_to_target_s": records[reached]["time"] - started_at if reached is not None else None,
+        "latency_sum_to_target_s": sum(latencies[: reached + 1]) if reached is not None else None,
+        "mean_round_s": statistics.mean(latencies[1:]) if len(latencies) > 1 else None,
+        "median_efficiency": statistics.median(efficiencies) if efficiencies else None,
+        "median_bound_s": statistics.median(bounds) if bounds else None,
+        "final_accuracy": records[-1]["accuracy"] if records else None,
+        "cut": records[-1].get("cut_name") if records else None,
+        "latency_s": latencies,
+        "accuracy": [r["accuracy"] for r in records],
+    }
+
+
+def spread(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def claim(ours: list[dict], theirs: list[dict], key: str = "wall_to_target_s") -> dict | None:
+    """Ours beats theirs: our median below their median, and our slowest seed below it too."""
+    a = [r[key] for r in ours if r.get(key) is not None]
+    b = [r[key] for r in theirs if r.get(key) is not None]
+    if not a or not b:
+        return None
+    mine, yours = statistics.median(a), statistics.median(b)
+    return {"ratio": mine / yours, "holds": mine < yours and max(a) < yours, "ours": mine, "theirs": yours}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", choices=sorted(FLEETS), default="heavy")
+    parser.add_argument("--spec", type=Path, help="a testbed spec file instead of the fleet's devices")
+    parser.add_argument("--model", help="the model (default: the fleet's)")
+    parser.add_argument("--medium", choices=MEDIA, default="wifi")
+    parser.add_argument("--contention", choices=("dcf", "none"), default="dcf")
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--cut", default="pool3", help="the cut of the cpsl ablations (a)-(d)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--local-iterations", type=int, default=20)
+    parser.add_argument("--throttle", action="append", default=[], help="devI:ROUND:MBIT, for every variant")
+    parser.add_argument("--drop", action="append", default=[], help="devI:ROUND, for every variant")
+    parser.add_argument("--all-seeds", action="store_true", help="run every seed even of a variant 3x slower")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    require_root()
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for variant in variants:
+        run_spec(variant, args.cut)  # a bad name fails before anything starts
+    spec = (
+        load_spec(args.spec, args.medium, args.contention)
+        if args.spec
+        else default_spec(args.devices, medium=args.medium, fleet=args.fleet, contention=args.contention)
+    )
+    model = args.model or FLEETS[args.fleet][1]
+    count = len(spec.devices)
+    events = [Event.parse("throttle", t, count) for t in args.throttle] + [
+        Event.parse("drop", d, count) for d in args.drop
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[int, dict]] = {v: {} for v in variants}
+    for variant in variants:  # what earlier invocations finished
+        for seed in seeds:
+            done = args.out / variant / f"seed-{seed}" / "summary.json"
+            if done.exists():
+                results[variant][seed] = json.loads(done.read_text())
+    report(args, spec, model, results)
+    testbed = Testbed(spec)
+    try:
+        testbed.create()
+        profiles = profile_devices(testbed, args.out / "profiles", 32, model)
+        for seed in seeds:
+            for variant in variants:
+                if seed in results[variant] or skipped(args, results, variant, seed):
+                    continue
+                folder = args.out / variant / f"seed-{seed}"
+                shutil.rmtree(folder, ignore_errors=True)  # a run cut short starts again
+                spec_run = run_spec(variant, args.cut)
+                spec_run.rounds, spec_run.target_accuracy, spec_run.model = args.rounds, args.target, model
+                spec_run.seed, spec_run.local_iterations, spec_run.events = seed, args.local_iterations, list(events)
+                print(f"== {variant} seed {seed}", flush=True)
+                records = run(testbed, spec_run, folder, profiles)
+                started_at = json.loads((folder / "testbed.json").read_text())["server_started_at"]
+                summary = summarize(records, started_at, args.target)
+                write_atomically(folder / "summary.json", json.dumps(summary, indent=1))
+                results[variant][seed] = summary
+                print(
+                    f"   to {args.target:.0%}: {summary['wall_to_target_s']} s wall "
+                    f"(rounds' sum {summary['latency_sum_to_target_s']}), mean round {summary['mean_round_s']}, "
+                    f"efficiency {summary['median_efficiency']}",
+                    flush=True,
+                )
+                report(args, spec, model, results)
+    finally:
+        testbed.destroy()
+    report(args, spec, model, results, final=True)
+
+
+def skipped(args, results: dict, variant: str, seed: int) -> bool:
+    """A variant over 3x slower than cpsl-auto's slowest seed runs its first seed only."""
+    if args.all_seeds or variant == "cpsl-auto" or not results[variant] or "cpsl-auto" not in results:
+        return False
+    auto = [r["wall_to_target_s"] for r in results["cpsl-auto"].values() if r.get("wall_to_target_s")]
+    first = [r.get("wall_to_target_s") for r in results[variant].values()]
+    if not auto or not first or first[0] is None:
+        return False
+    return first[0] > SLOW_FACTOR * max(auto)
+
+
+def report(args, spec, model: str, results: dict, final: bool = False) -> None:
+    rows = {
+        variant: {
+            "wall_to_target_s": spread([r.get("wall_to_target_s") for r in runs.values()]),
+            "latency_sum_to_target_s": spread([r.get("latency_sum_to_target_s") for r in runs.values()]),
+            "rounds_to_target": spread([r.get("round_to_target") for r in runs.values()]),
+            "mean_round_s": spread([r.get("mean_round_s") for r in runs.values()]),
+            "median_efficiency": spread([r.get("median_efficiency") for r in runs.values()]),
+            "seeds": sorted(runs),
+        }
+        for variant, runs in results.items()
+    }
+    claims = {}
+    for ours in ("cpsl-both", "cpsl-auto", "cpsl-clusters", "cpsl-slots"):
+        for theirs in results:
+            if ours in results and theirs != ours and results[ours] and results[theirs]:
+                claims[f"{ours} vs {theirs}"] = claim(list(results[ours].values()), list(results[theirs].values()))
+                claims[f"{ours} vs {theirs} (round)"] = claim(
+                    list(results[ours].values()), list(results[theirs].values()), "mean_round_s"
+                )
+    document = {
+        "command": "sudo .venv/bin/python bench/ablation.py " + " ".join(sys.argv[1:]),
+        "fleet": args.fleet,
+        "medium": args.medium,
+        "contention": args.contention,
+        "model": model,
+        "cut": args.cut,
+        "spec": [vars(d) for d in spec.devices],
+        "target": args.target,
+        "rows": rows,
+        "claims": claims,
+        "runs": results,
+    }
+    write_atomically(args.out / "ablation.json", json.dumps(document, indent=1))
+    if final:
+        print(f"{'variant':16} {'to target, wall [s]':28} {'rounds sum [s]':16} {'round [s]':10} efficiency")
+        for variant, row in rows.items():
+            wall, total = row["wall_to_target_s"], row["latency_sum_to_target_s"]
+            mean, eff = row["mean_round_s"], row["median_efficiency"]
+            print(
+                f"{variant:16} "
+                + (f"{wall['median']:.1f} ({wall['min']:.1f}-{wall['max']:.1f}, n={wall['n']})" if wall else "-").ljust(
+                    29
+                )
+                + (f"{total['median']:.1f}" if total else "-").ljust(17)
+                + (f"{mean['median']:.2f}" if mean else "-").ljust(11)
+                + (f"{eff['median']:.2f}" if eff else "-")
+            )
+        print(f"wrote {args.out / 'ablation.json'}")
+
+
+if __name__ == "__main__":
+    main()
