@@ -87,8 +87,16 @@ def spread(values: list[float]) -> dict:
 
 
 def claim(ours: list[float], theirs: list[float]) -> dict:
+    """Issue #24's rule across seeds, and the ratio seed by seed (the same positions and states
+    for both sides: the seeds' spread is mostly geometry, which the rule counts against us)."""
     mine, yours = statistics.median(ours), statistics.median(theirs)
-    return {"ratio": yours / mine, "holds": mine < yours and max(ours) < yours}
+    paired = [b / a for a, b in zip(ours, theirs, strict=True)]
+    return {
+        "ratio": yours / mine,
+        "holds": mine < yours and max(ours) < yours,
+        "paired_min": min(paired),
+        "paired_max": max(paired),
+    }
 
 
 VARIANTS = ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl-both", "cpsl-auto", "sl", "sfl", "fl")

@@ -35,8 +35,10 @@ with whom.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +90,37 @@ def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0
             {slot.device: slot.duration_s for slot in schedule.slots},
         )
     return PhaseTiming(concurrent_phase(rates, rows, bits, lead=lead, tail=tail).finish_s, None, None)
+
+
+REGROUP_STARTS = 32  # the most sorted-by-compute partitions the regrouping starts from
+
+
+def size_patterns(devices: int, clusters: int, cap: int, limit: int) -> list[tuple[int, ...]]:
+    """Cluster sizes (fastest cluster first) that fit the cap, each cluster at least one
+    device: all of them when there are at most ``limit``, else ``limit`` of them spread evenly
+    over the lexicographic order (the balanced pattern always among them)."""
+    patterns: list[tuple[int, ...]] = []
+
+    def extend(prefix: tuple[int, ...], left: int) -> None:
+        if len(patterns) > 4096:  # enough to sample from
+            return
+        slots = clusters - len(prefix)
+        if slots == 0:
+            if left == 0:
+                patterns.append(prefix)
+            return
+        for size in range(max(1, left - cap * (slots - 1)), min(cap, left - (slots - 1)) + 1):
+            extend((*prefix, size), left - size)
+
+    extend((), devices)
+    base, extra = divmod(devices, clusters)
+    balanced = tuple(base + (1 if k < extra else 0) for k in range(clusters))
+    if len(patterns) > limit:
+        step = len(patterns) / limit
+        patterns = [patterns[int(k * step)] for k in range(limit)]
+    if balanced not in patterns and max(balanced) <= cap:  # the sample's last gives way to it
+        patterns = [*patterns[: limit - 1], balanced]
+    return patterns
 
 
 @dataclass(frozen=True)
@@ -196,6 +229,11 @@ class AutoScheduler:
     random_clusters: bool = False
     cluster_seed: int = 0
     slots: bool = True
+    # the clustering's partition improved by swapping and moving devices between clusters, each
+    # candidate scored by the turn plan that will run (flow plan, slots or not); the clustering
+    # itself scores the latency model's barrier iteration (docs/latency-model.md)
+    regroup: bool = True
+    regroup_budget_s: float = 0.5
     estimates: LiveEstimates = field(default_factory=LiveEstimates)
     costs: ModelCosts | None = None
     cut: int | None = None
@@ -490,10 +528,12 @@ class AutoScheduler:
             row = {device: i for i, device in enumerate(ids)}
             dealt = dealt_clusters(ids, self.bounds.min_clusters, self.cluster_seed, round_)
             groups = [[row[device] for device in group] for group in dealt]
-        else:
-            groups = cluster_devices(problem, bounds, seed=round_)
-        self._last_round = (ids, [list(group) for group in groups], state)
         latency = np.array([self.estimates.devices[d].rtt_s / 2 for d in ids])  # one way, per message
+        if not self.random_clusters:
+            groups = cluster_devices(problem, bounds, seed=round_)
+            if self.regroup:
+                groups, decision["regrouping"] = self._regroup(state, problem, groups, latency, bounds)
+        self._last_round = (ids, [list(group) for group in groups], state)
         clusters, grants, timing = [], {}, {}
         turns: list[float] = []
         slot_choices: list[dict] = []
@@ -554,6 +594,94 @@ class AutoScheduler:
             bound_s=limit.bound_s,
             decision=decision,
         )
+
+    def _turn_s(self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray) -> float:
+        """A cluster's predicted turn as it will run: slotted where that is shorter."""
+        turn = self._plan_turn(state, problem, rows, one_way, self.slots).turn_s
+        if self.slots:
+            turn = min(turn, self._plan_turn(state, problem, rows, one_way, slots=False).turn_s)
+        return float(turn)
+
+    def _regroup(
+        self,
+        state: FleetState,
+        problem: SplitProblem,
+        groups: list[list[int]],
+        one_way: np.ndarray,
+        bounds: ClusterBounds,
+    ) -> tuple[list[list[int]], dict]:
+        """The partition whose turns, as they will be planned, sum to the least: a local search
+        (move one device to another cluster, or swap two, while the sum shrinks) from the
+        clustering's partition and from the devices sorted by compute and cut into as many
+        clusters in every admissible size pattern (up to :data:`REGROUP_STARTS`), the best
+        end kept; within the bounds, for at most ``regroup_budget_s`` seconds. The clustering
+        scores the latency model's barrier iteration, which cannot see that a device computing
+        while others use the air costs nothing; the turn plan can (docs/latency-model.md,
+        "Regrouping by the turn plan")."""
+        started = time.perf_counter()
+        cap = bounds.resolve(state.size)[0]
+        cache: dict[tuple[int, ...], float] = {}
+
+        def turn(group: list[int]) -> float:
+            key = tuple(sorted(group))
+            if key not in cache:
+                rows = np.asarray(key)
+                cache[key] = self._turn_s(state, problem, rows, one_way[rows])
+            return cache[key]
+
+        def out_of_time() -> bool:
+            return time.perf_counter() - started > self.regroup_budget_s
+
+        def descend(partition: list[list[int]]) -> tuple[list[list[int]], float, int]:
+            partition = [sorted(group) for group in partition]
+            total, moves, improved = sum(turn(g) for g in partition), 0, True
+            while improved and not out_of_time():
+                improved = False
+                for a, b in itertools.permutations(range(len(partition)), 2):
+                    left_now, right_now = partition[a], partition[b]
+                    candidates = []
+                    if len(left_now) > 1 and len(right_now) < cap:  # one device from a to b
+                        candidates += [([x for x in left_now if x != d], [*right_now, d]) for d in left_now]
+                    if a < b:  # one device of a for one of b
+                        candidates += [
+                            ([x for x in left_now if x != d] + [e], [x for x in right_now if x != e] + [d])
+                            for d in left_now
+                            for e in right_now
+                        ]
+                    if not candidates:
+                        continue
+                    left, right = min(candidates, key=lambda c: turn(c[0]) + turn(c[1]))
+                    gain = turn(left_now) + turn(right_now) - turn(left) - turn(right)
+                    if gain > 1e-9 * total:  # the best move between these two clusters
+                        partition[a], partition[b] = sorted(left), sorted(right)
+                        total, moves, improved = total - gain, moves + 1, True
+                    if out_of_time():
+                        break
+            return partition, total, moves
+
+        count = len(groups)
+        by_compute = sorted(range(state.size), key=lambda n: (problem.forward_s[n] + problem.backward_s[n], n))
+        starts = [[sorted(g) for g in groups]]
+        for sizes in size_patterns(state.size, count, cap, REGROUP_STARTS):
+            bounds_ = np.cumsum([0, *sizes])
+            starts.append([by_compute[bounds_[k] : bounds_[k + 1]] for k in range(count)])
+        before = sum(turn(g) for g in starts[0])
+        best, best_s, best_moves, tried = starts[0], before, 0, 0
+        for partition in starts:
+            if out_of_time() and tried:
+                break
+            found, total, moves = descend(partition)
+            tried += 1
+            if total < best_s * (1 - 1e-12):
+                best, best_s, best_moves = found, total, moves
+        return [group for group in best if group], {
+            "clustering_s": before,
+            "regrouped_s": best_s,
+            "moves": best_moves,
+            "starts": tried,
+            "plans": len(cache),
+            "seconds": time.perf_counter() - started,
+        }
 
     def _plan_turn(
         self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray, slots: bool

@@ -679,3 +679,67 @@ def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_c
     assert second["bytes"]["smashed"] < 0.6 * first["bytes"]["smashed"]  # the choice is used at once
     assert second["train_loss"] < first["train_loss"]  # it trains on the compressed data
     assert auto.estimates.server_codec_s_per_byte > 0  # the server's codec time, measured in the round
+
+
+def heterogeneous(regroup: bool) -> tuple[AutoScheduler, list[DeviceRecord]]:
+    """Eight devices on one air: CPUs and links each spread 10x, not lined up."""
+    equal = 1.0  # probes: one air time between them
+    auto = scheduler(fixed_cut=6, medium="airtime", regroup=regroup, bounds=ClusterBounds(min_clusters=2))
+    devices = [record(f"dev{i}") for i in range(8)]
+    for i, device in enumerate(devices):
+        auto.add_device(device, link([20, 6, 2][(i // 3 + i) % 3]), devices)
+        auto.estimates.devices[device.id].speed = [2.0, 0.6, 0.2][i % 3]
+        auto.estimates.devices[device.id].speed_measured = True
+    del equal
+    return auto, devices
+
+
+def test_regrouping_by_the_turn_plan_never_loses_to_the_clustering_and_is_what_runs():
+    auto, devices = heterogeneous(regroup=True)
+    plan = auto.plan(0, devices)
+    regrouping = plan.decision["regrouping"]
+    assert regrouping["regrouped_s"] <= regrouping["clustering_s"] * (1 + 1e-9)
+    # what it scored is what the plan predicts: the sum of the turns as they will run
+    assert plan.predicted_latency_s == pytest.approx(regrouping["regrouped_s"], rel=1e-9)
+    assert sorted(itertools.chain.from_iterable(plan.clusters)) == sorted(d.id for d in devices)
+    assert all(len(c) <= 5 for c in plan.clusters) and len(plan.clusters) >= 2
+    plain, _ = heterogeneous(regroup=False)
+    unregrouped = plain.plan(0, devices)
+    assert "regrouping" not in unregrouped.decision
+    assert unregrouped.predicted_latency_s == pytest.approx(regrouping["clustering_s"], rel=1e-9)
+    assert plan.predicted_latency_s <= unregrouped.predicted_latency_s * (1 + 1e-9)
+
+
+def test_size_patterns_fit_the_cap_and_keep_the_balanced_one():
+    from edge_server.auto import size_patterns
+
+    assert size_patterns(8, 2, 4, 32) == [(4, 4)]
+    assert size_patterns(8, 2, 7, 32) == [(1, 7), (2, 6), (3, 5), (4, 4), (5, 3), (6, 2), (7, 1)]
+    sampled = size_patterns(30, 6, 6, 5)
+    assert len(sampled) == 5 and (5, 5, 5, 5, 5, 5) in sampled
+    assert all(sum(p) == 30 and len(p) == 6 and max(p) <= 6 and min(p) >= 1 for p in sampled)
+
+
+def test_regrouping_finds_the_best_partition_of_a_small_fleet():
+    """Six devices, two clusters of up to five: the regrouping's partition is the best of all 31."""
+    from toolkit.planning.latency import SplitProblem
+
+    auto, devices = heterogeneous(regroup=True)
+    devices = devices[:6]
+    auto.bounds = ClusterBounds(max_cluster_size=5, min_clusters=2, max_clusters=2)
+    plan = auto.plan(0, devices)
+    view = auto.view(devices)
+    problem = SplitProblem.build(auto.costs.cut(auto.cut), view.state, auto._settings())
+    one_way = np.array([auto.estimates.devices[d].rtt_s / 2 for d in view.ids])
+
+    def turn(rows):
+        rows = np.asarray(rows)
+        return auto._turn_s(view.state, problem, rows, one_way[rows])
+
+    best = min(
+        turn(list(left)) + turn([i for i in range(6) if i not in left])
+        for k in range(1, 6)
+        for left in itertools.combinations(range(6), k)
+    )
+    assert plan.decision["regrouping"]["regrouped_s"] == pytest.approx(best, rel=1e-9)
+    assert plan.predicted_latency_s == pytest.approx(best, rel=1e-9)

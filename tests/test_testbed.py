@@ -339,3 +339,17 @@ def test_a_device_whose_link_is_down_for_10_s_catches_up_and_no_round_is_lost(ru
     assert records[1]["latency_s"] > 8  # the outage was felt
     assert "dev1" in records[2]["clusters"][0] + records[2]["clusters"][-1] and records[2]["dropped"] == []
     assert_nothing_left()
+
+
+def test_the_wide_fleet_spreads_compute_and_links_tenfold():
+    from toolkit.cli.testbed import FLEETS, default_spec
+
+    spec = default_spec(8, fleet="wide", medium="wifi")
+    shares = [d.cpu_share for d in spec.devices]
+    uplinks = [d.uplink_mbit for d in spec.devices]
+    assert max(shares) / min(shares) == pytest.approx(10.0)
+    assert max(uplinks) / min(uplinks) == pytest.approx(10.0)
+    assert all(d.downlink_mbit == 2 * d.uplink_mbit for d in spec.devices)
+    # compute and channel classes do not line up: a fast CPU may sit on a poor link
+    assert any(d.cpu_share == max(shares) and d.uplink_mbit < max(uplinks) for d in spec.devices)
+    assert FLEETS["wide"][1] == "widenet"

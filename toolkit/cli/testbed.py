@@ -28,9 +28,17 @@ PROG = "cpsl-testbed"
 CPU_CLASSES = (0.30, 0.15, 0.08)  # fraction of one core: fast, medium, slow
 HEAVY_CPU_CLASSES = (0.15, 0.08, 0.05)  # the heavy fleet: devices too weak to train a whole model quickly
 UPLINK_CLASSES = (16.0, 6.0, 2.5)  # Mbit/s: good, fair, poor channel
-# fleet -> (CPU classes, model): "default" is LeNet-5 on capable devices, FL's case; "heavy"
-# is WideNet (5.5 MB, most of it a fully connected head) on weak ones, split learning's case
-FLEETS = {"default": (CPU_CLASSES, "lenet5"), "heavy": (HEAVY_CPU_CLASSES, "widenet")}
+WIDE_CPU_CLASSES = (0.50, 0.16, 0.05)  # the wide fleet: compute 10x apart (0.05: the testbed's floor)
+WIDE_UPLINK_CLASSES = (20.0, 6.3, 2.0)  # and channels 10x apart
+# fleet -> (CPU classes, model, uplink classes): "default" is LeNet-5 on capable devices, FL's
+# case; "heavy" is WideNet (5.5 MB, most of it a fully connected head) on weak ones, split
+# learning's case; "wide" is WideNet on a fleet whose CPUs and links are each spread 10x, the
+# case where grouping devices by speed should pay most
+FLEETS = {
+    "default": (CPU_CLASSES, "lenet5", UPLINK_CLASSES),
+    "heavy": (HEAVY_CPU_CLASSES, "widenet", UPLINK_CLASSES),
+    "wide": (WIDE_CPU_CLASSES, "widenet", WIDE_UPLINK_CLASSES),
+}
 
 
 def default_spec(
@@ -44,12 +52,10 @@ def default_spec(
     """Device i: compute class i mod 3 (of the fleet's classes), channel class
     (i // 3 + i) mod 3 (so the two do not line up), downlink twice its uplink; the shared
     medium 20 Mbit/s up, 40 down."""
-    classes = FLEETS[fleet][0]
+    classes, _, links = FLEETS[fleet]
     return TestbedSpec(
         tuple(
-            DeviceSpec(
-                f"dev{i}", UPLINK_CLASSES[(i // 3 + i) % 3], 2 * UPLINK_CLASSES[(i // 3 + i) % 3], classes[i % 3]
-            )
+            DeviceSpec(f"dev{i}", links[(i // 3 + i) % 3], 2 * links[(i // 3 + i) % 3], classes[i % 3])
             for i in range(devices)
         ),
         medium_up,
@@ -111,7 +117,8 @@ def build_parser() -> OneLineArgumentParser:
         "--fleet",
         choices=sorted(FLEETS),
         default="default",
-        help="default: LeNet-5 on CPU classes 0.30/0.15/0.08 of a core; heavy: WideNet on 0.15/0.08/0.05",
+        help="default: LeNet-5 on CPU classes 0.30/0.15/0.08 of a core; heavy: WideNet on 0.15/0.08/0.05; "
+        "wide: WideNet on 0.50/0.16/0.05 with uplinks of 20/6.3/2 Mbit/s",
     )
     run_parser.add_argument("--model", choices=sorted(BUILTIN_MODELS), help="train this built-in model instead")
     run_parser.add_argument("--scheme", choices=("cpsl", "sl", "sfl", "fl"), default="cpsl")

@@ -300,8 +300,8 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
             server_broker_url,
             "--min-devices",
             str(devices),
-            "--wait-devices",
-            "120",
+            "--wait-devices",  # agents on a twentieth of a core take minutes to import torch and warm up
+            "300",
             "--run-dir",
             str(run_dir),
             "--run-id",
