@@ -159,9 +159,12 @@ def main() -> None:
         Event.parse("drop", d, count) for d in args.drop
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[int, dict]] = {v: {} for v in variants}
-    for variant in variants:  # what earlier invocations finished
-        for seed in seeds:
+    # what earlier invocations finished, of these variants and of any other in the same folder
+    # (the table keeps them: an invocation may run more seeds of a few variants only)
+    earlier = sorted(p.parent.parent.name for p in args.out.glob("*/seed-*/summary.json"))
+    results: dict[str, dict[int, dict]] = {v: {} for v in [*variants, *dict.fromkeys(earlier)]}
+    for variant in results:
+        for seed in sorted({*seeds, *(int(p.name[5:]) for p in args.out.glob(f"{variant}/seed-*"))}):
             folder = args.out / variant / f"seed-{seed}"
             done = folder / "summary.json"
             if done.exists():

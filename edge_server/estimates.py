@@ -129,7 +129,8 @@ class LiveEstimates:
         ]
         if uploads and sent_alone:
             estimate.up_bps = _blend(estimate.up_bps, statistics.median(uploads), self.smoothing)
-        self._observe_latency(estimate, rows, arrivals or {})
+        if sent_alone:  # a contended transfer's transit includes its wait for the air: not a clock error
+            self._observe_latency(estimate, rows, arrivals or {})
         if self.compressed:
             self._observe_codec(estimate, cut, batch_size, rows)
         estimate.observed_rounds += 1

@@ -483,11 +483,26 @@ def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
 
     steady, steady_arrivals = report(0.002)
     stepped, stepped_arrivals = report(2.0)
+    auto.plan(0, devices)  # two clusters of one: each sends alone
     auto.observe(
         cut, {"dev0": steady, "dev1": stepped}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": stepped_arrivals}
     )
     assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
     assert abs(auto.estimates.devices["dev0"].clock_offset_s) < 0.01
+
+    # devices that contended for the air (no slots, one cluster): a transit that includes the wait
+    # for the medium says nothing about the clock, and nobody is probed again for it
+    crowded = scheduler(iterations=5, slots=False, bounds=ClusterBounds(min_clusters=1))
+    for device in devices:
+        crowded.add_device(device, link(10, rtt=0.004), devices)
+    plan = crowded.plan(0, devices)
+    assert plan.clusters == [["dev0", "dev1"]] and not plan.decision["plan"]["slots"]
+    waited, waited_arrivals = report(0.06)
+    crowded.observe(
+        cut, {"dev0": steady, "dev1": waited}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": waited_arrivals}
+    )
+    assert not crowded.needs_probe("dev1") and crowded.estimates.devices["dev1"].clock_step_s is None
+    assert crowded.estimates.devices["dev1"].rtt_s == pytest.approx(0.004)
 
 
 def test_the_first_measurement_replaces_the_profiles_prior_and_later_ones_are_smoothed():
