@@ -6,7 +6,7 @@ at the cut it used most, (a) ``cpsl-none`` (random clusters, the medium unplanne
 (the best named); FL. Mean round latency per seed, medians and ranges over the seeds, and
 the claims under issue #24's rule (our median below theirs, our slowest seed below it too)::
 
-    .venv/bin/python bench/sim_ablation.py --out bench/results/sim_ablation
+    .venv/bin/python bench/sim_ablation.py --out bench/results/evidence/full/sim_ablation
 
 Fleets (12 devices, 10 MHz): ``default`` is LeNet-5 on the default classes (Raspberry Pi 4,
 Jetson Nano, Jetson Orin Nano) in a 600 m cell; ``heavy`` is the VGG profile on the Pi 4 and

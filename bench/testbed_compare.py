@@ -11,9 +11,12 @@ builtin:mnist5k (Dirichlet 0.5 partitions) until 90% test accuracy or the round 
 - cpsl-auto-airtime: the same with the planner told the medium is air time (slots always):
   on the wired medium, what modelling the medium buys.
 
-Reported per scheme: wall time to 90% (sum of round latencies until the first round at or
-above 90%), mean round latency, and for cpsl-auto the fidelity measured / predicted round
-latency per round. Optional events for the adaptation run: ``--throttle dev2:3:0.5``.
+Reported per scheme: time to 90% (sum of round latencies until the first round at or above
+90%; ``wall_to_target_s`` beside it, wall clock from the server's start, its profiling,
+probes and planning included), mean round latency, and for cpsl-auto the fidelity
+measured / predicted round latency per round. Optional events, for every scheme alike:
+``--throttle dev2:3:0.5``, ``--drop dev5:6``. One run per scheme: ``bench/ablation.py``
+runs seeds and states claims under issue #24's rules.
 
     sudo python bench/testbed_compare.py [--schemes ...] [--rounds 25] [--medium wired|wifi]
                                          [--fleet default|heavy] [--out DIR]
@@ -52,7 +55,9 @@ SCHEMES = {
 }
 
 
-def summarize(records: list[dict], target: float) -> dict:
+def summarize(records: list[dict], target: float, started_at: float | None = None) -> dict:
+    """``started_at``: the server's start (run_dir/testbed.json); wall-clock time to the target
+    counts from it, the server's profiling, probes and planning included."""
     latencies = [r["latency_s"] for r in records]
     reached = next((i for i, r in enumerate(records) if r["accuracy"] >= target), None)
     fidelity = [r["latency_s"] / r["predicted_latency_s"] for r in records if r.get("predicted_latency_s")]
@@ -61,6 +66,9 @@ def summarize(records: list[dict], target: float) -> dict:
         "final_accuracy": records[-1]["accuracy"] if records else None,
         "round_to_target": reached,
         "time_to_target_s": sum(latencies[: reached + 1]) if reached is not None else None,
+        "wall_to_target_s": (
+            records[reached]["time"] - started_at if reached is not None and started_at is not None else None
+        ),
         "mean_round_latency_s": statistics.mean(latencies) if latencies else None,
         "mean_round_latency_after_first_s": statistics.mean(latencies[1:]) if len(latencies) > 1 else None,
         "fidelity": fidelity,
@@ -116,8 +124,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("--throttle", action="append", default=[], help="for cpsl-auto: devI:ROUND:MBIT")
-    parser.add_argument("--drop", action="append", default=[], help="for cpsl-auto: devI:ROUND")
+    parser.add_argument("--throttle", action="append", default=[], help="devI:ROUND:MBIT, for every scheme")
+    parser.add_argument("--drop", action="append", default=[], help="devI:ROUND, for every scheme")
     parser.add_argument("--medium", choices=MEDIA, default="wired")
     parser.add_argument(
         "--fleet",
@@ -141,13 +149,15 @@ def main() -> None:
         for name in args.schemes.split(","):
             run_spec = SCHEMES[name]
             run_spec.rounds, run_spec.target_accuracy, run_spec.model = args.rounds, args.target, model
-            if name == "cpsl-auto":
-                run_spec.events = [Event.parse("throttle", t, args.devices) for t in args.throttle] + [
-                    Event.parse("drop", d, args.devices) for d in args.drop
-                ]
+            # events hit every scheme alike: a throttle or a drop that only cpsl-auto met would
+            # be a handicap the comparison hid, or a stress only one side was shown to survive
+            run_spec.events = [Event.parse("throttle", t, args.devices) for t in args.throttle] + [
+                Event.parse("drop", d, args.devices) for d in args.drop
+            ]
             print(f"== {name}", flush=True)
             records = run(testbed, run_spec, args.out / name, profiles)
-            results[name] = summarize(records, args.target)
+            started_at = json.loads((args.out / name / "testbed.json").read_text())["server_started_at"]
+            results[name] = summarize(records, args.target, started_at)
             row = results[name]
             print(
                 f"   rounds {row['rounds']}, to {args.target:.0%}: {row['time_to_target_s']} s, "

@@ -18,7 +18,7 @@ testbed device has its own address. Bianchi's model is of the aggregate (DCF is 
 the long run: a station that collided sits in a wide window for a while), so a contention
 case is judged on the stations' total and shows the per-station spread beside it.
 
-    python bench/wifi_medium.py [--out bench/results/wifi] [--seconds 6] [--repeats 3]
+    python bench/wifi_medium.py [--out bench/results/evidence/full/wifi] [--seconds 6] [--repeats 3]
 
 Writes OUT/wifi_medium.json: per case, per station, measured (median of the repeats) and
 predicted Mbit/s, the ratio, and per contention case the total's ratio; exits 1 if a
@@ -150,7 +150,7 @@ def cases() -> list[tuple[str, list[float], list[str]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "wifi")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "evidence" / "full" / "wifi")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,0 +1,256 @@
+"""One command for the evidence of docs/testbed.md: run the benchmarks, then redraw their tables.
+
+    sudo .venv/bin/python bench/evidence.py --quick     # default fleet, Wi-Fi and wired, one seed
+    sudo .venv/bin/python bench/evidence.py --full      # three fleets, both media, three seeds
+    .venv/bin/python bench/evidence.py --render         # only redraw the tables from the results
+
+``--quick`` (about 30 minutes here): the Wi-Fi medium's validation against Bianchi's model,
+the simulator's ablation (one seed), and on the testbed for the default fleet on each medium
+cpsl-auto first, then at the cut it used most cpsl without resource management, cpsl with
+both pieces, SL and SFL at that cut, and FL. ``--full`` (about 14 hours here: 2 fleets of
+WideNet at a few minutes a run, SL's runs the longest): the same for the default, heavy and
+wide fleets, three seeds, the clustering-only and slots-only ablations too, and SL and SFL at
+every cut of the sweep (the table names the best). Everything resumes: each benchmark skips
+what its folder already holds, so an interrupted invocation goes on where it stopped.
+
+Tables are redrawn between ``<!-- evidence:NAME -->`` and ``<!-- /evidence:NAME -->`` in
+docs/testbed.md; the commit each result came from is written beside it
+(``OUT/provenance.json``). What it does not regenerate yet: the earlier tables of
+docs/testbed.md (the default and heavy fleets' one-run comparisons, fidelity, the advisor
+check), which come from bench/testbed_compare.py, bench/advisor_check.py and their JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "testbed.md"
+RESULTS = ROOT / "bench" / "results" / "evidence"
+PYTHON = sys.executable
+# the cuts each split baseline is swept over (--full), by model: its candidate cuts
+SWEEP = {"lenet5": ("pool1", "pool2", "fc1", "fc2"), "widenet": ("pool1", "pool2", "pool3", "fc1")}
+FLEET_MODEL = {"default": "lenet5", "heavy": "widenet", "wide": "widenet"}
+
+
+def commit() -> str:
+    """The commit the results come from; ``+dirty`` when the working tree had changes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+    return head + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def step(name: str, command: list[str], out: Path) -> None:
+    """One benchmark; its provenance (command, commit) recorded beside its results."""
+    print(f"== {name}: {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    provenance = out / "provenance.json"
+    out.mkdir(parents=True, exist_ok=True)
+    provenance.write_text(json.dumps({"command": command[1:], "commit": commit()}, indent=1))
+
+
+def modal_cut(folder: Path) -> str:
+    """The cut cpsl-auto used most over its rounds and seeds."""
+    cuts: Counter[str] = Counter()
+    for metrics in folder.glob("cpsl-auto/seed-*/metrics.jsonl"):
+        cuts.update(json.loads(line).get("cut_name") for line in metrics.read_text().splitlines())
+    cuts.pop(None, None)
+    if not cuts:
+        raise SystemExit(f"no cpsl-auto round in {folder}: run it first")
+    return cuts.most_common(1)[0][0]
+
+
+def run_testbed(fleet: str, medium: str, seeds: str, full: bool, out: Path) -> None:
+    folder = out / f"ablation_{fleet}_{medium}"
+    base = [PYTHON, "bench/ablation.py", "--fleet", fleet, "--medium", medium, "--seeds", seeds, "--out", str(folder)]
+    step(f"{fleet} {medium}: cpsl-auto", [*base, "--variants", "cpsl-auto"], folder)
+    cut = modal_cut(folder)
+    variants = ["cpsl-none", "cpsl-both", "fl"]
+    if full:
+        variants += ["cpsl-clusters", "cpsl-slots"]
+        variants += [f"{scheme}@{c}" for scheme in ("sl", "sfl") for c in SWEEP[FLEET_MODEL[fleet]]]
+    else:
+        variants += [f"sl@{cut}", f"sfl@{cut}"]
+    step(f"{fleet} {medium}: at {cut}", [*base, "--cut", cut, "--variants", ",".join(variants)], folder)
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+def _cell(value: dict | None, digits: int = 1) -> str:
+    if not value:
+        return "-"
+    if value["n"] == 1:
+        return f"{value['median']:.{digits}f}"
+    return f"{value['median']:.{digits}f} ({value['min']:.{digits}f}-{value['max']:.{digits}f})"
+
+
+ABLATION_ORDER = ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl-both", "cpsl-auto")
+
+
+def ablation_table(document: dict) -> str:
+    """The testbed ablation: every variant's medians and ranges, the best cut of each split
+    baseline's sweep, the claims under the rule."""
+    rows = document["rows"]
+    best: dict[str, str] = {}
+    for scheme in ("sl", "sfl"):
+        swept = {v: r for v, r in rows.items() if v.startswith(f"{scheme}@") and r["wall_to_target_s"]}
+        if swept:
+            best[scheme] = min(swept, key=lambda v: swept[v]["wall_to_target_s"]["median"])
+    shown = [v for v in ABLATION_ORDER if v in rows] + [v for v in (*best.values(), "fl") if v in rows]
+    lines = [
+        "| variant | seeds | wall to target [s] | from fleet ready [s] | rounds to target | round [s] | efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant in shown:
+        row = rows[variant]
+        reached = row["rounds_to_target"]
+        rounds = "-"
+        if reached:
+            rounds = f"{reached['median'] + 1:g}"
+            if reached["n"] > 1:
+                rounds += f" ({reached['min'] + 1:g}-{reached['max'] + 1:g})"
+        name = variant + (" (best of the sweep)" if variant in best.values() else "")
+        lines.append(
+            f"| {name} | {len(row['seeds'])} | {_cell(row['wall_to_target_s'])} | "
+            f"{_cell(row.get('ready_to_target_s'))} | {rounds} | {_cell(row['mean_round_s'], 2)} | "
+            f"{_cell(row['median_efficiency'], 2)} |"
+        )
+    claims = []
+    for ours in ("cpsl-both", "cpsl-auto"):
+        for theirs in ("cpsl-none", *best.values(), "fl"):
+            claim = document["claims"].get(f"{ours} vs {theirs}")
+            if claim:
+                verdict = "holds" if claim["holds"] else "does not hold"
+                claims.append(f"{ours} against {theirs}: {claim['ratio']:.2f}x the time, {verdict}")
+    text = "\n".join(lines)
+    if claims:
+        text += (
+            "\n\nClaims (our median below theirs, and our slowest seed below their median): " + "; ".join(claims) + "."
+        )
+    if document.get("ceiling_over_none"):
+        text += (
+            f" No plan at this cut could make a round more than {document['ceiling_over_none']:.2f}x shorter than"
+            " cpsl-none's (its round over the round's lower bound)."
+        )
+    return text
+
+
+SIM_ORDER = ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl-both", "sl", "sfl", "fl")
+
+
+def sim_table(document: dict) -> str:
+    lines = [
+        "| fleet, medium | cut | "
+        + " | ".join(SIM_ORDER)
+        + " | both over none (paired) | clusters / slots over none |",
+        "|" + "---|" * (len(SIM_ORDER) + 4),
+    ]
+    for key, entry in document["table"].items():
+        rows, claims = entry["rows"], entry["claims"]
+        cells = []
+        for variant in SIM_ORDER:
+            cell = f"{rows[variant]['median']:.1f}"
+            if variant in ("sl", "sfl"):
+                cell += f" ({entry[f'{variant}_cut']})"
+            cells.append(cell)
+        both = claims["cpsl-both vs cpsl-none"]
+        lines.append(
+            f"| {key.replace('-', ', ')} | {entry['cut']} | "
+            + " | ".join(cells)
+            + f" | **{both['ratio']:.2f}x** ({both['paired_min']:.2f}-{both['paired_max']:.2f})"
+            + f" | {claims['cpsl-clusters vs cpsl-none']['ratio']:.2f}x"
+            + f" / {claims['cpsl-slots vs cpsl-none']['ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def contention_table(document: dict) -> str:
+    lines = [
+        "| stations | PHY rates (Mbit/s) | measured total (Mbit/s) | Bianchi's model | ratio "
+        "| stations, of the model's share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case in document["cases"]:
+        if case["contention"] != "dcf":
+            continue
+        rates = [row["phy_mbit"] for row in case["rows"]]
+        shown = (
+            f"{rates[0]:g}"
+            if len(rates) == 1
+            else (f"{rates[0]:g} each" if len(set(rates)) == 1 else ", ".join(f"{r:g}" for r in rates))
+        )
+        low, high = case["station_spread"]
+        lines.append(
+            f"| {case['stations']} | {shown} | {case['total_measured_mbit']:.2f} | "
+            f"{case['total_predicted_mbit']:.2f} | {case['total_ratio']:.3f} | {low:.2f}-{high:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def tables(out: Path) -> dict[str, str]:
+    """Every table the results in ``out`` (and the committed ones) can draw, by marker name."""
+    drawn = {}
+    wifi = out / "wifi" / "wifi_medium.json"
+    if wifi.exists():
+        drawn["contention"] = contention_table(json.loads(wifi.read_text()))
+    sim = out / "sim_ablation" / "sim_ablation.json"
+    if sim.exists():
+        drawn["sim-ablation"] = sim_table(json.loads(sim.read_text()))
+    for path in sorted(out.glob("ablation_*/ablation.json")):
+        drawn[path.parent.name.replace("_", "-")] = ablation_table(json.loads(path.read_text()))
+    return drawn
+
+
+def render(drawn: dict[str, str], doc: Path = DOC) -> list[str]:
+    """Replace each marked table of ``doc`` by its new drawing; the names it replaced."""
+    text = doc.read_text()
+    replaced = []
+    for name, table in drawn.items():
+        pattern = re.compile(
+            rf"(<!-- evidence:{re.escape(name)} -->\n).*?(\n<!-- /evidence:{re.escape(name)} -->)", re.S
+        )
+        if pattern.search(text):
+            text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+            replaced.append(name)
+    doc.write_text(text)
+    return replaced
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--quick", action="store_true")
+    mode.add_argument("--full", action="store_true")
+    mode.add_argument("--render", action="store_true", help="only redraw the tables from the results present")
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results/evidence/MODE)")
+    args = parser.parse_args()
+    name = "quick" if args.quick else "full" if args.full else None
+    out = args.out or RESULTS / (name or "full")
+    if name:
+        out.mkdir(parents=True, exist_ok=True)
+        step("wifi medium", [PYTHON, "bench/wifi_medium.py", "--out", str(out / "wifi")], out / "wifi")
+        seeds = "0" if args.quick else "0,1,2"
+        step(
+            "sim ablation",
+            [PYTHON, "bench/sim_ablation.py", "--seeds", seeds, "--out", str(out / "sim_ablation")],
+            out / "sim_ablation",
+        )
+        fleets = ("default",) if args.quick else ("default", "heavy", "wide")
+        for fleet in fleets:
+            for medium in ("wifi", "wired"):
+                run_testbed(fleet, medium, seeds, args.full, out)
+    if not out.exists():
+        raise SystemExit(f"{out}: no results to draw from; run --quick or --full first")
+    replaced = render(tables(out))
+    print(f"redrew {', '.join(replaced) or 'no table'} in {DOC.relative_to(ROOT)} from {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""bench/evidence.py redraws docs/testbed.md's tables from results, between their markers only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def evidence():
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ablation_document() -> dict:
+    def spread(values):
+        return {"median": sorted(values)[len(values) // 2], "min": min(values), "max": max(values), "n": len(values)}
+
+    def row(wall, rounds, round_s, efficiency=None):
+        return {
+            "wall_to_target_s": spread(wall),
+            "ready_to_target_s": spread([w - 100 for w in wall]),
+            "rounds_to_target": spread(rounds),
+            "mean_round_s": spread(round_s),
+            "median_efficiency": spread(efficiency) if efficiency else None,
+            "seeds": list(range(len(wall))),
+        }
+
+    return {
+        "rows": {
+            "cpsl-none": row([400, 390, 420], [6, 6, 7], [35.0, 35.5, 36.0]),
+            "cpsl-both": row([370, 360, 380], [5, 5, 6], [31.0, 31.5, 32.0], [0.68, 0.7, 0.66]),
+            "sl@pool2": row([900], [5], [120.0]),
+            "sl@pool3": row([700], [5], [95.0]),
+            "fl": row([1500], [11], [128.0]),
+        },
+        "claims": {
+            "cpsl-both vs cpsl-none": {"ratio": 370 / 400, "holds": True},
+            "cpsl-both vs sl@pool3": {"ratio": 370 / 700, "holds": True},
+        },
+        "ceiling_over_none": 1.64,
+    }
+
+
+def test_the_ablation_table_names_the_best_cut_of_a_sweep_and_states_the_claims():
+    table = evidence().ablation_table(ablation_document())
+    lines = table.splitlines()
+    assert lines[2].startswith("| cpsl-none | 3 | 400.0 (390.0-420.0) | 300.0 (290.0-320.0) | 7 (7-8) | 35.50")
+    assert any(line.startswith("| sl@pool3 (best of the sweep) | 1 | 700.0 |") for line in lines)
+    assert not any(line.startswith("| sl@pool2") for line in lines)
+    assert "cpsl-both against cpsl-none: 0.93x the time, holds" in table
+    assert "more than 1.64x shorter" in table
+
+
+def test_render_replaces_only_what_lies_between_a_table_s_markers(tmp_path):
+    doc = tmp_path / "testbed.md"
+    doc.write_text(
+        "# intro\n<!-- evidence:sim-ablation -->\nold table\n<!-- /evidence:sim-ablation -->\n"
+        "kept\n<!-- evidence:contention -->\nold\n<!-- /evidence:contention -->\nend\n"
+    )
+    module = evidence()
+    drawn = module.tables(ROOT / "bench" / "results" / "evidence" / "full")
+    assert {"sim-ablation", "contention"} <= set(drawn)
+    replaced = module.render({"sim-ablation": drawn["sim-ablation"], "missing": "x"}, doc)
+    text = doc.read_text()
+    assert replaced == ["sim-ablation"]
+    assert "old table" not in text and "| heavy, wifi |" in text
+    assert "<!-- evidence:contention -->\nold\n<!-- /evidence:contention -->\nend\n" in text
+    sim = json.loads((ROOT / "bench/results/evidence/full/sim_ablation/sim_ablation.json").read_text())
+    assert text.count("\n| ") == 1 + len(sim["table"])  # the header and one row per scenario
