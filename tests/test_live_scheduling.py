@@ -698,14 +698,12 @@ def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_c
 
 def heterogeneous(regroup: bool) -> tuple[AutoScheduler, list[DeviceRecord]]:
     """Eight devices on one air: CPUs and links each spread 10x, not lined up."""
-    equal = 1.0  # probes: one air time between them
     auto = scheduler(fixed_cut=6, medium="airtime", regroup=regroup, bounds=ClusterBounds(min_clusters=2))
     devices = [record(f"dev{i}") for i in range(8)]
     for i, device in enumerate(devices):
         auto.add_device(device, link([20, 6, 2][(i // 3 + i) % 3]), devices)
         auto.estimates.devices[device.id].speed = [2.0, 0.6, 0.2][i % 3]
         auto.estimates.devices[device.id].speed_measured = True
-    del equal
     return auto, devices
 
 
