@@ -1,8 +1,8 @@
 """The emulated testbed as a user runs it: refuses without root, trains, and leaves nothing behind.
 
 The runs need root, iproute2, the cgroup v1 cpu controller and Mosquitto; they are skipped
-where any is missing. They use the fixed names cpsl-*: do not run them beside a testbed
-benchmark.
+where any is missing. They build the testbed instance ``cpsltest`` (cpsltest-ap, cpsltest-d0,
+...), so they run beside a benchmark on the default instance cpsl-* and never touch it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.testbed.topology import CGROUP_CPU, leftovers
+from toolkit.testbed import topology
+from toolkit.testbed.topology import (
+    AP_ADDRESS,
+    CGROUP_CPU,
+    INSTANCE_ENV,
+    DeviceSpec,
+    instance_prefix,
+    leftovers,
+)
 
 CLI = [sys.executable, "-m", "toolkit.cli.testbed"]
 
@@ -41,6 +49,15 @@ ROOT_ONLY = pytest.mark.skipif(
     or not _can_make_namespaces(),
     reason="needs root with CAP_NET_ADMIN, iproute2, tc, cgroup v1 cpu and mosquitto",
 )
+
+
+TEST_INSTANCE = "cpsltest"
+
+
+@pytest.fixture(autouse=True)
+def own_testbed_instance(monkeypatch):
+    """Every run here (and every leftover check) on the instance ``cpsltest``, not the default."""
+    monkeypatch.setenv(INSTANCE_ENV, TEST_INSTANCE)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +147,65 @@ def test_bad_events_are_refused_before_anything_is_built(tmp_path, args, message
     )
     assert result.returncode == 2 and message in result.stderr
     assert_nothing_left()
+
+
+def _reaches_its_access_point(testbed: topology.Testbed, port: int) -> str:
+    """What device 0 of ``testbed`` reads from a one-line server in that testbed's access point."""
+    serve = (
+        "import socket,sys\n"
+        f"s=socket.create_server(('{AP_ADDRESS}',{port}))\n"
+        "print('listening',flush=True)\n"
+        "c,_=s.accept();c.sendall(sys.argv[1].encode());c.close()"
+    )
+    server = subprocess.Popen(
+        testbed.ap_command([sys.executable, "-c", serve, testbed.prefix]), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        fetch = f"import socket;print(socket.create_connection(('{AP_ADDRESS}',{port}),timeout=10).recv(64).decode())"
+        command = ["ip", "netns", "exec", testbed.device_namespace(0), sys.executable, "-c", fetch]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+@ROOT_ONLY
+def test_two_instances_run_side_by_side_each_on_its_own_network_and_clean_up_only_their_own():
+    spec = topology.TestbedSpec((DeviceSpec("dev0", 8.0, 8.0, 0.5),))
+    first = topology.Testbed(spec, prefix=instance_prefix("cpsltesta"))
+    second = topology.Testbed(spec, prefix=instance_prefix("cpsltestb"))
+    try:
+        first.create()
+        second.create()  # the same device names, veths and addresses: nothing clashes
+        assert _reaches_its_access_point(first, 18830) == "cpsltesta-"
+        assert _reaches_its_access_point(second, 18830) == "cpsltestb-"
+        refused = subprocess.run(
+            [*CLI, "run", "--instance", "cpsltesta", "--devices", "1", "--run-dir", "/nonexistent"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2
+        assert "`cpsl-testbed cleanup --instance cpsltesta` removes it" in refused.stderr
+        cleaned = subprocess.run(
+            [*CLI, "cleanup", "--instance", "cpsltesta"], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert cleaned.stdout.strip() == "removed 3 namespaces and 1 CPU groups"
+        assert leftovers(first.prefix) == ([], [])
+        assert _reaches_its_access_point(second, 18831) == "cpsltestb-"  # untouched
+    finally:
+        first.destroy()
+        second.destroy()
+    assert leftovers(second.prefix) == ([], [])
+
+
+@pytest.mark.parametrize("name", ["CPSL", "1bench", "bench-x", "a" * 13, ""])
+def test_a_bad_instance_name_is_a_one_line_usage_error(name):
+    result = subprocess.run([*CLI, "cleanup", "--instance", name], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "1-12 lowercase letters and digits, starting with a letter" in line
 
 
 @ROOT_ONLY

@@ -2,6 +2,7 @@
 
     cpsl-testbed run --devices 8 --scheme cpsl --run-dir runs/testbed [--throttle dev3:4:1] [--drop dev5:6]
     cpsl-testbed cleanup        # remove what a killed run left (cpsl-* namespaces and cgroups)
+    cpsl-testbed --instance bench run ...   # a second testbed beside the first (bench-* names)
 
 Thin: flags in, :mod:`toolkit.testbed` does the work. The namespaces, links and CPU groups
 are removed when the run ends, fails, or is interrupted (Ctrl-C or SIGTERM).
@@ -22,7 +23,16 @@ from toolkit.models.registry import BUILTIN_MODELS
 from toolkit.planning.medium import MEDIUM_CHOICES
 from toolkit.testbed.airtime import CONTENTION_MODES
 from toolkit.testbed.runner import Event, RunSpec, profile_devices, run
-from toolkit.testbed.topology import MEDIA, DeviceSpec, Testbed, TestbedSpec, remove_leftovers, require_root
+from toolkit.testbed.topology import (
+    INSTANCE_ENV,
+    MEDIA,
+    DeviceSpec,
+    Testbed,
+    TestbedSpec,
+    instance_prefix,
+    remove_leftovers,
+    require_root,
+)
 
 PROG = "cpsl-testbed"
 CPU_CLASSES = (0.30, 0.15, 0.08)  # fraction of one core: fast, medium, slow
@@ -88,10 +98,26 @@ def load_spec(path: Path, medium: str = "wired", contention: str = "dcf") -> Tes
         ) from exc
 
 
+INSTANCE_HELP = (
+    f"the testbed instance: its namespaces and CPU groups are NAME-ap, NAME-d0, ... (default ${INSTANCE_ENV} "
+    "or cpsl); a second instance runs beside the first"
+)
+
+
+def instance_name(text: str) -> str:
+    """``--instance``: checked here, so a bad name is a one-line usage error."""
+    try:
+        instance_prefix(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description="Emulated testbed of heterogeneous devices (root only).")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="train once on the testbed")
+    run_parser.add_argument("--instance", type=instance_name, help=INSTANCE_HELP)
     run_parser.add_argument("--devices", type=positive_int, default=8)
     run_parser.add_argument("--spec", type=Path, help="JSON testbed spec instead of the default classes")
     run_parser.add_argument(
@@ -167,6 +193,7 @@ def build_parser() -> OneLineArgumentParser:
     )
     run_parser.add_argument("--debug", action="store_true")
     cleanup = sub.add_parser("cleanup", help="remove cpsl-* namespaces and cgroups left by a killed run")
+    cleanup.add_argument("--instance", type=instance_name, help=INSTANCE_HELP)
     cleanup.add_argument("--debug", action="store_true")
     return parser
 
@@ -183,7 +210,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s testbed %(message)s")
     if args.command == "cleanup":
-        namespaces, groups = remove_leftovers()
+        namespaces, groups = remove_leftovers(instance_prefix(args.instance))
         print(f"removed {namespaces} namespaces and {groups} CPU groups")
         return 0
     require_root()
@@ -219,7 +246,7 @@ def _main(argv: Sequence[str] | None) -> int:
         broker_nodelay=not args.broker_nagle,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
-    testbed = Testbed(spec)
+    testbed = Testbed(spec, prefix=instance_prefix(args.instance))
     try:
         testbed.create()
         profiles = profile_devices(testbed, args.run_dir / "profiles", run_spec.batch_size, run_spec.model)

@@ -24,6 +24,12 @@ at a time -- the 802.11 rule, performance anomaly included.
 Everything created is recorded as it is created and removed by :meth:`Testbed.destroy`,
 which is idempotent and tolerates half-built state; :func:`remove_leftovers` clears
 anything named ``cpsl-*`` that an earlier killed run left behind. Needs root.
+
+``cpsl`` is the default *instance* name. Another (``CPSL_TESTBED_INSTANCE=bench``, or
+``cpsl-testbed --instance bench``) builds ``bench-ap``, ``bench-d0``, ... beside it: the
+veths are created straight inside their namespaces, so two testbeds share no name, and a
+test suite can run beside a long benchmark. Each instance refuses to start over its own
+leftovers and cleans up only its own.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -41,8 +48,9 @@ from toolkit.testbed.airtime import CONTENTION_MODES
 
 log = logging.getLogger("cpsl.testbed")
 
-PREFIX = "cpsl-"
-AP_NS, SWITCH_NS = "cpsl-ap", "cpsl-sw"
+INSTANCE_ENV = "CPSL_TESTBED_INSTANCE"
+DEFAULT_INSTANCE = "cpsl"
+_INSTANCE_NAME = re.compile(r"[a-z][a-z0-9]{0,11}")
 SUBNET = "10.77.0"
 AP_ADDRESS = f"{SUBNET}.1"
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
@@ -82,6 +90,15 @@ class TestbedSpec:
             raise UserError(f"contention {self.contention!r}: choose one of {', '.join(CONTENTION_MODES)}")
         if not (self.medium_up_mbit > 0 and self.medium_down_mbit > 0):
             raise UserError("medium rates must be positive")
+
+
+def instance_prefix(instance: str | None = None) -> str:
+    """The prefix of every namespace and cgroup of one testbed instance: ``instance`` or the
+    ``CPSL_TESTBED_INSTANCE`` environment variable or ``cpsl``, then a dash."""
+    name = instance if instance is not None else os.environ.get(INSTANCE_ENV, DEFAULT_INSTANCE)
+    if not _INSTANCE_NAME.fullmatch(name):
+        raise UserError(f"testbed instance {name!r}: 1-12 lowercase letters and digits, starting with a letter")
+    return f"{name}-"
 
 
 def require_root() -> None:
@@ -129,12 +146,20 @@ def _tbf(namespace: str, interface: str, mbit: float, change: bool = False) -> N
 @dataclass
 class Testbed:
     spec: TestbedSpec
+    prefix: str = field(default_factory=instance_prefix)
     namespaces: list[str] = field(default_factory=list)
     cgroups: list[Path] = field(default_factory=list)
 
-    @staticmethod
-    def device_namespace(index: int) -> str:
-        return f"{PREFIX}d{index}"
+    @property
+    def ap_namespace(self) -> str:
+        return f"{self.prefix}ap"
+
+    @property
+    def switch_namespace(self) -> str:
+        return f"{self.prefix}sw"
+
+    def device_namespace(self, index: int) -> str:
+        return f"{self.prefix}d{index}"
 
     @staticmethod
     def device_address(index: int) -> str:
@@ -146,40 +171,58 @@ class Testbed:
         _run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
 
     def _veth(self, inside_ns: str, inside: str, switch_side: str, address: str) -> None:
-        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", switch_side)
-        _run("ip", "link", "set", inside, "netns", inside_ns)
-        _run("ip", "link", "set", switch_side, "netns", SWITCH_NS)
+        # both ends are born in their namespaces: no name in the host's, where another instance's could clash
+        switch = self.switch_namespace
+        _run(
+            "ip",
+            "link",
+            "add",
+            inside,
+            "netns",
+            inside_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            switch_side,
+            "netns",
+            switch,
+        )
         _run("ip", "netns", "exec", inside_ns, "ip", "addr", "add", f"{address}/24", "dev", inside)
         _run("ip", "netns", "exec", inside_ns, "ip", "link", "set", inside, "up")
-        _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", switch_side, "master", "br0")
-        _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", switch_side, "up")
+        _run("ip", "netns", "exec", switch, "ip", "link", "set", switch_side, "master", "br0")
+        _run("ip", "netns", "exec", switch, "ip", "link", "set", switch_side, "up")
 
     def create(self) -> None:
         """Build it all; on any failure, remove what was built and re-raise."""
         require_root()
-        namespaces, groups = leftovers()
+        namespaces, groups = leftovers(self.prefix)
         if namespaces or groups:
+            instance = self.prefix.removesuffix("-")
+            flag = "" if instance == DEFAULT_INSTANCE else f" --instance {instance}"
             raise UserError(
                 f"testbed state exists already ({', '.join(namespaces + [g.name for g in groups])}): another testbed "
-                "is running, or a killed one left it; `cpsl-testbed cleanup` removes it"
+                f"is running, or a killed one left it; `cpsl-testbed cleanup{flag}` removes it, and "
+                "`--instance NAME` runs a second testbed beside it"
             )
+        switch, ap = self.switch_namespace, self.ap_namespace
         try:
-            self._namespace(SWITCH_NS)
-            _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "add", "br0", "type", "bridge")
-            _run("ip", "netns", "exec", SWITCH_NS, "ip", "link", "set", "br0", "up")
-            self._namespace(AP_NS)
-            self._veth(AP_NS, "ap0", "ap0s", AP_ADDRESS)
+            self._namespace(switch)
+            _run("ip", "netns", "exec", switch, "ip", "link", "add", "br0", "type", "bridge")
+            _run("ip", "netns", "exec", switch, "ip", "link", "set", "br0", "up")
+            self._namespace(ap)
+            self._veth(ap, "ap0", "ap0s", AP_ADDRESS)
             wired = self.spec.medium == "wired"  # the wifi relay shapes by airtime; tbf would share bytes
             if wired:
-                _tbf(SWITCH_NS, "ap0s", self.spec.medium_up_mbit)  # devices -> access point
-                _tbf(AP_NS, "ap0", self.spec.medium_down_mbit)  # access point -> devices
+                _tbf(switch, "ap0s", self.spec.medium_up_mbit)  # devices -> access point
+                _tbf(ap, "ap0", self.spec.medium_down_mbit)  # access point -> devices
             for index, device in enumerate(self.spec.devices):
                 namespace = self.device_namespace(index)
                 self._namespace(namespace)
                 self._veth(namespace, f"d{index}", f"d{index}s", self.device_address(index))
                 if wired:
                     _tbf(namespace, f"d{index}", device.uplink_mbit)
-                    _tbf(SWITCH_NS, f"d{index}s", device.downlink_mbit)
+                    _tbf(switch, f"d{index}s", device.downlink_mbit)
                 group = CGROUP_CPU / namespace
                 group.mkdir(exist_ok=True)
                 self.cgroups.append(group)
@@ -217,9 +260,8 @@ class Testbed:
             for i, device in enumerate(self.spec.devices)
         ]
 
-    @staticmethod
-    def ap_command(command: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", AP_NS, *command]
+    def ap_command(self, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ap_namespace, *command]
 
     def destroy(self) -> None:
         """Remove every namespace and cgroup made (veths and qdiscs go with their namespaces)."""
@@ -265,20 +307,23 @@ def _remove_cgroup(group: Path) -> None:
             log.warning("could not remove cgroup %s: %s", group, exc)
 
 
-def leftovers() -> tuple[list[str], list[Path]]:
+def leftovers(prefix: str | None = None) -> tuple[list[str], list[Path]]:
+    """One instance's namespaces and CPU cgroups (by default the instance the environment names)."""
+    prefix = prefix or instance_prefix()
     namespaces = [
         line.split()[0]
         for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
-        if line.startswith(PREFIX)
+        if line.startswith(prefix)
     ]
-    groups = sorted(CGROUP_CPU.glob(f"{PREFIX}*")) if CGROUP_CPU.is_dir() else []
+    groups = sorted(CGROUP_CPU.glob(f"{prefix}*")) if CGROUP_CPU.is_dir() else []
     return namespaces, groups
 
 
-def remove_leftovers() -> tuple[int, int]:
-    """Remove every ``cpsl-*`` namespace and CPU cgroup (what a killed run may leave)."""
+def remove_leftovers(prefix: str | None = None) -> tuple[int, int]:
+    """Remove one instance's namespaces and CPU cgroups (what a killed run may leave): ``cpsl-*``
+    by default; another instance's are left alone."""
     require_root()
-    namespaces, groups = leftovers()
+    namespaces, groups = leftovers(prefix)
     for group in groups:
         _remove_cgroup(group)
     for namespace in namespaces:
