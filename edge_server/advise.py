@@ -103,8 +103,8 @@ def fleet_state(spec: FleetSpec, reference: Profile, batch: int, base: Path) -> 
         speeds.append(relative_speed(own, reference, batch))
     up = np.array([d.uplink_mbit for d in spec.devices]) * 1e6
     down = np.array([d.downlink_mbit for d in spec.devices]) * 1e6
-    if spec.medium == "airtime":
-        return FleetState(np.array(speeds), LinearRates(up), LinearRates(down))
+    if spec.medium == "airtime":  # stations contend when they send at once, as the live server plans it
+        return FleetState(np.array(speeds), LinearRates(up, contention=True), LinearRates(down))
     up_capacity = (spec.capacity_up_mbit or up.sum() / 1e6) * 1e6
     down_capacity = (spec.capacity_down_mbit or down.sum() / 1e6) * 1e6
     return FleetState(np.array(speeds), SharedRates(up, up_capacity), SharedRates(down, down_capacity))

@@ -223,3 +223,19 @@ def test_advise_plans_the_split_schemes_with_compression_and_fl_as_is(tmp_path, 
     assert rounds["int8"]["fl"] == rounds["fp32"]["fl"]  # FL moves whole models: not compressed
     for scheme in ("sl", "sfl", "cpsl-fixed"):  # pool1: most of a split round is the cut's traffic
         assert rounds["int8"][scheme] < 0.6 * rounds["fp32"][scheme], scheme
+
+
+def test_an_airtime_fleet_file_charges_contention_on_the_uplink_as_the_live_server_does():
+    from edge_server.advise import FleetSpec, fleet_state
+
+    spec = FleetSpec.model_validate(
+        {
+            "medium": "airtime",
+            "devices": [{"name": f"d{i}", "uplink_mbit": 10, "downlink_mbit": 20, "speed": 1.0} for i in range(4)],
+        }
+    )
+    state = fleet_state(spec, load_profile(LENET), 32, ROOT)
+    everyone = np.arange(4)
+    heusse = 10e6 / 4  # four stations at 10 Mbit/s taking equal turns for free
+    assert state.uplink.concurrent_bps(everyone)[0] < 0.95 * heusse  # backoff and collisions cost air
+    assert state.downlink.concurrent_bps(everyone)[0] == pytest.approx(20e6 / 4)  # the access point sends alone

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.benchscripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def evidence():
-    spec = importlib.util.spec_from_file_location("evidence", ROOT / "bench" / "evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("evidence")
 
 
 def ablation_document() -> dict:

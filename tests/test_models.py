@@ -134,3 +134,13 @@ def test_user_model_needs_an_input_shape(user_file) -> None:
 def test_fingerprint_tells_architectures_apart() -> None:
     assert load_model("lenet5").fingerprint() == load_model("lenet5", seed=9).fingerprint()
     assert load_model("lenet5").fingerprint() != load_model("lenet5", num_classes=5).fingerprint()
+
+
+def test_resnet8_cuts_only_between_blocks_and_its_activations_shrink_towards_the_head() -> None:
+    model = load_model("resnet8", seed=0)
+    assert model.layer_names == ["stem", "block1", "block2", "block3", "pool", "flatten", "fc"]
+    x = torch.zeros(2, 1, 28, 28)
+    sizes = [split(model, cut)[0](x)[0].numel() for cut in ("block1", "block2", "block3", "pool")]
+    assert sizes == [8 * 28 * 28, 16 * 14 * 14, 32 * 7 * 7, 32]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.net.modules())  # no running statistics to average
+    assert sum(p.numel() for p in model.net.parameters()) < 25_000

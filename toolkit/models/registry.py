@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
-from toolkit.models import lenet, mobilenet, vgg, widenet
+from toolkit.models import lenet, mobilenet, resnet, vgg, widenet
 from toolkit.models.layered import LayeredModel, check_runs, layered_from_modules
 
 
@@ -39,6 +39,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "vgg": BuiltinModel(vgg.build_vgg, vgg.DEFAULT_INPUT_SHAPE, "VGG-style CNN, 16 layers, 3x32x32"),
     "mobilenetv2": BuiltinModel(
         mobilenet.build_mobilenetv2, mobilenet.DEFAULT_INPUT_SHAPE, "MobileNetV2, 23 blocks, 3x32x32"
+    ),
+    "resnet8": BuiltinModel(
+        resnet.build_resnet8, resnet.DEFAULT_INPUT_SHAPE, "ResNet-8 (GroupNorm), 3 residual blocks, 1x28x28"
     ),
     "widenet": BuiltinModel(
         widenet.build_widenet, widenet.DEFAULT_INPUT_SHAPE, "small CNN under a 5.5 MB fully connected head, 1x28x28"
