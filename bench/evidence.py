@@ -13,6 +13,9 @@ wide fleets, three seeds, the clustering-only and slots-only ablations too, and 
 every cut of the sweep (the table names the best). Everything resumes: each benchmark skips
 what its folder already holds, so an interrupted invocation goes on where it stopped.
 
+``--full`` ends with the held-out check (``bench/heldout.py check``) when its prediction is
+committed (``bench/heldout.py predict``, by hand: a prediction is made once, before any run).
+
 Tables are redrawn between ``<!-- evidence:NAME -->`` and ``<!-- /evidence:NAME -->`` in
 docs/testbed.md; the commit each result came from is written beside it
 (``OUT/provenance.json``). What it does not regenerate yet: the earlier tables of
@@ -33,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "testbed.md"
 RESULTS = ROOT / "bench" / "results" / "evidence"
+HELDOUT = ROOT / "bench" / "results" / "heldout"  # one held-out check, whatever the mode
 PYTHON = sys.executable
 # the cuts each split baseline is swept over (--full), by model: its candidate cuts
 SWEEP = {"lenet5": ("pool1", "pool2", "fc1", "fc2"), "widenet": ("pool1", "pool2", "pool3", "fc1")}
@@ -194,6 +198,40 @@ def contention_table(document: dict) -> str:
     return "\n".join(lines)
 
 
+def _number(value: float | int | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def heldout_table(check: dict) -> str:
+    """The held-out check (bench/heldout.py): each scheme's prediction beside its seeds' medians."""
+    lines = [
+        "| scheme | seeds | predicted: cut, round, rounds, time to target | measured: cut, round, rounds, "
+        "rounds' sum, wall clock | error (rounds' sum / wall) |",
+        "|---|---|---|---|---|",
+    ]
+    for scheme, row in check["schemes"].items():
+        p, m = row["predicted"], row["measured"]
+        errors = [row["error_vs_rounds_sum"], row["error_vs_wall"]]
+        shown = " / ".join("-" if e is None else f"{e:+.0%}" for e in errors)
+        lines.append(
+            f"| {scheme} | {len(row['seeds'])} | {p['cut'] or '-'}, {_number(p['round_latency_s'], ' s')}, "
+            f"{_number(p['rounds'])}, {_number(p['time_to_target_s'], ' s')} | {m['cut'] or '-'}, "
+            f"{_number(m['mean_round_s'], ' s')}, {_number(m['rounds'])}, "
+            f"{_number(m['latency_sum_to_target_s'], ' s')}, {_number(m['wall_to_target_s'], ' s')} | {shown} |"
+        )
+    close = f" (too close to call: {', '.join(check['close'])})" if check["close"] else ""
+    verdict = "names it" if check["names_the_fastest"] else "does not name it"
+    lines.append("")
+    lines.append(
+        f"The advisor said **{check['recommended']}**{close}; the fastest measured (median wall clock) was "
+        f"**{check['fastest_measured']}**: it {verdict}. Prediction made {check['prediction_made_utc']} at "
+        f"commit {check['prediction_commit'][:10]}, before the first run."
+    )
+    return "\n".join(lines)
+
+
 def tables(out: Path) -> dict[str, str]:
     """Every table the results in ``out`` (and the committed ones) can draw, by marker name."""
     drawn = {}
@@ -205,6 +243,9 @@ def tables(out: Path) -> dict[str, str]:
         drawn["sim-ablation"] = sim_table(json.loads(sim.read_text()))
     for path in sorted(out.glob("ablation_*/ablation.json")):
         drawn[path.parent.name.replace("_", "-")] = ablation_table(json.loads(path.read_text()))
+    heldout = HELDOUT / "check.json"
+    if heldout.exists():
+        drawn["heldout"] = heldout_table(json.loads(heldout.read_text()))
     return drawn
 
 
@@ -246,6 +287,8 @@ def main() -> None:
         for fleet in fleets:
             for medium in ("wifi", "wired"):
                 run_testbed(fleet, medium, seeds, args.full, out)
+        if args.full and (HELDOUT / "prediction.json").exists():  # the prediction is committed first, by hand
+            step("held-out check", [PYTHON, "bench/heldout.py", "check", "--out", str(HELDOUT)], HELDOUT)
     if not out.exists():
         raise SystemExit(f"{out}: no results to draw from; run --quick or --full first")
     replaced = render(tables(out))

@@ -62,3 +62,6 @@ def test_the_report_sets_each_prediction_beside_the_median_of_its_seeds(tmp_path
     assert auto["error_vs_rounds_sum"] == pytest.approx(50 / 45 - 1)
     assert result["fastest_measured"] == "fl" and not result["names_the_fastest"]
     assert json.loads((tmp_path / "check.json").read_text())["recommended"] == "cpsl-auto"
+    table = load_bench_script("evidence").heldout_table(result)
+    assert "| cpsl-auto | 3 | block3, 10.0 s, 5, 50.0 s | -, -, 5, 45.0 s, 100.0 s | +11% / -50% |" in table
+    assert "said **cpsl-auto**; the fastest measured (median wall clock) was **fl**: it does not name it" in table
