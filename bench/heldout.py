@@ -1,12 +1,12 @@
 """Benchmark (issue #24, item 5): the advisor on a fleet and a model nothing was fitted on.
 
 The planning code's constants were fitted or checked on LeNet-5, VGG and WideNet and on
-the testbed's default, heavy and wide fleets. The held-out check uses neither: ResNet-8
-(toolkit/models/resnet.py: small weights, large activations) on six devices of its own
+the testbed's default, heavy and wide fleets. The held-out check uses neither: the FedAvg
+paper's MNIST CNN (toolkit/models/fedavg_cnn.py) on six devices of its own
 (bench/heldout/fleet.json), on the Wi-Fi medium with DCF contention. It runs in two steps,
 and the first step's output is committed before the second starts:
 
-1. ``predict``: profiles ResNet-8 at each of the fleet's CPU shares inside the testbed's
+1. ``predict``: profiles the model at each of the fleet's CPU shares inside the testbed's
    CPU groups (what ``cpsl-profile`` on each device would measure), and on this host for
    the reference; writes the fleet file ``edge_server advise`` reads (each device's
    profile, its PHY rates less 802.11's per-frame overhead, the air-time medium); runs the
@@ -48,9 +48,9 @@ from toolkit.testbed.airtime import frame_airtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "bench" / "heldout" / "fleet.json"
-MODEL = "resnet8"
-BASELINE_CUT = "block3"  # SL's, SFL's and cpsl-fixed's cut, named before any run
-REFERENCE = ROOT / "profiles" / "epyc-vm-2vcpu" / "resnet8.json"
+MODEL = "fedavgcnn"
+BASELINE_CUT = "pool2"  # SL's, SFL's and cpsl-fixed's cut, named before any run
+REFERENCE = ROOT / "profiles" / "epyc-vm-2vcpu" / "fedavgcnn.json"
 DATA, NON_IID, TARGET = "builtin:mnist5k", "dirichlet:0.5", 0.9
 # the testbed's training settings (toolkit.testbed.runner.RunSpec), which the advisor rehearses
 BATCH, LOCAL_ITERATIONS, LR, CLUSTERS, MAX_ROUNDS = 32, 20, 0.05, 2, 25
@@ -69,7 +69,7 @@ def wifi_goodput_mbit(phy_mbit: float) -> float:
 
 
 def profile_reference() -> None:
-    """ResNet-8 on this host, one thread: the settings of the other reference profiles."""
+    """The model on this host, one thread: the settings of the other reference profiles."""
     command = [sys.executable, "-m", "toolkit.cli.profile", "--model", MODEL, "--input-shape", "1,28,28"]
     command += ["--batch-size", "16", "--batch-size", "64", "--repeats", "30", "--warmup", "5", "--threads", "1"]
     command += ["--no-onnx", "--device-id", "epyc-vm-2vcpu", "--out", str(REFERENCE)]

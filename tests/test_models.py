@@ -144,3 +144,11 @@ def test_resnet8_cuts_only_between_blocks_and_its_activations_shrink_towards_the
     assert sizes == [8 * 28 * 28, 16 * 14 * 14, 32 * 7 * 7, 32]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.net.modules())  # no running statistics to average
     assert sum(p.numel() for p in model.net.parameters()) < 25_000
+
+
+def test_the_fedavg_cnn_has_the_papers_weights_and_a_small_device_side_at_pool2() -> None:
+    model = load_model("fedavg-cnn", seed=0)
+    assert sum(p.numel() for p in model.net.parameters()) == 1_663_370  # McMahan et al. 2017, section 3
+    device, _ = split(model, "pool2")
+    assert device(torch.zeros(2, 1, 28, 28)).shape == (2, 64, 7, 7)
+    assert sum(p.numel() for p in device.parameters()) == 52_096

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
-from toolkit.models import lenet, mobilenet, resnet, vgg, widenet
+from toolkit.models import fedavg_cnn, lenet, mobilenet, resnet, vgg, widenet
 from toolkit.models.layered import LayeredModel, check_runs, layered_from_modules
 
 
@@ -40,6 +40,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "mobilenetv2": BuiltinModel(
         mobilenet.build_mobilenetv2, mobilenet.DEFAULT_INPUT_SHAPE, "MobileNetV2, 23 blocks, 3x32x32"
     ),
+    "fedavgcnn": BuiltinModel(
+        fedavg_cnn.build_fedavg_cnn,
+        fedavg_cnn.DEFAULT_INPUT_SHAPE,
+        "the FedAvg paper's MNIST CNN, 1.66 M weights, 1x28x28",
+    ),
     "resnet8": BuiltinModel(
         resnet.build_resnet8, resnet.DEFAULT_INPUT_SHAPE, "ResNet-8 (GroupNorm), 3 residual blocks, 1x28x28"
     ),
@@ -47,7 +52,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         widenet.build_widenet, widenet.DEFAULT_INPUT_SHAPE, "small CNN under a 5.5 MB fully connected head, 1x28x28"
     ),
 }
-ALIASES = {"lenet": "lenet5", "lenet-5": "lenet5", "mobilenet": "mobilenetv2", "mobilenet_v2": "mobilenetv2"}
+ALIASES = {
+    "lenet": "lenet5",
+    "lenet-5": "lenet5",
+    "mobilenet": "mobilenetv2",
+    "mobilenet_v2": "mobilenetv2",
+    "fedavg-cnn": "fedavgcnn",
+}
 
 
 def canonical_name(spec: str) -> str:
