@@ -226,7 +226,7 @@ def heldout_table(check: dict) -> str:
     lines.append("")
     lines.append(
         f"The advisor said **{check['recommended']}**{close}; the fastest measured (median wall clock) was "
-        f"**{check['fastest_measured']}**: it {verdict}. Prediction made {check['prediction_made_utc']} at "
+        f"**{check['fastest_measured']}**: it {verdict}. Prediction made {check['prediction_made_utc']} on the code of "
         f"commit {check['prediction_commit'][:10]}, before the first run."
     )
     return "\n".join(lines)
