@@ -95,6 +95,17 @@ def _cell(value: dict | None, digits: int = 1) -> str:
     return f"{value['median']:.{digits}f} ({value['min']:.{digits}f}-{value['max']:.{digits}f})"
 
 
+def _enough_seeds(ours: dict, theirs: dict) -> bool:
+    """Issue #24 item 4: three seeds a side, except that a baseline over 3x slower than our
+    slowest seed may have run one."""
+    if len(ours["seeds"]) < 3:
+        return False
+    if len(theirs["seeds"]) >= 3:
+        return True
+    slowest, their_wall = (ours["wall_to_target_s"] or {}).get("max"), theirs["wall_to_target_s"]
+    return bool(slowest and their_wall and their_wall["median"] > 3 * slowest)
+
+
 ABLATION_ORDER = ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl-both", "cpsl-auto")
 
 
@@ -132,6 +143,8 @@ def ablation_table(document: dict) -> str:
             claim = document["claims"].get(f"{ours} vs {theirs}")
             if claim:
                 verdict = "holds" if claim["holds"] else "does not hold"
+                if not _enough_seeds(rows[ours], rows[theirs]):
+                    verdict = "no claim: too few seeds"
                 claims.append(f"{ours} against {theirs}: {claim['ratio']:.2f}x the time, {verdict}")
     text = "\n".join(lines)
     if claims:

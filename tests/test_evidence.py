@@ -70,3 +70,12 @@ def test_render_replaces_only_what_lies_between_a_table_s_markers(tmp_path):
     assert "<!-- evidence:contention -->\nold\n<!-- /evidence:contention -->\nend\n" in text
     sim = json.loads((ROOT / "bench/results/evidence/full/sim_ablation/sim_ablation.json").read_text())
     assert text.count("\n| ") == 1 + len(sim["table"])  # the header and one row per scenario
+
+
+def test_a_claim_on_too_few_seeds_is_not_stated_as_holding():
+    document = ablation_document()
+    document["rows"]["cpsl-both"] = {**document["rows"]["cpsl-both"], "seeds": [2]}
+    table = evidence().ablation_table(document)
+    assert "cpsl-both against cpsl-none: 0.93x the time, no claim: too few seeds" in table
+    full = evidence().ablation_table(ablation_document())
+    assert "cpsl-both against sl@pool3: 0.53x the time, no claim: too few seeds" in full  # one seed, not 3x slower
