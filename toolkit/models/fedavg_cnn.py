@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
+
+from toolkit.models.layered import flattened_size
 
 DEFAULT_INPUT_SHAPE = (1, 28, 28)
 
 
 def build_fedavg_cnn(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE, num_classes: int = 10) -> nn.Sequential:
-    channels, height, width = input_shape
+    channels = input_shape[0]
     features = OrderedDict(
         conv1=nn.Conv2d(channels, 32, kernel_size=5, padding=2),
         relu1=nn.ReLU(),
@@ -31,8 +32,7 @@ def build_fedavg_cnn(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE, num_cla
         pool2=nn.MaxPool2d(2),
         flatten=nn.Flatten(),
     )
-    with torch.no_grad():  # 3136 for 28x28
-        flat = nn.Sequential(features)(torch.zeros(1, channels, height, width)).shape[1]
+    flat = flattened_size(features, tuple(input_shape))  # 3136 for 28x28
     return nn.Sequential(
         OrderedDict(**features, fc1=nn.Linear(flat, 512), relu3=nn.ReLU(), fc2=nn.Linear(512, num_classes))
     )

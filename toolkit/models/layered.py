@@ -158,3 +158,10 @@ def check_runs(model: LayeredModel) -> torch.Size:
     finally:
         model.net.train()
     return out.shape
+
+
+def flattened_size(features: dict[str, nn.Module], input_shape: tuple[int, ...]) -> int:
+    """Features per sample after ``features`` (ending in a Flatten) for one input of
+    ``input_shape``: what a classifier head's first Linear layer takes, for any input size."""
+    with torch.no_grad():
+        return int(nn.Sequential(OrderedDict(features))(torch.zeros(1, *input_shape)).shape[1])

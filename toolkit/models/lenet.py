@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
+
+from toolkit.models.layered import flattened_size
 
 DEFAULT_INPUT_SHAPE = (1, 28, 28)
 
 
 def build_lenet5(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE, num_classes: int = 10) -> nn.Sequential:
-    channels, height, width = input_shape
+    channels = input_shape[0]
     features = OrderedDict(
         conv1=nn.Conv2d(channels, 6, kernel_size=5, padding=2),
         relu1=nn.ReLU(),
@@ -25,8 +26,7 @@ def build_lenet5(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE, num_classes
         pool2=nn.MaxPool2d(2),
         flatten=nn.Flatten(),
     )
-    with torch.no_grad():  # the flattened size follows the input shape (400 for 28x28)
-        flat = nn.Sequential(features)(torch.zeros(1, channels, height, width)).shape[1]
+    flat = flattened_size(features, tuple(input_shape))  # the flattened size follows the input shape (400 for 28x28)
     return nn.Sequential(
         OrderedDict(
             **features,

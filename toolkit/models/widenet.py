@@ -14,15 +14,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
+
+from toolkit.models.layered import flattened_size
 
 DEFAULT_INPUT_SHAPE = (1, 28, 28)
 HIDDEN = 1024
 
 
 def build_widenet(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE, num_classes: int = 10) -> nn.Sequential:
-    channels, height, width = input_shape
+    channels = input_shape[0]
     features = OrderedDict(
         conv1=nn.Conv2d(channels, 16, kernel_size=5, padding=2),
         relu1=nn.ReLU(),
@@ -35,8 +36,7 @@ def build_widenet(input_shape: tuple[int, ...] = DEFAULT_INPUT_SHAPE, num_classe
         pool3=nn.MaxPool2d(2),
         flatten=nn.Flatten(),
     )
-    with torch.no_grad():  # 288 for 28x28
-        flat = nn.Sequential(features)(torch.zeros(1, channels, height, width)).shape[1]
+    flat = flattened_size(features, tuple(input_shape))  # 288 for 28x28
     return nn.Sequential(
         OrderedDict(
             **features,
