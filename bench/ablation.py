@@ -2,7 +2,8 @@
 
 cpsl at one cut with (a) nothing (random clusters, no slots), (b) clustering only, (c) slots
 only, (d) both, and (e) the cut chosen too (cpsl-auto), beside SL, SFL and FL at the cuts
-named for them, on one fleet and medium, in one invocation:
+named for them, on one fleet and medium, in one invocation; ``cpsl-both-max7`` (any planned
+variant with ``-maxN``) lets the planner make clusters of up to N devices, unequal ones too:
 
     sudo .venv/bin/python bench/ablation.py --fleet heavy --medium wifi --cut pool3 \\
         --variants cpsl-none,cpsl-clusters,cpsl-slots,cpsl-both,cpsl-auto,sl@pool3,sfl@pool3,fl \\
@@ -52,7 +53,16 @@ SLOW_FACTOR = 3.0
 
 
 def run_spec(variant: str, cut: str) -> RunSpec:
-    """The testbed run of a variant: cpsl ablations at ``cut``, or ``sl@CUT``, ``sfl@CUT``, ``fl``."""
+    """The testbed run of a variant: cpsl ablations at ``cut``, or ``sl@CUT``, ``sfl@CUT``, ``fl``;
+    a planned cpsl variant ending in ``-maxN`` (``cpsl-both-max7``) lets the planner make
+    clusters of up to N devices (the server's ``--max-cluster-size``), unequal ones included."""
+    base, marker, cap = variant.partition("-max")
+    if marker and base in VARIANTS[1:]:
+        if not cap.isdigit() or not 1 <= int(cap) <= 64:
+            raise SystemExit(f"variant {variant!r}: -maxN takes a cluster size from 1 to 64")
+        spec = run_spec(base, cut)
+        spec.max_cluster_size = int(cap)
+        return spec
     if variant == "cpsl-none":
         return RunSpec(scheme="cpsl", auto=False, random_clusters=True, cut=cut)
     if variant == "cpsl-clusters":
@@ -68,7 +78,9 @@ def run_spec(variant: str, cut: str) -> RunSpec:
     scheme, _, at = variant.partition("@")
     if scheme in ("sl", "sfl") and at:
         return RunSpec(scheme=scheme, cut=at)
-    raise SystemExit(f"variant {variant!r}: choose among {', '.join(VARIANTS)}, sl@CUT, sfl@CUT, fl")
+    raise SystemExit(
+        f"variant {variant!r}: choose among {', '.join(VARIANTS)} (the planned ones with -maxN), sl@CUT, sfl@CUT, fl"
+    )
 
 
 def fleet_ready_at(folder: Path) -> float | None:
@@ -233,7 +245,7 @@ def report(args, spec, model: str, results: dict, final: bool = False) -> None:
         for variant, runs in results.items()
     }
     claims = {}
-    for ours in ("cpsl-both", "cpsl-auto", "cpsl-clusters", "cpsl-slots"):
+    for ours in [v for v in results if v.startswith("cpsl-") and v != "cpsl-none"]:
         for theirs in results:
             if ours in results and theirs != ours and results[ours] and results[theirs]:
                 claims[f"{ours} vs {theirs}"] = claim(list(results[ours].values()), list(results[theirs].values()))

@@ -35,10 +35,8 @@ with whom.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +57,7 @@ from toolkit.planning.cut_selection import CutReselection, select_cut
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings, plan_split_round
 from toolkit.planning.medium import MediumEvidence, decide_medium
 from toolkit.planning.rates import RateModel
+from toolkit.planning.regrouping import regroup
 from toolkit.planning.rounds import label_skew
 from toolkit.profile_format import Profile, parse_profile
 from toolkit.protocol import messages as m
@@ -90,37 +89,6 @@ def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0
             {slot.device: slot.duration_s for slot in schedule.slots},
         )
     return PhaseTiming(concurrent_phase(rates, rows, bits, lead=lead, tail=tail).finish_s, None, None)
-
-
-REGROUP_STARTS = 32  # the most sorted-by-compute partitions the regrouping starts from
-
-
-def size_patterns(devices: int, clusters: int, cap: int, limit: int) -> list[tuple[int, ...]]:
-    """Cluster sizes (fastest cluster first) that fit the cap, each cluster at least one
-    device: all of them when there are at most ``limit``, else ``limit`` of them spread evenly
-    over the lexicographic order (the balanced pattern always among them)."""
-    patterns: list[tuple[int, ...]] = []
-
-    def extend(prefix: tuple[int, ...], left: int) -> None:
-        if len(patterns) > 4096:  # enough to sample from
-            return
-        slots = clusters - len(prefix)
-        if slots == 0:
-            if left == 0:
-                patterns.append(prefix)
-            return
-        for size in range(max(1, left - cap * (slots - 1)), min(cap, left - (slots - 1)) + 1):
-            extend((*prefix, size), left - size)
-
-    extend((), devices)
-    base, extra = divmod(devices, clusters)
-    balanced = tuple(base + (1 if k < extra else 0) for k in range(clusters))
-    if len(patterns) > limit:
-        step = len(patterns) / limit
-        patterns = [patterns[int(k * step)] for k in range(limit)]
-    if balanced not in patterns and max(balanced) <= cap:  # the sample's last gives way to it
-        patterns = [*patterns[: limit - 1], balanced]
-    return patterns
 
 
 @dataclass(frozen=True)
@@ -610,78 +578,24 @@ class AutoScheduler:
         one_way: np.ndarray,
         bounds: ClusterBounds,
     ) -> tuple[list[list[int]], dict]:
-        """The partition whose turns, as they will be planned, sum to the least: a local search
-        (move one device to another cluster, or swap two, while the sum shrinks) from the
-        clustering's partition and from the devices sorted by compute and cut into as many
-        clusters in every admissible size pattern (up to :data:`REGROUP_STARTS`), the best
-        end kept; within the bounds, for at most ``regroup_budget_s`` seconds. The clustering
-        scores the latency model's barrier iteration, which cannot see that a device computing
-        while others use the air costs nothing; the turn plan can (docs/latency-model.md,
-        "Regrouping by the turn plan")."""
-        started = time.perf_counter()
-        cap = bounds.resolve(state.size)[0]
+        """The partition whose turns, as they will be planned, sum to the least, with as many
+        clusters as the clustering's, within the bounds (toolkit/planning/regrouping.py: every
+        partition of a small fleet, else a local search). The clustering scores the latency
+        model's barrier iteration, which cannot see that a device computing while others use
+        the air costs nothing; the turn plan can (docs/latency-model.md, "Regrouping by the turn
+        plan")."""
         cache: dict[tuple[int, ...], float] = {}
 
-        def turn(group: list[int]) -> float:
-            key = tuple(sorted(group))
-            if key not in cache:
-                rows = np.asarray(key)
-                cache[key] = self._turn_s(state, problem, rows, one_way[rows])
-            return cache[key]
+        def turn(group: tuple[int, ...]) -> float:
+            if group not in cache:
+                rows = np.asarray(group)
+                cache[group] = self._turn_s(state, problem, rows, one_way[rows])
+            return cache[group]
 
-        def out_of_time() -> bool:
-            return time.perf_counter() - started > self.regroup_budget_s
-
-        def descend(partition: list[list[int]]) -> tuple[list[list[int]], float, int]:
-            partition = [sorted(group) for group in partition]
-            total, moves, improved = sum(turn(g) for g in partition), 0, True
-            while improved and not out_of_time():
-                improved = False
-                for a, b in itertools.permutations(range(len(partition)), 2):
-                    left_now, right_now = partition[a], partition[b]
-                    candidates = []
-                    if len(left_now) > 1 and len(right_now) < cap:  # one device from a to b
-                        candidates += [([x for x in left_now if x != d], [*right_now, d]) for d in left_now]
-                    if a < b:  # one device of a for one of b
-                        candidates += [
-                            ([x for x in left_now if x != d] + [e], [x for x in right_now if x != e] + [d])
-                            for d in left_now
-                            for e in right_now
-                        ]
-                    if not candidates:
-                        continue
-                    left, right = min(candidates, key=lambda c: turn(c[0]) + turn(c[1]))
-                    gain = turn(left_now) + turn(right_now) - turn(left) - turn(right)
-                    if gain > 1e-9 * total:  # the best move between these two clusters
-                        partition[a], partition[b] = sorted(left), sorted(right)
-                        total, moves, improved = total - gain, moves + 1, True
-                    if out_of_time():
-                        break
-            return partition, total, moves
-
-        count = len(groups)
         by_compute = sorted(range(state.size), key=lambda n: (problem.forward_s[n] + problem.backward_s[n], n))
-        starts = [[sorted(g) for g in groups]]
-        for sizes in size_patterns(state.size, count, cap, REGROUP_STARTS):
-            bounds_ = np.cumsum([0, *sizes])
-            starts.append([by_compute[bounds_[k] : bounds_[k + 1]] for k in range(count)])
-        before = sum(turn(g) for g in starts[0])
-        best, best_s, best_moves, tried = starts[0], before, 0, 0
-        for partition in starts:
-            if out_of_time() and tried:
-                break
-            found, total, moves = descend(partition)
-            tried += 1
-            if total < best_s * (1 - 1e-12):
-                best, best_s, best_moves = found, total, moves
-        return [group for group in best if group], {
-            "clustering_s": before,
-            "regrouped_s": best_s,
-            "moves": best_moves,
-            "starts": tried,
-            "plans": len(cache),
-            "seconds": time.perf_counter() - started,
-        }
+        cap = bounds.resolve(state.size)[0]
+        best, info = regroup(groups, by_compute, cap, turn, self.regroup_budget_s)
+        return best, {**info, "plans": len(cache)}
 
     def _plan_turn(
         self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray, slots: bool

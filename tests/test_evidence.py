@@ -79,3 +79,33 @@ def test_a_claim_on_too_few_seeds_is_not_stated_as_holding():
     assert "cpsl-both against cpsl-none: 0.93x the time, no claim: too few seeds" in table
     full = evidence().ablation_table(ablation_document())
     assert "cpsl-both against sl@pool3: 0.53x the time, no claim: too few seeds" in full  # one seed, not 3x slower
+
+
+def test_unequal_cluster_variants_are_drawn_after_the_fixed_ones_with_their_claims_and_round_gain():
+    document = ablation_document()
+    document["rows"]["cpsl-both-max7"] = document["rows"]["cpsl-both"] | {
+        "mean_round_s": {"median": 28.4, "min": 28.0, "max": 29.0, "n": 3}
+    }
+    document["claims"]["cpsl-both-max7 vs cpsl-none"] = {"ratio": 0.9, "holds": True}
+    table = evidence().ablation_table(document)
+    names = [line.split(" | ")[0] for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert names[:3] == ["| cpsl-none", "| cpsl-both", "| cpsl-both-max7"]
+    assert "cpsl-both-max7 against cpsl-none: 0.90x the time, holds" in table
+    assert "Rounds shorter than cpsl-none's (medians): cpsl-both 1.13x, cpsl-both-max7 1.25x." in table
+
+
+def test_the_ablation_bench_reads_a_cluster_cap_from_a_planned_variant_s_name():
+    ablation = load_bench_script("ablation")
+    spec = ablation.run_spec("cpsl-both-max7", "pool3")
+    flags = spec.server_flags()
+    assert spec.max_cluster_size == 7 and flags[flags.index("--max-cluster-size") + 1] == "7"
+    assert "--cut" in flags and "--random-clusters" not in flags
+    assert ablation.run_spec("cpsl-auto-max5", "pool3").max_cluster_size == 5
+    assert "--max-cluster-size" not in ablation.run_spec("cpsl-both", "pool3").server_flags()
+    for bad in ("cpsl-none-max7", "cpsl-both-max0", "cpsl-both-maxx", "sl-max3"):
+        try:
+            ablation.run_spec(bad, "pool3")
+        except SystemExit as error:
+            assert bad in str(error)
+        else:
+            raise AssertionError(f"{bad} was accepted")

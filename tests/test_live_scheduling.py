@@ -723,16 +723,6 @@ def test_regrouping_by_the_turn_plan_never_loses_to_the_clustering_and_is_what_r
     assert plan.predicted_latency_s <= unregrouped.predicted_latency_s * (1 + 1e-9)
 
 
-def test_size_patterns_fit_the_cap_and_keep_the_balanced_one():
-    from edge_server.auto import size_patterns
-
-    assert size_patterns(8, 2, 4, 32) == [(4, 4)]
-    assert size_patterns(8, 2, 7, 32) == [(1, 7), (2, 6), (3, 5), (4, 4), (5, 3), (6, 2), (7, 1)]
-    sampled = size_patterns(30, 6, 6, 5)
-    assert len(sampled) == 5 and (5, 5, 5, 5, 5, 5) in sampled
-    assert all(sum(p) == 30 and len(p) == 6 and max(p) <= 6 and min(p) >= 1 for p in sampled)
-
-
 def test_regrouping_finds_the_best_partition_of_a_small_fleet():
     """Six devices, two clusters of up to five: the regrouping's partition is the best of all 31."""
     from toolkit.planning.latency import SplitProblem

@@ -76,6 +76,7 @@ class RunSpec:
     random_clusters: bool = False
     cut: str | None = None
     clusters: int = 2
+    max_cluster_size: int | None = None  # the server's --max-cluster-size (cpsl --auto)
     rounds: int = 30
     target_accuracy: float | None = 0.9
     batch_size: int = 32
@@ -120,6 +121,8 @@ class RunSpec:
             flags += ["--medium", self.planner_medium]
         if self.random_clusters:
             flags.append("--random-clusters")
+        if self.max_cluster_size is not None:
+            flags += ["--max-cluster-size", str(self.max_cluster_size)]
         if not self.slots:
             flags.append("--no-slots")
         if not self.iteration_flow:
