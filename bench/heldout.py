@@ -108,10 +108,15 @@ def predict(out: Path, force: bool) -> None:
     fleet_file = out / "fleet-advise.json"
     write_atomically(fleet_file, json.dumps(fleet, indent=1))
     advice_file = out / "advice.json"
-    command = ["edge_server", "advise", "--profile", str(REFERENCE.relative_to(ROOT)), "--fleet", str(fleet_file)]
+
+    def shown(path: Path) -> str:  # the record names paths in the checkout, not on this machine
+        path = path.resolve()
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+    command = ["edge_server", "advise", "--profile", shown(REFERENCE), "--fleet", shown(fleet_file)]
     command += ["--data", DATA, "--non-iid", NON_IID, "--target", str(TARGET), "--max-rounds", str(MAX_ROUNDS)]
     command += ["--cut", BASELINE_CUT, "--clusters", str(CLUSTERS), "--batch-size", str(BATCH)]
-    command += ["--local-iterations", str(LOCAL_ITERATIONS), "--lr", str(LR), "--json", str(advice_file)]
+    command += ["--local-iterations", str(LOCAL_ITERATIONS), "--lr", str(LR), "--json", shown(advice_file)]
     done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, check=True)
     print(done.stdout, flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

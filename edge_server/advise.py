@@ -120,37 +120,59 @@ def partitioned(args, devices: int):
     return data, parts, skew
 
 
-def rehearsed_rounds(args, plans, data, parts, console: Console) -> dict[str, float | None]:
-    """Rounds each scheme needs to ``--target`` on the partitioned ``--data``, as planned."""
+def rehearsed_rounds(
+    args, plans, data, parts, console: Console
+) -> tuple[dict[str, float | None], dict[str, tuple[float, float | None]] | None]:
+    """Rounds each scheme needs to ``--target`` on the partitioned ``--data``, as planned:
+    on ``--rehearse-seeds`` seeds from ``--seed`` (each its own partition, initial weights and
+    batch order), the median (None: at least half the seeds never got there) and, over
+    several seeds, the range (fewest, most; most None: some seed never got there)."""
+    import statistics
+
+    from toolkit.data import partition_indices
     from toolkit.models import load_model
     from toolkit.rehearsal import RehearsalConfig, rehearse
 
+    seeds = [args.seed + k for k in range(args.rehearse_seeds)]
+    reached: dict[str, list[float]] = {scheme: [] for scheme in SCHEMES}
+    for seed in seeds:
+        seed_parts = (
+            parts if seed == args.seed else partition_indices(data.train_y.numpy(), len(parts), args.non_iid, seed)
+        )
+        for scheme in SCHEMES:
+            plan = plans[scheme]
+            config = RehearsalConfig(
+                scheme=scheme.split("-")[0],
+                cut=plan.cut,
+                clusters=len(plan.clusters),
+                iterations=args.local_iterations,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                data_seed=seed,
+                rounds=args.max_rounds,
+                target_accuracy=args.target,
+            )
+            groups = [[f"dev{i}" for i in group] for group in plan.clusters]
+            model = load_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=seed)
+            label = f"rehearsing {scheme} on {args.data} ({args.non_iid}), seed {seed}"
+            with console.status(label):
+                history = rehearse(
+                    model, data, seed_parts, config, clusters_for_round=lambda round_, ids, groups=groups: groups
+                )
+            hit = next((i + 1 for i, r in enumerate(history) if r.accuracy >= args.target), None)
+            reached[scheme].append(float(hit) if hit is not None else math.inf)
+            console.print(
+                f"  {scheme}, seed {seed}: {hit if hit else f'not in {args.max_rounds}'} rounds to {args.target:.0%}",
+                highlight=False,
+            )
     rounds: dict[str, float | None] = {}
-    for scheme in SCHEMES:
-        plan = plans[scheme]
-        base = scheme.split("-")[0]
-        config = RehearsalConfig(
-            scheme=base,
-            cut=plan.cut,
-            clusters=len(plan.clusters),
-            iterations=args.local_iterations,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            data_seed=args.seed,
-            rounds=args.max_rounds,
-            target_accuracy=args.target,
-        )
-        groups = [[f"dev{i}" for i in group] for group in plan.clusters]
-        model = load_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=args.seed)
-        with console.status(f"rehearsing {scheme} on {args.data} ({args.non_iid})"):
-            history = rehearse(model, data, parts, config, clusters_for_round=lambda round_, ids, groups=groups: groups)
-        reached = next((i + 1 for i, r in enumerate(history) if r.accuracy >= args.target), None)
-        rounds[scheme] = float(reached) if reached is not None else None
-        console.print(
-            f"  {scheme}: {reached if reached else f'not in {args.max_rounds}'} rounds to {args.target:.0%}",
-            highlight=False,
-        )
-    return rounds
+    ranges: dict[str, tuple[float, float | None]] = {}
+    for scheme, counts in reached.items():
+        median = statistics.median(counts)  # inf where at least half the seeds never got there
+        rounds[scheme] = median if math.isfinite(median) else None
+        if min(counts) < math.inf:
+            ranges[scheme] = (min(counts), max(counts) if max(counts) < math.inf else None)
+    return rounds, (ranges if len(seeds) > 1 else None)
 
 
 @dataclass(frozen=True)
@@ -279,8 +301,8 @@ def run_advise(args) -> int:
     if args.data:  # the cut cpsl-auto takes depends on the data's skew: measure it before planning
         data, parts, skew = partitioned(args, fleet.state.size)
     plans = plan_schemes(fleet.costs, fleet.state, settings, fleet.bounds, baseline, args.clusters, skew=skew)
-    rounds = rehearsed_rounds(args, plans, data, parts, console) if args.data else None
-    advice = advise(plans, rounds)
+    rounds, ranges = rehearsed_rounds(args, plans, data, parts, console) if args.data else (None, None)
+    advice = advise(plans, rounds, ranges)
     print(f"{fleet.model} on {fleet.state.size} devices, {fleet.medium}, label skew {skew:.2f}")
     print(f"server side on {args.device}: profile {fleet.server}")
     for line in advice.lines():
@@ -329,6 +351,13 @@ def add_advise(commands) -> None:
         "--model", default=None, help="built-in model to plan and rehearse (default: the profile's, or lenet5)"
     )
     advise_parser.add_argument("--data", help="rehearse every scheme on this dataset for its rounds to the target")
+    advise_parser.add_argument(
+        "--rehearse-seeds",
+        type=positive_int,
+        default=1,
+        help="rehearse on this many seeds from --seed (partition, initial weights, batches): the median rounds, "
+        "and schemes whose ranges overlap the best's called too close (default 1)",
+    )
     advise_parser.add_argument("--non-iid", default="dirichlet:0.5", help="how --data is split over the devices")
     advise_parser.add_argument("--skew", type=float, default=0.0, help="label skew when no --data is given (0-1)")
     advise_parser.add_argument("--target", type=positive_float, default=0.9)
@@ -358,6 +387,10 @@ def check_args(args) -> None:
             raise UserError("advise --broker needs --min-devices: how many registered devices to wait for")
     elif args.fleet is None or args.profile is None:
         raise UserError("advise needs --fleet FLEET.json and --profile REF.json, or --broker URL --min-devices N")
+    if args.rehearse_seeds > 20:
+        raise UserError(f"--rehearse-seeds {args.rehearse_seeds}: at most 20 (each seed rehearses every scheme)")
+    if args.rehearse_seeds > 1 and not args.data:
+        raise UserError("--rehearse-seeds needs --data: the seeds are rehearsals on it")
     if not 0 <= args.skew <= 1:
         raise UserError(f"--skew {args.skew:g} is a fraction: give a number in [0, 1]")
     if args.target > 1:

@@ -490,7 +490,7 @@ class AutoScheduler:
         cut = self.costs.cut(self.cut)
         problem = SplitProblem.build(cut, state, self._settings())
         one_air = uplink_medium.kind == "airtime" and downlink_medium.kind == "airtime"
-        limit = round_bound(problem, one_air)
+        limit = round_bound(problem, one_air, cap=bounds.resolve(state.size)[0])
         decision["bound"] = limit.to_dict()
         if self.random_clusters:
             row = {device: i for i, device in enumerate(ids)}

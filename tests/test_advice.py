@@ -209,6 +209,60 @@ def test_schemes_within_one_round_of_the_best_are_called_too_close():
     assert advise(plans, rounds).close == ()
 
 
+def test_schemes_whose_ranges_over_the_seeds_overlap_the_best_s_are_called_too_close():
+    """The held-out check's lesson: one rehearsal seed named cpsl-fixed (3 rounds) and the
+    testbed took 9. Over seeds, a scheme whose range of times overlaps the best's cannot be
+    told apart from it, however far the medians are."""
+    from toolkit.planning.advice import SCHEMES, SchemePlan, advise
+
+    latency = {"sl": 30.0, "sfl": 25.0, "fl": 10.0, "cpsl-fixed": 20.0, "cpsl-auto": 12.0}
+    plans = {s: SchemePlan(s, None if s == "fl" else 6, None, ((0,),), latency[s]) for s in SCHEMES}
+    rounds = {"sl": 6, "sfl": 8, "fl": 14, "cpsl-fixed": 5, "cpsl-auto": 6}  # medians: 72 s best, fl 140 s
+    ranges = {"sl": (5, 7), "sfl": (7, 9), "fl": (6, None), "cpsl-fixed": (3, 9), "cpsl-auto": (5, 8)}
+    advice = advise(plans, rounds, ranges)
+    # cpsl-auto 60-96 s; cpsl-fixed 60-180 s and fl 60 s-never overlap it; sl 150-210 s and sfl 175-225 s do not
+    assert advice.recommended == "cpsl-auto" and advice.close == ("fl", "cpsl-fixed")
+    row = {r.plan.scheme: r for r in advice.rows}
+    assert row["fl"].time_range_s == (60.0, float("inf")) and row["cpsl-auto"].time_range_s == (60.0, 96.0)
+    assert advice.to_dict()["schemes"][2]["rounds_range"] == [6, None]
+    lines = advice.lines()
+    assert "14 (6-)" in lines[3] and "6 (5-8)" in lines[5]
+    assert "within one round of it or of its range over the seeds" in lines[-1]
+    # one seed: no ranges, only the one-round rule, and fl is far behind
+    assert advise(plans, rounds).close == ()
+
+
+def test_advise_rehearses_on_several_seeds_and_gives_each_scheme_a_range(tmp_path):
+    out = tmp_path / "advice.json"
+    common = ["--profile", str(LENET), "--fleet", str(ROOT / "bench" / "fleets" / "testbed-wifi.json")]
+    result = cli(
+        *common,
+        "--data",
+        "builtin:digits",
+        "--target",
+        "0.8",
+        "--max-rounds",
+        "4",
+        "--local-iterations",
+        "5",
+        "--rehearse-seeds",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cpsl-auto, seed 0:" in result.stdout and "cpsl-auto, seed 1:" in result.stdout
+    advice = json.loads(out.read_text())
+    reached = [row for row in advice["schemes"] if row["rounds_range"]]
+    assert reached, advice
+    for row in reached:
+        fewest, most = row["rounds_range"]
+        assert 1 <= fewest <= 4 and (most is None or fewest <= most <= 4)
+    for flags, message in ((["--rehearse-seeds", "21"], "at most 20"), (["--rehearse-seeds", "2"], "needs --data")):
+        refused = cli(*common, *flags)
+        assert refused.returncode == 2 and message in refused.stderr
+
+
 def test_advise_plans_the_split_schemes_with_compression_and_fl_as_is(tmp_path, capsys):
     from edge_server.cli import main
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from toolkit.planning.allocation import allocate_shares, equal_shares
-from toolkit.planning.bound import efficiency, round_bound
+from toolkit.planning.bound import efficiency, round_bound, turn_bound
 from toolkit.planning.costs import model_costs
 from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings, plan_split_round
 from toolkit.planning.rates import LinearRates, SharedRates
@@ -62,13 +62,21 @@ def test_no_clustering_and_no_allocation_beats_the_bound(lenet_costs, seed: int)
             (FleetState(speed, SharedRates(up, 1.5 * up.max()), SharedRates(down, 1.5 * down.max())), False),
         ):
             problem = SplitProblem.build(cut, state, settings)
-            bound = round_bound(problem, one_air).bound_s
+            limit = round_bound(problem, one_air, cap=n)
             best = min(
                 plan_split_round(problem, clusters, allocator).latency_s
                 for clusters in partitions(list(range(n)))
                 for allocator in (allocate_shares, equal_shares)
             )
-            assert bound <= best * (1 + 1e-9)
+            assert limit.any_schedule_s <= limit.bound_s <= best * (1 + 1e-9)
+            # the clusters' bound is the least over every partition of each turn's own bound
+            assert limit.clusters_s == pytest.approx(
+                min(
+                    sum(turn_bound(problem, tuple(group), one_air) for group in clusters)
+                    for clusters in partitions(list(range(n)))
+                ),
+                rel=1e-12,
+            )
 
 
 def test_with_compute_free_the_medium_binds_and_one_air_adds_both_directions(lenet_costs) -> None:
@@ -91,6 +99,26 @@ def test_the_server_binds_when_it_is_the_slow_one(lenet_costs) -> None:
     )
     limit = round_bound(problem, one_air=True)
     assert limit.binding == "server" and limit.server_s == pytest.approx(2 * problem.server_s(3))
+
+
+def test_turns_one_after_another_bind_where_a_slow_cluster_leaves_the_air_idle(lenet_costs) -> None:
+    """Two fast devices on slow links and two slow ones on fast links: any schedule could hide
+    each pair's compute under the other's air, but CPSL's clusters take turns, and whichever
+    cluster holds a slow device waits for it with the air of that cluster alone."""
+    speed, up = [3.0, 3.0, 0.003, 0.003], [1.5e6, 1.5e6, 40e6, 40e6]
+    problem = SplitProblem.build(
+        lenet_costs.cut(3), airtime(speed, up, [3e6, 3e6, 80e6, 80e6]), TrainingSettings(32, 5)
+    )
+    limit = round_bound(problem, one_air=True, cap=2)
+    assert limit.binding == "clusters" and limit.clusters_s > 1.2 * limit.any_schedule_s
+    best = min(
+        plan_split_round(problem, clusters).latency_s
+        for clusters in partitions([0, 1, 2, 3])
+        if max(map(len, clusters)) <= 2
+    )
+    assert limit.bound_s <= best * (1 + 1e-9)
+    assert round_bound(problem, one_air=True).clusters_s is None  # no cap given: left out
+    assert round_bound(problem, one_air=True).bound_s == limit.any_schedule_s
 
 
 def test_efficiency_is_none_without_a_bound_or_a_round() -> None:

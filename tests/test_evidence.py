@@ -109,3 +109,22 @@ def test_the_ablation_bench_reads_a_cluster_cap_from_a_planned_variant_s_name():
             assert bad in str(error)
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+def test_a_baseline_over_3x_slower_than_every_cpsl_auto_variant_runs_one_seed():
+    from types import SimpleNamespace
+
+    ablation = load_bench_script("ablation")
+    args = SimpleNamespace(all_seeds=False)
+    results = {
+        "cpsl-auto-max7": {0: {"wall_to_target_s": 300.0}, 1: {"wall_to_target_s": 340.0}},
+        "fl": {0: {"wall_to_target_s": 1500.0}},
+        "sl@pool3": {0: {"wall_to_target_s": 900.0}},
+        "sfl@pool3": {},
+    }
+    assert ablation.skipped(args, results, "fl", 1)  # 1500 s > 3 x 340 s
+    assert not ablation.skipped(args, results, "sl@pool3", 1)  # 900 s < 1020 s: every seed
+    assert not ablation.skipped(args, results, "sfl@pool3", 0)  # nothing run yet
+    assert not ablation.skipped(args, results, "cpsl-auto-max7", 2)
+    assert not ablation.skipped(SimpleNamespace(all_seeds=True), results, "fl", 1)
+    assert not ablation.skipped(args, {"fl": results["fl"]}, "fl", 1)  # no cpsl-auto to compare with

@@ -746,3 +746,9 @@ def test_regrouping_finds_the_best_partition_of_a_small_fleet():
     )
     assert plan.decision["regrouping"]["regrouped_s"] == pytest.approx(best, rel=1e-9)
     assert plan.predicted_latency_s == pytest.approx(best, rel=1e-9)
+    assert plan.decision["regrouping"]["search"] == "exact"
+    # no partition's turns as planned beat the bound of clusters taking turns, which is tighter
+    # than the bound of any schedule here: the slow CPUs' cluster leaves the air idle
+    bound = plan.decision["bound"]
+    assert bound["any_schedule_s"] < bound["clusters_s"] == bound["bound_s"] <= best
+    assert plan.bound_s == bound["bound_s"]

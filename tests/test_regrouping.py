@@ -134,3 +134,29 @@ def test_size_patterns_fit_the_cap_and_keep_the_balanced_one():
     sampled = size_patterns(30, 6, 6, 5)
     assert len(sampled) == 5 and (5, 5, 5, 5, 5, 5) in sampled
     assert all(sum(p) == 30 and len(p) == 6 and max(p) <= 6 and min(p) >= 1 for p in sampled)
+
+
+def every_partition(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for smaller in every_partition(rest):
+        for i in range(len(smaller)):
+            yield [*smaller[:i], (first, *smaller[i]), *smaller[i + 1 :]]
+        yield [(first,), *smaller]
+
+
+@pytest.mark.parametrize(("devices", "cap", "seed"), [(7, 3, 0), (8, 8, 1), (6, 1, 2), (8, 4, 3)])
+def test_the_least_cover_is_the_least_partition_into_any_number_of_capped_groups(devices, cap, seed):
+    from toolkit.planning.regrouping import least_cover_cost
+
+    cost, _ = turn_like_cost(seed, devices)
+    least = least_cover_cost(devices, cap, cost, lambda: False)
+    brute = min(
+        sum(cost(tuple(sorted(g))) for g in p) for p in every_partition(list(range(devices))) if max(map(len, p)) <= cap
+    )
+    assert least == pytest.approx(brute, rel=1e-12)
+    assert least_cover_cost(devices, cap, cost, lambda: True) is None
+    assert least_cover_cost(15, 3, cost, lambda: False) is None  # past the device limit
+    assert least_cover_cost(0, 3, cost, lambda: False) == 0.0

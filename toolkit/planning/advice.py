@@ -12,8 +12,10 @@ Every scheme is planned on the same fleet state and medium, the way the server r
   a byte-shared one.
 
 Rounds to the target are not a latency question: they come from the caller (the advisor
-rehearses each scheme on data it is given, :mod:`toolkit.rehearsal`). Without them the
-advice ranks by round latency and says so.
+rehearses each scheme on data it is given, :mod:`toolkit.rehearsal`, on one seed or
+several). Without them the advice ranks by round latency and says so. With several seeds
+the rounds are the median and a range; schemes whose times to the target, over those
+ranges, overlap the recommended one's are called too close, as are those within one round.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ class SchemeAdvice:
     plan: SchemePlan
     rounds: float | None  # to the target; None when unknown or not reached
     time_to_target_s: float | None
+    # over several rehearsal seeds: the fewest and the most rounds (None: some seed did not
+    # reach the target); None when one seed or none was rehearsed
+    rounds_range: tuple[float, float | None] | None = None
+
+    @property
+    def time_range_s(self) -> tuple[float, float] | None:
+        """The time to the target over the seeds' range of rounds (inf: some seed never got there)."""
+        if self.rounds_range is None:
+            if self.time_to_target_s is None:
+                return None
+            return (self.time_to_target_s, self.time_to_target_s)
+        fewest, most = self.rounds_range
+        latency = self.plan.round_latency_s
+        return (fewest * latency, most * latency if most is not None else float("inf"))
 
     def to_dict(self) -> dict:
         return {
@@ -52,6 +68,7 @@ class SchemeAdvice:
             "clusters": len(self.plan.clusters),
             "round_latency_s": self.plan.round_latency_s,
             "rounds": self.rounds,
+            "rounds_range": list(self.rounds_range) if self.rounds_range is not None else None,
             "time_to_target_s": self.time_to_target_s,
         }
 
@@ -61,26 +78,32 @@ class Advice:
     rows: tuple[SchemeAdvice, ...]
     recommended: str
     basis: str  # what the recommendation rests on
-    # schemes whose time to the target is within one round of the recommended one's: rounds
-    # come in whole numbers and a rehearsal and a live run can differ by one (docs/testbed.md,
-    # "The advisor against the testbed"), so a plan cannot tell these apart
+    # schemes whose time to the target is within one round of the recommended one's (rounds
+    # come in whole numbers and a rehearsal and a live run can differ by one: docs/testbed.md,
+    # "The advisor against the testbed"), or whose range over the rehearsal seeds overlaps
+    # its range: a plan cannot tell these apart
     close: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         """The table as text, one scheme per line (printed by ``edge_server advise``, logged by the server)."""
-        header = f"{'scheme':<11}{'cut':>7}{'clusters':>10}{'round [s]':>11}{'rounds':>8}{'to target [s]':>15}"
+        width = 14 if any(row.rounds_range for row in self.rows) else 8
+        header = f"{'scheme':<11}{'cut':>7}{'clusters':>10}{'round [s]':>11}{'rounds':>{width}}{'to target [s]':>15}"
         out = [header]
         for row in self.rows:
-            rounds = f"{row.rounds:.0f}" if row.rounds is not None else "-"
+            rounds = f"{row.rounds:g}" if row.rounds is not None else "-"
+            if row.rounds_range is not None:
+                fewest, most = row.rounds_range
+                rounds += f" ({fewest:g}-{'' if most is None else f'{most:g}'})"
             total = f"{row.time_to_target_s:.1f}" if row.time_to_target_s is not None else "-"
             out.append(
                 f"{row.plan.scheme:<11}{row.plan.cut_name or 'whole':>7}{len(row.plan.clusters):>10}"
-                f"{row.plan.round_latency_s:>11.2f}{rounds:>8}{total:>15}"
+                f"{row.plan.round_latency_s:>11.2f}{rounds:>{width}}{total:>15}"
             )
         out.append(f"run {self.recommended} ({self.basis})")
         if self.close:
             out.append(
-                f"  {', '.join(self.close)}: within one round of it, too close for a plan to call; either will do"
+                f"  {', '.join(self.close)}: within one round of it or of its range over the seeds, too close for a "
+                "plan to call; either will do"
             )
         return out
 
@@ -130,26 +153,43 @@ def plan_schemes(
     return plans
 
 
-def advise(plans: Mapping[str, SchemePlan], rounds: Mapping[str, float | None] | None = None) -> Advice:
+def advise(
+    plans: Mapping[str, SchemePlan],
+    rounds: Mapping[str, float | None] | None = None,
+    ranges: Mapping[str, tuple[float, float | None] | None] | None = None,
+) -> Advice:
     """Rows in :data:`SCHEMES` order and the scheme to run: the shortest time to the target
-    when rounds are known for at least one scheme, else the shortest round."""
+    when rounds are known for at least one scheme, else the shortest round. ``rounds``: the
+    rounds to the target (the median over the rehearsal seeds); ``ranges``: over several
+    seeds, the fewest and the most (None: some seed did not reach it)."""
     rows = []
     for scheme in SCHEMES:
         plan = plans[scheme]
         count = (rounds or {}).get(scheme)
         total = plan.round_latency_s * count if count is not None else None
-        rows.append(SchemeAdvice(plan, count, total))
+        rows.append(SchemeAdvice(plan, count, total, (ranges or {}).get(scheme)))
     timed = [row for row in rows if row.time_to_target_s is not None]
     if timed:
         best = min(timed, key=lambda row: row.time_to_target_s)
         missing = [row.plan.scheme for row in rows if row.time_to_target_s is None]
         basis = "shortest time to the target" + (f"; {', '.join(missing)} did not reach it" if missing else "")
-        close = tuple(
-            row.plan.scheme
-            for row in timed
-            if row is not best
-            and row.time_to_target_s - best.time_to_target_s < max(row.plan.round_latency_s, best.plan.round_latency_s)
-        )
+        best_range = best.time_range_s
+
+        def too_close(row: SchemeAdvice) -> bool:
+            within_a_round = row.time_to_target_s - best.time_to_target_s < max(
+                row.plan.round_latency_s, best.plan.round_latency_s
+            )
+            their_range = row.time_range_s
+            overlapping = (
+                row.rounds_range is not None
+                and best.rounds_range is not None
+                and their_range is not None
+                and best_range is not None
+                and their_range[0] <= best_range[1]
+            )
+            return within_a_round or overlapping
+
+        close = tuple(row.plan.scheme for row in timed if row is not best and too_close(row))
         return Advice(tuple(rows), best.plan.scheme, basis, close)
     best = min(rows, key=lambda row: row.plan.round_latency_s)
     return Advice(tuple(rows), best.plan.scheme, "shortest round; rounds to the target unknown (no data rehearsed)")

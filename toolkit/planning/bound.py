@@ -18,6 +18,20 @@ beat any of three limits (docs/latency-model.md, "The distance to the limit"):
 - **the server**: its steps are sequential; with an affine step time ``a + c k``, all
   clusters' steps together take at least one step on every sample, ``I (a + c N B)``.
 
+Those three hold for any schedule of the round's work. CPSL's own structure gives a fourth,
+tighter one, **the clusters** (when the cluster bounds are given and the fleet is small
+enough to try every partition): its clusters take turns, one after another (the next one
+starts from the device-side model the last one returned), and within a turn every
+iteration is synchronous (the server steps on the whole cluster's smashed data, and no
+member's gradient can leave before the step, no next upload arrive after it). So a turn of
+cluster C lasts at least its own transfers with the medium to themselves plus its I server
+steps, during which neither the air nor its members' next work can move, and at least its
+slowest member's chain with the cluster's step; a round at least the least sum of such
+turns over every partition into clusters of at most ``cap`` (any number of them, so fewer
+constraints than the user's bounds: still a bound), found exactly by
+:func:`toolkit.planning.regrouping.least_cover_cost` for up to 14 devices. It knows nothing
+of the plan: the partition, order and slots that meet it are left open.
+
 ``efficiency = bound / measured`` says what fraction of the round was unavoidable. It is
 1 only where one limit is met exactly, so 0.8 is good; a scheme that leaves the medium idle
 while devices compute (or the reverse) shows it as a lower figure.
@@ -25,12 +39,15 @@ while devices compute (or the reverse) shows it as a lower figure.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from toolkit.planning.allocation import allocate_shares
 from toolkit.planning.latency import SplitProblem
+from toolkit.planning.rates import RateModel
+from toolkit.planning.regrouping import least_cover_cost
 
 
 @dataclass(frozen=True)
@@ -39,15 +56,23 @@ class RoundBound:
     chain_s: float  # the slowest device's own chain of iterations
     server_s: float  # every server step back to back, as one cluster
     chain_device: int  # which device's chain is the slowest (index into the problem's devices)
+    clusters_s: float | None = None  # CPSL's turns one after another, the best partition; None: not tried
 
     @property
-    def bound_s(self) -> float:
+    def any_schedule_s(self) -> float:
+        """The bound that holds for any schedule of the round's work, clusters or none."""
         return max(self.medium_s, self.chain_s, self.server_s)
 
     @property
+    def bound_s(self) -> float:
+        return max(self.any_schedule_s, self.clusters_s or 0.0)
+
+    @property
     def binding(self) -> str:
-        """Which limit the bound is: ``medium``, ``chain`` or ``server``."""
+        """Which limit the bound is: ``medium``, ``chain``, ``server`` or ``clusters``."""
         terms = {"medium": self.medium_s, "chain": self.chain_s, "server": self.server_s}
+        if self.clusters_s is not None:
+            terms["clusters"] = self.clusters_s
         return max(terms, key=terms.__getitem__)
 
     def to_dict(self) -> dict:
@@ -57,14 +82,17 @@ class RoundBound:
             "medium_s": self.medium_s,
             "chain_s": self.chain_s,
             "server_s": self.server_s,
+            "clusters_s": self.clusters_s,
+            "any_schedule_s": self.any_schedule_s,
         }
 
 
-def round_bound(problem: SplitProblem, one_air: bool) -> RoundBound:
+def round_bound(problem: SplitProblem, one_air: bool, cap: int | None = None) -> RoundBound:
     """The lower bound of a split round over all of ``problem``'s devices.
 
     ``one_air``: uplink and downlink share one medium's time (Wi-Fi); otherwise they are
-    separate directions of a wire and overlap.
+    separate directions of a wire and overlap. ``cap``: the most devices in one of CPSL's
+    clusters, for the clusters' bound; None leaves it out.
     """
     count = problem.size
     if count == 0:
@@ -88,7 +116,52 @@ def round_bound(problem: SplitProblem, one_air: bool) -> RoundBound:
     chains = problem.model_bits / solo_down + iterations * per_iteration + problem.model_bits / solo_up
     slowest = int(np.argmax(chains))
     server_s = iterations * problem.server_s(count)
-    return RoundBound(float(medium_s), float(chains[slowest]), float(server_s), slowest)
+    clusters_s = clusters_bound(problem, one_air, cap) if cap is not None else None
+    return RoundBound(float(medium_s), float(chains[slowest]), float(server_s), slowest, clusters_s)
+
+
+def _medium_s(rates: RateModel, rows: np.ndarray, bits: float, solo_bps: np.ndarray) -> float:
+    """The min-max allocation's finish for ``bits`` from each of ``rows``: on an air-time
+    medium (linear rates) each share is ``bits / (T capacity)``, summing to 1 at
+    ``T = sum(bits / capacity)``; otherwise the allocation itself."""
+    if rates.is_linear():
+        return float(np.sum(bits / solo_bps))
+    return allocate_shares(rates, rows, bits).finish_s
+
+
+def turn_bound(problem: SplitProblem, group: tuple[int, ...], one_air: bool) -> float:
+    """The shortest one cluster's turn could be (module docstring, "the clusters")."""
+    rows = np.asarray(group)
+    iterations = problem.iterations
+    steps_s = iterations * problem.server_s(len(rows))
+    solo_up = problem.uplink.capacity_bps(rows)
+    solo_down = problem.downlink.capacity_bps(rows)
+    up_s = _medium_s(problem.uplink, rows, iterations * problem.uplink_bits + problem.model_bits, solo_up)
+    down_s = _medium_s(problem.downlink, rows, iterations * problem.downlink_bits + problem.model_bits, solo_down)
+    air_s = up_s + down_s if one_air else max(up_s, down_s)
+    per_iteration = (
+        problem.forward_s[rows]
+        + problem.uplink_bits / solo_up
+        + steps_s / iterations
+        + problem.downlink_bits / solo_down
+        + problem.backward_s[rows]
+    )
+    chains = problem.model_bits / solo_down + iterations * per_iteration + problem.model_bits / solo_up
+    return float(max(air_s + steps_s, chains.max()))
+
+
+def clusters_bound(problem: SplitProblem, one_air: bool, cap: int, budget_s: float = 1.0) -> float | None:
+    """The least sum of :func:`turn_bound` over every partition into clusters of at most
+    ``cap`` (any number of them: a superset of what the user's bounds admit, so still a
+    bound); None for more than 14 devices or when ``budget_s`` runs out, since a bound from
+    part of the partitions would not be one."""
+    started = time.perf_counter()
+    return least_cover_cost(
+        problem.size,
+        cap,
+        lambda group: turn_bound(problem, group, one_air),
+        lambda: time.perf_counter() - started > budget_s,
+    )
 
 
 def efficiency(bound_s: float | None, measured_s: float | None) -> float | None:

@@ -121,6 +121,41 @@ def exact_partition(
     return [list(g) for g in groups], total
 
 
+def least_cover_cost(
+    devices: int, cap: int, cost: Cost, out_of_time: Callable[[], bool], device_limit: int = 14
+) -> float | None:
+    """The least cost of a partition of ``range(devices)`` into any number of groups of at
+    most ``cap``: a dynamic programme over every subset of the devices (the group holding a
+    subset's lowest device is tried in every way), about 3^N / 2 steps; None beyond
+    ``device_limit`` devices or when time runs out. Fewer constraints than
+    :func:`exact_partition` (any number of clusters), so it is what a lower bound needs:
+    the least over a superset of the admissible partitions is no more than theirs."""
+    if devices == 0:
+        return 0.0
+    if devices > device_limit or cap < 1:
+        return None
+    least = [math.inf] * (1 << devices)
+    least[0] = 0.0
+    scored: dict[int, float] = {}
+    for mask in range(1, 1 << devices):
+        if mask & 0xFF == 1 and out_of_time():  # from the first set on, every 256
+            return None
+        low = mask & -mask
+        rest = mask ^ low
+        best, sub = math.inf, rest
+        while True:
+            group = sub | low
+            if group.bit_count() <= cap:
+                if group not in scored:
+                    scored[group] = cost(tuple(d for d in range(devices) if group >> d & 1))
+                best = min(best, scored[group] + least[mask ^ group])
+            if sub == 0:
+                break
+            sub = (sub - 1) & rest
+        least[mask] = best
+    return least[-1]
+
+
 def local_search(
     partition: Sequence[Sequence[int]], cap: int, cost: Cost, out_of_time: Callable[[], bool]
 ) -> tuple[list[list[int]], float, int]:
