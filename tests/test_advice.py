@@ -230,6 +230,12 @@ def test_schemes_whose_ranges_over_the_seeds_overlap_the_best_s_are_called_too_c
     assert "within one round of it or of its range over the seeds" in lines[-1]
     # one seed: no ranges, only the one-round rule, and fl is far behind
     assert advise(plans, rounds).close == ()
+    # rehearsed, nobody reached the target: said so, not "no data rehearsed"
+    nowhere = advise(plans, dict.fromkeys(SCHEMES))
+    assert (
+        nowhere.recommended == "fl" and nowhere.basis == "shortest round; no scheme reached the target in the rehearsal"
+    )
+    assert "no data rehearsed" in advise(plans).basis
 
 
 def test_advise_rehearses_on_several_seeds_and_gives_each_scheme_a_range(tmp_path):

@@ -192,4 +192,6 @@ def advise(
         close = tuple(row.plan.scheme for row in timed if row is not best and too_close(row))
         return Advice(tuple(rows), best.plan.scheme, basis, close)
     best = min(rows, key=lambda row: row.plan.round_latency_s)
+    if rounds is not None:  # rehearsed, and no scheme got there
+        return Advice(tuple(rows), best.plan.scheme, "shortest round; no scheme reached the target in the rehearsal")
     return Advice(tuple(rows), best.plan.scheme, "shortest round; rounds to the target unknown (no data rehearsed)")
