@@ -73,26 +73,15 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+WIFI_FLEET = ("--profile", str(LENET), "--fleet", str(ROOT / "bench" / "fleets" / "testbed-wifi.json"))
+# a rehearsal short enough for the quick tier: iid digits to 80% within 6 rounds of 5 iterations
+SHORT_REHEARSAL = ("--data", "builtin:digits", "--non-iid", "iid", "--target", "0.8", "--max-rounds", "6")
+SHORT_REHEARSAL += ("--local-iterations", "5")
+
+
 def test_advise_rehearses_each_scheme_and_prints_and_writes_the_table(tmp_path):
     out = tmp_path / "advice.json"
-    result = cli(
-        "--profile",
-        str(LENET),
-        "--fleet",
-        str(ROOT / "bench" / "fleets" / "testbed-wifi.json"),
-        "--data",
-        "builtin:digits",
-        "--non-iid",
-        "iid",
-        "--target",
-        "0.8",
-        "--max-rounds",
-        "6",
-        "--local-iterations",
-        "5",
-        "--json",
-        str(out),
-    )
+    result = cli(*WIFI_FLEET, *SHORT_REHEARSAL, "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert "airtime medium" in result.stdout and "run " in result.stdout
     advice = json.loads(out.read_text())
@@ -240,24 +229,7 @@ def test_schemes_whose_ranges_over_the_seeds_overlap_the_best_s_are_called_too_c
 
 def test_advise_rehearses_on_several_seeds_and_gives_each_scheme_a_range(tmp_path):
     out = tmp_path / "advice.json"
-    common = ["--profile", str(LENET), "--fleet", str(ROOT / "bench" / "fleets" / "testbed-wifi.json")]
-    result = cli(
-        *common,
-        "--data",
-        "builtin:digits",
-        "--non-iid",
-        "iid",
-        "--target",
-        "0.8",
-        "--max-rounds",
-        "6",
-        "--local-iterations",
-        "5",
-        "--rehearse-seeds",
-        "2",
-        "--json",
-        str(out),
-    )
+    result = cli(*WIFI_FLEET, *SHORT_REHEARSAL, "--rehearse-seeds", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr
     said = result.stdout + result.stderr  # the progress goes where the console writes
     assert "cpsl-auto, seed 0:" in said and "cpsl-auto, seed 1:" in said
@@ -268,7 +240,7 @@ def test_advise_rehearses_on_several_seeds_and_gives_each_scheme_a_range(tmp_pat
         fewest, most = row["rounds_range"]
         assert 1 <= fewest <= 6 and (most is None or fewest <= most <= 6)
     for flags, message in ((["--rehearse-seeds", "21"], "at most 20"), (["--rehearse-seeds", "2"], "needs --data")):
-        refused = cli(*common, *flags)
+        refused = cli(*WIFI_FLEET, *flags)
         assert refused.returncode == 2 and message in refused.stderr
 
 

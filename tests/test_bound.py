@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.partitions import every_partition as partitions
 from toolkit.planning.allocation import allocate_shares, equal_shares
 from toolkit.planning.bound import efficiency, round_bound, turn_bound
 from toolkit.planning.costs import model_costs
@@ -27,17 +28,6 @@ def airtime(speed, up, down) -> FleetState:
     return FleetState(
         np.asarray(speed, float), LinearRates(np.asarray(up, float)), LinearRates(np.asarray(down, float))
     )
-
-
-def partitions(items: list[int]):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for smaller in partitions(rest):
-        for i in range(len(smaller)):
-            yield [*smaller[:i], [first, *smaller[i]], *smaller[i + 1 :]]
-        yield [[first], *smaller]
 
 
 def test_a_lone_device_is_its_own_chain_and_the_optimal_plan_meets_it(lenet_costs) -> None:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from tests.partitions import every_partition
 from toolkit.planning.regrouping import (
     EXACT_GROUP_LIMIT,
     exact_group_count,
@@ -134,17 +135,6 @@ def test_size_patterns_fit_the_cap_and_keep_the_balanced_one():
     sampled = size_patterns(30, 6, 6, 5)
     assert len(sampled) == 5 and (5, 5, 5, 5, 5, 5) in sampled
     assert all(sum(p) == 30 and len(p) == 6 and max(p) <= 6 and min(p) >= 1 for p in sampled)
-
-
-def every_partition(items: list[int]):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for smaller in every_partition(rest):
-        for i in range(len(smaller)):
-            yield [*smaller[:i], (first, *smaller[i]), *smaller[i + 1 :]]
-        yield [(first,), *smaller]
 
 
 @pytest.mark.parametrize(("devices", "cap", "seed"), [(7, 3, 0), (8, 8, 1), (6, 1, 2), (8, 4, 3)])
