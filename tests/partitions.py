@@ -1,4 +1,5 @@
-"""Every partition of a small set, for tests that check a search or a bound by brute force."""
+"""Every partition of a small set, by the textbook recursion: the brute force that tests check a
+search, a dynamic programme or a bound against (independent of what they check)."""
 
 from __future__ import annotations
 

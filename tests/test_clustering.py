@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.partitions import every_partition
 from toolkit.errors import UserError
 from toolkit.planning.channel import ChannelModel, RadioSettings
 from toolkit.planning.clustering import ClusterBounds, cluster_devices, optimal_partition, round_latency
@@ -48,18 +49,6 @@ def instance(costs, seed: int):
     return problem, bounds
 
 
-def set_partitions(items):
-    """Every partition of a list, the textbook recursion (independent of the DP oracle)."""
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for partition in set_partitions(rest):
-        for i in range(len(partition)):
-            yield [*partition[:i], [first, *partition[i]], *partition[i + 1 :]]
-        yield [[first], *partition]
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_dp_oracle_equals_plain_enumeration(costs, seed):
     problem, bounds = instance(costs, 1000 + seed)
@@ -69,7 +58,7 @@ def test_dp_oracle_equals_plain_enumeration(costs, seed):
     cap, fewest, most = bounds.resolve(problem.size)
     best = min(
         round_latency(problem, p)
-        for p in set_partitions(list(range(problem.size)))
+        for p in every_partition(list(range(problem.size)))
         if fewest <= len(p) <= most and max(map(len, p)) <= cap
     )
     value, partition = optimal_partition(problem, bounds)
