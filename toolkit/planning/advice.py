@@ -52,11 +52,10 @@ class SchemeAdvice:
 
     @property
     def time_range_s(self) -> tuple[float, float] | None:
-        """The time to the target over the seeds' range of rounds (inf: some seed never got there)."""
+        """The time to the target over the seeds' range of rounds (inf: some seed never got
+        there); None without a range."""
         if self.rounds_range is None:
-            if self.time_to_target_s is None:
-                return None
-            return (self.time_to_target_s, self.time_to_target_s)
+            return None
         fewest, most = self.rounds_range
         latency = self.plan.round_latency_s
         return (fewest * latency, most * latency if most is not None else float("inf"))
@@ -173,21 +172,13 @@ def advise(
         best = min(timed, key=lambda row: row.time_to_target_s)
         missing = [row.plan.scheme for row in rows if row.time_to_target_s is None]
         basis = "shortest time to the target" + (f"; {', '.join(missing)} did not reach it" if missing else "")
-        best_range = best.time_range_s
 
         def too_close(row: SchemeAdvice) -> bool:
-            within_a_round = row.time_to_target_s - best.time_to_target_s < max(
-                row.plan.round_latency_s, best.plan.round_latency_s
-            )
-            their_range = row.time_range_s
-            overlapping = (
-                row.rounds_range is not None
-                and best.rounds_range is not None
-                and their_range is not None
-                and best_range is not None
-                and their_range[0] <= best_range[1]
-            )
-            return within_a_round or overlapping
+            gap_s = row.time_to_target_s - best.time_to_target_s
+            if gap_s < max(row.plan.round_latency_s, best.plan.round_latency_s):  # within a round
+                return True
+            theirs, ours = row.time_range_s, best.time_range_s
+            return theirs is not None and ours is not None and theirs[0] <= ours[1]  # the seeds' ranges overlap
 
         close = tuple(row.plan.scheme for row in timed if row is not best and too_close(row))
         return Advice(tuple(rows), best.plan.scheme, basis, close)

@@ -46,7 +46,6 @@ import numpy as np
 
 from toolkit.planning.allocation import allocate_shares
 from toolkit.planning.latency import SplitProblem
-from toolkit.planning.rates import RateModel
 from toolkit.planning.regrouping import least_cover_cost
 
 
@@ -98,56 +97,53 @@ def round_bound(problem: SplitProblem, one_air: bool, cap: int | None = None) ->
     if count == 0:
         return RoundBound(0.0, 0.0, 0.0, -1)
     devices = np.arange(count)
-    iterations = problem.iterations
-    up_bits = iterations * problem.uplink_bits + problem.model_bits
-    down_bits = iterations * problem.downlink_bits + problem.model_bits
-    up_s = allocate_shares(problem.uplink, devices, up_bits).finish_s
-    down_s = allocate_shares(problem.downlink, devices, down_bits).finish_s
-    medium_s = up_s + down_s if one_air else max(up_s, down_s)
-    solo_up = problem.uplink.capacity_bps(devices)
-    solo_down = problem.downlink.capacity_bps(devices)
-    per_iteration = (
-        problem.forward_s
-        + problem.uplink_bits / solo_up
-        + problem.server_s(1)
-        + problem.downlink_bits / solo_down
-        + problem.backward_s
-    )
-    chains = problem.model_bits / solo_down + iterations * per_iteration + problem.model_bits / solo_up
+    medium_s = _air_s(problem, devices, one_air)
+    chains = _chains(problem, devices, problem.server_s(1))
     slowest = int(np.argmax(chains))
-    server_s = iterations * problem.server_s(count)
+    server_s = problem.iterations * problem.server_s(count)
     clusters_s = clusters_bound(problem, one_air, cap) if cap is not None else None
     return RoundBound(float(medium_s), float(chains[slowest]), float(server_s), slowest, clusters_s)
 
 
-def _medium_s(rates: RateModel, rows: np.ndarray, bits: float, solo_bps: np.ndarray) -> float:
-    """The min-max allocation's finish for ``bits`` from each of ``rows``: on an air-time
-    medium (linear rates) each share is ``bits / (T capacity)``, summing to 1 at
-    ``T = sum(bits / capacity)``; otherwise the allocation itself."""
-    if rates.is_linear():
-        return float(np.sum(bits / solo_bps))
-    return allocate_shares(rates, rows, bits).finish_s
+def _air_s(problem: SplitProblem, rows: np.ndarray, one_air: bool) -> float:
+    """The medium's limit for ``rows``' transfers of a round (their I uploads and gradients
+    and their model both ways): each direction's min-max allocation of its totals, added on
+    one air, the longer of the two on a wire. On an air-time medium (linear rates) a
+    direction's allocation finishes at ``sum(bits / capacity)``, the shares summing to 1."""
+    iterations = problem.iterations
+    finish = []
+    for rates, bits in (
+        (problem.uplink, iterations * problem.uplink_bits + problem.model_bits),
+        (problem.downlink, iterations * problem.downlink_bits + problem.model_bits),
+    ):
+        if rates.is_linear():
+            finish.append(float(np.sum(bits / rates.capacity_bps(rows))))
+        else:
+            finish.append(allocate_shares(rates, rows, bits).finish_s)
+    return finish[0] + finish[1] if one_air else max(finish)
+
+
+def _chains(problem: SplitProblem, rows: np.ndarray, step_s: float) -> np.ndarray:
+    """Each of ``rows``' own chain (nothing overlaps it): its model down, I times (forward,
+    its upload alone, a server step of ``step_s``, its gradient alone, backward), its model up."""
+    solo_up = problem.uplink.capacity_bps(rows)
+    solo_down = problem.downlink.capacity_bps(rows)
+    per_iteration = (
+        problem.forward_s[rows]
+        + problem.uplink_bits / solo_up
+        + step_s
+        + problem.downlink_bits / solo_down
+        + problem.backward_s[rows]
+    )
+    return problem.model_bits / solo_down + problem.iterations * per_iteration + problem.model_bits / solo_up
 
 
 def turn_bound(problem: SplitProblem, group: tuple[int, ...], one_air: bool) -> float:
     """The shortest one cluster's turn could be (module docstring, "the clusters")."""
     rows = np.asarray(group)
-    iterations = problem.iterations
-    steps_s = iterations * problem.server_s(len(rows))
-    solo_up = problem.uplink.capacity_bps(rows)
-    solo_down = problem.downlink.capacity_bps(rows)
-    up_s = _medium_s(problem.uplink, rows, iterations * problem.uplink_bits + problem.model_bits, solo_up)
-    down_s = _medium_s(problem.downlink, rows, iterations * problem.downlink_bits + problem.model_bits, solo_down)
-    air_s = up_s + down_s if one_air else max(up_s, down_s)
-    per_iteration = (
-        problem.forward_s[rows]
-        + problem.uplink_bits / solo_up
-        + steps_s / iterations
-        + problem.downlink_bits / solo_down
-        + problem.backward_s[rows]
-    )
-    chains = problem.model_bits / solo_down + iterations * per_iteration + problem.model_bits / solo_up
-    return float(max(air_s + steps_s, chains.max()))
+    step_s = problem.server_s(len(rows))
+    air_s = _air_s(problem, rows, one_air)
+    return float(max(air_s + problem.iterations * step_s, _chains(problem, rows, step_s).max()))
 
 
 def clusters_bound(problem: SplitProblem, one_air: bool, cap: int, budget_s: float = 1.0) -> float | None:
