@@ -16,9 +16,10 @@ what its folder already holds, so an interrupted invocation goes on where it sto
 ``--full`` ends with the held-out check (``bench/heldout.py check``) when its prediction is
 committed (``bench/heldout.py predict``, by hand: a prediction is made once, before any run).
 
-Tables are redrawn between ``<!-- evidence:NAME -->`` and ``<!-- /evidence:NAME -->`` in
-docs/testbed.md; the commit each result came from is written beside it
-(``OUT/provenance.json``). What it does not regenerate yet: the earlier tables of
+A table the three-seed ``full`` results hold is always drawn from them: ``--quick`` fills in
+only the tables ``--full`` has not produced yet. Tables are redrawn between
+``<!-- evidence:NAME -->`` and ``<!-- /evidence:NAME -->`` in docs/testbed.md; the commit each
+result came from is written beside it (``OUT/provenance.json``). What it does not regenerate yet: the earlier tables of
 docs/testbed.md (the default and heavy fleets' one-run comparisons, fidelity, the advisor
 check), which come from bench/testbed_compare.py, bench/advisor_check.py and their JSON.
 """
@@ -269,6 +270,17 @@ def tables(out: Path) -> dict[str, str]:
     return drawn
 
 
+def drawing(out: Path) -> dict[str, str]:
+    """The tables to draw from ``out``: where the three-seed (``full``) results hold a table,
+    it is drawn from them, so that a one-seed ``--quick`` run fills in what ``--full`` has not
+    run yet and never replaces a table with a weaker one."""
+    drawn = tables(out)
+    full = RESULTS / "full"
+    if out.resolve() != full.resolve() and full.exists():
+        drawn |= tables(full)
+    return drawn
+
+
 def render(drawn: dict[str, str], doc: Path = DOC) -> list[str]:
     """Replace each marked table of ``doc`` by its new drawing; the names it replaced."""
     text = doc.read_text()
@@ -311,7 +323,7 @@ def main() -> None:
             step("held-out check", [PYTHON, "bench/heldout.py", "check", "--out", str(HELDOUT)], HELDOUT)
     if not out.exists():
         raise SystemExit(f"{out}: no results to draw from; run --quick or --full first")
-    replaced = render(tables(out))
+    replaced = render(drawing(out))
     print(f"redrew {', '.join(replaced) or 'no table'} in {DOC.relative_to(ROOT)} from {out}")
 
 

@@ -128,3 +128,19 @@ def test_a_baseline_over_3x_slower_than_every_cpsl_auto_variant_runs_one_seed():
     assert not ablation.skipped(args, results, "cpsl-auto-max7", 2)
     assert not ablation.skipped(SimpleNamespace(all_seeds=True), results, "fl", 1)
     assert not ablation.skipped(args, {"fl": results["fl"]}, "fl", 1)  # no cpsl-auto to compare with
+
+
+def test_one_seed_quick_results_never_replace_a_table_the_full_results_hold(tmp_path):
+    module = evidence()
+    quick = tmp_path / "quick"
+    (quick / "sim_ablation").mkdir(parents=True)
+    full_sim = ROOT / "bench/results/evidence/full/sim_ablation/sim_ablation.json"
+    document = json.loads(full_sim.read_text())
+    for entry in document["table"].values():
+        entry["cut"] = "quick-cut"
+    (quick / "sim_ablation" / "sim_ablation.json").write_text(json.dumps(document))
+    (quick / "ablation_default_wifi").mkdir()
+    (quick / "ablation_default_wifi" / "ablation.json").write_text(json.dumps(ablation_document()))
+    drawn = module.drawing(quick)
+    assert "quick-cut" not in drawn["sim-ablation"]  # the full folder's three seeds
+    assert drawn["ablation-default-wifi"] == module.ablation_table(ablation_document())  # only quick has it
