@@ -74,19 +74,24 @@ async def run_case(
     stop = asyncio.Event()
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # the first 8 bytes name the station; then the sink counts (uplink) or sends (downlink)
-        index = int((await reader.readexactly(8)).decode())
-        received.setdefault(index, 0)
-        if directions[index] == "up":
-            while not stop.is_set():
-                data = await reader.read(1 << 20)
-                if not data:
-                    break
-                received[index] += len(data)
-        else:
-            while not stop.is_set():
-                writer.write(payload)
-                await writer.drain()
+        # the first 8 bytes name the station; then the sink counts (uplink) or sends (downlink).
+        # The case ends by cancelling everything: a cancelled handler returns quietly (asyncio
+        # would print the cancellation of a connection's handler as a traceback).
+        try:
+            index = int((await reader.readexactly(8)).decode())
+            received.setdefault(index, 0)
+            if directions[index] == "up":
+                while not stop.is_set():
+                    data = await reader.read(1 << 20)
+                    if not data:
+                        break
+                    received[index] += len(data)
+            else:
+                while not stop.is_set():
+                    writer.write(payload)
+                    await writer.drain()
+        except (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionError):
+            pass
         writer.close()
 
     async def station(index: int) -> None:

@@ -127,12 +127,18 @@ class LinkProber:
             raise ProbeTimeoutError(f"{', '.join(missing)} did not answer a probe within {timeout_s:g} s")
         return times
 
-    def measure_together(self, links: dict[str, LinkMeasurement], solo_s: float = 1.0) -> TogetherMeasurement:
+    def measure_together(
+        self, links: dict[str, LinkMeasurement], span_s: float = 2.0, min_solo_s: float = 0.25
+    ) -> TogetherMeasurement:
         """Every device at once, each direction in turn. Device n's payload is what it would
-        move alone in about ``solo_s`` (long against a shaper's burst and TCP's slow start),
-        so on air time the exchange lasts about n x ``solo_s`` and on shared bytes about
-        ``solo_s`` (more if the medium's capacity binds): the span tells them apart
-        whatever the devices' rates (:func:`toolkit.planning.medium.detect_medium`)."""
+        move alone in ``solo_s = max(min_solo_s, span_s / n)``, so on air time the exchange
+        lasts about n x ``solo_s`` (``span_s`` up to ``span_s / min_solo_s`` devices) and on
+        shared bytes about ``solo_s`` (more if the medium's capacity binds): the span tells
+        them apart by a factor of n whatever the devices' rates
+        (:func:`toolkit.planning.medium.detect_medium`). A quarter of a second is still long
+        against a shaper's burst (10 ms) and TCP's start on a warm connection, and keeps a
+        fleet of 8 on air time probing for about 4 s before round 0, not 16."""
+        solo_s = max(min_solo_s, span_s / max(1, len(links)))
         measured: dict[str, dict] = {}
         for direction in ("down", "up"):
             solo = {d: (link.down_bps if direction == "down" else link.up_bps) for d, link in links.items()}
