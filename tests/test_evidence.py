@@ -144,3 +144,12 @@ def test_one_seed_quick_results_never_replace_a_table_the_full_results_hold(tmp_
     drawn = module.drawing(quick)
     assert "quick-cut" not in drawn["sim-ablation"]  # the full folder's three seeds
     assert drawn["ablation-default-wifi"] == module.ablation_table(ablation_document())  # only quick has it
+
+
+def test_time_from_the_fleet_s_registration_never_starts_before_the_server():
+    ablation = load_bench_script("ablation")
+    records = [{"latency_s": 10.0, "accuracy": a, "time": 1000.0 + 10 * i} for i, a in enumerate((0.5, 0.95))]
+    booted_throttled = ablation.summarize(records, started_at=900.0, target=0.9, ready_at=950.0)
+    assert booted_throttled["wall_to_target_s"] == 110.0 and booted_throttled["ready_to_target_s"] == 60.0
+    registered_first = ablation.summarize(records, started_at=900.0, target=0.9, ready_at=880.0)
+    assert registered_first["ready_to_target_s"] == registered_first["wall_to_target_s"] == 110.0

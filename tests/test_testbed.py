@@ -431,3 +431,39 @@ def test_the_wide_fleet_spreads_compute_and_links_tenfold():
     # compute and channel classes do not line up: a fast CPU may sit on a poor link
     assert any(d.cpu_share == max(shares) and d.uplink_mbit < max(uplinks) for d in spec.devices)
     assert FLEETS["wide"][1] == "widenet"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _cores_used(pid: int, seconds: float = 1.0) -> float:
+    before = _cpu_seconds(pid)
+    time.sleep(seconds)
+    return (_cpu_seconds(pid) - before) / seconds
+
+
+@ROOT_ONLY
+def test_an_agent_boots_unthrottled_and_runs_at_its_quota_once_moved_into_its_group():
+    spec = topology.TestbedSpec((DeviceSpec("dev0", 8.0, 8.0, 0.05),))
+    testbed = topology.Testbed(spec, prefix=instance_prefix(TEST_INSTANCE))
+    spinner = None
+    try:
+        testbed.create()
+        command = testbed.device_command(0, [sys.executable, "-c", "while True: pass"], throttled=False)
+        spinner = subprocess.Popen(command)
+        time.sleep(0.3)
+        group = f"{TEST_INSTANCE}-d0"
+        assert group not in Path(f"/proc/{spinner.pid}/cgroup").read_text()
+        assert _cores_used(spinner.pid) > 0.5  # booting: as fast as the host allows
+        testbed.throttle(0, spinner.pid)
+        assert f"/{group}\n" in Path(f"/proc/{spinner.pid}/cgroup").read_text()
+        time.sleep(0.2)
+        assert _cores_used(spinner.pid) < 0.1  # the device's quota, 0.05 of a core
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+        testbed.destroy()
+    assert_nothing_left()

@@ -247,11 +247,19 @@ class Testbed:
     def set_cpu(self, index: int, cpu_share: float) -> None:
         (CGROUP_CPU / self.device_namespace(index) / "cpu.cfs_quota_us").write_text(str(int(cpu_share * CFS_PERIOD_US)))
 
-    def device_command(self, index: int, command: list[str]) -> list[str]:
-        """``command`` run in device ``index``'s namespace and CPU group."""
+    def device_command(self, index: int, command: list[str], throttled: bool = True) -> list[str]:
+        """``command`` run in device ``index``'s namespace and (``throttled``) CPU group; an
+        unthrottled one keeps its PID through ``ip netns exec`` and joins the group later
+        (:meth:`throttle`)."""
+        if not throttled:
+            return ["ip", "netns", "exec", self.device_namespace(index), *command]
         group = CGROUP_CPU / self.device_namespace(index) / "cgroup.procs"
         inner = " ".join(_quote(part) for part in command)
         return ["sh", "-c", f"echo $$ > {group} && exec ip netns exec {self.device_namespace(index)} {inner}"]
+
+    def throttle(self, index: int, pid: int) -> None:
+        """Move process ``pid`` (all its threads) into device ``index``'s CPU group."""
+        (CGROUP_CPU / self.device_namespace(index) / "cgroup.procs").write_text(str(pid))
 
     def wifi_stations(self) -> list[str]:
         """The relay's ``--station`` values: each device's address, name and PHY rates."""
