@@ -108,6 +108,7 @@ def until(page, condition: str, timeout_ms: float = 30_000) -> None:
     page.wait_for_function(f"() => {condition}", timeout=timeout_ms)
 
 
+@pytest.mark.browser
 def test_the_dashboard_shows_the_demo_live(demo, browser, artifacts):
     wait_until_served(demo["url"], demo["process"])
     page = browser.new_page(viewport={"width": 1400, "height": 1900})
@@ -157,6 +158,7 @@ def test_the_demo_learns_on_the_embedded_broker_and_leaves_no_process(demo):
     assert leftovers == []
 
 
+@pytest.mark.browser
 def test_the_report_of_the_demo_opens_with_the_network_off(demo, browser, artifacts, tmp_path):
     assert demo["process"].wait(timeout=300) == 0
     out = tmp_path / "report.html"

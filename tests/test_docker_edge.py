@@ -80,6 +80,7 @@ def _torch_args() -> list[str]:
     return []
 
 
+@pytest.mark.docker
 @pytest.mark.skipif(_docker_ready() is not None, reason=_docker_ready() or "")
 def test_the_image_builds_runs_as_its_own_user_trains_and_reports_healthy(tmp_path):
     build = subprocess.run(

@@ -40,7 +40,7 @@ def _can_make_namespaces() -> bool:
     return made
 
 
-ROOT_ONLY = pytest.mark.skipif(
+NO_ROOT = pytest.mark.skipif(
     os.geteuid() != 0
     or shutil.which("tc") is None
     or shutil.which("ip") is None
@@ -49,6 +49,11 @@ ROOT_ONLY = pytest.mark.skipif(
     or not _can_make_namespaces(),
     reason="needs root with CAP_NET_ADMIN, iproute2, tc, cgroup v1 cpu and mosquitto",
 )
+
+
+def ROOT_ONLY(test):  # noqa: N802 - used as a decorator, like pytest's marks
+    """The root tier (``-m root``), skipped where the testbed cannot be built."""
+    return pytest.mark.root(NO_ROOT(test))
 
 
 TEST_INSTANCE = "cpsltest"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``body``; a UserError (or Ctrl-C) becomes one line on stderr. ``--debug`` keeps tracebacks."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    previous = _interrupt_on_sigterm()
     try:
         return body(argv)
     except UserError as exc:
@@ -45,6 +48,25 @@ def run_cli(prog: str, body: Callable[[Sequence[str] | None], int], argv: Sequen
             raise
         print(message, file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_on_sigterm() -> signal.Handlers | None:
+    """Make SIGTERM (systemd, ``kill``, a parent stopping us) end the command as Ctrl-C does,
+    so that every ``finally`` runs and every process the command started is stopped with it
+    (left to its default, SIGTERM ends Python at once and orphans them). Only where nothing
+    else handles SIGTERM yet, in the main thread; returns the handler to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -202,10 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(PROG, _main, argv)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s testbed %(message)s")
@@ -245,7 +240,6 @@ def _main(argv: Sequence[str] | None) -> int:
         compress_gradients=args.compress_gradients,
         broker_nodelay=not args.broker_nagle,
     )
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill must clean up like Ctrl-C
     testbed = Testbed(spec, prefix=instance_prefix(args.instance))
     try:
         testbed.create()
