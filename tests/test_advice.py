@@ -79,6 +79,7 @@ SHORT_REHEARSAL = ("--data", "builtin:digits", "--non-iid", "iid", "--target", "
 SHORT_REHEARSAL += ("--local-iterations", "5")
 
 
+@pytest.mark.slow
 def test_advise_rehearses_each_scheme_and_prints_and_writes_the_table(tmp_path):
     out = tmp_path / "advice.json"
     result = cli(*WIFI_FLEET, *SHORT_REHEARSAL, "--json", str(out))
@@ -105,6 +106,7 @@ def _scaled(document, factor: float):
     return document
 
 
+@pytest.mark.slow
 def test_the_advice_plans_the_server_side_on_the_servers_profile(tmp_path):
     """The same fleet and reference, the server's profile 10x faster: every split scheme's
     round is predicted shorter, FL's (no server side) is not."""
@@ -136,6 +138,7 @@ def test_the_advice_plans_the_server_side_on_the_servers_profile(tmp_path):
         ("[" * 100000, "fleet"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_fleet_file_gets_one_line(tmp_path, fleet_json, message):
     path = tmp_path / "fleet.json"
     path.write_text(fleet_json)
@@ -144,6 +147,7 @@ def test_a_bad_fleet_file_gets_one_line(tmp_path, fleet_json, message):
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
 
+@pytest.mark.slow
 def test_advise_against_a_broker_plans_on_the_registered_devices_and_leaves_them_idle(broker, tmp_path):
     """Real Mosquitto, real agents: the advisor waits for them, reads their profiles, probes
     their links and the medium, prints the table, and the agents are still there to train."""
@@ -177,6 +181,7 @@ def test_advise_against_a_broker_plans_on_the_registered_devices_and_leaves_them
         (("--min-devices", "2"), "--fleet"),
     ],
 )
+@pytest.mark.slow
 def test_advise_needs_one_fleet_source(args, message):
     result = cli(*args)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -227,6 +232,7 @@ def test_schemes_whose_ranges_over_the_seeds_overlap_the_best_s_are_called_too_c
     assert "no data rehearsed" in advise(plans).basis
 
 
+@pytest.mark.slow
 def test_advise_rehearses_on_several_seeds_and_gives_each_scheme_a_range(tmp_path):
     out = tmp_path / "advice.json"
     result = cli(*WIFI_FLEET, *SHORT_REHEARSAL, "--rehearse-seeds", "2", "--json", str(out))

@@ -25,6 +25,7 @@ def explodes(input_shape):
 """
 
 
+@pytest.mark.slow
 def test_lenet_profile_onnx_table_and_plot(tmp_path) -> None:
     out = tmp_path / "out" / "lenet.json"
     plot = tmp_path / "lenet.png"
@@ -65,6 +66,7 @@ def test_lenet_profile_onnx_table_and_plot(tmp_path) -> None:
     assert "lenet5 on pi-7" in result.stdout and "pool2" in result.stdout and "FL" in result.stdout
 
 
+@pytest.mark.slow
 def test_show_prints_an_existing_profile(tmp_path) -> None:
     out = tmp_path / "p.json"
     assert (
@@ -78,6 +80,7 @@ def test_show_prints_an_existing_profile(tmp_path) -> None:
     assert "pool2" in shown.stdout and (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.slow
 def test_user_model_file(tmp_path) -> None:
     source = tmp_path / "mine.py"
     source.write_text(USER_MODEL)
@@ -107,6 +110,7 @@ def test_unknown_model(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("shape", ["1,28", "a,b,c", "0,28,28"])
+@pytest.mark.slow
 def test_malformed_input_shape(tmp_path, shape) -> None:
     line = _bad(
         tmp_path, "--model", "lenet5", "--batch-size", "4", "--input-shape", shape, "--out", str(tmp_path / "x.json")
@@ -121,6 +125,7 @@ def test_input_shape_the_model_cannot_take(tmp_path) -> None:
     assert "1,3,3" in line
 
 
+@pytest.mark.slow
 def test_cut_that_does_not_exist(tmp_path) -> None:
     line = _bad(
         tmp_path, "--model", "lenet5", "--batch-size", "4", "--cuts", "pool9", "--out", str(tmp_path / "x.json")
@@ -164,6 +169,7 @@ def test_unwritable_output(tmp_path) -> None:
     assert "cannot write profile" in line
 
 
+@pytest.mark.slow
 def test_user_model_that_raises(tmp_path) -> None:
     source = tmp_path / "mine.py"
     source.write_text(USER_MODEL)
@@ -209,6 +215,7 @@ def test_missing_required_flags(tmp_path) -> None:
     assert "missing --batch-size, --out" in _bad(tmp_path, "--model", "lenet5")
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path) -> None:
     result = run_cli(CLI, "--model", "resnet9000", "--batch-size", "4", "--out", str(tmp_path / "x.json"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr

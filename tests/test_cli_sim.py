@@ -12,6 +12,7 @@ from toolkit.profile_format import save_profile
 CLI = "toolkit.cli.sim"
 
 
+@pytest.mark.slow
 def test_single_run_writes_json_with_every_scheme_and_a_figure(tmp_path):
     out, plot = tmp_path / "sim.json", tmp_path / "sim.png"
     args = ("--devices", "8", "--rounds", "4", "--seed", "3", "--json", str(out), "--plot", str(plot))
@@ -49,6 +50,7 @@ def _same_but_timing(a: dict, b: dict) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_sweep_over_bandwidth_records_means_and_the_chosen_cut(tmp_path):
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.svg"
     result = run_cli(
@@ -78,6 +80,7 @@ def test_sweep_over_bandwidth_records_means_and_the_chosen_cut(tmp_path):
     assert plot.read_text().startswith("<?xml")
 
 
+@pytest.mark.slow
 def test_measured_profiles_become_device_classes(tmp_path, lenet_profile):
     profile, _ = lenet_profile
     fast, slow = tmp_path / "fast.json", tmp_path / "slow.json"
@@ -185,6 +188,7 @@ def test_the_ablation_runs_at_cpsl_s_cut_and_the_split_baselines_at_theirs(tmp_p
 
 
 @pytest.mark.parametrize("medium", ["cell", "wifi", "wired"])
+@pytest.mark.slow
 def test_every_medium_runs_the_default_schemes(tmp_path, medium):
     out = tmp_path / f"{medium}.json"
     result = run_cli(CLI, "--devices", "5", "--rounds", "2", "--medium", medium, "--json", str(out))

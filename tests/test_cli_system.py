@@ -33,6 +33,7 @@ BAD_AGENT = [
 
 
 @pytest.mark.parametrize(("flags", "message"), BAD_AGENT)
+@pytest.mark.slow
 def test_agent_bad_input(flags, message) -> None:
     args = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "d0", "--no-profile", *flags]
     result = run_cli("firmware_agent", *args, timeout=60)
@@ -40,6 +41,7 @@ def test_agent_bad_input(flags, message) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_agent_unreachable_broker() -> None:
     result = run_cli(
         "firmware_agent",
@@ -68,6 +70,7 @@ def test_agent_unreachable_broker() -> None:
         (["--device", "gpu"], "choose cpu, cuda, cuda:N or auto"),
     ],
 )
+@pytest.mark.slow
 def test_server_bad_input(flags, message) -> None:
     args = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--min-devices", "1", "--data", "builtin:digits", *flags]
     result = run_cli("edge_server", *args, timeout=60)
@@ -79,6 +82,7 @@ def test_server_bad_input(flags, message) -> None:
 
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_demo_interrupted_or_terminated_leaves_no_process(tmp_path, signum) -> None:
     import signal
     import subprocess
@@ -113,6 +117,7 @@ def test_demo_interrupted_or_terminated_leaves_no_process(tmp_path, signum) -> N
     assert alive == []
 
 
+@pytest.mark.slow
 def test_secure_demo_provisions_and_trains_over_tls_with_mosquitto(tmp_path) -> None:
     from toolkit.transport.mosquitto import mosquitto_binary
 
@@ -139,6 +144,7 @@ def test_secure_demo_provisions_and_trains_over_tls_with_mosquitto(tmp_path) -> 
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_an_agent_configured_for_auto_registers_where_it_trains(broker, tmp_path) -> None:
     """``device = "auto"`` in agent.toml: the agent trains on CUDA where torch sees it, else the CPU,
     and its retained registration says which -- what the server, fleet.json and dashboard show."""

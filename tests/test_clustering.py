@@ -66,6 +66,7 @@ def test_dp_oracle_equals_plain_enumeration(costs, seed):
     assert round_latency(problem, partition) == pytest.approx(value, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_clustering_is_within_target_of_exhaustive_enumeration(costs):
     """Issue #4: mean gap under 1%, worst under 5%, over >= 100 seeded instances of N <= 8."""
     gaps = []
@@ -149,6 +150,7 @@ def test_saa_moves_computation_to_the_server_when_devices_are_slow(costs):
     assert vgg.cut(slow.cut).device_forward(32) < vgg.cut(usual.cut).device_forward(32)
 
 
+@pytest.mark.slow
 def test_saa_averages_over_sampled_states(costs):
     lenet = costs["lenet5"]
     channel = ChannelModel(np.array([0.38, 0.76, 4.1, 1.0]), seed=2)

@@ -159,6 +159,7 @@ def test_the_server_takes_only_the_encoding_the_run_asked_for():
     assert decode_smashed(received("fp16"), "int8+zstd") == "smashed data encoded as fp16; this run asked for int8+zstd"
 
 
+@pytest.mark.slow
 def test_a_bad_encoding_flag_is_one_line():
     done = subprocess.run(
         [sys.executable, "-m", "edge_server", "demo", "--compress", "int4"], capture_output=True, text=True, timeout=60

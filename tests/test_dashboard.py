@@ -173,6 +173,7 @@ def test_the_report_is_one_file_that_fetches_nothing(tmp_path):
     assert "</script" not in html.split("window.CPSL_VIEW", 1)[1].split("</script>", 1)[0]
 
 
+@pytest.mark.slow
 def test_a_run_directory_that_is_not_one_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"no metrics\.jsonl"):
         render_report(tmp_path)

@@ -137,6 +137,7 @@ def test_the_dashboard_shows_the_demo_live(demo, browser, artifacts):
     assert errors == []
 
 
+@pytest.mark.slow
 def test_the_demo_learns_on_the_embedded_broker_and_leaves_no_process(demo):
     process = demo["process"]
     assert process.wait(timeout=300) == 0, (demo["run_dir"].parent / "demo.log").read_text()[-2000:]

@@ -47,6 +47,7 @@ def test_image_folder(tmp_path) -> None:
     assert len(data.train_y) + len(data.test_y) == 15
 
 
+@pytest.mark.slow
 def test_builtin_mnist5k_is_real_and_split_by_seed() -> None:
     first, again, other = (
         load_dataset("builtin:mnist5k", 0),

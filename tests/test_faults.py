@@ -78,6 +78,7 @@ POINTS = {  # where in which round the broker goes away
 
 
 @pytest.mark.parametrize("persistence", [False, True], ids=["no-persistence", "persistence"])
+@pytest.mark.slow
 def test_a_broker_restarted_at_three_points_of_rounds_loses_no_round(tmp_path, tmp_path_factory, persistence):
     """Stopped (SIGTERM; SIGKILL with persistence on, so no final save) as the weights go
     down, mid-turn, and just before the weights go up, and started again a second later on
@@ -139,6 +140,7 @@ def run_with_outages(folder, persistence: bool, outages: bool) -> EdgeServer:
     return server
 
 
+@pytest.mark.slow
 def test_an_agent_killed_mid_turn_and_restarted_gets_its_turn_started_again(broker, tmp_path):
     """dev1's process dies mid-turn (its socket closes without a goodbye: the broker delivers
     its will) and a new agent for dev1 starts a second later. When it registers, the server

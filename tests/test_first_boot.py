@@ -32,6 +32,7 @@ def deployment(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_the_user_data_carries_the_bundle_and_a_config_the_agent_accepts(deployment, tmp_path):
     done = provision("add-device", "pi-01", "--dir", str(deployment), "--data", "folder:/srv/cpsl-data", "--cloud-init")
     assert done.returncode == 0, done.stderr
@@ -99,6 +100,7 @@ def test_cloud_init_validates_the_user_data_with_and_without_tls(deployment, tmp
     assert torch == ["/opt/cpsl-edge/bin/pip", "install", "torch==2.5.1"]
 
 
+@pytest.mark.slow
 def test_a_renewed_device_keeps_its_data_setting(deployment):
     assert provision("add-device", "pi-04", "--dir", str(deployment), "--data", "idx:/srv/a").returncode == 0
     renewed = provision("renew", "pi-04", "--dir", str(deployment))
@@ -115,6 +117,7 @@ def test_a_renewed_device_keeps_its_data_setting(deployment):
         (["add-device", "pi-9", "--data", 'idx:/x"\nbroker = "mqtt://evil"'], "cannot go into agent.toml"),
     ],
 )
+@pytest.mark.slow
 def test_bad_first_boot_requests_get_one_line(deployment, args, message):
     args = [*args, "--dir", str(deployment)] if "--broker" not in args else [*args, "--dir", str(deployment.parent)]
     done = provision(*args)

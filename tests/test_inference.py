@@ -489,6 +489,7 @@ def test_heads_of_other_weights_never_use_the_service(tmp_path, broker, live_ser
     client.close()
 
 
+@pytest.mark.slow
 def test_the_clis_export_serve_and_classify(run_dir, broker, tmp_path, capsys):
     exported = run_cli("edge_server", "export-heads", str(run_dir), "--out", str(tmp_path / "heads"))
     assert exported.returncode == 0, exported.stderr

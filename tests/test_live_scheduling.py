@@ -240,6 +240,7 @@ def overlaps(intervals) -> int:
     return sum(1 for (_, end, _), (start, _, _) in itertools.pairwise(ordered) if start < end)
 
 
+@pytest.mark.slow
 def test_uploads_keep_to_their_slots_and_never_overlap(broker, tmp_path):
     auto = KnownLinkScheduler(FINGERPRINT, 16, 4, ClusterBounds(min_clusters=1), fixed_cut=1, medium="airtime")
     server = run_cluster(broker, tmp_path, auto)
@@ -282,6 +283,7 @@ def test_without_slots_the_same_uploads_do_overlap(broker, tmp_path):
 # what makes the plan come true -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_agent_warm_up_takes_the_first_optimiser_steps_cost_before_training():
     """The first SGD step of a process imports torch._dynamo (~1 s of CPU; 12 s on a board
     at 8% of a core). After the agent's warm-up, the first real step must be cheap."""
@@ -669,6 +671,7 @@ def test_compress_auto_takes_the_fastest_encodings_within_the_error_budget():
     assert restored.compression == lossy.compression and not restored.wants_encoding_trials
 
 
+@pytest.mark.slow
 def test_a_live_run_with_compress_auto_tries_the_first_round_and_trains_on_the_choice(broker, tmp_path):
     auto = KnownLinkScheduler(
         FINGERPRINT, 8, 2, ClusterBounds(min_clusters=1), fixed_cut=2, medium="airtime", compression_auto=True

@@ -60,6 +60,7 @@ def fluid_oracle(rate_of, bits, lead, dt):
     ),
     st.floats(2.0, 60.0),
 )
+@pytest.mark.slow
 def test_concurrent_phase_on_a_shared_medium_matches_a_time_stepped_simulation(case, capacity):
     caps, bits, lead = (np.array(v) for v in case)
     rates = SharedRates(caps * MBIT, capacity * MBIT)

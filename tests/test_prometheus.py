@@ -59,6 +59,7 @@ def test_a_run_is_scraped_while_it_trains_and_at_the_end(broker, tmp_path):
     assert sent >= 3 * 2 * 0.9 * sum(p.numel() * 4 for p in server.model.net[:6].parameters())  # 3 rounds, 2 devices
 
 
+@pytest.mark.slow
 def test_a_bad_metrics_port_is_one_line():
     done = subprocess.run(
         [sys.executable, "-m", "edge_server", "demo", "--metrics-port", "localhost:99999"],

@@ -86,6 +86,7 @@ def test_bad_provisioning_requests_are_one_line_errors(tmp_path) -> None:
         provision.revoke(deployment, "ghost")
 
 
+@pytest.mark.slow
 def test_provision_cli(tmp_path) -> None:
     root = tmp_path / "pki"
     made = run_cli("edge_server", "provision", "init", "--out", str(root), "--server-host", "127.0.0.1,localhost")

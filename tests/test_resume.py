@@ -65,6 +65,7 @@ def digits():
     return load_dataset("builtin:digits", seed=0)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_round_and_resumed_ends_with_the_uninterrupted_weights(broker, digits, tmp_path):
     agents, _ = start_agents(broker, digits, 2)
     try:
@@ -101,6 +102,7 @@ def test_a_run_killed_after_a_round_and_resumed_ends_with_the_uninterrupted_weig
     assert [r["accuracy"] for r in records(broken)] == pytest.approx([r["accuracy"] for r in records(whole)], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_resuming_needs_a_run_of_this_model_and_says_what_is_wrong(tmp_path):
     def resume(folder: Path) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "edge_server", "--resume", str(folder)]

@@ -165,6 +165,7 @@ def test_a_revoked_certificate_is_refused_with_a_clear_line(tmp_path) -> None:
         MqttTransport(parse_broker_url(f"mqtts://127.0.0.1:{port}", bundle_files(kept)), "x", print).connect(10)
 
 
+@pytest.mark.slow
 def test_agent_with_the_wrong_ca_exits_2_with_one_line(fleet, tmp_path) -> None:
     other = provision.init(tmp_path / "other", ["127.0.0.1"], 1)
     provision.add_device(other, "dev0")
@@ -210,6 +211,7 @@ def _run_fleet(address_of, data, tmp_path, tag: str) -> list[float]:
             agent.close()
 
 
+@pytest.mark.slow
 def test_training_over_tls_matches_plaintext_with_the_same_seed(fleet, broker, tmp_path) -> None:
     data = load_dataset(DATA, seed=0)
     secure = _run_fleet(fleet.address, data, tmp_path, "tls")
@@ -311,6 +313,7 @@ def test_forged_offline_and_heartbeats_about_another_device_change_nothing(fleet
             agent.close()
 
 
+@pytest.mark.slow
 def test_a_killed_agent_is_dropped_by_its_last_will(fleet, tmp_path) -> None:
     import signal
     import subprocess

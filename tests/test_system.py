@@ -273,6 +273,7 @@ def _agent_process(broker: str, index: int, count: int, log) -> subprocess.Popen
     )
 
 
+@pytest.mark.slow
 def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path) -> None:
     log = (tmp_path / "agents.log").open("w")
     processes = {i: _agent_process(broker, i, 3, log) for i in range(3)}

@@ -108,6 +108,7 @@ def assert_nothing_left() -> None:
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs setpriv, run as root")
+@pytest.mark.root
 def test_without_root_it_says_so_and_creates_nothing(tmp_path):
     result = subprocess.run(
         [
@@ -206,6 +207,7 @@ def test_two_instances_run_side_by_side_each_on_its_own_network_and_clean_up_onl
 
 
 @pytest.mark.parametrize("name", ["CPSL", "1bench", "bench-x", "a" * 13, ""])
+@pytest.mark.slow
 def test_a_bad_instance_name_is_a_one_line_usage_error(name):
     result = subprocess.run([*CLI, "cleanup", "--instance", name], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

@@ -73,6 +73,7 @@ def _port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_the_relay_carries_tcp_both_ways_and_a_slow_station_drags_a_fast_one() -> None:
     """Two saturated stations at 40 and 4 Mbit/s get about the same throughput (the anomaly),
     and what goes through arrives intact and in order."""
