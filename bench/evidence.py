@@ -4,13 +4,16 @@
     sudo .venv/bin/python bench/evidence.py --full      # three fleets, both media, three seeds
     .venv/bin/python bench/evidence.py --render         # only redraw the tables from the results
 
-``--quick`` (about 30 minutes here): the Wi-Fi medium's validation against Bianchi's model,
-the simulator's ablation (one seed), and on the testbed for the default fleet on each medium
-cpsl-auto first, then at the cut it used most cpsl without resource management, cpsl with
-both pieces, SL and SFL at that cut, and FL. ``--full`` (about 14 hours here: 2 fleets of
-WideNet at a few minutes a run, SL's runs the longest): the same for the default, heavy and
-wide fleets, three seeds, the clustering-only and slots-only ablations too, and SL and SFL at
-every cut of the sweep (the table names the best). Everything resumes: each benchmark skips
+``--quick`` (31.5 minutes here on 2026-12-07, 5.5 of them the medium's validation at
+three repeats, which it now runs at one: about 28): the Wi-Fi medium's validation against
+Bianchi's model, the simulator's ablation (one seed), and on the testbed for the default
+fleet on each medium cpsl-auto first, then at the cut it used most cpsl without resource
+management, cpsl with both pieces, SL and SFL at that cut, and FL. ``--full`` (estimated at
+14 hours here when every agent booted under its CPU quota, less since they boot
+unthrottled; not yet run end to end: 2 fleets of WideNet at a few minutes a run, SL's runs
+the longest): the same for the default, heavy and wide fleets, three seeds, the
+clustering-only and slots-only ablations too, and SL and SFL at every cut of the sweep (the
+table names the best). Everything resumes: each benchmark skips
 what its folder already holds, so an interrupted invocation goes on where it stopped.
 
 ``--full`` ends with the held-out check (``bench/heldout.py check``) when its prediction is
@@ -290,10 +293,10 @@ def render(drawn: dict[str, str], doc: Path = DOC) -> list[str]:
     replaced = []
     for name, table in drawn.items():
         pattern = re.compile(
-            rf"(<!-- evidence:{re.escape(name)} -->\n).*?(\n<!-- /evidence:{re.escape(name)} -->)", re.S
-        )
+            rf"(<!-- evidence:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /evidence:{re.escape(name)} -->)", re.S
+        )  # a new pair of markers may have nothing between them yet
         if pattern.search(text):
-            text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+            text = pattern.sub(lambda m, t=table: m.group(1) + t + "\n" + m.group(2), text)
             replaced.append(name)
     doc.write_text(text)
     return replaced

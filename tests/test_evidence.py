@@ -153,3 +153,13 @@ def test_time_from_the_fleet_s_registration_never_starts_before_the_server():
     assert booted_throttled["wall_to_target_s"] == 110.0 and booted_throttled["ready_to_target_s"] == 60.0
     registered_first = ablation.summarize(records, started_at=900.0, target=0.9, ready_at=880.0)
     assert registered_first["ready_to_target_s"] == registered_first["wall_to_target_s"] == 110.0
+
+
+def test_render_fills_a_new_pair_of_markers_with_nothing_between_them(tmp_path):
+    doc = tmp_path / "testbed.md"
+    doc.write_text("a\n<!-- evidence:x -->\n<!-- /evidence:x -->\nb\n<!-- evidence:y -->\nold\n<!-- /evidence:y -->\n")
+    assert evidence().render({"x": "| new |", "y": "| newer |"}, doc) == ["x", "y"]
+    assert doc.read_text() == (
+        "a\n<!-- evidence:x -->\n| new |\n<!-- /evidence:x -->\n"
+        "b\n<!-- evidence:y -->\n| newer |\n<!-- /evidence:y -->\n"
+    )
