@@ -12,12 +12,9 @@ fails or is interrupted, so no process is left behind.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from edge_server.launch import make_config, train
 from toolkit.data import load_dataset, parse_scheme
 from toolkit.errors import UserError
 from toolkit.models import load_model
+from toolkit.processes import stop_process_groups
 from toolkit.profile_format import save_profile
 from toolkit.transport import BrokerAddress, parse_broker_url
 from toolkit.transport.embedded_broker import EmbeddedBroker, free_loopback_port
@@ -87,19 +85,6 @@ def _spawn_agents(
     return processes
 
 
-def _stop_all(processes: list, grace_s: float = 5.0) -> None:
-    for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def _secure_broker(stack: ExitStack, run_dir: Path, devices: int) -> tuple[BrokerAddress, Path]:
     """Provision RUN_DIR/pki afresh, start Mosquitto on it; the server's address and the device bundles."""
     from edge_server import provision
@@ -136,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> int:
             broker = stack.enter_context(EmbeddedBroker())
         profile = _quick_profile(run_dir, args.batch_size)
         processes = _spawn_agents(args.devices, broker.url, args, profile, logs, bundles)
-        stack.callback(_stop_all, processes)
+        stack.callback(stop_process_groups, processes)
         config = make_config(args, broker, model, args.devices, "")
         config.register_timeout_s = 120.0
         for process in processes:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from toolkit.errors import UserError
 from toolkit.files import write_atomically
+from toolkit.processes import stop_process_groups
 from toolkit.testbed.topology import AP_ADDRESS, Testbed
 
 log = logging.getLogger("cpsl.testbed")
@@ -166,23 +167,6 @@ class RunSpec:
 
 
 REGISTER_TIMEOUT_S = 300.0
-
-
-def _stop_all(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
-    """SIGTERM to every process group at once, SIGKILL to those still running after one
-    shared grace period: stopping a run takes at most ``grace_s``, not that per process."""
-    for process in processes:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def profile_devices(testbed: Testbed, folder: Path, batch_size: int, model: str = MODEL) -> dict[int, Path]:
@@ -338,7 +322,7 @@ def run(testbed: Testbed, spec: RunSpec, run_dir: Path, profiles: dict[int, Path
             tail = (logs / "server.log").read_text()[-600:]
             raise RuntimeError(f"edge server exited with {server.returncode}: {tail}")
     finally:
-        _stop_all(list(reversed(processes)))
+        stop_process_groups(list(reversed(processes)))
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
