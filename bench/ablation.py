@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.cli.testbed import FLEETS, default_spec, load_spec  # noqa: E402
 from toolkit.files import write_atomically  # noqa: E402
-from toolkit.testbed.runner import Event, RunSpec, profile_devices, run  # noqa: E402
+from toolkit.testbed.runner import REGISTERED, Event, RunSpec, profile_devices, run  # noqa: E402
 from toolkit.testbed.topology import MEDIA, Testbed, require_root  # noqa: E402
 
 VARIANTS = ("cpsl-none", "cpsl-clusters", "cpsl-slots", "cpsl-both", "cpsl-auto")
@@ -90,7 +90,7 @@ def fleet_ready_at(folder: Path) -> float | None:
     variant: the time from here shows the difference without it."""
     times = []
     for log in sorted((folder / "logs").glob("agent-*.log")):
-        line = next((x for x in log.read_text(errors="replace").splitlines() if " registered at " in x), None)
+        line = next((x for x in log.read_text(errors="replace").splitlines() if REGISTERED in x), None)
         if line is None:
             return None
         stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")

@@ -167,6 +167,7 @@ class RunSpec:
 
 
 REGISTER_TIMEOUT_S = 300.0
+REGISTERED = " registered at "  # what an agent logs once its registration is out (firmware_agent/agent.py)
 
 
 def profile_devices(testbed: Testbed, folder: Path, batch_size: int, model: str = MODEL) -> dict[int, Path]:
@@ -340,7 +341,7 @@ def _throttle_when_registered(testbed: Testbed, agents: dict[int, subprocess.Pop
     while waiting:
         for index, process in list(waiting.items()):
             log_text = (logs / f"agent-{index}.log").read_text(errors="replace")
-            if " registered at " in log_text:
+            if REGISTERED in log_text:
                 testbed.throttle(index, process.pid)
                 del waiting[index]
             elif process.poll() is not None:

@@ -245,7 +245,10 @@ class Testbed:
         _run("ip", "netns", "exec", namespace, "ip", "link", "set", f"d{index}", "up" if up else "down")
 
     def set_cpu(self, index: int, cpu_share: float) -> None:
-        (CGROUP_CPU / self.device_namespace(index) / "cpu.cfs_quota_us").write_text(str(int(cpu_share * CFS_PERIOD_US)))
+        (self._cpu_group(index) / "cpu.cfs_quota_us").write_text(str(int(cpu_share * CFS_PERIOD_US)))
+
+    def _cpu_group(self, index: int) -> Path:
+        return CGROUP_CPU / self.device_namespace(index)
 
     def device_command(self, index: int, command: list[str], throttled: bool = True) -> list[str]:
         """``command`` run in device ``index``'s namespace and (``throttled``) CPU group; an
@@ -253,13 +256,13 @@ class Testbed:
         (:meth:`throttle`)."""
         if not throttled:
             return ["ip", "netns", "exec", self.device_namespace(index), *command]
-        group = CGROUP_CPU / self.device_namespace(index) / "cgroup.procs"
+        group = self._cpu_group(index) / "cgroup.procs"
         inner = " ".join(_quote(part) for part in command)
         return ["sh", "-c", f"echo $$ > {group} && exec ip netns exec {self.device_namespace(index)} {inner}"]
 
     def throttle(self, index: int, pid: int) -> None:
         """Move process ``pid`` (all its threads) into device ``index``'s CPU group."""
-        (CGROUP_CPU / self.device_namespace(index) / "cgroup.procs").write_text(str(pid))
+        (self._cpu_group(index) / "cgroup.procs").write_text(str(pid))
 
     def wifi_stations(self) -> list[str]:
         """The relay's ``--station`` values: each device's address, name and PHY rates."""
