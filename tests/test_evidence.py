@@ -163,3 +163,63 @@ def test_render_fills_a_new_pair_of_markers_with_nothing_between_them(tmp_path):
         "a\n<!-- evidence:x -->\n| new |\n<!-- /evidence:x -->\n"
         "b\n<!-- evidence:y -->\n| newer |\n<!-- /evidence:y -->\n"
     )
+
+
+def test_a_swept_cut_that_lost_its_first_seed_clearly_runs_no_more_seeds():
+    from types import SimpleNamespace
+
+    ablation = load_bench_script("ablation")
+    args = SimpleNamespace(all_seeds=False)
+    results = {
+        "cpsl-auto": {0: {"wall_to_target_s": 200.0}},
+        "sl@pool2": {0: {"wall_to_target_s": 400.0}},
+        "sl@pool3": {0: {"wall_to_target_s": 380.0}},
+        "sl@fc1": {0: {"wall_to_target_s": 500.0}},
+        "sl@pool1": {0: {"wall_to_target_s": None, "gave_up_after_s": 600.0}},
+        "sfl@pool3": {0: {"wall_to_target_s": 500.0}},
+    }
+    assert not ablation.skipped(args, results, "sl@pool3", 1)  # the best cut
+    assert not ablation.skipped(args, results, "sl@pool2", 1)  # within 10% of it
+    assert ablation.skipped(args, results, "sl@fc1", 1)  # 500 s > 1.1 x 380 s
+    assert ablation.skipped(args, results, "sl@pool1", 1)  # stopped at 3x cpsl-auto's slowest
+    assert not ablation.skipped(args, results, "sfl@pool3", 1)  # a sweep of one cut: every seed
+    assert not ablation.skipped(SimpleNamespace(all_seeds=True), results, "sl@fc1", 1)
+
+
+def test_a_baseline_is_stopped_at_3x_cpsl_auto_s_slowest_seed_and_a_claim_against_it_is_an_upper_bound():
+    from types import SimpleNamespace
+
+    ablation = load_bench_script("ablation")
+    args = SimpleNamespace(all_seeds=False)
+    results = {"cpsl-auto": {0: {"wall_to_target_s": 180.0}, 1: {"wall_to_target_s": 190.0}}, "fl": {}}
+    assert ablation.give_up_after(args, results, "fl") == 570.0
+    assert ablation.give_up_after(args, results, "cpsl-auto") is None
+    assert ablation.give_up_after(SimpleNamespace(all_seeds=True), results, "fl") is None
+    assert ablation.give_up_after(args, {"fl": {}}, "fl") is None  # no cpsl-auto yet: runs to its end
+    records = [{"latency_s": 100.0, "accuracy": a, "time": 1000.0 + 100 * i} for i, a in enumerate((0.3, 0.5))]
+    stopped = ablation.summarize(records, started_at=900.0, target=0.9, gave_up_after_s=570.0)
+    assert stopped["wall_to_target_s"] is None and stopped["gave_up_after_s"] == 570.0
+    verdict = ablation.claim(list(results["cpsl-auto"].values()), [stopped])
+    assert verdict["at_most"] and verdict["holds"] and verdict["theirs"] == 570.0
+    rounds = ablation.claim([{"mean_round_s": 25.0}], [stopped], "mean_round_s")  # its rounds were measured
+    assert rounds["ratio"] == 0.25 and "at_most" not in rounds
+    reached = ablation.summarize(records, started_at=900.0, target=0.5, gave_up_after_s=570.0)
+    assert reached["gave_up_after_s"] is None  # it reached the target before it was stopped
+
+
+def test_the_table_shows_a_stopped_run_as_a_bound_and_ranks_a_sweep_by_its_first_seed():
+    document = ablation_document()
+    for name in ("cpsl-none", "cpsl-both"):
+        document["rows"][name]["wall_to_target_s"]["max"] = 190.0
+    document["rows"]["fl"] = {
+        **document["rows"]["fl"],
+        "wall_to_target_s": None,
+        "gave_up_after_s": {"median": 570.0, "min": 570.0, "max": 570.0, "n": 1},
+    }
+    document["rows"]["sl@pool2"]["wall_to_target_s"]["median"] = 650.0  # its 3 seeds' median, below pool3's first
+    document["runs"] = {"sl@pool2": {"0": {"wall_to_target_s": 900.0}}, "sl@pool3": {"0": {"wall_to_target_s": 700.0}}}
+    document["claims"]["cpsl-both vs fl"] = {"ratio": 370 / 570, "holds": True, "at_most": True}
+    table = evidence().ablation_table(document)
+    assert "| fl | 1 | > 570.0 (stopped) |" in table
+    assert "cpsl-both against fl: at most 0.65x the time, holds" in table  # stopped at 3x our slowest (190 s)
+    assert any(line.startswith("| sl@pool3 (best of the sweep)") for line in table.splitlines())
