@@ -60,6 +60,11 @@ class _LiveCounters(Collector):
             for key, value in sorted(dict(values).items()):
                 family.add_metric([key], value)
             yield family
+        unacknowledged = CounterMetricFamily(
+            "cpsl_unacknowledged_flushes", "Waits for the broker's acknowledgement that timed out."
+        )
+        unacknowledged.add_metric([], endpoint.unacknowledged)
+        yield unacknowledged
         online = GaugeMetricFamily("cpsl_devices_online", "Devices registered and not gone.")
         online.add_metric([], len(self.server.registry.online()))
         yield online

@@ -214,7 +214,7 @@ class RoundSteps:
                 body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
                 self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
                 stamps.gradients_sent[(device, iteration)] = time.time()
-            self.endpoint.transport.flush(self.config.iteration_timeout_s)
+            self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_} iteration {iteration}'s gradients")
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
         t_weights = time.monotonic()
@@ -278,7 +278,7 @@ class RoundSteps:
         for device in self._in_slots(devices, offsets, started):
             self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
             stats.weights_sent[device] = time.time()
-        self.endpoint.transport.flush(self.config.iteration_timeout_s)
+        self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_}'s weights")
         stats.model_transfer_s += time.monotonic() - started
         return state
 

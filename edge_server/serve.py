@@ -217,7 +217,7 @@ class TailService:
             return
         frame = self._status_frame("offline")
         transport.publish(topics.infer_status(self.service), frame, qos=1, retain=True)
-        transport.flush(5.0)
+        self.endpoint.flush(5.0, "the offline status")
         transport.close()
 
     # serving ---------------------------------------------------------------------------------

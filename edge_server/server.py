@@ -196,7 +196,7 @@ class EdgeServer(RoundSteps):
         for device in list(self.registry.devices):
             self._send(device, Kind.STOP, m.Stop(reason="run finished"), round_=0)
         transport.publish(topics.server_status(), self._status_frame("offline"), qos=1, retain=True)
-        transport.flush(5.0)
+        self.endpoint.flush(5.0, "the STOPs and the offline status")
         transport.close()
 
     def _send(
@@ -333,7 +333,7 @@ class EdgeServer(RoundSteps):
             send,
             self._poll,
             timeout_s=self.config.iteration_timeout_s,
-            flush=lambda: self.endpoint.transport.flush(self.config.iteration_timeout_s),
+            flush=lambda: self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_}'s probes"),
         )
         probe_fleet(self.scheduler, prober, devices)
 

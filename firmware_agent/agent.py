@@ -45,6 +45,9 @@ log = logging.getLogger("cpsl.agent")
 
 IDLE_RUN = "idle"  # run id used on messages sent outside any run (registration, heartbeats)
 REREGISTER_MIN_S = 1.0  # a server status makes the agent register again at most this often
+CLOSE_FLUSH_S = 0.5  # how long a stopping agent waits for its goodbye to be acknowledged
+CLOSE_JOIN_S = 0.5  # and for the network thread to end
+MAX_STREAMS = 8  # batch streams kept, one per (run, batch size): an agent serves run after run
 
 
 @dataclass
@@ -228,8 +231,21 @@ class DeviceAgent:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def batch_streams(self) -> list[tuple[str, int]]:
+        """The (run, batch size) of each batch stream kept, oldest first."""
+        return list(self._streams)
+
     def close(self) -> None:
-        """Say goodbye properly: a retained OFFLINE replaces our registration, then disconnect."""
+        """Say goodbye properly: a retained OFFLINE replaces our registration, then disconnect.
+
+        Bounded to about a second whatever the link does (a service manager, or the
+        operator, waits on it): the goodbye gets half a second to be acknowledged, and a
+        network thread still in a connection attempt is left behind (it is a daemon)."""
         self._stop.set()
         transport = self.endpoint.transport
         if transport is None:
@@ -238,8 +254,8 @@ class DeviceAgent:
             transport.publish(
                 topics.device_status(self.config.device_id), self._offline_frame("agent stopped"), qos=1, retain=True
             )
-            transport.flush(2.0)
-        transport.close()
+            self.endpoint.flush(CLOSE_FLUSH_S, "the goodbye")
+        transport.close(CLOSE_JOIN_S)
 
     def serve_forever(self) -> None:
         """Serve until stopped; no message ends the loop, whatever it says or however it fails."""
@@ -288,7 +304,8 @@ class DeviceAgent:
             self._echo(item)
         elif message.kind is Kind.STOP:
             log.info("run %s stopped: %s", message.header.run, message.body.reason)
-            self.assignment, self.assigned_run, self.assigned_round = None, "", -1
+            if message.header.run == self.assigned_run:  # another run's end leaves ours as it is
+                self.assignment, self.assigned_run, self.assigned_round = None, "", -1
         elif message.kind is Kind.SERVER_STATUS:
             self._server_status(message)
         else:
@@ -426,6 +443,8 @@ class DeviceAgent:
     def _stream(self, run: str, batch_size: int) -> BatchStream:
         key = (run, batch_size)
         if key not in self._streams:
+            while len(self._streams) >= MAX_STREAMS:  # the oldest run's stream goes: a server's count can seek it
+                del self._streams[next(iter(self._streams))]
             seed = stream_seed(self.assignment.data_seed, self.config.device_id)
             self._streams[key] = BatchStream(self.indices, batch_size, seed)
         stream = self._streams[key]
@@ -441,8 +460,8 @@ class DeviceAgent:
         part: nn.Module = self._model.net if a.cut is None else self._model.net[: a.cut]
         try:
             part.load_state_dict(weights.tensors, strict=True)
-        except (RuntimeError, KeyError) as exc:
-            log.error("weights for round %d do not fit the model: %s", round_, str(exc).splitlines()[0])
+        except (RuntimeError, KeyError) as exc:  # say so now: the server would wait out its deadline
+            self._refuse(weights, f"weights do not fit the model: {(str(exc).splitlines() or [''])[0][:200]}")
             return
         self.state = "training"
         part.train()
@@ -471,7 +490,7 @@ class DeviceAgent:
             round_=round_,
             tensors=state,
         )
-        self.endpoint.transport.flush(a.gradient_timeout_s)
+        self.endpoint.flush(a.gradient_timeout_s, f"round {round_}'s weights")
         report = m.Timings(
             iterations=timings,
             weights_down_bytes=_nbytes(weights.tensors),
@@ -481,7 +500,7 @@ class DeviceAgent:
             weights_up_end_at=time.time(),
         )
         self.endpoint.send(up, Kind.TIMINGS, report, run=run, device=self.config.device_id, round_=round_)
-        self.endpoint.transport.flush(10.0)
+        self.endpoint.flush(10.0, f"round {round_}'s timings")
 
     def _local_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, x, y, iteration: int
@@ -550,7 +569,7 @@ class DeviceAgent:
             iteration=iteration,
             tensors={**wire, "labels": y},
         )
-        self.endpoint.transport.flush(a.gradient_timeout_s)
+        self.endpoint.flush(a.gradient_timeout_s, f"round {round_} iteration {iteration}'s smashed data")
         upload_end = time.time()
         t2 = time.perf_counter()
         received = self._wait_gradient(run, round_, iteration, a.gradient_timeout_s)

@@ -118,6 +118,23 @@ def _item(kind: Kind, body: m.Body, device: str = "dev0") -> Received:
     return Received("t", message, 0, 0.0)
 
 
+def test_a_flush_that_times_out_is_counted_and_logged_not_ignored(caplog) -> None:
+    class Unacknowledging:
+        def __init__(self, acknowledged: bool) -> None:
+            self.acknowledged = acknowledged
+
+        def flush(self, timeout_s: float) -> bool:
+            return self.acknowledged
+
+    endpoint = Endpoint("edge")
+    assert not endpoint.flush(1.0, "nothing attached") and endpoint.unacknowledged == 0
+    endpoint.attach(Unacknowledging(True))
+    assert endpoint.flush(1.0, "round 3's weights") and endpoint.unacknowledged == 0
+    endpoint.attach(Unacknowledging(False))
+    assert not endpoint.flush(2.5, "round 3's gradients") and endpoint.unacknowledged == 1
+    assert "round 3's gradients not acknowledged by the broker within 2.5 s" in caplog.text
+
+
 def test_a_stale_last_will_does_not_unregister_the_device_that_came_back() -> None:
     registry = Registry()
     old, new = "a" * 32, "b" * 32
