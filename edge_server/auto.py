@@ -487,6 +487,7 @@ class AutoScheduler:
                 log.warning("auto: cut %s -> %d:%s (%s)", self.cut, choice.cut, choice.name, reason)
                 self.cut = choice.cut
         self.history.append(state)
+        del self.history[: -max(1, self.saa_window)]  # what the next cut choice samples, no more
         cut = self.costs.cut(self.cut)
         problem = SplitProblem.build(cut, state, self._settings())
         one_air = uplink_medium.kind == "airtime" and downlink_medium.kind == "airtime"

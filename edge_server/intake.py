@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from edge_server.registry import Registry
+from edge_server.registry import Registry, RegistryFullError
 from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.protocol import Kind
@@ -34,12 +34,21 @@ class Intake:
         self.refusals: dict[str, str] = {}  # device -> the reason it gave (REJECT), shown in metrics
 
     def start_round(self, round_: int) -> None:
+        """Timings are taken for the current round only and read within it: earlier rounds'
+        go, so a run of any length keeps one round's reports."""
         self.round = round_
+        self.timings = {key: t for key, t in self.timings.items() if key[0] >= round_}
 
     def poll(self, timeout_s: float) -> Received | None:
         """One message for the caller, after registry traffic and validation have been dealt with."""
         item = self.endpoint.receive(timeout_s)
-        if item is None or self.registry.update(item):
+        if item is None:
+            return None
+        try:
+            if self.registry.update(item):
+                return None
+        except RegistryFullError as full:
+            self.endpoint.reject(item.topic, str(full))
             return None
         message = item.message
         header = message.header

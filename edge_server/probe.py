@@ -73,9 +73,13 @@ class LinkProber:
         timeout_s: float = 10.0,
         target_s: float = 0.3,
         flush: Callable[[], None] = lambda: None,
+        discard: Callable[[Received, str], None] | None = None,
     ) -> None:
-        """``send`` queues a probe, ``flush`` waits until the queued ones are out."""
+        """``send`` queues a probe, ``flush`` waits until the queued ones are out, ``discard``
+        counts a message that came while probing and answers none of the probes (the
+        server's endpoint rejects it; by default it is logged)."""
         self._send, self._receive, self._flush = send, receive, flush
+        self._discard = discard or (lambda item, reason: log.debug("%s", reason))
         self.timeout_s, self.target_s = timeout_s, target_s
         self._next_id = 1
 
@@ -118,7 +122,7 @@ class LinkProber:
             message = item.message
             expected = pending.get(message.body.probe_id) if message.kind is Kind.PROBE_ECHO else None
             if expected is None or message.header.device != expected[0]:
-                log.debug("ignored %s from %s while probing", message.kind.name, message.header.device)
+                self._discard(item, f"{message.kind.name} from {message.header.device} while probing")
                 continue
             device, t0 = pending.pop(message.body.probe_id)
             times[device] = (t0, message.body.received_at, message.header.sent_at, item.arrived_wall)

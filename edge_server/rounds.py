@@ -318,7 +318,7 @@ class RoundSteps:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
         deadline = time.monotonic() + 2.0
         while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:
-            self._poll(0.1)
+            self._wait_a_little(0.1)
         reports = [self.timings[(round_, d)] for d in devices if (round_, d) in self.timings]
         if not reports:
             return

@@ -230,6 +230,14 @@ class EdgeServer(RoundSteps):
             self.endpoint.replay(topics.down(self.run_id, device))
         return item
 
+    def _wait_a_little(self, timeout_s: float) -> None:
+        """Serve the intake (registrations, timings, refusals) outside a collection; a turn's
+        message that arrives here answers no open request, and is counted as such."""
+        item = self._poll(timeout_s)
+        if item is not None:
+            where = f"round {item.message.header.round} iteration {item.message.header.iteration}"
+            self.endpoint.reject(item.topic, f"{item.message.kind.name} for {where} outside a collection")
+
     def _devices_for_round(self, round_: int) -> list:
         """The online devices; with none online, wait for one (up to the registration timeout)
         instead of running and counting an empty round."""
@@ -241,7 +249,7 @@ class EdgeServer(RoundSteps):
         while not devices:
             if time.monotonic() > deadline:
                 raise UserError(f"no device online for round {round_} within {self.config.register_timeout_s:g} s")
-            self._poll(0.2)
+            self._wait_a_little(0.2)
             devices = self.registry.online()
         return devices
 
@@ -253,7 +261,7 @@ class EdgeServer(RoundSteps):
                     f"only {len(self.registry.online())} of {self.config.min_devices} devices registered "
                     f"within {self.config.register_timeout_s:g} s"
                 )
-            self._poll(0.2)
+            self._wait_a_little(0.2)
 
     def _collect(
         self,
@@ -334,6 +342,7 @@ class EdgeServer(RoundSteps):
             self._poll,
             timeout_s=self.config.iteration_timeout_s,
             flush=lambda: self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_}'s probes"),
+            discard=lambda item, reason: self.endpoint.reject(item.topic, reason),
         )
         probe_fleet(self.scheduler, prober, devices)
 

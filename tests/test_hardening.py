@@ -161,6 +161,39 @@ def test_a_device_busy_sending_is_not_gone_but_its_will_is_final() -> None:
     assert registry.has_left("dev0") and registry.has_left("nobody")
 
 
+def test_the_registry_is_bounded_and_makes_room_only_by_forgetting_devices_that_left() -> None:
+    from edge_server.registry import RegistryFullError
+
+    registry = Registry(max_devices=3)
+
+    def register(device: str) -> None:
+        body = m.Register(session=device[-1] * 16, num_samples=5, capabilities=m.Capabilities())
+        registry.update(_item(Kind.REGISTER, body, device=device))
+
+    for device in ("dev0", "dev1", "dev2"):
+        register(device)
+    with pytest.raises(RegistryFullError, match="registry full: dev3 refused"):
+        register("dev3")
+    assert sorted(registry.devices) == ["dev0", "dev1", "dev2"]
+    register("dev1")  # a known device registering again needs no room
+    registry.update(_item(Kind.OFFLINE, m.Offline(session="1" * 16), device="dev1"))
+    register("dev3")  # dev1 left: its record makes way
+    assert sorted(registry.devices) == ["dev0", "dev2", "dev3"]
+
+
+def test_the_intake_counts_a_registration_the_full_registry_refused() -> None:
+    from edge_server.intake import Intake
+
+    endpoint = Endpoint("edge")
+    intake = Intake(endpoint, Registry(max_devices=1), run_id="run")
+    for device in ("dev0", "dev1"):
+        body = m.Register(session=device[-1] * 16, num_samples=5, capabilities=m.Capabilities())
+        endpoint.on_frame(topics.device_status(device), _frame(Kind.REGISTER, body, device=device, run="idle"))
+        assert intake.poll(1.0) is None
+    assert sorted(intake.registry.devices) == ["dev0"]
+    assert endpoint.rejected == {"registry full": 1}  # one counter, whatever the refused devices' names
+
+
 def _upload(tensors: dict[str, torch.Tensor], claimed: int, registered: int = 100) -> Upload:
     return Upload(tensors, claimed, registered)
 
