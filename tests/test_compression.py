@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from edge_server.intake import decode_smashed
 from edge_server.server import EdgeServer
 from tests.agents import start_agents
-from tests.test_system import assert_same_weights, close, server_config
+from tests.servers import assert_same_weights, close, server_config
 from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.data import load_dataset

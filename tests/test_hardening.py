@@ -10,18 +10,16 @@ import torch
 
 from edge_server.registry import Registry
 from edge_server.strategy import BoundedFedAvg, Upload
-from toolkit.protocol import Kind, ProtocolError, Reassembler, decode, encode, make_header, split, topics
+from tests.frames import frame as make_frame
+from tests.frames import received
+from toolkit.protocol import Kind, ProtocolError, Reassembler, decode, make_header, split, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.bounded_json import JsonLimitError, load_bounded_json
 from toolkit.protocol.codec import MAGIC
-from toolkit.protocol.endpoint import Endpoint, Received, reason_key
+from toolkit.protocol.endpoint import Endpoint, reason_key
 from toolkit.training import server_step
 
 SESSION = "0123456789abcdef0123456789abcdef"
-
-
-def _frame(kind: Kind, body: m.Body, device: str = "dev0", run: str = "r", tensors=None, seq: int = 1) -> bytes:
-    return encode(kind, make_header(run, device, seq=seq), body, tensors)
 
 
 def test_deeply_nested_json_is_a_one_line_error_not_a_recursion_error() -> None:
@@ -46,7 +44,7 @@ def test_a_frame_whose_header_nests_deeply_is_rejected() -> None:
 
 def test_reassembly_budgets_refuse_a_greedy_sender_and_not_the_others() -> None:
     reassembler = Reassembler(max_frame_bytes=10_000, max_bytes_per_sender=12_000, max_transfers_per_sender=4)
-    big = _frame(Kind.WEIGHTS_UP, m.WeightsUp(num_samples=1), tensors={"w": torch.zeros(2000)})
+    big = make_frame(Kind.WEIGHTS_UP, m.WeightsUp(num_samples=1), tensors={"w": torch.zeros(2000)})
     greedy = [split(big, make_header("r", "dev0", seq=s), 3000) for s in range(3)]
     assert reassembler.add(decode(greedy[0][0])) is None
     with pytest.raises(ProtocolError, match="would hold more than"):
@@ -58,7 +56,7 @@ def test_reassembly_budgets_refuse_a_greedy_sender_and_not_the_others() -> None:
 
 
 def test_reassembly_counts_each_byte_once_when_a_chunk_repeats() -> None:
-    frame = _frame(Kind.WEIGHTS_UP, m.WeightsUp(num_samples=1), tensors={"w": torch.zeros(3000)})
+    frame = make_frame(Kind.WEIGHTS_UP, m.WeightsUp(num_samples=1), tensors={"w": torch.zeros(3000)})
     pieces = split(frame, make_header("r", "dev0", seq=1), 4096)
     reassembler = Reassembler()
     assert reassembler.add(decode(pieces[0])) is None
@@ -71,21 +69,21 @@ def test_inbox_is_bounded_in_bytes() -> None:
     endpoint = Endpoint("server", max_frame_bytes=1 << 20, inbox_max_bytes=100_000)
     topic = topics.up("r", "dev0")
     for seq in range(5):
-        payload = _frame(Kind.SMASHED, m.Smashed(), tensors={"smashed": torch.zeros(8000)}, seq=seq)
+        payload = make_frame(Kind.SMASHED, m.Smashed(), tensors={"smashed": torch.zeros(8000)}, seq=seq)
         endpoint.on_frame(topic, payload)
     assert endpoint.rejected["inbox full"] == 2  # 3 frames of 32 KB fit in 100 KB
     while endpoint.receive(0.0) is not None:
         pass
-    endpoint.on_frame(topic, _frame(Kind.SMASHED, m.Smashed(), tensors={"smashed": torch.zeros(8000)}, seq=99))
+    endpoint.on_frame(topic, make_frame(Kind.SMASHED, m.Smashed(), tensors={"smashed": torch.zeros(8000)}, seq=99))
     assert endpoint.receive(0.0) is not None  # the bytes were given back as the frames were taken
 
 
 def test_kinds_are_checked_against_the_topic_they_came_on() -> None:
     endpoint = Endpoint("dev1")
-    assign_on_up = _frame(Kind.STOP, m.Stop(), device="dev0")
+    assign_on_up = make_frame(Kind.STOP, m.Stop(), device="dev0")
     endpoint.on_frame(topics.up("r", "dev0"), assign_on_up)
-    endpoint.on_frame(topics.device_status("dev1"), _frame(Kind.OFFLINE, m.Offline(session=SESSION), device="dev0"))
-    endpoint.on_frame("somewhere/else", _frame(Kind.STOP, m.Stop(), device="dev0"))
+    endpoint.on_frame(topics.device_status("dev1"), make_frame(Kind.OFFLINE, m.Offline(session=SESSION), device="dev0"))
+    endpoint.on_frame("somewhere/else", make_frame(Kind.STOP, m.Stop(), device="dev0"))
     assert endpoint.rejected == {
         "STOP may not travel on a up topic": 1,
         "header names another device than the topic": 1,
@@ -113,11 +111,6 @@ def test_sequence_numbers_do_not_follow_the_clock() -> None:
     assert endpoint.next_seq() + 1 == endpoint.next_seq()
 
 
-def _item(kind: Kind, body: m.Body, device: str = "dev0") -> Received:
-    message = decode(_frame(kind, body, device=device, run="idle"))
-    return Received("t", message, 0, 0.0)
-
-
 def test_a_flush_that_times_out_is_counted_and_logged_not_ignored(caplog) -> None:
     class Unacknowledging:
         def __init__(self, acknowledged: bool) -> None:
@@ -139,11 +132,11 @@ def test_a_stale_last_will_does_not_unregister_the_device_that_came_back() -> No
     registry = Registry()
     old, new = "a" * 32, "b" * 32
     capabilities = m.Capabilities()
-    registry.update(_item(Kind.REGISTER, m.Register(session=old, num_samples=5, capabilities=capabilities)))
-    registry.update(_item(Kind.REGISTER, m.Register(session=new, num_samples=5, capabilities=capabilities)))
-    registry.update(_item(Kind.OFFLINE, m.Offline(session=old)))  # the crashed life's will, delivered late
+    registry.update(received(Kind.REGISTER, m.Register(session=old, num_samples=5, capabilities=capabilities)))
+    registry.update(received(Kind.REGISTER, m.Register(session=new, num_samples=5, capabilities=capabilities)))
+    registry.update(received(Kind.OFFLINE, m.Offline(session=old)))  # the crashed life's will, delivered late
     assert registry.is_online("dev0")
-    registry.update(_item(Kind.OFFLINE, m.Offline(session=new)))  # this life's will: honoured at once
+    registry.update(received(Kind.OFFLINE, m.Offline(session=new)))  # this life's will: honoured at once
     assert not registry.is_online("dev0")
 
 
@@ -152,12 +145,12 @@ def test_a_device_busy_sending_is_not_gone_but_its_will_is_final() -> None:
     keeps it out of the next plan, but does not drop it from the phase it is sending in."""
     registry = Registry(heartbeat_timeout_s=0.05)
     session = "c" * 32
-    registry.update(_item(Kind.REGISTER, m.Register(session=session, num_samples=5, capabilities=m.Capabilities())))
+    registry.update(received(Kind.REGISTER, m.Register(session=session, num_samples=5, capabilities=m.Capabilities())))
     time.sleep(0.1)
     assert not registry.is_online("dev0") and not registry.has_left("dev0")
     registry.seen("dev0")  # its upload arrived: alive again
     assert registry.is_online("dev0")
-    registry.update(_item(Kind.OFFLINE, m.Offline(session=session)))
+    registry.update(received(Kind.OFFLINE, m.Offline(session=session)))
     assert registry.has_left("dev0") and registry.has_left("nobody")
 
 
@@ -168,7 +161,7 @@ def test_the_registry_is_bounded_and_makes_room_only_by_forgetting_devices_that_
 
     def register(device: str) -> None:
         body = m.Register(session=device[-1] * 16, num_samples=5, capabilities=m.Capabilities())
-        registry.update(_item(Kind.REGISTER, body, device=device))
+        registry.update(received(Kind.REGISTER, body, device=device))
 
     for device in ("dev0", "dev1", "dev2"):
         register(device)
@@ -176,7 +169,7 @@ def test_the_registry_is_bounded_and_makes_room_only_by_forgetting_devices_that_
         register("dev3")
     assert sorted(registry.devices) == ["dev0", "dev1", "dev2"]
     register("dev1")  # a known device registering again needs no room
-    registry.update(_item(Kind.OFFLINE, m.Offline(session="1" * 16), device="dev1"))
+    registry.update(received(Kind.OFFLINE, m.Offline(session="1" * 16), device="dev1"))
     register("dev3")  # dev1 left: its record makes way
     assert sorted(registry.devices) == ["dev0", "dev2", "dev3"]
 
@@ -188,7 +181,7 @@ def test_the_intake_counts_a_registration_the_full_registry_refused() -> None:
     intake = Intake(endpoint, Registry(max_devices=1), run_id="run")
     for device in ("dev0", "dev1"):
         body = m.Register(session=device[-1] * 16, num_samples=5, capabilities=m.Capabilities())
-        endpoint.on_frame(topics.device_status(device), _frame(Kind.REGISTER, body, device=device, run="idle"))
+        endpoint.on_frame(topics.device_status(device), make_frame(Kind.REGISTER, body, device=device, run="idle"))
         assert intake.poll(1.0) is None
     assert sorted(intake.registry.devices) == ["dev0"]
     assert endpoint.rejected == {"registry full": 1}  # one counter, whatever the refused devices' names

@@ -252,7 +252,7 @@ def test_the_service_is_scraped_by_prometheus(run_dir, service):
     """``serve --metrics-port``: what it answered, refused and merged, over HTTP, parsed with the
     Prometheus client's own parser."""
     from edge_server.serve_metrics import ServiceMetrics
-    from tests.test_prometheus import scrape
+    from tests.scrape import scrape
 
     model, run_id = load_trained(run_dir)
     config = ServeConfig(parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, tail_batch_sizes=(1,))

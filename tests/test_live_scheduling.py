@@ -423,19 +423,19 @@ def test_a_device_that_comes_back_is_measured_again_before_it_is_planned():
     scheduler forgets its link and clock, and the server's next probe measures it and the
     medium again. A second registration of the same life while online is not a return."""
     from edge_server.registry import Registry
-    from tests.test_hardening import _item
+    from tests.frames import received
     from toolkit.protocol import Kind
 
     registry = Registry()
     first, second = "a" * 32, "b" * 32
     register = m.Register(session=first, num_samples=5, capabilities=m.Capabilities())
-    registry.update(_item(Kind.REGISTER, register))
-    registry.update(_item(Kind.REGISTER, register))  # re-announced to a new server: same life, online
+    registry.update(received(Kind.REGISTER, register))
+    registry.update(received(Kind.REGISTER, register))  # re-announced to a new server: same life, online
     assert registry.take_returned() == set()
-    registry.update(_item(Kind.OFFLINE, m.Offline(session=first)))
-    registry.update(_item(Kind.REGISTER, register))  # back after a blip, same life
+    registry.update(received(Kind.OFFLINE, m.Offline(session=first)))
+    registry.update(received(Kind.REGISTER, register))  # back after a blip, same life
     assert registry.take_returned() == {"dev0"} and registry.take_returned() == set()
-    registry.update(_item(Kind.REGISTER, m.Register(session=second, num_samples=5, capabilities=m.Capabilities())))
+    registry.update(received(Kind.REGISTER, m.Register(session=second, num_samples=5, capabilities=m.Capabilities())))
     assert registry.take_returned() == {"dev0"}  # a new life (agent restarted) while still listed online
 
     auto = scheduler()

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from tests.agents import start_agents
-from toolkit.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +57,6 @@ def server(broker: str, run_dir: Path, run_id: str) -> list[str]:
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("builtin:digits", seed=0)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from firmware_agent.agent import AgentConfig, DeviceAgent
 from tests.brokers import free_port
 from tests.conftest import run_cli
 from tests.fuzzing import lenet_assign
-from tests.test_system import DATA, server_config
+from tests.servers import DATA, server_config
 from toolkit.data import load_dataset, partition_indices
 from toolkit.errors import UserError
 from toolkit.models import load_model

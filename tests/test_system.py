@@ -15,75 +15,14 @@ import pytest
 import torch
 
 from edge_server.dashboard.view import BREAKDOWN_PARTS
-from edge_server.server import EdgeServer, ServerConfig
+from edge_server.server import EdgeServer
 from tests.agents import start_agents
-from toolkit.data import load_dataset
+from tests.servers import DATA, assert_same_weights, centralized, close, run_server, server_config
 from toolkit.models import load_model
 from toolkit.protocol import Kind, decode, encode, make_header, topics
 from toolkit.protocol import messages as m
-from toolkit.training import BatchStream, stream_seed, weighted_average
+from toolkit.training import weighted_average
 from toolkit.transport import MqttTransport, parse_broker_url
-
-DATA = "builtin:digits"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(DATA, seed=0)
-
-
-def server_config(broker: str, tmp_path, **overrides) -> ServerConfig:
-    values = dict(
-        broker=parse_broker_url(broker),
-        scheme="cpsl",
-        rounds=2,
-        min_devices=1,
-        batch_size=8,
-        iterations=3,
-        lr=0.05,
-        momentum=0.0,
-        clusters=1,
-        cut=6,
-        run_dir=tmp_path / "run",
-        run_id="test-run",
-        iteration_timeout_s=10,
-        register_timeout_s=20,
-    )
-    values.update(overrides)
-    return ServerConfig(**values)
-
-
-def centralized(data, order: list[list[str]], shares: dict, config: ServerConfig) -> dict[str, torch.Tensor]:
-    """The whole model trained in one place on the batches the devices would draw, in schedule order."""
-    model = load_model("lenet5", seed=0)
-    optimizer = torch.optim.SGD(model.net.parameters(), lr=config.lr)
-    streams = {d: BatchStream(shares[d], config.batch_size, stream_seed(config.data_seed, d)) for d in shares}
-    for _ in range(config.rounds):
-        for cluster in order:
-            for _ in range(config.iterations):
-                batches = [streams[d].next() for d in sorted(cluster)]
-                x = torch.cat([data.train_x[b] for b in batches])
-                y = torch.cat([data.train_y[b] for b in batches])
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model.net(x), y).backward()
-                optimizer.step()
-    return model.net.state_dict()
-
-
-def run_server(config: ServerConfig, data) -> EdgeServer:
-    server = EdgeServer(config, load_model("lenet5", seed=0), data)
-    server.run()
-    return server
-
-
-def close(agents) -> None:
-    for agent in agents:
-        agent.close()
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 def test_cpsl_with_one_device_equals_centralized_training(broker, digits, tmp_path) -> None:
