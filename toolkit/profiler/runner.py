@@ -144,12 +144,25 @@ class _Measurer:
 
 
 def run_profile(request: ProfileRequest, on_step: Callable[[str], None] = lambda _: None) -> pf.Profile:
-    """Measure ``request.model`` and return the validated profile (not yet written anywhere)."""
+    """Measure ``request.model`` and return the validated profile (not yet written anywhere).
+
+    The caller's torch thread count and random state are as they were afterwards: the
+    profile's threads and seed hold for the measurement only (an agent profiles, then trains)."""
     if request.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {request.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     device = request.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("profiling on CUDA was asked for, but torch sees no CUDA device")
+    threads_before = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _measure(request, on_step)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure(request: ProfileRequest, on_step: Callable[[str], None]) -> pf.Profile:
+    device = request.device
     allocator = pin_malloc_thresholds()
     threads = request.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
