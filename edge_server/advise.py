@@ -186,7 +186,7 @@ class FleetPlanInput:
     bounds: ClusterBounds
     medium: str  # as printed: "airtime", "shared", or each direction's kind when probed
     devices: dict  # name -> what is known of it, for the JSON
-    server: str  # where the server side's costs come from (issue #15 item 3), as printed
+    server: str  # where the server side's costs come from, as printed
 
 
 def server_side(args, reference: Profile, batch_sizes: list[int]) -> tuple[Profile | None, str]:

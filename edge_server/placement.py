@@ -1,4 +1,4 @@
-"""Where the edge server computes (issue #15, item 1): ``--device cpu|cuda|cuda:N|auto``.
+"""Where the edge server computes: ``--device cpu|cuda|cuda:N|auto``.
 
 The server-side layers (after the cut) and their optimiser live on the chosen device; the
 device-side layers stay on the CPU, where the weights are handed out, averaged and checked.

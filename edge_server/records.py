@@ -98,8 +98,10 @@ def atomic_torch_save(obj: object, path: Path) -> None:
 
 
 @dataclass
-class TurnStats:
-    """Seconds spent per category in one round (the breakdown written to metrics.jsonl)."""
+class RoundStats:
+    """What one round measured (the breakdown written to metrics.jsonl). Each attempt at a
+    cluster's turn gathers its own, which the round's absorbs when the turn completes or
+    is abandoned."""
 
     device_compute_s: float = 0.0
     uplink_s: float = 0.0
@@ -123,12 +125,12 @@ class TurnStats:
     server_codec_s: float = 0.0  # decoding smashed data, encoding gradients (toolkit.compression)
     server_codec_bytes: int = 0  # fp32 bytes of smashed data they covered
 
-    def absorb_time(self, attempt: TurnStats) -> None:
+    def absorb_time(self, attempt: RoundStats) -> None:
         """The seconds an abandoned attempt at a turn spent, and nothing it trained."""
         for name in ("device_compute_s", "uplink_s", "server_compute_s", "downlink_s", "model_transfer_s"):
             setattr(self, name, getattr(self, name) + getattr(attempt, name))
 
-    def abandon(self, attempt: TurnStats) -> None:
+    def abandon(self, attempt: RoundStats) -> None:
         """An attempt at a turn given up on (a device came back as a new agent life): its seconds,
         and what the server stamped of it for the timeline, marked abandoned; nothing it trained."""
         self.absorb_time(attempt)
@@ -136,7 +138,7 @@ class TurnStats:
             stamps.abandoned, stamps.arrivals = True, attempt.arrivals
         self.stamps += attempt.stamps
 
-    def absorb(self, attempt: TurnStats) -> None:
+    def absorb(self, attempt: RoundStats) -> None:
         """A completed turn's stats into the round's."""
         self.absorb_time(attempt)
         self.train_losses += attempt.train_losses
@@ -235,7 +237,7 @@ class RoundOutcome:
 
 def round_record(
     outcome: RoundOutcome,
-    stats: TurnStats,
+    stats: RoundStats,
     cut_name: str | None,
     reports: dict[str, m.Timings],
     rejected: dict[str, int],

@@ -25,7 +25,7 @@ from torch import nn
 
 from edge_server.intake import check_smashed, check_weights, decode_smashed
 from edge_server.placement import place
-from edge_server.records import DeviceRestartedError, TurnSnapshot, TurnStats, turn_record
+from edge_server.records import DeviceRestartedError, RoundStats, TurnSnapshot, turn_record
 from edge_server.scheduler import RoundPlan
 from edge_server.strategy import Upload
 from edge_server.timeline import TurnStamps
@@ -111,7 +111,7 @@ class RoundSteps:
             self._smashed_shapes[cut] = shape
         return self._smashed_shapes[cut]
 
-    def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+    def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
         """One cluster's turn, started again if a device of it comes back mid-turn as a new agent
         life (killed and restarted: what it had trained died with it). The server side is put
         back as it was when the turn began and every device draws the same batches again, so
@@ -121,7 +121,7 @@ class RoundSteps:
         self._ensure_server_optimizer(plan.cut)
         before = TurnSnapshot.take(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions, devices)
         for replays_left in range(self.config.turn_replays, -1, -1):
-            attempt = TurnStats(sessions=stats.sessions, replays_left=replays_left)
+            attempt = RoundStats(sessions=stats.sessions, replays_left=replays_left)
             try:
                 self._split_turn_once(round_, cluster, devices, plan, attempt)
             except DeviceRestartedError as restart:
@@ -140,7 +140,7 @@ class RoundSteps:
             return
 
     def _split_turn_once(
-        self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+        self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats
     ) -> None:
         """One cluster's turn: weights down, I parallel iterations against the server model, average."""
         cut = plan.cut
@@ -236,12 +236,12 @@ class RoundSteps:
 
     def _transfer_allowance_s(self, state: dict[str, torch.Tensor], devices: int, directions: int) -> float:
         """Seconds to allow for ``devices`` copies of ``state`` crossing the medium ``directions`` times
-        at the slowest rate the deployment allows: a fixed timeout alone cut off FL on a slow
-        fleet whose whole-model transfers took longer than it (issue #10)."""
+        at the slowest rate the deployment allows: a fixed timeout alone would cut off FL on a
+        slow fleet whose whole-model transfers take longer than it."""
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         return 8 * nbytes * devices * directions / self.config.min_link_bps
 
-    def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+    def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
         started = time.monotonic()
         state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
         compute_s = self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
@@ -259,7 +259,7 @@ class RoundSteps:
         self._account_device_timings(round_, sorted(good), stats)
 
     def _hand_out(
-        self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+        self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats
     ) -> dict[str, torch.Tensor]:
         """ASSIGN and the current weights of ``part`` to each device; returns the weights sent."""
         state = {k: v.detach().clone() for k, v in part.state_dict().items()}
@@ -314,7 +314,7 @@ class RoundSteps:
             return
         part.load_state_dict(result.state)
 
-    def _account_device_timings(self, round_: int, devices: list[str], stats: TurnStats) -> None:
+    def _account_device_timings(self, round_: int, devices: list[str], stats: RoundStats) -> None:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
         deadline = time.monotonic() + 2.0
         while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:

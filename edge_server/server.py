@@ -26,8 +26,8 @@ from edge_server.placement import SplitForward, place
 from edge_server.records import (
     DeviceRestartedError,
     RoundOutcome,
+    RoundStats,
     RunRecords,
-    TurnStats,
     publish_metrics,
     round_record,
     round_traffic,
@@ -269,7 +269,7 @@ class EdgeServer(RoundSteps):
         round_: int,
         iteration: int,
         expected: set[str],
-        stats: TurnStats,
+        stats: RoundStats,
         deadline: float,
         check: Callable[[Received], str | None] | None = None,
     ) -> dict[str, Received]:
@@ -353,7 +353,7 @@ class EdgeServer(RoundSteps):
         encoding_choice = self._choose_encodings()
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
-        stats = TurnStats(sessions={d.id: d.session for d in devices})
+        stats = RoundStats(sessions={d.id: d.session for d in devices})
         counters = (dict(self.endpoint.bytes_received), dict(self.endpoint.bytes_sent))
         started, started_wall = time.monotonic(), time.time()
         if not plan.clusters:
