@@ -10,6 +10,7 @@ message is rejected with a reason counted by the endpoint, and never reaches a m
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -32,6 +33,8 @@ class Intake:
         self.round = 0  # TIMINGS are taken for the current round only: at most one per device and round
         self.timings: dict[tuple[int, str], m.Timings] = {}
         self.refusals: dict[str, str] = {}  # device -> the reason it gave (REJECT), shown in metrics
+        # what devices refused, by the kind they refused: a device's answer, not a frame we dropped
+        self.refused: Counter[str] = Counter()
 
     def start_round(self, round_: int) -> None:
         """Timings are taken for the current round only and read within it: earlier rounds'
@@ -68,7 +71,7 @@ class Intake:
         if message.kind is Kind.REJECT:
             body: m.Reject = message.body
             self.refusals[header.device] = f"{body.refused}: {body.reason}"
-            self.endpoint.count(f"device refused {body.refused}")
+            self.refused[body.refused] += 1
             self.registry.refuse(header.device, body.reason, body.refused)
             return None
         return item

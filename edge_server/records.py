@@ -241,8 +241,9 @@ def round_record(
     cut_name: str | None,
     reports: dict[str, m.Timings],
     rejected: dict[str, int],
-    refusals: dict[str, int],
+    refusals: dict[str, str],
     traffic: dict[str, int] | None = None,
+    refused: dict[str, int] | None = None,
 ) -> dict:
     """The round's line in metrics.jsonl (docs/operations.md lists its fields)."""
     plan = outcome.plan
@@ -272,6 +273,7 @@ def round_record(
         "dropped": sorted(stats.dropped),
         "rejected_messages": rejected,
         "refusals": refusals,
+        "refused_messages": refused or {},
         "time": time.time(),
     }
     if traffic is not None:

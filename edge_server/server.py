@@ -387,6 +387,7 @@ class EdgeServer(RoundSteps):
             dict(self.endpoint.rejected),
             dict(self.intake.refusals),
             round_traffic(counters, (self.endpoint.bytes_received, self.endpoint.bytes_sent)),
+            dict(self.intake.refused),
         )
         if encoding_choice is not None:
             record["encoding_choice"] = encoding_choice
