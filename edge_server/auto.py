@@ -45,7 +45,7 @@ from edge_server.calibration import FixedCosts
 from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement, TogetherMeasurement
 from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
-from edge_server.scheduler import ClusterTiming, RoundPlan, dealt_clusters
+from edge_server.scheduler import ClusterTiming, RoundMeasurements, RoundPlan, Scheduler, dealt_clusters
 from toolkit.compression import Encoding, Trial
 from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
@@ -170,7 +170,7 @@ def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
 
 
 @dataclass
-class AutoScheduler:
+class AutoScheduler(Scheduler):
     model_fingerprint: str
     batch_size: int
     iterations: int
@@ -700,22 +700,20 @@ class AutoScheduler:
         )
         return {"budget": self.compression_budget, "chosen": list(self.compression), "trials": rows}
 
-    def observe(
-        self,
-        cut: int,
-        timings: dict[str, m.Timings],
-        server_steps: list[tuple[int, float]],
-        arrivals: dict[str, dict[int, float]] | None = None,
-        turns: list[dict] | None = None,
-        round_latency_s: float | None = None,
-        label_counts: dict[str, np.ndarray] | None = None,
-        server_codec: tuple[float, int] | None = None,
-    ) -> None:
-        """Fold a round's measurements into the estimates (``arrivals``: per device, per
-        iteration, when its smashed data reached the server, server clock; ``turns``: the
-        measured turns next to their predictions, which calibrate the fixed costs)."""
+    def encodings(self) -> tuple[str, str]:
+        return tuple(self.compression)
+
+    def known_links(self, devices: list[str]) -> dict[str, LinkMeasurement]:
+        return {d: self.estimates.devices[d].link() for d in devices if d in self.estimates.devices}
+
+    def observe(self, measured: RoundMeasurements) -> None:
+        """Fold a round's measurements into the estimates (the arrivals give each device's
+        upload times; the turns, measured beside their predictions, calibrate the fixed costs)."""
         if self.costs is None:
             return
+        cut, timings, server_steps = measured.cut, measured.timings, measured.server_steps
+        arrivals, turns, round_latency_s = measured.arrivals, measured.turns, measured.latency_s
+        label_counts, server_codec = measured.label_counts, measured.server_codec
         # the figures this round was planned on that were still the profiles', not measurements
         prior_devices = {
             d for d in timings if d in self.estimates.devices and not self.estimates.devices[d].speed_measured

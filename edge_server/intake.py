@@ -23,6 +23,7 @@ from toolkit.protocol.codec import ProtocolError
 from toolkit.protocol.endpoint import Endpoint, Received
 
 log = logging.getLogger("cpsl.server")
+TIMING_ROUNDS = 16  # rounds of device timing reports kept
 
 
 class Intake:
@@ -37,10 +38,10 @@ class Intake:
         self.refused: Counter[str] = Counter()
 
     def start_round(self, round_: int) -> None:
-        """Timings are taken for the current round only and read within it: earlier rounds'
-        go, so a run of any length keeps one round's reports."""
+        """Timings are taken for the current round only; the last ``TIMING_ROUNDS`` rounds'
+        are kept (a run of any length keeps a bounded number of reports)."""
         self.round = round_
-        self.timings = {key: t for key, t in self.timings.items() if key[0] >= round_}
+        self.timings = {key: t for key, t in self.timings.items() if key[0] > round_ - TIMING_ROUNDS}
 
     def poll(self, timeout_s: float) -> Received | None:
         """One message for the caller, after registry traffic and validation have been dealt with."""

@@ -26,12 +26,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.protocol import Kind
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Received
+
+if TYPE_CHECKING:
+    from edge_server.scheduler import Scheduler
 
 log = logging.getLogger("cpsl.server")
 
@@ -169,7 +173,7 @@ class LinkProber:
         return LinkMeasurement(rtt_s=rtt, clock_offset_s=offset, up_bps=up, down_bps=down)
 
 
-def probe_fleet(scheduler, prober: LinkProber, devices: list) -> None:
+def probe_fleet(scheduler: Scheduler, prober: LinkProber, devices: list) -> None:
     """Probe every device ``scheduler`` has not measured yet, each alone; then, when it asks
     (two or more known devices, or the fleet grew), all of them at once for the medium."""
     for record in devices:
@@ -181,8 +185,7 @@ def probe_fleet(scheduler, prober: LinkProber, devices: list) -> None:
     ids = [record.id for record in devices]
     if not scheduler.needs_medium_probe(ids):
         return
-    estimates = scheduler.estimates.devices
     try:
-        scheduler.set_medium(prober.measure_together({d: estimates[d].link() for d in ids if d in estimates}))
+        scheduler.set_medium(prober.measure_together(scheduler.known_links(ids)))
     except ProbeTimeoutError as exc:
         log.warning("the simultaneous probe failed, the medium stays as it was: %s", exc)

@@ -51,7 +51,7 @@ class RoundSteps:
     def encodings(self) -> tuple[str, str]:
         """This round's encodings of smashed data and gradients: the scheduler's under --auto
         (chosen by it with --compress auto), else the run's settings."""
-        chosen = getattr(self.scheduler, "compression", None)
+        chosen = self.scheduler.encodings()
         return tuple(chosen) if chosen is not None else (self.config.compress_smashed, self.config.compress_gradient)
 
     def _assign(

@@ -162,7 +162,6 @@ def load_state(run_dir: Path, run_id: str, fingerprint: str) -> RunState:
 
 def capture(server, round_: int) -> RunState:
     """The state of ``server`` (an EdgeServer) after ``round_`` completed."""
-    scheduler_state = getattr(server.scheduler, "state_dict", None)
     optimizer = server.server_optimizer
     return RunState(
         run_id=server.run_id,
@@ -172,7 +171,7 @@ def capture(server, round_: int) -> RunState:
         server_optimizer=optimizer.state_dict() if optimizer is not None else None,
         server_cut=server.server_cut,
         stream_positions=dict(server.stream_positions),
-        scheduler=scheduler_state() if scheduler_state is not None else {},
+        scheduler=server.scheduler.state_dict(),
     )
 
 
@@ -188,7 +187,5 @@ def restore(server, state: RunState) -> int:
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise UserError(f"the saved state does not fit the run's model: {str(exc).splitlines()[0][:200]}") from None
     server.stream_positions = dict(state.stream_positions)
-    load = getattr(server.scheduler, "load_state_dict", None)
-    if load is not None:
-        load(state.scheduler)
+    server.scheduler.load_state_dict(state.scheduler)
     return state.round + 1

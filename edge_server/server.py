@@ -35,7 +35,7 @@ from edge_server.records import (
 from edge_server.registry import Registry
 from edge_server.rounds import RoundSteps
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
-from edge_server.scheduler import FixedScheduler, Scheduler
+from edge_server.scheduler import FixedScheduler, RoundMeasurements, Scheduler
 from edge_server.strategy import BoundedFedAvg
 from toolkit import compression
 from toolkit.data import Dataset
@@ -328,8 +328,6 @@ class EdgeServer(RoundSteps):
 
     def probe_new_devices(self, round_: int, devices: list) -> None:
         """Measure the link of every device the scheduler has not seen, and the medium (edge_server.probe)."""
-        if getattr(self.scheduler, "needs_probe", None) is None:
-            return
         for device in self.registry.take_returned():
             self.scheduler.forget(device)
         from edge_server.probe import LinkProber, probe_fleet
@@ -364,18 +362,18 @@ class EdgeServer(RoundSteps):
             for cluster, members in enumerate(plan.clusters):
                 self._split_turn(round_, cluster, members, plan, stats)
         latency = time.monotonic() - started
-        observe = getattr(self.scheduler, "observe", None)
-        if observe is not None and plan.cut is not None:
-            reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            observe(
-                plan.cut,
-                reports,
-                stats.server_steps,
-                stats.arrivals,
-                stats.turns,
-                latency,
-                stats.label_counts,
-                server_codec=(stats.server_codec_s, stats.server_codec_bytes),
+        if plan.cut is not None:
+            self.scheduler.observe(
+                RoundMeasurements(
+                    cut=plan.cut,
+                    timings={d: t for (r, d), t in self.timings.items() if r == round_},
+                    server_steps=stats.server_steps,
+                    arrivals=stats.arrivals,
+                    turns=stats.turns,
+                    latency_s=latency,
+                    label_counts=stats.label_counts,
+                    server_codec=(stats.server_codec_s, stats.server_codec_bytes),
+                )
             )
         whole = SplitForward(self.model.net, self.server_cut, self.device)  # each side where it trains
         accuracy, loss = evaluate(whole, self.data.test_x, self.data.test_y)
@@ -396,7 +394,7 @@ class EdgeServer(RoundSteps):
     def _choose_encodings(self) -> dict | None:
         """--compress auto: once a split round has left batches to try, every candidate pair of
         encodings on them; the scheduler picks (edge_server.auto). Until then, keep batches."""
-        if not getattr(self.scheduler, "wants_encoding_trials", False):
+        if not self.scheduler.wants_encoding_trials:
             self.encoding_samples = None
             return None
         if not self.encoding_samples:

@@ -17,7 +17,7 @@ from edge_server.auto import AutoScheduler
 from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement
 from edge_server.registry import DeviceRecord
-from edge_server.scheduler import FixedScheduler
+from edge_server.scheduler import FixedScheduler, RoundMeasurements
 from edge_server.server import EdgeServer, ServerConfig
 from tests.agents import start_agents
 from toolkit.data import load_dataset
@@ -394,7 +394,7 @@ def test_the_cut_is_chosen_again_once_the_labels_show_the_fleets_skew():
     assert "cut_selection" not in auto.plan(1, devices).decision
     # each device trained on two classes of its own: disjoint label sets, skew 0.75
     counts = {d.id: np.bincount([2 * i, 2 * i + 1] * 50, minlength=10) for i, d in enumerate(devices)}
-    auto.observe(auto.cut, {}, [], label_counts=counts)
+    auto.observe(RoundMeasurements(auto.cut, {}, [], label_counts=counts))
     assert auto.label_skew([d.id for d in devices]) == pytest.approx(0.75)
     again = auto.plan(2, devices).decision["cut_selection"]
     assert again["reason"].startswith("label skew 0.75") and again["skew"] == pytest.approx(0.75)
@@ -487,7 +487,9 @@ def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
     stepped, stepped_arrivals = report(2.0)
     auto.plan(0, devices)  # two clusters of one: each sends alone
     auto.observe(
-        cut, {"dev0": steady, "dev1": stepped}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": stepped_arrivals}
+        RoundMeasurements(
+            cut, {"dev0": steady, "dev1": stepped}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": stepped_arrivals}
+        )
     )
     assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
     assert abs(auto.estimates.devices["dev0"].clock_offset_s) < 0.01
@@ -501,7 +503,9 @@ def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
     assert plan.clusters == [["dev0", "dev1"]] and not plan.decision["plan"]["slots"]
     waited, waited_arrivals = report(0.06)
     crowded.observe(
-        cut, {"dev0": steady, "dev1": waited}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": waited_arrivals}
+        RoundMeasurements(
+            cut, {"dev0": steady, "dev1": waited}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": waited_arrivals}
+        )
     )
     assert not crowded.needs_probe("dev1") and crowded.estimates.devices["dev1"].clock_step_s is None
     assert crowded.estimates.devices["dev1"].rtt_s == pytest.approx(0.004)
@@ -566,14 +570,15 @@ def test_states_planned_on_profile_figures_leave_the_saa_window_once_speeds_are_
     predicted = cost.device_forward(32) + cost.device_backward(32)
     report = timings(predicted / 8, predicted / 8, 0.01, 10_000, 0.01, 10_000)  # 4x the profile's speed
     turns = [{"measured_s": 9.0, "predicted_turn_s": 3.0}]
-    auto.observe(plan.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
+    step = [(64, cost.server_step(64) / 3)]
+    auto.observe(RoundMeasurements(plan.cut, {"a": report, "b": report}, step, turns=turns, latency_s=9.0))
     assert auto.history == []
     assert auto.fixed_costs.observed_rounds == 0  # its miss was the profiles' error, not a fixed cost
     second = auto.plan(1, devices)
     assert second.decision["cut_selection"]["samples"] == 1  # chosen again, on the measured state alone
     third = auto.plan(2, devices)
     assert "cut_selection" not in third.decision  # and not again: nothing drifted since
-    auto.observe(second.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
+    auto.observe(RoundMeasurements(second.cut, {"a": report, "b": report}, step, turns=turns, latency_s=9.0))
     assert auto.fixed_costs.observed_rounds == 1  # a round planned on measurements calibrates
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from edge_server.dashboard.view import BREAKDOWN_PARTS
+from edge_server.scheduler import Scheduler
 from edge_server.server import EdgeServer
 from tests.agents import start_agents
 from tests.servers import DATA, assert_same_weights, centralized, close, run_server, server_config
@@ -263,7 +264,7 @@ def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path)
     ]
 
 
-class MovingCutScheduler:
+class MovingCutScheduler(Scheduler):
     """A different cut every round: the live scheduler may move the cut between rounds."""
 
     def __init__(self, cuts: list[int]):
