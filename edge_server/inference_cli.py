@@ -109,7 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics = ServiceMetrics(service)
         metrics.serve(*args.metrics_port)  # a port in use is one line before anything is measured
         print(f"Prometheus metrics at http://{args.metrics_port[0]}:{metrics.port}/metrics", flush=True)
-    print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts on {service.device}", flush=True)
+    print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts on {service.placement}", flush=True)
     service.measure_tails()
     service.start()
     stop = threading.Event()

@@ -30,9 +30,9 @@ class SplitForward(nn.Module):
 
     def __init__(self, net: nn.Sequential, cut: int | None, device: torch.device) -> None:
         super().__init__()
-        self.net, self.cut, self.device = net, cut, device
+        self.net, self.cut, self.placement = net, cut, device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cut is None or self.device.type == "cpu":
+        if self.cut is None or self.placement.type == "cpu":
             return self.net(x)
-        return self.net[self.cut :](self.net[: self.cut](x).to(self.device)).cpu()
+        return self.net[self.cut :](self.net[: self.cut](x).to(self.placement)).cpu()

@@ -86,7 +86,7 @@ class RoundSteps:
     def _ensure_server_optimizer(self, cut: int) -> None:
         if self.server_cut != cut:
             self.server_cut = cut
-            place(self.model.net, cut, self.device)  # the server side on --device, the rest on the CPU
+            place(self.model.net, cut, self.placement)  # the server side on --device, the rest on the CPU
             server_part = self.model.net[cut:]
             self.server_optimizer = make_optimizer(
                 list(server_part.parameters()), self.config.lr, self.config.momentum, self.config.weight_decay
@@ -184,8 +184,8 @@ class RoundSteps:
             grads, loss = server_step(  # decoded and checked on the CPU, then moved
                 server_part,
                 self.server_optimizer,
-                [got[d].message.tensors["smashed"].to(self.device) for d in order],
-                [got[d].message.tensors["labels"].to(self.device) for d in order],
+                [got[d].message.tensors["smashed"].to(self.placement) for d in order],
+                [got[d].message.tensors["labels"].to(self.placement) for d in order],
                 self.loss_fn,
             )
             grads = [g.cpu() for g in grads]  # encoded and sent from the CPU

@@ -115,12 +115,12 @@ class TailService:
         self.model = model
         self.run_id = run_id
         self.service = topics.check_id(config.service or run_id, "service name")
-        self.device = resolve_device(config.device)
+        self.placement = resolve_device(config.device)
         model.net.eval()
         self.num_layers = model.num_layers
         self.cuts = list(range(0 if config.raw_inputs else 1, self.num_layers))
         self.digest = weights_digest(model.net.state_dict())  # of the CPU tensors, as the heads were digested
-        model.net.to(self.device)  # requests are decoded on the CPU, then moved; logits come back
+        model.net.to(self.placement)  # requests are decoded on the CPU, then moved; logits come back
         self.shapes = self._shapes()
         self.accepted = {Encoding.parse(name).name for name in ACCEPTED_ENCODINGS}
         self.endpoint = Endpoint(f"serve-{self.service}")
@@ -135,7 +135,7 @@ class TailService:
     def _shapes(self) -> dict[int, tuple[int, ...]]:
         """Each cut's activations for one sample (cut 0: the input)."""
         shapes = {0: tuple(self.model.input_shape)}
-        x = torch.zeros(1, *self.model.input_shape, device=self.device)
+        x = torch.zeros(1, *self.model.input_shape, device=self.placement)
         with torch.inference_mode():
             for index, layer in enumerate(self.model.net, start=1):
                 x = layer(x)
@@ -159,7 +159,7 @@ class TailService:
                 with torch.inference_mode():
                     for repeat in range(self.config.tail_repeats + 1):
                         started = time.perf_counter()
-                        tail(x.to(self.device)).cpu()  # as a request runs: in, computed, back
+                        tail(x.to(self.placement)).cpu()  # as a request runs: in, computed, back
                         if repeat:
                             runs.append(time.perf_counter() - started)
                 seconds.append(statistics.median(runs))
@@ -317,7 +317,7 @@ class TailService:
         """The model after ``cut`` on the decoded activations ``x`` (CPU), logits back on the CPU."""
         self.forwards += 1
         with torch.inference_mode():
-            return self.model.net[cut:](x.to(self.device)).to("cpu", torch.float32).contiguous()
+            return self.model.net[cut:](x.to(self.placement)).to("cpu", torch.float32).contiguous()
 
     def prepare(self, request: m.Infer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """``request``'s activations, checked and decoded (CPU), or RequestRefusedError saying why not."""

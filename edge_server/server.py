@@ -108,7 +108,7 @@ class EdgeServer(RoundSteps):
         self.config = config
         self.model = model
         self.data = data
-        self.device = resolve_device(config.device)
+        self.placement = resolve_device(config.device)
         self.run_id = config.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.scheduler = scheduler or self._default_scheduler()
         self.on_round = on_round or (lambda record: None)
@@ -138,7 +138,7 @@ class EdgeServer(RoundSteps):
             else:  # measured here, on the threads it trains with (edge_server/own_profile.py)
                 largest = c.max_cluster_size or max(1, -(-c.min_devices // max(1, c.clusters)))
                 sizes = pooled_batch_sizes(c.batch_size, largest)
-                server_profile, source = own_profile(self.model, sizes, device=self.device)
+                server_profile, source = own_profile(self.model, sizes, device=self.placement)
             bounds = ClusterBounds(max_cluster_size=c.max_cluster_size, min_clusters=c.clusters)
             return AutoScheduler(
                 self.model.fingerprint(),
@@ -375,7 +375,7 @@ class EdgeServer(RoundSteps):
                     server_codec=(stats.server_codec_s, stats.server_codec_bytes),
                 )
             )
-        whole = SplitForward(self.model.net, self.server_cut, self.device)  # each side where it trains
+        whole = SplitForward(self.model.net, self.server_cut, self.placement)  # each side where it trains
         accuracy, loss = evaluate(whole, self.data.test_x, self.data.test_y)
         record = round_record(
             RoundOutcome(round_, self.run_id, self.config.scheme, plan, started_wall, latency, accuracy, loss),
@@ -436,7 +436,7 @@ class EdgeServer(RoundSteps):
                 if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
                     log.warning("target accuracy %.2f reached in round %d", self.config.target_accuracy, round_)
                     break
-            place(self.model.net, None, self.device)  # the whole model on the CPU, for model.pt and the ONNX file
+            place(self.model.net, None, self.placement)  # the whole model on the CPU, for model.pt and the ONNX file
             records.save_final(self.model)
         finally:
             self.close()

@@ -89,7 +89,7 @@ class DeviceAgent:
         self.data = data
         self.indices = np.asarray(indices)
         self.profile_json = profile_json
-        self.device = resolve_device(config.device)
+        self.placement = resolve_device(config.device)
         self.endpoint = Endpoint(config.device_id)
         self.session = secrets.token_hex(16)  # repeated in our OFFLINE frames, last will included
         self.started = time.monotonic()
@@ -116,7 +116,7 @@ class DeviceAgent:
         """A configured model, built once for the shape and classes of this device's data."""
         if spec not in self._built:
             model = load_model(spec, self.data.input_shape, self.data.num_classes)
-            model.net.to(self.device)
+            model.net.to(self.placement)
             self._built[spec] = model
         return self._built[spec]
 
@@ -139,13 +139,15 @@ class DeviceAgent:
             log.warning("no warm-up: cannot build %s (%s)", self.config.models[0], exc)
             return
         started = time.monotonic()
-        batch = torch.zeros(2, *model.input_shape, device=self.device)
-        labels = torch.zeros(2, dtype=torch.int64, device=self.device)
+        batch = torch.zeros(2, *model.input_shape, device=self.placement)
+        labels = torch.zeros(2, dtype=torch.int64, device=self.placement)
         nn.functional.cross_entropy(model.net(batch), labels).backward()
         model.net.zero_grad(set_to_none=True)
-        synchronize(self.device)
+        synchronize(self.placement)
         self._model = model
-        log.info("warmed up %s on %s in %.1f s", model.name, accelerator_name(self.device), time.monotonic() - started)
+        log.info(
+            "warmed up %s on %s in %.1f s", model.name, accelerator_name(self.placement), time.monotonic() - started
+        )
 
     def start(self) -> None:
         self.warm_up()
@@ -189,8 +191,8 @@ class DeviceAgent:
                 board=_board(),
                 torch=torch.__version__,
                 threads=self.config.threads,
-                accelerator=accelerator_kind(self.device),
-                accelerator_name=accelerator_name(self.device),
+                accelerator=accelerator_kind(self.placement),
+                accelerator_name=accelerator_name(self.placement),
             ),
             model=self.config.models[0] if self.config.models else "",
             model_fingerprint=self.config.model_fingerprint,
@@ -326,11 +328,11 @@ class DeviceAgent:
         """The reason a turn failed, as the server shows it (a REJECT of the weights)."""
         first_line = (str(exc).splitlines() or [""])[0][:200]
         if isinstance(exc, torch.cuda.OutOfMemoryError):
-            if self.device.type == "cuda":
+            if self.placement.type == "cuda":
                 torch.cuda.empty_cache()  # what the failed step held goes back for the next run
             batch = self.assignment.hyper.batch_size if self.assignment is not None else "?"
             return (
-                f"out of memory on {accelerator_name(self.device)} at batch {batch} "
+                f"out of memory on {accelerator_name(self.placement)} at batch {batch} "
                 f"(train on the CPU or with a smaller batch): {first_line}"
             )
         return f"training failed: {type(exc).__name__}: {first_line}"
@@ -472,9 +474,9 @@ class DeviceAgent:
         started = time.monotonic()
         timings = []
         for iteration, batch in enumerate(stream.take(a.hyper.iterations)):
-            x, y = self.data.train_x[batch].to(self.device), self.data.train_y[batch]
+            x, y = self.data.train_x[batch].to(self.placement), self.data.train_y[batch]
             if a.cut is None:
-                timings.append(self._local_step(part, optimizer, x, y.to(self.device), iteration))
+                timings.append(self._local_step(part, optimizer, x, y.to(self.placement), iteration))
             else:  # the labels go to the server from here, as they are
                 timings.append(self._split_step(part, optimizer, x, y, run, round_, iteration, up))
         state = {k: v.detach().cpu() for k, v in part.state_dict().items()}
@@ -509,11 +511,11 @@ class DeviceAgent:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
-        synchronize(self.device)
+        synchronize(self.placement)
         t1 = time.perf_counter()
         loss.backward()
         optimizer.step()
-        synchronize(self.device)
+        synchronize(self.placement)
         t2 = time.perf_counter()
         return m.IterationTiming(
             iteration=iteration,
@@ -551,7 +553,7 @@ class DeviceAgent:
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         smashed = part(x)
-        synchronize(self.device)
+        synchronize(self.placement)
         t1 = time.perf_counter()
         encoding = Encoding.parse(a.compression.smashed)
         wire = compression.encode("smashed", smashed.detach().cpu(), encoding)
@@ -587,9 +589,9 @@ class DeviceAgent:
         except ProtocolError as exc:
             raise TurnAbortedError(f"gradient for iteration {iteration}: {exc}") from None
         t3 = time.perf_counter()
-        smashed.backward(grad.to(self.device, smashed.dtype))
+        smashed.backward(grad.to(self.placement, smashed.dtype))
         optimizer.step()
-        synchronize(self.device)
+        synchronize(self.placement)
         t4 = time.perf_counter()
         self._uplink_epoch = gradient.body.uplink_epoch
         transit = received.arrived_wall - a.grant.clock_offset_s - gradient.header.sent_at
