@@ -38,7 +38,7 @@ from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import Message, ProtocolError, encode, make_header
 from toolkit.protocol.endpoint import Endpoint, Received
-from toolkit.training import BatchStream, make_optimizer, stream_seed
+from toolkit.training import BatchStream, LocalStep, SplitStep, make_optimizer, stream_seed
 from toolkit.transport import BrokerAddress, MqttTransport, Will
 
 log = logging.getLogger("cpsl.agent")
@@ -473,12 +473,13 @@ class DeviceAgent:
         self._uplink_epoch = weights.body.uplink_epoch
         started = time.monotonic()
         timings = []
+        step = LocalStep(part, optimizer) if a.cut is None else SplitStep(part, optimizer)
         for iteration, batch in enumerate(stream.take(a.hyper.iterations)):
             x, y = self.data.train_x[batch].to(self.placement), self.data.train_y[batch]
             if a.cut is None:
-                timings.append(self._local_step(part, optimizer, x, y.to(self.placement), iteration))
+                timings.append(self._local_step(step, x, y.to(self.placement), iteration))
             else:  # the labels go to the server from here, as they are
-                timings.append(self._split_step(part, optimizer, x, y, run, round_, iteration, up))
+                timings.append(self._split_step(step, x, y, run, round_, iteration, up))
         state = {k: v.detach().cpu() for k, v in part.state_dict().items()}
         if a.cut is not None:
             self._wait_until_granted(a.grant.weights_slot_offset_s)
@@ -504,17 +505,13 @@ class DeviceAgent:
         self.endpoint.send(up, Kind.TIMINGS, report, run=run, device=self.config.device_id, round_=round_)
         self.endpoint.flush(10.0, f"round {round_}'s timings")
 
-    def _local_step(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, x, y, iteration: int
-    ) -> m.IterationTiming:
+    def _local_step(self, step: LocalStep, x, y, iteration: int) -> m.IterationTiming:
         """FL: the whole model trains here."""
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
+        step.forward(x, y)
         synchronize(self.placement)
         t1 = time.perf_counter()
-        loss.backward()
-        optimizer.step()
+        step.backward()
         synchronize(self.placement)
         t2 = time.perf_counter()
         return m.IterationTiming(
@@ -548,11 +545,10 @@ class DeviceAgent:
         self._stop.wait(min(delay, self.assignment.gradient_timeout_s))
         return delay, 0.0
 
-    def _split_step(self, part, optimizer, x, y, run: str, round_: int, iteration: int, up: str) -> m.IterationTiming:
+    def _split_step(self, step: SplitStep, x, y, run: str, round_: int, iteration: int, up: str) -> m.IterationTiming:
         a = self.assignment
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        smashed = part(x)
+        smashed = step.forward(x)
         synchronize(self.placement)
         t1 = time.perf_counter()
         encoding = Encoding.parse(a.compression.smashed)
@@ -589,8 +585,7 @@ class DeviceAgent:
         except ProtocolError as exc:
             raise TurnAbortedError(f"gradient for iteration {iteration}: {exc}") from None
         t3 = time.perf_counter()
-        smashed.backward(grad.to(self.placement, smashed.dtype))
-        optimizer.step()
+        step.backward(grad)
         synchronize(self.placement)
         t4 = time.perf_counter()
         self._uplink_epoch = gradient.body.uplink_epoch

@@ -28,7 +28,16 @@ from torch import nn
 
 from toolkit.data import Dataset
 from toolkit.models import LayeredModel
-from toolkit.training import BatchStream, evaluate, make_optimizer, server_step, stream_seed, weighted_average
+from toolkit.training import (
+    BatchStream,
+    LocalStep,
+    SplitStep,
+    evaluate,
+    make_optimizer,
+    server_step,
+    stream_seed,
+    weighted_average,
+)
 
 SCHEMES = ("cpsl", "sl", "sfl", "fl")
 
@@ -108,29 +117,25 @@ class Rehearsal:
         device_part, server_part = self.model.net[:cut], self._server_part(cut)
         server_part.train()
         handed_out = {k: v.detach().clone() for k, v in device_part.state_dict().items()}
-        copies, optimizers = {}, {}
+        steps = {}
         for device in members:
             replica = copy.deepcopy(device_part)  # a structural copy; the handed-out weights go in next
             replica.load_state_dict(handed_out)
             replica.train()
-            copies[device], optimizers[device] = replica, self._optimizer(replica)
+            steps[device] = SplitStep(replica, self._optimizer(replica))  # what the agent runs
         order = sorted(members)
         for _ in range(self.config.iterations):
-            smashed, outputs, labels = [], {}, []
+            smashed, labels = [], []
             for device in order:
                 x, y = self._batch(device)
-                optimizers[device].zero_grad(set_to_none=True)
-                out = copies[device](x)
-                outputs[device] = out
-                smashed.append(out.detach())
+                smashed.append(steps[device].forward(x).detach())
                 labels.append(y)
             grads, loss = server_step(server_part, self.server_optimizer, smashed, labels, self.loss_fn)
             if np.isfinite(loss):
                 losses.append(loss)
             for device, grad in zip(order, grads, strict=True):
-                outputs[device].backward(grad)
-                optimizers[device].step()
-        states = [copies[d].state_dict() for d in order]
+                steps[device].backward(grad)
+        states = [steps[d].part.state_dict() for d in order]
         weights = [float(len(self.parts[d])) for d in order]
         device_part.load_state_dict(weighted_average(states, weights))
 
@@ -142,14 +147,11 @@ class Rehearsal:
             local = copy.deepcopy(net)
             local.load_state_dict(handed_out)
             local.train()
-            optimizer = self._optimizer(local)
+            step = LocalStep(local, self._optimizer(local), self.loss_fn)  # what the agent runs
             for _ in range(self.config.iterations):
                 x, y = self._batch(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(local(x), y)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(step.forward(x, y))
+                step.backward()
             states.append(local.state_dict())
             weights.append(float(len(self.parts[device])))
         net.load_state_dict(weighted_average(states, weights))
