@@ -442,7 +442,7 @@ def test_a_device_that_comes_back_is_measured_again_before_it_is_planned():
     devices = [record(f"dev{i}") for i in range(3)]
     for device in devices:
         auto.add_device(device, link(10), devices)
-    auto.medium_fleet_size = 3
+    auto.media.fleet_size = 3
     assert not auto.needs_medium_probe([d.id for d in devices])
     auto.forget("dev1")
     assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
