@@ -8,6 +8,7 @@ import dataclasses
 import time
 
 from firmware_agent.agent import MAX_STREAMS, AgentConfig, DeviceAgent
+from tests.frames import KeptFrames
 from tests.fuzzing import recorded_frames
 from toolkit.data import load_dataset, partition_indices
 from toolkit.protocol import Kind
@@ -16,36 +17,15 @@ from toolkit.protocol.endpoint import Received
 from toolkit.transport import BrokerAddress
 
 
-class CapturingTransport:
-    """The transport seam in memory: keeps every frame the agent publishes."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.frames.append((topic, payload))
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
-
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        pass
-
-    def sent(self, kind: Kind) -> list[Message]:
-        return [m for m in (decode(frame) for _, frame in self.frames) if m.kind is kind]
-
-
 def recorded(kind: Kind, device: str = "dev0") -> Message:
     return next(m for m in (decode(r.frame) for r in recorded_frames() if r.kind is kind) if m.header.device == device)
 
 
-def agent_with_transport() -> tuple[DeviceAgent, CapturingTransport]:
+def agent_with_transport() -> tuple[DeviceAgent, KeptFrames]:
     data = load_dataset("builtin:digits", seed=0)
     indices = partition_indices(data.train_y.numpy(), 2, "iid", 0)[0]
     agent = DeviceAgent(AgentConfig(BrokerAddress("127.0.0.1", 1), "dev0", "0/2"), data, indices, None)
-    transport = CapturingTransport()
+    transport = KeptFrames()
     agent.endpoint.attach(transport)
     return agent, transport
 

@@ -21,6 +21,7 @@ from firmware_agent.infer import InferConfig, InferenceClient
 from firmware_agent.infer_cli import main as infer_main
 from tests.brokers import free_port
 from tests.conftest import run_cli
+from tests.frames import KeptFrames
 from tests.fuzzing import InferenceHarness, mutate, recorded_frames
 from tests.trained_run import RUN_ID, make_run
 from toolkit import compression
@@ -178,22 +179,6 @@ def test_a_service_on_the_gpu_answers_as_the_cpu_one_does(run_dir, service):
         logits = gpu.answer(request, tensors)
         assert logits.device.type == "cpu"
         torch.testing.assert_close(logits, service.answer(request, tensors), atol=1e-4, rtol=0)
-
-
-class KeptFrames:
-    """The transport seam's in-memory stand-in: keeps what the service publishes (no broker here;
-    the same batching over Mosquitto is in test_split_inference_over_mosquitto...)."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.frames.append((topic, payload))
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
 
 
 def _queue_requests(service, requests) -> dict[tuple[str, int], torch.Tensor]:
