@@ -20,6 +20,7 @@ from edge_server.registry import DeviceRecord
 from edge_server.scheduler import FixedScheduler, RoundMeasurements
 from edge_server.server import EdgeServer, ServerConfig
 from tests.agents import start_agents
+from tests.servers import server_config
 from toolkit.data import load_dataset
 from toolkit.errors import UserError
 from toolkit.models import load_model
@@ -202,21 +203,8 @@ class KnownLinkScheduler(AutoScheduler):
 def run_cluster(broker: str, tmp_path, scheduler, **overrides) -> EdgeServer:
     data = load_dataset("builtin:digits", seed=0)
     agents, _ = start_agents(broker, data, 3, profile=PROFILE.read_bytes())
-    values = dict(
-        broker=parse_broker_url(broker),
-        scheme="cpsl",
-        rounds=2,
-        min_devices=3,
-        batch_size=16,
-        iterations=4,
-        clusters=1,
-        cut=1,
-        run_dir=tmp_path / "run",
-        run_id="slots",
-        iteration_timeout_s=20,
-        register_timeout_s=20,
-    )
-    config = ServerConfig(**{**values, **overrides})
+    settings = dict(min_devices=3, batch_size=16, iterations=4, cut=1, run_id="slots", iteration_timeout_s=20)
+    config = server_config(broker, tmp_path, **{**settings, **overrides})
     server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=scheduler)
     try:
         server.run()
