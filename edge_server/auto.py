@@ -410,7 +410,9 @@ class AutoScheduler(Scheduler):
             decision=decision,
         )
 
-    def _turn_s(self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray) -> float:
+    def predicted_turn_s(
+        self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray
+    ) -> float:
         """A cluster's predicted turn as it will run: slotted where that is shorter."""
         turn = self._plan_turn(state, problem, rows, one_way, self.slots).turn_s
         if self.slots:
@@ -436,7 +438,7 @@ class AutoScheduler(Scheduler):
         def turn(group: tuple[int, ...]) -> float:
             if group not in cache:
                 rows = np.asarray(group)
-                cache[group] = self._turn_s(state, problem, rows, one_way[rows])
+                cache[group] = self.predicted_turn_s(state, problem, rows, one_way[rows])
             return cache[group]
 
         by_compute = sorted(range(state.size), key=lambda n: (problem.forward_s[n] + problem.backward_s[n], n))

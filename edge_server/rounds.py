@@ -42,6 +42,21 @@ log = logging.getLogger("cpsl.server")
 ENCODING_SAMPLES = 4  # (smashed data, gradient) batches --compress auto tries the encodings on
 
 
+def paced(devices: list[str], offsets: dict[str, float], start: float, max_wait_s: float) -> Iterator[str]:
+    """``devices`` in slot order, each when its slot opens (``start`` + offset, monotonic).
+
+    The plan shares the medium one transfer at a time (TDMA, as Wi-Fi airtime is shared);
+    sending everything at once would let the access point interleave the transfers and
+    the plan's finish times would be fiction. Devices without a slot go first, at once;
+    no wait is longer than ``max_wait_s``.
+    """
+    for device in sorted(devices, key=lambda d: (offsets.get(d, -1.0), d)):
+        delay = start + offsets.get(device, 0.0) - time.monotonic()
+        if delay > 0:
+            time.sleep(min(delay, max_wait_s))
+        yield device
+
+
 class RoundSteps:
     """The steps of a round; see the module's docstring for what the host class provides."""
 
@@ -210,7 +225,7 @@ class RoundSteps:
             if self.encoding_samples is not None and len(self.encoding_samples) < ENCODING_SAMPLES:
                 first = order[0]  # real batches for --compress auto's trials
                 self.encoding_samples.append((got[first].message.tensors["smashed"], gradient_of[first].detach()))
-            for device in self._in_slots(order, gradient_offsets, time.monotonic()):
+            for device in paced(order, gradient_offsets, time.monotonic(), self.config.iteration_timeout_s):
                 body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
                 self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
                 stamps.gradients_sent[(device, iteration)] = time.time()
@@ -275,25 +290,12 @@ class RoundSteps:
             # the turn draws this many batches from the device's stream (its next ASSIGN says so)
             self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
         offsets = timing.weights_down_offsets if timing is not None else {}
-        for device in self._in_slots(devices, offsets, started):
+        for device in paced(devices, offsets, started, self.config.iteration_timeout_s):
             self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
             stats.weights_sent[device] = time.time()
         self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_}'s weights")
         stats.model_transfer_s += time.monotonic() - started
         return state
-
-    def _in_slots(self, devices: list[str], offsets: dict[str, float], start: float) -> Iterator[str]:
-        """``devices`` in slot order, each when its slot opens (``start`` + offset, monotonic).
-
-        The plan shares the medium one transfer at a time (TDMA, as Wi-Fi airtime is shared);
-        sending everything at once would let the access point interleave the transfers and
-        the plan's finish times would be fiction. Devices without a slot go first, at once.
-        """
-        for device in sorted(devices, key=lambda d: (offsets.get(d, -1.0), d)):
-            delay = start + offsets.get(device, 0.0) - time.monotonic()
-            if delay > 0:
-                time.sleep(min(delay, self.config.iteration_timeout_s))
-            yield device
 
     def _average_into(self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received]) -> None:
         """The strategy's average of the uploads (bounded weights, outliers rejected), loaded into ``part``."""
@@ -318,7 +320,7 @@ class RoundSteps:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
         deadline = time.monotonic() + 2.0
         while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:
-            self._wait_a_little(0.1)
+            self.serve_intake(0.1)
         reports = [self.timings[(round_, d)] for d in devices if (round_, d) in self.timings]
         if not reports:
             return

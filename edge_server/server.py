@@ -230,7 +230,7 @@ class EdgeServer(RoundSteps):
             self.endpoint.replay(topics.down(self.run_id, device))
         return item
 
-    def _wait_a_little(self, timeout_s: float) -> None:
+    def serve_intake(self, timeout_s: float) -> None:
         """Serve the intake (registrations, timings, refusals) outside a collection; a turn's
         message that arrives here answers no open request, and is counted as such."""
         item = self._poll(timeout_s)
@@ -249,7 +249,7 @@ class EdgeServer(RoundSteps):
         while not devices:
             if time.monotonic() > deadline:
                 raise UserError(f"no device online for round {round_} within {self.config.register_timeout_s:g} s")
-            self._wait_a_little(0.2)
+            self.serve_intake(0.2)
             devices = self.registry.online()
         return devices
 
@@ -261,7 +261,7 @@ class EdgeServer(RoundSteps):
                     f"only {len(self.registry.online())} of {self.config.min_devices} devices registered "
                     f"within {self.config.register_timeout_s:g} s"
                 )
-            self._wait_a_little(0.2)
+            self.serve_intake(0.2)
 
     def _collect(
         self,

@@ -18,7 +18,7 @@ from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement
 from edge_server.registry import DeviceRecord
 from edge_server.scheduler import FixedScheduler, RoundMeasurements
-from edge_server.server import EdgeServer, ServerConfig
+from edge_server.server import EdgeServer
 from tests.agents import start_agents
 from tests.servers import server_config
 from toolkit.data import load_dataset
@@ -28,7 +28,6 @@ from toolkit.planning.clustering import ClusterBounds
 from toolkit.planning.costs import model_costs
 from toolkit.profile_format import load_profile
 from toolkit.protocol import messages as m
-from toolkit.transport import parse_broker_url
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "epyc-vm-2vcpu" / "lenet5.json"
 FINGERPRINT = load_model("lenet5", seed=0).fingerprint()
@@ -290,21 +289,13 @@ def test_agent_warm_up_takes_the_first_optimiser_steps_cost_before_training():
     assert float(result.stdout) < 0.1
 
 
-def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens(tmp_path):
-    config = ServerConfig(
-        broker=parse_broker_url("mqtt://127.0.0.1:1"), scheme="cpsl", rounds=1, min_devices=1, run_dir=tmp_path
-    )
-    server = EdgeServer(
-        config,
-        load_model("lenet5", seed=0),
-        load_dataset("builtin:digits", seed=0),
-        scheduler=FixedScheduler("cpsl", cut=1, clusters=1),
-    )
+def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens():
+    from edge_server.rounds import paced
+
     offsets = {"late": 0.20, "early": 0.0, "middle": 0.10}
     start = time.monotonic()
     sent = [
-        (device, time.monotonic() - start)
-        for device in server._in_slots(["late", "early", "middle", "free"], offsets, start)
+        (device, time.monotonic() - start) for device in paced(["late", "early", "middle", "free"], offsets, start, 10)
     ]
     assert [device for device, _ in sent] == ["free", "early", "middle", "late"]
     for device, at in sent:
@@ -728,12 +719,12 @@ def test_regrouping_finds_the_best_partition_of_a_small_fleet():
     auto.bounds = ClusterBounds(max_cluster_size=5, min_clusters=2, max_clusters=2)
     plan = auto.plan(0, devices)
     view = auto.view(devices)
-    problem = SplitProblem.build(auto.costs.cut(auto.cut), view.state, auto._settings())
+    problem = SplitProblem.build(auto.costs.cut(auto.cut), view.state, view.settings)
     one_way = np.array([auto.estimates.devices[d].rtt_s / 2 for d in view.ids])
 
     def turn(rows):
         rows = np.asarray(rows)
-        return auto._turn_s(view.state, problem, rows, one_way[rows])
+        return auto.predicted_turn_s(view.state, problem, rows, one_way[rows])
 
     best = min(
         turn(list(left)) + turn([i for i in range(6) if i not in left])

@@ -269,7 +269,7 @@ def _poll_until(server: EdgeServer, condition, timeout_s: float = 20) -> bool:
     while time.monotonic() < deadline:
         if condition():
             return True
-        server._poll(0.1)
+        server.serve_intake(0.1)
     return condition()
 
 

@@ -235,7 +235,7 @@ def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path)
             # start-up can outlast the remaining rounds), the server's intake still running
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline and not (killed.is_set() and server.registry.is_online("dev1")):
-                server._poll(0.1)
+                server.serve_intake(0.1)
 
     config = server_config(
         broker,
