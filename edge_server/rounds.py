@@ -1,4 +1,4 @@
-"""The rounds role of the edge server: a round's turns, in order (the design notes' rounds role).
+"""A round's turns, in order: the round engine.
 
 What a split turn does -- hand out the device-side weights with the ASSIGN, run I iterations
 against the server-side model (collect the cluster's smashed data, one server step, gradients
@@ -6,9 +6,10 @@ back in their slots), collect and average the trained weights -- and an FL round
 pacing of bulk transfers in the plan's slots and the accounting of where the time went.
 A turn a restarted device was in starts again from a snapshot (edge_server.records.TurnSnapshot).
 
-:class:`RoundSteps` is mixed into :class:`edge_server.server.EdgeServer`, which owns the
-connection, the intake (``_collect``, ``_poll``, ``_send``), the model, the strategy and the
-run; this file holds only the order of a round's steps.
+:class:`RoundEngine` holds the server side's training state (the model, the server part's
+optimiser, each device's batch-stream position) and talks to the devices only through a
+:class:`edge_server.link.Link`; the edge server (edge_server.server) owns the run, the plan
+and the records around it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,15 +28,20 @@ from torch import nn
 from edge_server.intake import check_smashed, check_weights, decode_smashed
 from edge_server.placement import place
 from edge_server.records import DeviceRestartedError, RoundStats, TurnSnapshot, turn_record
-from edge_server.scheduler import RoundPlan
-from edge_server.strategy import Upload
+from edge_server.scheduler import RoundPlan, Scheduler
+from edge_server.strategy import BoundedFedAvg, Upload
 from edge_server.timeline import TurnStamps
 from toolkit import compression
 from toolkit.compression import Encoding
-from toolkit.protocol import Kind, topics
+from toolkit.models import LayeredModel
+from toolkit.protocol import Kind
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Received
 from toolkit.training import make_optimizer, server_step
+
+if TYPE_CHECKING:
+    from edge_server.link import Link
+    from edge_server.server import ServerConfig
 
 log = logging.getLogger("cpsl.server")
 
@@ -57,11 +64,30 @@ def paced(devices: list[str], offsets: dict[str, float], start: float, max_wait_
         yield device
 
 
-class RoundSteps:
-    """The steps of a round; see the module's docstring for what the host class provides."""
+class RoundEngine:
+    """The rounds of one run: what a turn needs, declared here and nowhere else."""
 
-    encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
-    codec_clock: float = 0.0  # seconds this server spent decoding smashed data (toolkit.compression)
+    def __init__(
+        self,
+        link: Link,
+        model: LayeredModel,
+        num_classes: int,
+        config: ServerConfig,
+        placement: torch.device,
+        strategy: BoundedFedAvg,
+        scheduler: Scheduler,
+        registered_samples: Callable[[str], int],
+    ) -> None:
+        self.link, self.model, self.num_classes, self.config = link, model, num_classes, config
+        self.placement, self.strategy, self.scheduler = placement, strategy, scheduler
+        self.registered_samples = registered_samples
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.server_optimizer: torch.optim.Optimizer | None = None
+        self.server_cut: int | None = None
+        self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
+        self.encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
+        self.codec_clock = 0.0  # seconds spent decoding smashed data (toolkit.compression)
+        self._smashed_shapes: dict[int, tuple[int, ...]] = {}
 
     def encodings(self) -> tuple[str, str]:
         """This round's encodings of smashed data and gradients: the scheduler's under --auto
@@ -69,7 +95,7 @@ class RoundSteps:
         chosen = self.scheduler.encodings()
         return tuple(chosen) if chosen is not None else (self.config.compress_smashed, self.config.compress_gradient)
 
-    def _assign(
+    def assign(
         self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan, turn: int | None = None
     ) -> m.Assign:
         c = self.config
@@ -79,7 +105,7 @@ class RoundSteps:
             model=self.model.name,
             model_fingerprint=self.model.fingerprint(),
             input_shape=list(self.model.input_shape),
-            num_classes=self.data.num_classes,
+            num_classes=self.num_classes,
             cut=plan.cut,
             cluster=cluster,
             cluster_devices=devices,
@@ -98,7 +124,7 @@ class RoundSteps:
             compression=m.Compression(smashed=smashed, gradient=gradient),
         )
 
-    def _ensure_server_optimizer(self, cut: int) -> None:
+    def ensure_server_optimizer(self, cut: int) -> None:
         if self.server_cut != cut:
             self.server_cut = cut
             place(self.model.net, cut, self.placement)  # the server side on --device, the rest on the CPU
@@ -107,13 +133,13 @@ class RoundSteps:
                 list(server_part.parameters()), self.config.lr, self.config.momentum, self.config.weight_decay
             )
 
-    def _check_smashed(self, item: Received, cut: int) -> str | None:
+    def check_smashed(self, item: Received, cut: int) -> str | None:
         started = time.perf_counter()
         problem = decode_smashed(item, self.encodings()[0])
         self.codec_clock += time.perf_counter() - started
         if problem:
             return problem
-        return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
+        return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.num_classes, cut)
 
     def _smashed_shape(self, cut: int) -> tuple[int, ...]:
         """Per-sample shape of the cut's activations; one probe forward per cut, not per message."""
@@ -126,14 +152,14 @@ class RoundSteps:
             self._smashed_shapes[cut] = shape
         return self._smashed_shapes[cut]
 
-    def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
+    def split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
         """One cluster's turn, started again if a device of it comes back mid-turn as a new agent
         life (killed and restarted: what it had trained died with it). The server side is put
         back as it was when the turn began and every device draws the same batches again, so
         the turn trains what it would have trained without the fault; the time lost stays in
         the round's latency and the record lists the restart. Past ``turn_replays`` restarts
         of one turn, a restarted device is dropped from the round instead."""
-        self._ensure_server_optimizer(plan.cut)
+        self.ensure_server_optimizer(plan.cut)
         before = TurnSnapshot.take(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions, devices)
         for replays_left in range(self.config.turn_replays, -1, -1):
             attempt = RoundStats(sessions=stats.sessions, replays_left=replays_left)
@@ -147,7 +173,7 @@ class RoundSteps:
                     restart.device,
                 )
                 before.restore(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions)
-                stats.sessions[restart.device] = self.registry.devices[restart.device].session
+                stats.sessions[restart.device] = self.link.session_of(restart.device)
                 stats.restarts.append({"cluster": cluster, "device": restart.device})
                 stats.abandon(attempt)
                 continue
@@ -160,7 +186,7 @@ class RoundSteps:
         """One cluster's turn: weights down, I parallel iterations against the server model, average."""
         cut = plan.cut
         device_part, server_part = self.model.net[:cut], self.model.net[cut:]
-        self._ensure_server_optimizer(cut)
+        self.ensure_server_optimizer(cut)
         server_part.train()
         timing = plan.timing.get(cluster)  # with slots: the downlink slots, and the next uplink slots' epoch
         gradient_offsets = timing.gradient_offsets if timing is not None else {}
@@ -175,21 +201,21 @@ class RoundSteps:
         smashed_in: list[float] = []  # when each iteration's last smashed data arrived
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
-            got = self._collect(
+            got = self.link.collect(
                 Kind.SMASHED,
                 round_,
                 iteration,
                 active,
                 stats,
                 deadline,
-                check=lambda item: self._check_smashed(item, cut),
+                check=lambda item: self.check_smashed(item, cut),
             )
             active = set(got)
             smashed_in.append(time.monotonic())
             stats.server_codec_s, self.codec_clock = stats.server_codec_s + self.codec_clock, 0.0
             for device, item in got.items():
                 stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
-                counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.data.num_classes)
+                counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.num_classes)
                 stats.label_counts[device] = stats.label_counts.get(device, 0) + counts
             if not active:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
@@ -208,7 +234,7 @@ class RoundSteps:
             stamps.server_steps[iteration] = (wall0, wall0 + (t1 - t0))
             if not math.isfinite(loss):
                 # the server part was not stepped; the devices get zero gradients and go on
-                self.endpoint.count("non-finite server loss")
+                self.link.count("non-finite server loss")
                 log.warning("round %d iteration %d: the server loss is %s; step skipped", round_, iteration, loss)
             else:
                 stats.train_losses.append(loss)
@@ -227,13 +253,13 @@ class RoundSteps:
                 self.encoding_samples.append((got[first].message.tensors["smashed"], gradient_of[first].detach()))
             for device in paced(order, gradient_offsets, time.monotonic(), self.config.iteration_timeout_s):
                 body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
-                self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
+                self.link.send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
                 stamps.gradients_sent[(device, iteration)] = time.time()
-            self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_} iteration {iteration}'s gradients")
+            self.link.flush(f"round {round_} iteration {iteration}'s gradients")
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
         t_weights = time.monotonic()
-        good = self._collect(
+        good = self.link.collect(
             Kind.WEIGHTS_UP,
             round_,
             0,
@@ -256,12 +282,12 @@ class RoundSteps:
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         return 8 * nbytes * devices * directions / self.config.min_link_bps
 
-    def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
+    def fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
         started = time.monotonic()
         state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
         compute_s = self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
         deadline = started + compute_s + self._transfer_allowance_s(state, len(devices), 2)
-        good = self._collect(
+        good = self.link.collect(
             Kind.WEIGHTS_UP,
             round_,
             0,
@@ -284,16 +310,16 @@ class RoundSteps:
         stats.handout_epoch = epoch
         stats.turn_token = secrets.randbelow(m.MAX_TURN_TOKEN)
         for device in devices:
-            assign = self._assign(device, round_, cluster, devices, plan, stats.turn_token)
-            self._send(device, Kind.ASSIGN, assign, round_)
+            assign = self.assign(device, round_, cluster, devices, plan, stats.turn_token)
+            self.link.send(device, Kind.ASSIGN, assign, round_)
             stats.handout_positions[device] = self.stream_positions.get(device, 0)
             # the turn draws this many batches from the device's stream (its next ASSIGN says so)
             self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
         offsets = timing.weights_down_offsets if timing is not None else {}
         for device in paced(devices, offsets, started, self.config.iteration_timeout_s):
-            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
+            self.link.send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
             stats.weights_sent[device] = time.time()
-        self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_}'s weights")
+        self.link.flush(f"round {round_}'s weights")
         stats.model_transfer_s += time.monotonic() - started
         return state
 
@@ -302,14 +328,12 @@ class RoundSteps:
         result = self.strategy.aggregate(
             handed_out,
             {
-                device: Upload(
-                    item.message.tensors, item.message.body.num_samples, self.registry.registered_samples(device)
-                )
+                device: Upload(item.message.tensors, item.message.body.num_samples, self.registered_samples(device))
                 for device, item in uploads.items()
             },
         )
         for device, reason in sorted(result.rejected.items()):
-            self.endpoint.reject(topics.up(self.run_id, device), f"update norm outlier: weights of {device}: {reason}")
+            self.link.refuse(device, f"update norm outlier: weights of {device}: {reason}")
         if result.state is None:
             if uploads:
                 log.warning("no upload carried weight (%s): the weights stay as they were", sorted(uploads))
@@ -318,10 +342,7 @@ class RoundSteps:
 
     def _account_device_timings(self, round_: int, devices: list[str], stats: RoundStats) -> None:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
-        deadline = time.monotonic() + 2.0
-        while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:
-            self.serve_intake(0.1)
-        reports = [self.timings[(round_, d)] for d in devices if (round_, d) in self.timings]
+        reports = list(self.link.reports(round_, devices, wait_s=2.0).values())
         if not reports:
             return
         for iteration in range(max(len(r.iterations) for r in reports)):

@@ -156,12 +156,15 @@ class HeldServer(EdgeServer):
         super().__init__(*args, **kwargs)
         self.holding = threading.Event()
         self.release = threading.Event()
+        send = self.link.send
 
-    def _send(self, device, kind, body, round_, iteration=0, tensors=None) -> int:
-        if kind is Kind.GRADIENT:
-            self.holding.set()
-            self.release.wait(60)
-        return super()._send(device, kind, body, round_, iteration, tensors)
+        def held(device, kind, body, round_, iteration=0, tensors=None) -> int:
+            if kind is Kind.GRADIENT:
+                self.holding.set()
+                self.release.wait(60)
+            return send(device, kind, body, round_, iteration, tensors)
+
+        self.link.send = held
 
 
 def serve(server: EdgeServer) -> threading.Thread:
