@@ -46,9 +46,9 @@ def test_sl_over_three_devices_equals_centralized_training_in_turn(broker, digit
 
 @pytest.mark.parametrize("scheme", ["cpsl", "fl"])
 def test_the_in_process_rehearsal_computes_what_the_live_system_computes(broker, digits, tmp_path, scheme) -> None:
-    """toolkit.rehearsal is what the cut-selection benchmark trusts for rounds to accuracy:
+    """edge_server.rehearsal is what the cut-selection benchmark trusts for rounds to accuracy:
     four devices on non-IID shards, two clusters averaged per turn (or FL), two rounds."""
-    from toolkit.rehearsal import RehearsalConfig, rehearse
+    from edge_server.rehearsal import RehearsalConfig, rehearse
 
     agents, shares = start_agents(broker, digits, 4, "dirichlet:0.5")
     cut = None if scheme == "fl" else 4
