@@ -282,11 +282,13 @@ def resume_run(
     broker,
     metrics_address: tuple[str, int] | None = None,
     dashboard_address: tuple[str, int] | None = None,
+    model_spec: str | None = None,
 ) -> int:
     """``edge_server --resume RUN_DIR``: the run's settings from run.json, its state from
     checkpoint.pt; ``broker`` (None: the one the run used) is the only thing given anew."""
     from toolkit.data import load_dataset
     from toolkit.models import load_model
+    from toolkit.models.registry import model_to_rebuild
 
     settings = read_settings(run_dir)
     if not settings.model or not settings.data:
@@ -298,7 +300,8 @@ def resume_run(
     except TypeError as exc:
         raise UserError(f"{run_dir}/run.json does not fit this version's settings: {exc}") from None
     data = load_dataset(settings.data, settings.seed)
-    model = load_model(settings.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=settings.seed)
+    spec = model_to_rebuild(settings.model, model_spec, f"{run_dir}/run.json")
+    model = load_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, seed=settings.seed)
     state = load_state(run_dir, config.run_id, model.fingerprint())
     if state.round + 1 >= config.rounds:
         raise UserError(f"run {config.run_id} already completed its {config.rounds} rounds")

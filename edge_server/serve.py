@@ -82,8 +82,11 @@ class RequestRefusedError(Exception):
     """An INFER the service will not answer with logits; the message is the reason it sends back."""
 
 
-def load_trained(run_dir: Path) -> tuple[LayeredModel, str]:
-    """The model run_dir's run trained, with its final weights (model.pt), and the run's id."""
+def load_trained(run_dir: Path, model_spec: str | None = None) -> tuple[LayeredModel, str]:
+    """The model run_dir's run trained, with its final weights (model.pt), and the run's id.
+    ``model_spec``: the operator's name for a model of their own code (a run folder's is not used)."""
+    from toolkit.models.registry import model_to_rebuild
+
     settings = read_settings(run_dir)
     if not settings.model:
         raise UserError(f"{run_dir}/run.json names no model")
@@ -93,7 +96,8 @@ def load_trained(run_dir: Path) -> tuple[LayeredModel, str]:
 
         data = load_dataset(settings.data, settings.seed)
         shape, classes = data.input_shape, data.num_classes
-    model = load_model(settings.model, input_shape=shape, num_classes=classes, seed=settings.seed)
+    spec = model_to_rebuild(settings.model, model_spec, f"{run_dir}/run.json")
+    model = load_model(spec, input_shape=shape, num_classes=classes, seed=settings.seed)
     raw = read_bounded(run_dir / "model.pt", MAX_MODEL_BYTES, "trained model")
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

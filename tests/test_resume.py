@@ -122,3 +122,31 @@ def test_resuming_needs_a_run_of_this_model_and_says_what_is_wrong(tmp_path):
     foreign = resume(tmp_path)
     assert foreign.returncode == 2 and "belongs to run 'someone-else'" in foreign.stderr
     assert all(len(p.stderr.strip().splitlines()) == 1 for p in (missing, corrupt, foreign))
+
+
+def test_a_run_folder_that_names_code_is_refused_until_the_operator_names_it(tmp_path):
+    """A copied run folder whose run.json names a module of code (here one that would write a
+    marker when imported) is not imported by --resume, serve or export-heads."""
+    marker = tmp_path / "imported"
+    (tmp_path / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\ndef build(**kw):\n    raise SystemExit\n"
+    )
+    settings = {
+        "format": "cpsl-run-settings/1",
+        "model": f"{tmp_path / 'evil.py'}:build",
+        "data": "builtin:digits",
+        "seed": 0,
+        "broker": {"url": "mqtt://127.0.0.1:1", "tls": None},
+        "config": {"scheme": "cpsl", "rounds": 3, "min_devices": 1, "run_id": "r"},
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(settings))
+    serve = ["serve", str(run), "--broker", "mqtt://127.0.0.1:1"]
+    for args in (["--resume", str(run)], serve, ["export-heads", str(run)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "edge_server", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2 and "a run folder never names code" in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
