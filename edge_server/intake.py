@@ -71,9 +71,9 @@ class Intake:
             return None
         if message.kind is Kind.REJECT:
             body: m.Reject = message.body
-            self.refusals[header.device] = f"{body.refused}: {body.reason}"
+            self.refusals[header.device] = f"{body.refused}: {m.printable(body.reason)}"
             self.refused[body.refused] += 1
-            self.registry.refuse(header.device, body.reason, body.refused)
+            self.registry.refuse(header.device, m.printable(body.reason), body.refused)
             return None
         return item
 

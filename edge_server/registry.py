@@ -70,7 +70,7 @@ class Registry:
                 record.online = False
                 record.left_at = time.monotonic()
                 record.said_goodbye = message.body.reason != m.CONNECTION_LOST
-                log.warning("device %s went offline: %s", device, message.body.reason)
+                log.warning("device %s went offline: %s", device, m.printable(message.body.reason))
             return True
         if message.kind is Kind.HEARTBEAT:
             record = self.devices.get(device)
@@ -107,8 +107,8 @@ class Registry:
                 "device %s online (%d samples, partition %s, trains on %s)",
                 device,
                 body.num_samples,
-                body.partition,
-                body.capabilities.accelerator_name or body.capabilities.accelerator,
+                m.printable(body.partition),
+                m.printable(body.capabilities.accelerator_name or body.capabilities.accelerator),
             )
 
     def _make_room(self, device: str, profile_bytes: int) -> None:

@@ -305,7 +305,7 @@ class DeviceAgent:
         elif message.kind is Kind.PROBE:
             self._echo(item)
         elif message.kind is Kind.STOP:
-            log.info("run %s stopped: %s", message.header.run, message.body.reason)
+            log.info("run %s stopped: %s", message.header.run, m.printable(message.body.reason))
             if message.header.run == self.assigned_run:  # another run's end leaves ours as it is
                 self.assignment, self.assigned_run, self.assigned_round = None, "", -1
         elif message.kind is Kind.SERVER_STATUS:

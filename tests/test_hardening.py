@@ -251,3 +251,21 @@ def test_a_diverged_round_is_published_without_its_nan_loss() -> None:
     ((topic, payload),) = published
     assert topic == topics.run_metrics("run")
     assert decode(payload).body.values == {"accuracy": 0.1, "latency_s": 2.0}
+
+
+def test_a_refusal_s_reason_cannot_forge_a_log_line_or_drive_a_terminal(caplog) -> None:
+    from edge_server.intake import Intake
+
+    endpoint = Endpoint("edge")
+    registry = Registry()
+    intake = Intake(endpoint, registry, run_id="run")
+    register = m.Register(session="a" * 16, num_samples=5, capabilities=m.Capabilities())
+    endpoint.on_frame(topics.device_status("dev0"), make_frame(Kind.REGISTER, register, run="idle"))
+    assert intake.poll(1.0) is None
+    forged = "fine\n2026-12-08 00:00:00 server WARNING all devices gone\x1b[2J\x1b]0;pwned\x07"
+    refusal = m.Reject(refused="ASSIGN", reason=forged)
+    endpoint.on_frame(topics.up("run", "dev0"), make_frame(Kind.REJECT, refusal, run="run", seq=2))
+    assert intake.poll(1.0) is None
+    shown = intake.refusals["dev0"]
+    assert "\n" not in shown and "\x1b" not in shown and "\\x1b[2J" in shown and "\\n2026" in shown
+    assert all("\n" not in record.getMessage() and "\x1b" not in record.getMessage() for record in caplog.records)
