@@ -6,6 +6,7 @@ Used by ``edge_server`` (a run against an existing broker) and ``edge_server dem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -277,6 +278,59 @@ def _start_dashboard(server: EdgeServer, config: ServerConfig, model, address, c
     return dashboard
 
 
+# what a run folder may set, and within what bounds: it is input, however it was written
+RESUME_BOUNDS: dict[str, tuple[float, float]] = {
+    "rounds": (1, 1_000_000),
+    "min_devices": (1, 100_000),
+    "batch_size": (1, 1 << 16),
+    "iterations": (1, 1_000_000),
+    "lr": (1e-9, 10.0),
+    "momentum": (0.0, 0.999),
+    "weight_decay": (0.0, 1.0),
+    "clusters": (1, 100_000),
+    "cut": (1, 100_000),
+    "iteration_timeout_s": (0.1, 86_400),
+    "register_timeout_s": (0.1, 86_400),
+    "heartbeat_timeout_s": (0.1, 86_400),
+    "min_link_bps": (1e3, 1e12),
+    "reconnect_grace_s": (0.0, 86_400),
+    "turn_replays": (0, 100),
+    "max_frame_bytes": (1 << 10, 1 << 31),
+    "max_cluster_size": (1, 100_000),
+    "reselect_every": (1, 1_000_000),
+    "drift_threshold": (0.0, 100.0),
+    "target_accuracy": (0.0, 1.0),
+    # 0 would switch the outlier check off: a run folder cannot turn a defence off
+    "norm_factor": (1.0, 1e6),
+    "compress_budget": (0.0, 1.0),
+    "data_seed": (0, 2**32 - 1),
+}
+
+
+def resumed_config(values: dict, broker, where: str) -> ServerConfig:
+    """The run's settings as this version's ServerConfig, every value checked for its type and
+    its bounds: one line naming the key, never a traceback."""
+    from pydantic import TypeAdapter, ValidationError
+
+    known = {item.name for item in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown setting {unknown[0]!r} (not a setting of this version)")
+    try:
+        config = TypeAdapter(ServerConfig).validate_python({**values, "broker": broker}, strict=False)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        raise UserError(f"{where}: {key}: {error['msg']}") from None
+    if config.scheme not in SCHEMES:
+        raise UserError(f"{where}: scheme is {config.scheme[:40]!r}; choose among {', '.join(SCHEMES)}")
+    for key, (low, high) in RESUME_BOUNDS.items():
+        value = getattr(config, key)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{where}: {key} is {value!r}; it must lie between {low:g} and {high:g}")
+    return config
+
+
 def resume_run(
     run_dir: Path,
     broker,
@@ -295,10 +349,7 @@ def resume_run(
         raise UserError(f"{run_dir} was started without a model or data spec: it cannot be resumed")
     values = dict(settings.config)
     values["run_dir"] = run_dir
-    try:
-        config = ServerConfig(broker=broker or settings.broker, **values)
-    except TypeError as exc:
-        raise UserError(f"{run_dir}/run.json does not fit this version's settings: {exc}") from None
+    config = resumed_config(values, broker or settings.broker, f"{run_dir}/run.json")
     data = load_dataset(settings.data, settings.seed)
     spec = model_to_rebuild(settings.model, model_spec, f"{run_dir}/run.json")
     model = load_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, seed=settings.seed)

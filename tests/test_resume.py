@@ -3,6 +3,7 @@ run trains, over a real Mosquitto with real agents and a real server process (is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -150,3 +151,27 @@ def test_a_run_folder_that_names_code_is_refused_until_the_operator_names_it(tmp
         assert result.returncode == 2 and "a run folder never names code" in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+def test_every_value_a_run_folder_sets_is_checked_for_its_type_and_bounds(tmp_path):
+    from edge_server.launch import resumed_config
+    from edge_server.run_state import read_settings, write_settings
+    from edge_server.server import ServerConfig
+    from toolkit.errors import UserError
+    from toolkit.transport import parse_broker_url
+
+    broker = parse_broker_url("mqtt://127.0.0.1:1883")
+    written = ServerConfig(broker=broker, scheme="cpsl", rounds=5, min_devices=2, run_dir=tmp_path, model_spec="lenet5")
+    write_settings(tmp_path, written, "r")
+    values = {**read_settings(tmp_path).config, "run_dir": tmp_path}
+    assert resumed_config(values, broker, "run.json") == dataclasses.replace(written, run_id="r")
+    for key, value, message in (
+        ("batch_size", -5, "batch_size is -5; it must lie between 1"),
+        ("norm_factor", 0.0, "norm_factor is 0.0; it must lie between 1"),
+        ("lr", {"a": [[[1]]]}, "lr: Input should be a valid number"),
+        ("rounds", "many", "rounds: Input should be a valid integer"),
+        ("scheme", "evil", "scheme is 'evil'; choose among"),
+        ("exec", "os:abort", "unknown setting 'exec'"),
+    ):
+        with pytest.raises(UserError, match=message):
+            resumed_config({**values, key: value}, broker, "run.json")
