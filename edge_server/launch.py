@@ -16,6 +16,7 @@ from edge_server.display import make_console, rejections_summary, rounds_table
 from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
+from edge_server.strategy import METHODS
 from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import encoding_name, listen_address, positive_float, positive_int
 from toolkit.devices import device_name, resolve_device
@@ -144,6 +145,14 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         help="reject an upload whose update norm is over this times the median of the cluster's and recent ones "
         "(default 10; 0 turns the check off)",
     )
+    parser.add_argument(
+        "--aggregate",
+        choices=METHODS,
+        default="fedavg",
+        help="how uploads are combined: fedavg (weighted mean), trimmed-mean, median (coordinate-wise, "
+        "every device alike), clipped (updates clipped to the median norm); every method caps a device's "
+        "weight at twice the median registered count and rejects norm outliers (docs/security.md)",
+    )
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")
 
@@ -197,6 +206,7 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         slots=args.slots,
         iteration_flow=args.iteration_flow,
         norm_factor=args.norm_factor,
+        aggregate=args.aggregate,
         target_accuracy=args.target_accuracy,
         medium=args.medium,
         compress_smashed=args.compress,
@@ -322,6 +332,8 @@ def resumed_config(values: dict, broker, where: str) -> ServerConfig:
         error = exc.errors()[0]
         key = ".".join(str(part) for part in error["loc"])
         raise UserError(f"{where}: {key}: {error['msg']}") from None
+    if config.aggregate not in METHODS:
+        raise UserError(f"{where}: aggregate is {config.aggregate[:40]!r}; choose among {', '.join(METHODS)}")
     if config.scheme not in SCHEMES:
         raise UserError(f"{where}: scheme is {config.scheme[:40]!r}; choose among {', '.join(SCHEMES)}")
     for key, (low, high) in RESUME_BOUNDS.items():

@@ -124,6 +124,8 @@ class RoundStats:
     restarts: list[dict] = field(default_factory=list)  # turns started again: cluster and device
     server_codec_s: float = 0.0  # decoding smashed data, encoding gradients (toolkit.compression)
     server_codec_bytes: int = 0  # fp32 bytes of smashed data they covered
+    capped_weights: dict[str, float] = field(default_factory=dict)  # device -> its weight before the cap
+    clipped_updates: dict[str, float] = field(default_factory=dict)  # device -> the scale its update was clipped by
 
     def absorb_time(self, attempt: RoundStats) -> None:
         """The seconds an abandoned attempt at a turn spent, and nothing it trained."""
@@ -151,6 +153,8 @@ class RoundStats:
         self.stamps += attempt.stamps
         self.handout_epoch = attempt.handout_epoch
         self.handout_positions.update(attempt.handout_positions)
+        self.capped_weights.update(attempt.capped_weights)
+        self.clipped_updates.update(attempt.clipped_updates)
         self.weights_sent.update(attempt.weights_sent)
         self.server_codec_s += attempt.server_codec_s
         self.server_codec_bytes += attempt.server_codec_bytes
@@ -274,6 +278,8 @@ def round_record(
         "rejected_messages": rejected,
         "refusals": refusals,
         "refused_messages": refused or {},
+        "capped_weights": dict(stats.capped_weights),  # device -> the weight it claimed, over the cap
+        "clipped_updates": dict(stats.clipped_updates),  # device -> the scale its update was clipped by
         "time": time.time(),
     }
     if traffic is not None:

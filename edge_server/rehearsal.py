@@ -26,7 +26,7 @@ from edge_server.records import RoundStats
 from edge_server.rounds import RoundEngine
 from edge_server.scheduler import FixedScheduler, RoundPlan
 from edge_server.server import ServerConfig
-from edge_server.strategy import BoundedFedAvg
+from edge_server.strategy import RobustAggregation
 from toolkit.data import Dataset
 from toolkit.models import LayeredModel
 from toolkit.training import evaluate
@@ -114,7 +114,7 @@ class Rehearsal:
             data.num_classes,
             settings,
             torch.device("cpu"),
-            BoundedFedAvg(norm_factor),
+            RobustAggregation(norm_factor),
             FixedScheduler(config.scheme, config.cut, config.clusters),  # asked for encodings only: the run's
             lambda device: len(parts[device]),
         )

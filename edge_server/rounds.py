@@ -29,7 +29,7 @@ from edge_server.intake import check_smashed, check_weights, decode_smashed
 from edge_server.placement import place
 from edge_server.records import DeviceRestartedError, RoundStats, TurnSnapshot, turn_record
 from edge_server.scheduler import RoundPlan, Scheduler
-from edge_server.strategy import BoundedFedAvg, Upload
+from edge_server.strategy import RobustAggregation, Upload
 from edge_server.timeline import TurnStamps
 from toolkit import compression
 from toolkit.compression import Encoding
@@ -74,7 +74,7 @@ class RoundEngine:
         num_classes: int,
         config: ServerConfig,
         placement: torch.device,
-        strategy: BoundedFedAvg,
+        strategy: RobustAggregation,
         scheduler: Scheduler,
         registered_samples: Callable[[str], int],
     ) -> None:
@@ -269,7 +269,7 @@ class RoundEngine:
             check=lambda item: check_weights(item.message.tensors, state),
         )
         stamps.weights_arrived = {device: item.arrived_wall for device, item in good.items()}
-        self._average_into(device_part, state, good)
+        self._average_into(device_part, state, good, stats)
         turn_ended = time.monotonic()
         stats.model_transfer_s += turn_ended - t_weights
         stats.turns.append(turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
@@ -296,7 +296,7 @@ class RoundEngine:
             deadline,
             check=lambda item: check_weights(item.message.tensors, state),
         )
-        self._average_into(self.model.net, state, good)
+        self._average_into(self.model.net, state, good, stats)
         self._account_device_timings(round_, sorted(good), stats)
 
     def _hand_out(
@@ -323,8 +323,11 @@ class RoundEngine:
         stats.model_transfer_s += time.monotonic() - started
         return state
 
-    def _average_into(self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received]) -> None:
-        """The strategy's average of the uploads (bounded weights, outliers rejected), loaded into ``part``."""
+    def _average_into(
+        self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received], stats: RoundStats
+    ) -> None:
+        """The strategy's combination of the uploads (bounded weights, outliers rejected), loaded
+        into ``part``; whose weight was capped and whose update clipped goes into the round's record."""
         result = self.strategy.aggregate(
             handed_out,
             {
@@ -334,6 +337,12 @@ class RoundEngine:
         )
         for device, reason in sorted(result.rejected.items()):
             self.link.refuse(device, f"update norm outlier: weights of {device}: {reason}")
+        for device, claimed in sorted(result.capped.items()):
+            log.warning(
+                "%s claims %.0f samples, over twice the median registration: its weight is capped", device, claimed
+            )
+        stats.capped_weights.update(result.capped)
+        stats.clipped_updates.update(result.clipped)
         if result.state is None:
             if uploads:
                 log.warning("no upload carried weight (%s): the weights stay as they were", sorted(uploads))

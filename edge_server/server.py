@@ -33,7 +33,7 @@ from edge_server.registry import Registry
 from edge_server.rounds import RoundEngine
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
 from edge_server.scheduler import FixedScheduler, RoundMeasurements, Scheduler
-from edge_server.strategy import BoundedFedAvg
+from edge_server.strategy import RobustAggregation
 from toolkit import compression
 from toolkit.data import Dataset
 from toolkit.devices import resolve_device
@@ -84,6 +84,7 @@ class ServerConfig:
     iteration_flow: bool = True  # --auto with slots: gradients and the next uploads as one stretch
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
+    aggregate: str = "fedavg"  # how uploads are combined (edge_server.strategy.METHODS)
     medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
     compress_smashed: str = "fp32"  # encodings of what crosses the cut (toolkit.compression)
     compress_gradient: str = "fp32"  # "auto" in both: chosen after the first split round (--auto only)
@@ -112,7 +113,7 @@ class EdgeServer:
         self.registry = Registry(config.heartbeat_timeout_s)
         self.endpoint = Endpoint("server", max_frame_bytes=config.max_frame_bytes)
         self.intake = Intake(self.endpoint, self.registry, self.run_id)
-        self.strategy = BoundedFedAvg(config.norm_factor)
+        self.strategy = RobustAggregation(config.norm_factor, config.aggregate)
         self.link = MqttLink(
             self.endpoint, self.intake, self.registry, self.run_id, config.reconnect_grace_s, config.iteration_timeout_s
         )

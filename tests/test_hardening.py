@@ -3,13 +3,14 @@ topics, sessions, the aggregation strategy and the server step."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
 import torch
 
 from edge_server.registry import Registry
-from edge_server.strategy import BoundedFedAvg, Upload
+from edge_server.strategy import RobustAggregation, Upload
 from tests.frames import frame as make_frame
 from tests.frames import received
 from toolkit.protocol import Kind, ProtocolError, Reassembler, decode, make_header, split, topics
@@ -194,18 +195,18 @@ def _upload(tensors: dict[str, torch.Tensor], claimed: int, registered: int = 10
 def test_fedavg_weight_is_capped_at_the_registered_count() -> None:
     reference = {"w": torch.zeros(3)}
     uploads = {"honest": _upload({"w": torch.ones(3)}, 100), "greedy": _upload({"w": torch.full((3,), 2.0)}, 10**9)}
-    result = BoundedFedAvg(norm_factor=0).aggregate(reference, uploads)
+    result = RobustAggregation(norm_factor=0).aggregate(reference, uploads)
     assert result.weights == {"greedy": 100.0, "honest": 100.0}
     assert torch.allclose(result.state["w"], torch.full((3,), 1.5))
 
 
 def test_zero_samples_in_a_one_device_cluster_keeps_the_weights() -> None:
-    result = BoundedFedAvg().aggregate({"w": torch.zeros(2)}, {"dev0": _upload({"w": torch.ones(2)}, 0)})
+    result = RobustAggregation().aggregate({"w": torch.zeros(2)}, {"dev0": _upload({"w": torch.ones(2)}, 0)})
     assert result.state is None and not result.rejected
 
 
 def test_an_update_far_outside_the_others_is_rejected_also_in_clusters_of_one() -> None:
-    strategy = BoundedFedAvg(norm_factor=10)
+    strategy = RobustAggregation(norm_factor=10)
     reference = {"w": torch.zeros(4)}
     for step in range(4):  # SL: one device per cluster; the history is the reference
         honest = strategy.aggregate(reference, {f"dev{step}": _upload({"w": torch.full((4,), 0.1)}, 10)})
@@ -269,3 +270,47 @@ def test_a_refusal_s_reason_cannot_forge_a_log_line_or_drive_a_terminal(caplog) 
     shown = intake.refusals["dev0"]
     assert "\n" not in shown and "\x1b" not in shown and "\\x1b[2J" in shown and "\\n2026" in shown
     assert all("\n" not in record.getMessage() and "\x1b" not in record.getMessage() for record in caplog.records)
+
+
+def _honest_and_liar(liar_scale: float, liar_count: int = 2**31) -> tuple[dict, dict]:
+    reference = {"w": torch.zeros(4), "steps": torch.tensor(7)}
+    uploads = {
+        f"dev{i}": _upload({"w": torch.full((4,), 1.0 + 0.1 * i), "steps": torch.tensor(7)}, 100) for i in range(3)
+    }
+    uploads["liar"] = Upload({"w": torch.full((4,), liar_scale), "steps": torch.tensor(7)}, liar_count, liar_count)
+    return reference, uploads
+
+
+def test_no_device_weighs_more_than_twice_the_median_registration() -> None:
+    reference, uploads = _honest_and_liar(-1.0)
+    result = RobustAggregation(norm_factor=0).aggregate(reference, uploads)
+    assert result.weights["liar"] == 200.0 and result.capped == {"liar": float(2**31)}
+    expected = (100 * (1.0 + 1.1 + 1.2) + 200 * -1.0) / 500
+    assert torch.allclose(result.state["w"], torch.full((4,), expected, dtype=torch.float32))
+    assert int(result.state["steps"]) == 7
+    two = {"honest": _upload({"w": torch.ones(4)}, 100), "liar": Upload({"w": -torch.ones(4)}, 2**31, 2**31)}
+    paired = RobustAggregation(norm_factor=0).aggregate({"w": torch.zeros(4)}, two)
+    assert paired.weights["liar"] == 200.0  # the lower median: the honest registration, not the mean with a lie
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_a_coordinate_wise_method_ignores_one_reversed_and_amplified_update(method) -> None:
+    reference, uploads = _honest_and_liar(-8.0)
+    uploads["dev3"] = _upload({"w": torch.full((4,), 1.3), "steps": torch.tensor(7)}, 100)  # five: trim drops one
+    result = RobustAggregation(norm_factor=0, method=method).aggregate(reference, uploads)
+    honest = torch.tensor([1.0, 1.1, 1.2, 1.3])
+    assert result.state["w"].min() >= honest.min() - 1e-6 and result.state["w"].max() <= honest.max() + 1e-6
+    assert result.weights == dict.fromkeys(uploads, 1.0)  # claims are not trusted: every device alike
+
+
+def test_clipping_scales_an_amplified_update_down_to_the_median_norm() -> None:
+    reference, uploads = _honest_and_liar(-8.0, liar_count=100)
+    result = RobustAggregation(norm_factor=0, method="clipped").aggregate(reference, uploads)
+    median = statistics.median(result.norms.values())  # 2.3: the liar's 16 and dev2's 2.4 are over it
+    assert set(result.clipped) == {"liar", "dev2"}
+    assert all(result.norms[d] * scale == pytest.approx(median) for d, scale in result.clipped.items())
+    values = {"dev0": 1.0, "dev1": 1.1, "dev2": 1.2, "liar": -8.0}
+    expected = sum(v * result.clipped.get(d, 1.0) for d, v in values.items()) / 4
+    assert torch.allclose(result.state["w"], torch.full((4,), expected, dtype=torch.float32), atol=1e-6)
+    with pytest.raises(ValueError, match="choose among"):
+        RobustAggregation(method="krum")
