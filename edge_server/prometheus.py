@@ -113,6 +113,25 @@ class RunMetrics(Exporter):
         self.loss = Gauge("cpsl_test_loss", "Test loss after the last round.", registry=self.registry)
         self.cut = Gauge("cpsl_cut_layer", "Cut layer of the last round (0: FL).", registry=self.registry)
         self.dropped = Counter("cpsl_devices_dropped", "Devices dropped from a round.", registry=self.registry)
+        # what the defences did, per device (a bounded set: the registry holds at most 1024)
+        self.clipped_smashed = Counter(
+            "cpsl_clipped_smashed_samples",
+            "Smashed samples bounded in norm, by device.",
+            ["device"],
+            registry=self.registry,
+        )
+        self.capped_weights = Counter(
+            "cpsl_capped_weights",
+            "Uploads whose weight claim was over the cap, by device.",
+            ["device"],
+            registry=self.registry,
+        )
+        self.left_out = Counter(
+            "cpsl_devices_left_out",
+            "Rounds a device sat out for tripping a bound, by device.",
+            ["device"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCounters(server))
 
     def observe(self, record: dict) -> None:
@@ -128,6 +147,12 @@ class RunMetrics(Exporter):
                 gauge.set(record[key])
         self.cut.set(record["cut"] or 0)
         self.dropped.inc(len(record.get("dropped") or ()))
+        for device, count in (record.get("clipped_smashed") or {}).items():
+            self.clipped_smashed.labels(device=device).inc(count)
+        for device in record.get("capped_weights") or {}:
+            self.capped_weights.labels(device=device).inc()
+        for device in record.get("left_out") or {}:
+            self.left_out.labels(device=device).inc()
 
 
 def chain(*handlers: Callable[[dict], None]) -> Callable[[dict], None]:

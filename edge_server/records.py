@@ -125,6 +125,8 @@ class RoundStats:
     server_codec_s: float = 0.0  # decoding smashed data, encoding gradients (toolkit.compression)
     server_codec_bytes: int = 0  # fp32 bytes of smashed data they covered
     capped_weights: dict[str, float] = field(default_factory=dict)  # device -> its weight before the cap
+    clipped_smashed: dict[str, int] = field(default_factory=dict)  # device -> smashed samples bounded
+    left_out: dict[str, str] = field(default_factory=dict)  # device -> why it sat the rest of the round out
     clipped_updates: dict[str, float] = field(default_factory=dict)  # device -> the scale its update was clipped by
 
     def absorb_time(self, attempt: RoundStats) -> None:
@@ -154,6 +156,9 @@ class RoundStats:
         self.handout_epoch = attempt.handout_epoch
         self.handout_positions.update(attempt.handout_positions)
         self.capped_weights.update(attempt.capped_weights)
+        self.left_out.update(attempt.left_out)
+        for device, count in attempt.clipped_smashed.items():
+            self.clipped_smashed[device] = self.clipped_smashed.get(device, 0) + count
         self.clipped_updates.update(attempt.clipped_updates)
         self.weights_sent.update(attempt.weights_sent)
         self.server_codec_s += attempt.server_codec_s
@@ -279,6 +284,8 @@ def round_record(
         "refusals": refusals,
         "refused_messages": refused or {},
         "capped_weights": dict(stats.capped_weights),  # device -> the weight it claimed, over the cap
+        "clipped_smashed": dict(stats.clipped_smashed),  # device -> smashed samples bounded this round
+        "left_out": dict(stats.left_out),  # device -> why it sat the rest of the round out
         "clipped_updates": dict(stats.clipped_updates),  # device -> the scale its update was clipped by
         "time": time.time(),
     }

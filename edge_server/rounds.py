@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -37,7 +39,7 @@ from toolkit.models import LayeredModel
 from toolkit.protocol import Kind
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Received
-from toolkit.training import make_optimizer, server_step
+from toolkit.training import bound_smashed, make_optimizer, sample_norm_median, server_step
 
 if TYPE_CHECKING:
     from edge_server.link import Link
@@ -47,6 +49,9 @@ log = logging.getLogger("cpsl.server")
 
 
 ENCODING_SAMPLES = 4  # (smashed data, gradient) batches --compress auto tries the encodings on
+SMASHED_FACTOR = 10.0  # a smashed sample's norm is bounded at this times the recent median
+SMASHED_HISTORY = 64  # batch medians remembered per cut
+SMASHED_STRIKES = 3  # iterations running with most of a batch over the bound: the device sits the round out
 
 
 def paced(devices: list[str], offsets: dict[str, float], start: float, max_wait_s: float) -> Iterator[str]:
@@ -88,6 +93,7 @@ class RoundEngine:
         self.encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
         self.codec_clock = 0.0  # seconds spent decoding smashed data (toolkit.compression)
         self._smashed_shapes: dict[int, tuple[int, ...]] = {}
+        self._smashed_norms: dict[int, deque] = {}  # per cut: median per-sample norms of recent batches
 
     def encodings(self) -> tuple[str, str]:
         """This round's encodings of smashed data and gradients: the scheduler's under --auto
@@ -198,6 +204,7 @@ class RoundEngine:
         stamps.weights_sent = {d: stats.weights_sent[d] for d in devices if d in stats.weights_sent}
         stats.stamps.append(stamps)
         active = set(devices)
+        strikes: dict[str, int] = {}  # iterations running in which a device's smashed data was mostly over the bound
         smashed_in: list[float] = []  # when each iteration's last smashed data arrived
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
@@ -221,11 +228,23 @@ class RoundEngine:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
                 return
             order = sorted(got)
+            smashed = self._bounded_smashed(cut, order, got, stats, strikes, round_, iteration)
+            for device in [d for d in order if strikes.get(d, 0) >= SMASHED_STRIKES]:
+                reason = f"smashed data over the bound in {SMASHED_STRIKES} iterations running"
+                log.warning("round %d: %s left out of the round: %s", round_, device, reason)
+                stats.dropped.add(device)
+                stats.left_out[device] = reason
+                active.discard(device)
+            kept = [i for i, d in enumerate(order) if d in active]
+            order, smashed = [order[i] for i in kept], [smashed[i] for i in kept]
+            if not order:
+                log.warning("cluster %d of round %d has no device left", cluster, round_)
+                return
             t0, wall0 = time.monotonic(), time.time()
             grads, loss = server_step(  # decoded and checked on the CPU, then moved
                 server_part,
                 self.server_optimizer,
-                [got[d].message.tensors["smashed"].to(self.placement) for d in order],
+                [batch.to(self.placement) for batch in smashed],
                 [got[d].message.tensors["labels"].to(self.placement) for d in order],
                 self.loss_fn,
             )
@@ -274,6 +293,38 @@ class RoundEngine:
         stats.model_transfer_s += turn_ended - t_weights
         stats.turns.append(turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
         self._account_device_timings(round_, sorted(good), stats)
+
+    def _bounded_smashed(
+        self,
+        cut: int,
+        order: list[str],
+        got: dict[str, Received],
+        stats: RoundStats,
+        strikes: dict[str, int],
+        round_: int,
+        iteration: int,
+    ) -> list[torch.Tensor]:
+        """The iteration's smashed data, each sample bounded at ``SMASHED_FACTOR`` times the
+        median per-sample norm of the cut's recent batches (this iteration's among them: the
+        median holds while the honest devices are most). Clipped samples are counted per
+        device; a device whose batch was mostly clipped earns a strike, and an ordinary batch
+        clears them."""
+        batches = [got[d].message.tensors["smashed"] for d in order]
+        history = self._smashed_norms.setdefault(cut, deque(maxlen=SMASHED_HISTORY))
+        medians = [sample_norm_median(batch) for batch in batches]
+        reference = statistics.median([*medians, *history])
+        history.extend(medians)
+        if not reference > 0:
+            return batches
+        bounded, clipped = bound_smashed(batches, SMASHED_FACTOR * reference)
+        for device, count, batch in zip(order, clipped, batches, strict=True):
+            if count:
+                stats.clipped_smashed[device] = stats.clipped_smashed.get(device, 0) + count
+            strikes[device] = strikes.get(device, 0) + 1 if 2 * count > len(batch) else 0
+        if any(clipped):
+            counts = dict(zip(order, clipped, strict=True))
+            log.debug("round %d iteration %d: smashed samples bounded %s", round_, iteration, counts)
+        return bounded
 
     def _transfer_allowance_s(self, state: dict[str, torch.Tensor], devices: int, directions: int) -> float:
         """Seconds to allow for ``devices`` copies of ``state`` crossing the medium ``directions`` times

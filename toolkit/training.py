@@ -125,6 +125,28 @@ class LocalStep:
         self.optimizer.step()
 
 
+def bound_smashed(batches: list[torch.Tensor], limit: float) -> tuple[list[torch.Tensor], list[int]]:
+    """Every sample's smashed data scaled down to an L2 norm of at most ``limit``; per batch,
+    how many samples were. One device's data enters a server step every member of its
+    cluster shares: bounded per sample, an amplified batch moves that step no more than a
+    batch of ordinary samples at the bound does."""
+    bounded, clipped = [], []
+    for batch in batches:
+        norms = batch.detach().flatten(1).norm(dim=1)
+        over = norms > limit
+        if bool(over.any()):
+            scale = torch.where(over, limit / norms.clamp_min(1e-30), torch.ones_like(norms))
+            batch = batch * scale.view(-1, *([1] * (batch.dim() - 1))).to(batch.dtype)
+        bounded.append(batch)
+        clipped.append(int(over.sum()))
+    return bounded, clipped
+
+
+def sample_norm_median(batch: torch.Tensor) -> float:
+    """The median per-sample L2 norm of a batch of smashed data."""
+    return float(batch.detach().flatten(1).norm(dim=1).median())
+
+
 def server_step(
     server_part: nn.Module,
     optimizer: torch.optim.Optimizer,
