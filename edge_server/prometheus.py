@@ -27,9 +27,14 @@ so a scrape never waits for a round.
 from __future__ import annotations
 
 import math
+import socket
+import threading
+from collections import Counter as Counter_
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -70,18 +75,72 @@ class _LiveCounters(Collector):
         yield online
 
 
+MAX_SCRAPERS = 16  # connections open at once: the endpoint's budget of threads and file descriptors
+MAX_SCRAPERS_PER_ADDRESS = 4
+SCRAPE_TIMEOUT_S = 10.0  # a request not read whole by then is dropped
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """One scrape; a request that stalls is dropped at ``SCRAPE_TIMEOUT_S``; no access log."""
+
+    timeout = SCRAPE_TIMEOUT_S
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """The client's threaded WSGI server with a cap on open connections (total and per
+    address), decided before a byte is read: a flood of connections costs the run at most
+    ``MAX_SCRAPERS`` threads and descriptors, however many arrive."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._lock = threading.Lock()
+        self._open: Counter_[str] = Counter_()
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        peer = str(client_address[0])
+        with self._lock:
+            if sum(self._open.values()) >= MAX_SCRAPERS or self._open[peer] >= MAX_SCRAPERS_PER_ADDRESS:
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+            self._open[peer] += 1
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                peer = str(client_address[0])
+                self._open[peer] -= 1
+                if self._open[peer] <= 0:
+                    del self._open[peer]
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a scraper that hung up or timed out: nothing to report
+
+
 class Exporter:
     """A registry of our own served over HTTP: ``serve`` on a port, ``close`` at the end."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._http = None
+        self._http: _BoundedServer | None = None
 
     def serve(self, host: str, port: int) -> None:
+        server_class = type("Server", (_BoundedServer,), {"address_family": _family(host)})
         try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
         except OSError as exc:
             raise UserError(f"--metrics-port {host}:{port}: cannot listen ({exc.strerror or exc})") from None
+        threading.Thread(target=self._http.serve_forever, name="metrics", daemon=True).start()
 
     @property
     def port(self) -> int:
@@ -163,3 +222,7 @@ def chain(*handlers: Callable[[dict], None]) -> Callable[[dict], None]:
             handler(record)
 
     return each
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
