@@ -1,7 +1,7 @@
 """Benchmark (issue #10, item 3): every fixed cut's time to the target accuracy, in hindsight.
 
 For each model and data skew, every candidate cut is trained for real (in one process,
-:mod:`toolkit.rehearsal`, which computes what the live system computes) until the target
+:mod:`edge_server.rehearsal`, which computes what the live system computes) until the target
 accuracy or the round limit; its round latency is what the planner predicts for the
 testbed's 8-device fleet on the Wi-Fi medium (the measured CPU-class profiles of
 ``bench/results/testbed_wifi/profiles``, each device's PHY rate less 802.11's per-frame
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_server.rehearsal import RehearsalConfig, rehearse
 from toolkit.cli.testbed import default_spec
 from toolkit.data import load_dataset, partition_indices
 from toolkit.models import load_model
@@ -39,7 +40,6 @@ from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
 from toolkit.planning.rates import LinearRates
 from toolkit.planning.rounds import estimate_rounds, label_histograms, label_skew
 from toolkit.profile_format import load_profile
-from toolkit.rehearsal import RehearsalConfig, rehearse
 from toolkit.testbed.airtime import saturated_throughput
 
 ROOT = Path(__file__).resolve().parents[1]

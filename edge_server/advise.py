@@ -19,7 +19,7 @@ The fleet file (JSON, at most 1 MiB and 10,000 devices) names the medium and eac
 
 Round latencies come from the latency model (:mod:`toolkit.planning.advice`). Rounds to
 the target come from rehearsing each scheme on ``--data`` (the same training the live
-system does, in one process, :mod:`toolkit.rehearsal`): pass the data the devices hold,
+system does, in one process, :mod:`edge_server.rehearsal`): pass the data the devices hold,
 or data like it. Without ``--data`` the advice ranks by round latency and says so.
 """
 
@@ -129,9 +129,9 @@ def rehearsed_rounds(
     several seeds, the range (fewest, most; most None: some seed never got there)."""
     import statistics
 
+    from edge_server.rehearsal import RehearsalConfig, rehearse
     from toolkit.data import partition_indices
     from toolkit.models import load_model
-    from toolkit.rehearsal import RehearsalConfig, rehearse
 
     seeds = [args.seed + k for k in range(args.rehearse_seeds)]
     reached: dict[str, list[float]] = {scheme: [] for scheme in SCHEMES}
@@ -186,7 +186,7 @@ class FleetPlanInput:
     bounds: ClusterBounds
     medium: str  # as printed: "airtime", "shared", or each direction's kind when probed
     devices: dict  # name -> what is known of it, for the JSON
-    server: str  # where the server side's costs come from (issue #15 item 3), as printed
+    server: str  # where the server side's costs come from, as printed
 
 
 def server_side(args, reference: Profile, batch_sizes: list[int]) -> tuple[Profile | None, str]:

@@ -25,6 +25,12 @@ link) the devices send as soon as they are ready and the prediction is water-fil
 nothing there and slots would only serialise them. ``auto`` probes all devices at once
 against each alone and decides per direction; the round's decision logs the evidence.
 
+The scheduler's jobs live apart, each in its module: the devices' profiles and the
+model's costs (edge_server.fleet_profiles), the medium (edge_server.medium_choice), the
+live estimates (edge_server.estimates), a turn's timing (edge_server.turn_plan), the
+encodings (edge_server.encoding_choice) and the state for ``--resume``
+(edge_server.auto_state); this module plans the rounds with them.
+
 Cluster sizes: with ``--clusters K`` (the fewest clusters) and no explicit
 ``--max-cluster-size``, clusters hold at most ceil(N / K) devices, so the K sequential
 hand-overs per round stay balanced -- an unbalanced last cluster of one device would pull
@@ -34,104 +40,37 @@ with whom.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_server.auto_state import SavedSchedule
 from edge_server.calibration import FixedCosts
+from edge_server.encoding_choice import rank_encodings
 from edge_server.estimates import LiveEstimates
+from edge_server.fleet_profiles import profile_speed, reference_costs
+from edge_server.medium_choice import MediumChoice
 from edge_server.probe import LinkMeasurement, TogetherMeasurement
-from edge_server.registry import MAX_PROFILE_BYTES, DeviceRecord
-from edge_server.scheduler import ClusterTiming, RoundPlan, dealt_clusters
+from edge_server.registry import DeviceRecord
+from edge_server.scheduler import ClusterTiming, RoundMeasurements, RoundPlan, Scheduler, dealt_clusters
+from edge_server.turn_plan import GUARD_S, TurnTiming, plan_turn
 from toolkit.compression import Encoding, Trial
-from toolkit.errors import ProfileError, UserError
 from toolkit.planning.advice import advise, plan_schemes
-from toolkit.planning.allocation import boundary_schedule, concurrent_phase, slot_schedule
 from toolkit.planning.bound import round_bound
 from toolkit.planning.clustering import ClusterBounds, cluster_devices
-from toolkit.planning.costs import ModelCosts, full_step, model_costs
+from toolkit.planning.costs import ModelCosts
 from toolkit.planning.cut_selection import CutReselection, select_cut
-from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings, plan_split_round
-from toolkit.planning.medium import MediumEvidence, decide_medium
-from toolkit.planning.rates import RateModel
+from toolkit.planning.latency import FleetState, SplitProblem, TrainingSettings
+from toolkit.planning.medium import MediumEvidence
 from toolkit.planning.regrouping import regroup
 from toolkit.planning.rounds import label_skew
-from toolkit.profile_format import Profile, parse_profile
+from toolkit.profile_format import Profile
 from toolkit.protocol import messages as m
-from toolkit.protocol.bounded_json import load_bounded_json
 
 log = logging.getLogger("cpsl.server")
 
-GUARD_S = 0.002
 BASELINE_CUT = "pool2"  # the baselines' cut when none is named (edge_server.launch), else the middle one
-
-
-@dataclass(frozen=True)
-class PhaseTiming:
-    """A predicted phase: when it ends, and each device's slot start (None: no slots, all at once)."""
-
-    finish_s: float
-    offsets: dict[int, float] | None
-    durations: dict[int, float] | None
-
-
-def plan_phase(rates: RateModel, rows: np.ndarray, bits: float, lead=0.0, tail=0.0, slots: bool = True) -> PhaseTiming:
-    """Slots on an air-time medium (one sender at a time); all at once on a byte-shared one, or
-    without ``slots``, where the devices contend."""
-    if slots and rates.is_linear():
-        schedule = slot_schedule(rates, rows, bits, lead=lead, tail=tail)
-        return PhaseTiming(
-            schedule.finish_s,
-            {slot.device: slot.start_s for slot in schedule.slots},
-            {slot.device: slot.duration_s for slot in schedule.slots},
-        )
-    return PhaseTiming(concurrent_phase(rates, rows, bits, lead=lead, tail=tail).finish_s, None, None)
-
-
-@dataclass(frozen=True)
-class TurnTiming:
-    """A cluster turn as planned: each transfer's slots (offsets None: no slots) and its times."""
-
-    uplink: PhaseTiming  # the smashed data's slots, from the uplink epoch
-    downlink: PhaseTiming  # the gradients as a phase of their own, each backward pass after it
-    gradients: PhaseTiming  # the gradients' slots as sent (the flow's order where there is one)
-    model_down: PhaseTiming
-    model_up: PhaseTiming  # from when every backward pass is predicted done
-    iteration_s: float  # from one server step to the next, fixed costs included
-    turn_s: float
-    epoch_s: float  # the next uploads' epoch, from when the gradients start to go out
-    handout_shift_s: float  # the first uploads' epoch, from the weights being all in
-    last_gradients_s: float  # the weights' epoch lies this much before the backward passes' end
-
-    @property
-    def slotted(self) -> bool:
-        return self.uplink.offsets is not None
-
-
-def plan_flow(
-    state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray
-) -> tuple[PhaseTiming, PhaseTiming] | None:
-    """On an air-time medium: the uploads (slots from the gradients' start) and the gradients of
-    one stretch from a server step to the next (``allocation.boundary_schedule``); None on a
-    byte-shared medium, where transfers overlap and nothing is slotted."""
-    if not (state.uplink.is_linear() and state.downlink.is_linear()):
-        return None
-    compute = one_way + problem.backward_s[rows] + problem.forward_s[rows]
-    flow = boundary_schedule(state.downlink, state.uplink, rows, problem.downlink_bits, problem.uplink_bits, compute)
-    uploads = PhaseTiming(
-        flow.uploads.finish_s,
-        {slot.device: slot.start_s for slot in flow.uploads.slots},
-        {slot.device: slot.duration_s for slot in flow.uploads.slots},
-    )
-    gradients = PhaseTiming(
-        flow.gradients.finish_s,
-        {slot.device: slot.start_s for slot in flow.gradients.slots},
-        {slot.device: slot.duration_s for slot in flow.gradients.slots},
-    )
-    return uploads, gradients
 
 
 @dataclass(frozen=True)
@@ -148,29 +87,8 @@ class FleetView:
     downlink_medium: MediumEvidence
 
 
-def _profile_of(record: DeviceRecord, fingerprint: str) -> Profile | None:
-    if record.profile_json is None:
-        return None
-    try:
-        document = load_bounded_json(record.profile_json, max_bytes=MAX_PROFILE_BYTES, what=f"profile of {record.id}")
-        profile = parse_profile(document, f"profile of {record.id}")
-    except (ProfileError, ValueError) as exc:  # JsonLimitError is a ValueError
-        log.warning("ignoring the profile %s registered with: %s", record.id, exc)
-        return None
-    if profile.model.fingerprint != fingerprint:
-        log.warning(
-            "profile of %s is of model %s (%s), not the run's (%s): ignored",
-            record.id,
-            profile.model.name,
-            profile.model.fingerprint,
-            fingerprint,
-        )
-        return None
-    return profile
-
-
 @dataclass
-class AutoScheduler:
+class AutoScheduler(Scheduler):
     model_fingerprint: str
     batch_size: int
     iterations: int
@@ -206,10 +124,7 @@ class AutoScheduler:
     costs: ModelCosts | None = None
     cut: int | None = None
     history: list[FleetState] = field(default_factory=list)
-    uplink_medium: MediumEvidence | None = None
-    downlink_medium: MediumEvidence | None = None
-    medium_fleet_size: int = 0  # devices probed together when the medium was last decided
-    medium_logged: bool = False  # the evidence went into a round's decision
+    media: MediumChoice = field(init=False)  # from ``medium`` and the probes
     advised: bool = False  # the per-scheme table went into the first round's decision
     fixed_costs: FixedCosts = field(default_factory=FixedCosts)
     label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # every label each device trained on
@@ -219,6 +134,7 @@ class AutoScheduler:
     _restored_speeds: dict[str, float] = field(default_factory=dict)  # measured before a --resume
 
     def __post_init__(self) -> None:
+        self.media = MediumChoice(self.medium)
         self.reselection = CutReselection(self.reselect_every, self.drift_threshold)
         self._last_round: tuple[list[str], list[list[int]], FleetState] | None = None
         smashed, gradient = (Encoding.parse(text) for text in self.compression)
@@ -231,25 +147,11 @@ class AutoScheduler:
     # the medium ------------------------------------------------------------------------------
     def needs_medium_probe(self, devices: list[str]) -> bool:
         """Probe these devices together? Once two or more are known, and again when the fleet grows."""
-        known = [d for d in devices if d in self.estimates.devices]
-        return self.medium != "airtime" and len(known) >= 2 and len(known) > self.medium_fleet_size
+        return self.media.needs_probe(sum(d in self.estimates.devices for d in devices))
 
     def set_medium(self, together: TogetherMeasurement) -> None:
-        """Decide each direction's medium from a simultaneous probe (see toolkit.planning.medium)."""
         alone = {d: self.estimates.devices[d] for d in together.up_bps if d in self.estimates.devices}
-        solo_up = {d: e.up_bps for d, e in alone.items()}
-        solo_down = {d: e.down_bps for d, e in alone.items()}
-        self.uplink_medium, self.downlink_medium = (
-            decide_medium(self.medium, solo, *measured)
-            for solo, measured in (
-                (solo_up, (together.up_bps, together.up_bits, together.up_span_s)),
-                (solo_down, (together.down_bps, together.down_bits, together.down_span_s)),
-            )
-        )
-        self.medium_fleet_size = len(alone)
-        self.medium_logged = False
-        for direction, evidence in (("uplink", self.uplink_medium), ("downlink", self.downlink_medium)):
-            log.warning("auto: %s medium %s: %s", direction, evidence.kind, evidence.reason)
+        self.media.decide(together, {d: e.up_bps for d, e in alone.items()}, {d: e.down_bps for d, e in alone.items()})
 
     def _advice(self, view: FleetView) -> dict:
         """What ``edge_server advise`` would say for this fleet, logged once at the start: each
@@ -298,74 +200,45 @@ class AutoScheduler:
         return label_skew(np.array([np.pad(r, (0, width - len(r))) for r in rows]))
 
     def _media(self, ids: list[str]) -> tuple[MediumEvidence, MediumEvidence]:
-        if self.uplink_medium is None or self.downlink_medium is None:  # not probed together (yet)
-            rows = {d: self.estimates.devices[d] for d in ids}
-            self.uplink_medium = decide_medium(self.medium, {d: e.up_bps for d, e in rows.items()})
-            self.downlink_medium = decide_medium(self.medium, {d: e.down_bps for d, e in rows.items()})
-            self.medium_logged = False
-        return self.uplink_medium, self.downlink_medium
+        rows = {d: self.estimates.devices[d] for d in ids}
+        return self.media.current({d: e.up_bps for d, e in rows.items()}, {d: e.down_bps for d, e in rows.items()})
 
     # setup ---------------------------------------------------------------------------------
     def needs_probe(self, device: str) -> bool:
         return device not in self.estimates.devices
 
     def state_dict(self) -> dict:
-        """What ``--resume`` restores (JSON): the cut, the last choice, the labels seen, and the
-        estimates learned from the rounds -- each device's measured compute speed, the server's,
-        the calibrated fixed costs. Links, clock offsets and the medium are probed again when
-        the devices come back: the server was down for a while, boards may have rebooted or
-        moved, and a probe is the freshest measurement there is (it is also what every device
-        that registers gets)."""
+        """What ``--resume`` restores (edge_server.auto_state): links, clock offsets and the
+        medium are not among it -- they are probed again when the devices come back."""
         reference = self.reselection.reference
         measured = {d: e.speed for d, e in self.estimates.devices.items() if e.speed_measured}
-        return {
-            "cut": self.cut,
-            "selected_skew": self.selected_skew,
-            "label_counts": {d: [float(v) for v in counts] for d, counts in self.label_counts.items()},
-            "last_selection_round": self.reselection.last_round,
-            "selection_reference": None if reference is None else [float(v) for v in reference],
-            "device_speeds": {**self._restored_speeds, **measured},
-            "server_speed": self.estimates.server_speed if self.estimates.server_measured else None,
-            "fixed_costs": self.fixed_costs.to_dict(),
-            "compression": list(self.compression) if self.compression_chosen else None,
-        }
+        return SavedSchedule(
+            cut=self.cut,
+            selected_skew=self.selected_skew,
+            label_counts=self.label_counts,
+            last_selection_round=self.reselection.last_round,
+            selection_reference=reference,
+            device_speeds={**self._restored_speeds, **measured},
+            server_speed=self.estimates.server_speed if self.estimates.server_measured else None,
+            fixed_costs=self.fixed_costs.to_dict(),
+            compression=tuple(self.compression) if self.compression_chosen else None,
+        ).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            cut, skew, last = state["cut"], state["selected_skew"], state["last_selection_round"]
-            if not all(v is None or isinstance(v, int | float) for v in (cut, skew, last)):
-                raise TypeError("cut, skew and round must be numbers")
-            counts = {str(d): np.asarray(c, dtype=float) for d, c in dict(state["label_counts"]).items()}
-            reference = state["selection_reference"]
-            reference = None if reference is None else np.asarray(reference, dtype=float)
-            speeds = {str(d): float(v) for d, v in dict(state.get("device_speeds") or {}).items()}
-            server_speed = state.get("server_speed")
-            server_speed = None if server_speed is None else float(server_speed)
-            costs = dict(state.get("fixed_costs") or {})
-            fixed = {k: float(costs[k]) for k in ("iteration_s", "turn_s", "between_turns_s") if k in costs}
-            rounds = int(costs.get("observed_rounds", 0))
-            if not all(math.isfinite(v) and v > 0 for v in [*speeds.values(), server_speed or 1.0]):
-                raise ValueError("speeds must be finite and positive")
-            if not all(math.isfinite(v) for v in fixed.values()):
-                raise ValueError("fixed costs must be finite")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"the saved scheduler state is not --auto's: {exc}") from None
-        self._restored_speeds = speeds
-        if server_speed is not None:
-            self.estimates.server_speed, self.estimates.server_measured = server_speed, True
-        for key, value in fixed.items():
-            setattr(self.fixed_costs, key, value)
-        self.fixed_costs.observed_rounds = rounds
-        self.cut = None if cut is None else int(cut)
-        self.selected_skew, self.label_counts = skew, counts
-        self.reselection.last_round = None if last is None else int(last)
-        self.reselection.reference = reference
-        chosen = state.get("compression")
-        if self.compression_auto and chosen is not None:
-            try:
-                smashed, gradient = (Encoding.parse(str(text)).name for text in chosen)
-            except (TypeError, ValueError) as exc:
-                raise UserError(f"the saved scheduler state is not --auto's: compression {exc}") from None
+        saved = SavedSchedule.parse(state)
+        self._restored_speeds = dict(saved.device_speeds)
+        if saved.server_speed is not None:
+            self.estimates.server_speed, self.estimates.server_measured = saved.server_speed, True
+        for key in ("iteration_s", "turn_s", "between_turns_s"):
+            if key in saved.fixed_costs:
+                setattr(self.fixed_costs, key, saved.fixed_costs[key])
+        self.fixed_costs.observed_rounds = int(saved.fixed_costs.get("observed_rounds", 0))
+        self.cut = saved.cut
+        self.selected_skew, self.label_counts = saved.selected_skew, saved.label_counts
+        self.reselection.last_round = saved.last_selection_round
+        self.reselection.reference = saved.selection_reference
+        if self.compression_auto and saved.compression is not None:
+            smashed, gradient = saved.compression
             self.compression, self.compression_chosen = (smashed, gradient), True
             if (smashed, gradient) != ("fp32", "fp32"):
                 self.estimates.compressed = True
@@ -377,48 +250,21 @@ class AutoScheduler:
         link, clock offset, speed -- may no longer hold, so it is probed again before it is
         planned, and the medium is probed again with it."""
         if self.estimates.devices.pop(device, None) is not None:
-            self.medium_fleet_size = min(self.medium_fleet_size, len(self.estimates.devices))
+            self.media.forget_one(len(self.estimates.devices))
             log.warning("auto: %s came back: its link and clock will be measured again", device)
 
     def _ensure_costs(self, devices: list[DeviceRecord]) -> None:
-        if self.costs is not None:
-            return
-        profiles = [p for p in (_profile_of(d, self.model_fingerprint) for d in devices) if p is not None]
-        reference = profiles[0] if profiles else self.server_profile
-        if reference is None:
-            raise UserError(
-                "cpsl --auto needs a profile of the run's model: start the agents with a profile "
-                "(not --no-profile) or give the server --server-profile"
+        if self.costs is None:
+            self.costs = reference_costs(
+                devices, self.model_fingerprint, self.server_profile, self.server_profile_source, self.fixed_cut
             )
-        cuts = None
-        if self.fixed_cut is not None:
-            from toolkit.planning.costs import candidate_cuts
-
-            cuts = sorted({*candidate_cuts(reference), self.fixed_cut})
-            self.cut = self.fixed_cut
-        self.costs = model_costs(reference, self.server_profile, cuts)
-        log.info(
-            "auto: reference profile %s (%s); server profile: %s; candidate cuts %s",
-            reference.device.id,
-            reference.model.name,
-            self.server_profile_source,
-            ", ".join(f"{c.cut}:{c.name}" for c in self.costs.cuts),
-        )
+            if self.fixed_cut is not None:
+                self.cut = self.fixed_cut
 
     def add_device(self, record: DeviceRecord, link: LinkMeasurement, devices: list[DeviceRecord]) -> None:
         """A newly probed device: its speed from its own profile if it sent one, else 1."""
         self._ensure_costs(devices)
-        profile = _profile_of(record, self.model_fingerprint)
-        if profile is not None and profile.device.accelerator != record.capabilities.accelerator:
-            log.warning(
-                "auto: %s's profile was measured on %s but it trains on %s: its compute is mispredicted until "
-                "its first rounds measure its speed (profile it where its agent trains: cpsl-profile --device)",
-                record.id,
-                profile.device.accelerator,
-                record.capabilities.accelerator,
-            )
-        reference_step_s = self.costs.full_step(self.batch_size)  # the costs' whole-model step is the reference's
-        speed = reference_step_s / full_step(profile)(self.batch_size) if profile is not None else 1.0
+        speed = profile_speed(record, self.model_fingerprint, self.costs, self.batch_size)
         restored = self._restored_speeds.pop(record.id, None)  # measured in the rounds before a --resume
         self.estimates.add(record.id, restored or speed, link)
         if restored is not None:
@@ -468,9 +314,9 @@ class AutoScheduler:
         if not self.advised:
             decision["advice"] = self._advice(view)
             decision["server_profile"] = self.server_profile_source
-        if not self.medium_logged:  # the evidence, in the round it was decided
-            decision["medium_evidence"] = {"uplink": uplink_medium.to_dict(), "downlink": downlink_medium.to_dict()}
-            self.medium_logged = True
+        evidence = self.media.unlogged_evidence()  # in the round it was decided
+        if evidence is not None:
+            decision["medium_evidence"] = evidence
         skew = self.label_skew(ids)
         reason = self.reselection.due(round_, state) if self.fixed_cut is None else None
         moved = self.selected_skew is not None and abs(skew - self.selected_skew) > self.skew_threshold
@@ -487,6 +333,7 @@ class AutoScheduler:
                 log.warning("auto: cut %s -> %d:%s (%s)", self.cut, choice.cut, choice.name, reason)
                 self.cut = choice.cut
         self.history.append(state)
+        del self.history[: -max(1, self.saa_window)]  # what the next cut choice samples, no more
         cut = self.costs.cut(self.cut)
         problem = SplitProblem.build(cut, state, self._settings())
         one_air = uplink_medium.kind == "airtime" and downlink_medium.kind == "airtime"
@@ -563,7 +410,9 @@ class AutoScheduler:
             decision=decision,
         )
 
-    def _turn_s(self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray) -> float:
+    def predicted_turn_s(
+        self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray
+    ) -> float:
         """A cluster's predicted turn as it will run: slotted where that is shorter."""
         turn = self._plan_turn(state, problem, rows, one_way, self.slots).turn_s
         if self.slots:
@@ -589,7 +438,7 @@ class AutoScheduler:
         def turn(group: tuple[int, ...]) -> float:
             if group not in cache:
                 rows = np.asarray(group)
-                cache[group] = self._turn_s(state, problem, rows, one_way[rows])
+                cache[group] = self.predicted_turn_s(state, problem, rows, one_way[rows])
             return cache[group]
 
         by_compute = sorted(range(state.size), key=lambda n: (problem.forward_s[n] + problem.backward_s[n], n))
@@ -600,46 +449,7 @@ class AutoScheduler:
     def _plan_turn(
         self, state: FleetState, problem: SplitProblem, rows: np.ndarray, one_way: np.ndarray, slots: bool
     ) -> TurnTiming:
-        """One cluster's turn: every transfer's slots (or none) and the predicted times."""
-        uplink = plan_phase(state.uplink, rows, problem.uplink_bits, lead=problem.forward_s[rows], slots=slots)
-        downlink = plan_phase(
-            state.downlink, rows, problem.downlink_bits, tail=problem.backward_s[rows] + one_way, slots=slots
-        )
-        model_down = plan_phase(state.downlink, rows, problem.model_bits, tail=one_way, slots=slots)
-        # counted from the last gradient's epoch, when every backward pass is predicted done
-        model_up = plan_phase(state.uplink, rows, problem.model_bits, slots=slots)
-        server_s = problem.server_s(len(rows))
-        flow = plan_flow(state, problem, rows, one_way) if slots and self.iteration_flow else None
-        if flow is None:  # two phases with a barrier: every backward pass done before any upload
-            gradients, between_s, epoch_s = downlink, uplink.finish_s + downlink.finish_s, downlink.finish_s + GUARD_S
-            handout_shift_s = last_gradients_s = 0.0
-        else:  # one stretch of air from the gradients out to the next uploads in
-            uplink, gradients = flow
-            between_s, epoch_s, last_gradients_s = uplink.finish_s + GUARD_S, GUARD_S, downlink.finish_s
-            # the first uploads count from the weights being in: each slot after its forward pass
-            handout_shift_s = max(problem.forward_s[row] - uplink.offsets[row] for row in rows)
-        iteration_s = self.fixed_costs.iteration(between_s + one_way.max() + server_s + GUARD_S)
-        turn_s = self.fixed_costs.turn(
-            model_down.finish_s
-            + GUARD_S
-            + handout_shift_s
-            + self.iterations * iteration_s
-            + last_gradients_s
-            + model_up.finish_s
-            + one_way.max()
-        )
-        return TurnTiming(
-            uplink,
-            downlink,
-            gradients,
-            model_down,
-            model_up,
-            iteration_s,
-            turn_s,
-            epoch_s,
-            handout_shift_s,
-            last_gradients_s,
-        )
+        return plan_turn(state, problem, rows, one_way, slots, self.fixed_costs, self.iterations, self.iteration_flow)
 
     @property
     def wants_encoding_trials(self) -> bool:
@@ -655,29 +465,14 @@ class AutoScheduler:
         if self._last_round is None or self.costs is None or self.cut is None:
             raise ValueError("no split round has been planned yet")
         ids, groups, state = self._last_round
-        cut = self.costs.cut(self.cut)
-        rows = []
-        for candidate in trials:
-            codec = candidate.codec_s_per_byte * self.estimates.server_speed / state.speed
-            trial_state = dataclasses.replace(state, codec_s_per_byte=codec)
-            settings = TrainingSettings(
-                self.batch_size,
-                self.iterations,
-                self.estimates.server_speed,
-                candidate.uplink_ratio,
-                candidate.downlink_ratio,
-                candidate.codec_s_per_byte,
-            )
-            predicted = plan_split_round(SplitProblem.build(cut, trial_state, settings), groups).latency_s
-            rows.append(
-                {
-                    **candidate.to_dict(),
-                    "predicted_round_s": predicted,
-                    "within_budget": candidate.error <= self.compression_budget,
-                }
-            )
-        allowed = [row for row in rows if row["within_budget"]] or rows[:1]
-        best = min(allowed, key=lambda row: row["predicted_round_s"])
+        rows, best = rank_encodings(
+            trials,
+            self.costs.cut(self.cut),
+            state,
+            groups,
+            self._settings(),
+            self.compression_budget,
+        )
         self.compression = (best["smashed"], best["gradient"])
         self.compression_chosen = True
         chosen = next(t for t in trials if (t.smashed, t.gradient) == self.compression)
@@ -699,22 +494,20 @@ class AutoScheduler:
         )
         return {"budget": self.compression_budget, "chosen": list(self.compression), "trials": rows}
 
-    def observe(
-        self,
-        cut: int,
-        timings: dict[str, m.Timings],
-        server_steps: list[tuple[int, float]],
-        arrivals: dict[str, dict[int, float]] | None = None,
-        turns: list[dict] | None = None,
-        round_latency_s: float | None = None,
-        label_counts: dict[str, np.ndarray] | None = None,
-        server_codec: tuple[float, int] | None = None,
-    ) -> None:
-        """Fold a round's measurements into the estimates (``arrivals``: per device, per
-        iteration, when its smashed data reached the server, server clock; ``turns``: the
-        measured turns next to their predictions, which calibrate the fixed costs)."""
+    def encodings(self) -> tuple[str, str]:
+        return tuple(self.compression)
+
+    def known_links(self, devices: list[str]) -> dict[str, LinkMeasurement]:
+        return {d: self.estimates.devices[d].link() for d in devices if d in self.estimates.devices}
+
+    def observe(self, measured: RoundMeasurements) -> None:
+        """Fold a round's measurements into the estimates (the arrivals give each device's
+        upload times; the turns, measured beside their predictions, calibrate the fixed costs)."""
         if self.costs is None:
             return
+        cut, timings, server_steps = measured.cut, measured.timings, measured.server_steps
+        arrivals, turns, round_latency_s = measured.arrivals, measured.turns, measured.latency_s
+        label_counts, server_codec = measured.label_counts, measured.server_codec
         # the figures this round was planned on that were still the profiles', not measurements
         prior_devices = {
             d for d in timings if d in self.estimates.devices and not self.estimates.devices[d].speed_measured

@@ -45,7 +45,9 @@ def build_parser() -> OneLineArgumentParser:
         description="CPSL edge server. Without a subcommand: train across the devices registered at --broker.",
     )
     add_broker_flags(parser)
-    parser.add_argument("--model", default="lenet5")
+    parser.add_argument(
+        "--model", help="built-in name or FILE.py:FUNCTION (default lenet5; with --resume: the run's own code model)"
+    )
     parser.add_argument("--data", default="builtin:mnist5k")
     parser.add_argument("--min-devices", type=positive_int)
     parser.add_argument("--wait-devices", type=positive_float, default=120.0, help="seconds to wait for them")
@@ -180,7 +182,7 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s server %(levelname)s %(message)s")
     if args.resume is not None:
         broker = broker_from_args(args) if args.broker else None
-        return resume_run(args.resume, broker, args.metrics_port, args.dashboard)
+        return resume_run(args.resume, broker, args.metrics_port, args.dashboard, args.model)
     if args.min_devices is None:
         parser.error("--min-devices is required to train (or give a subcommand: demo, provision, advise, report)")
     broker = broker_from_args(args)
@@ -189,6 +191,7 @@ def _main(argv: Sequence[str] | None) -> int:
     data = load_dataset(args.data, args.seed)
     # built for the data's shape and classes, as every agent builds it for its own data (the
     # VGG-style model on 1x28x28 digits, a user's model): else the fingerprints differ
+    args.model = args.model or "lenet5"
     model = load_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=args.seed)
     config = make_config(args, broker, model, args.min_devices, args.run_id or "")
     config.register_timeout_s = args.wait_devices

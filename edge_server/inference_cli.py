@@ -30,12 +30,14 @@ def add_inference_commands(commands) -> None:
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     export.add_argument("--out", type=Path, help="folder to write (default RUN_DIR/heads)")
     export.add_argument("--threads", type=positive_int, default=1, help="onnxruntime threads for the check")
+    export.add_argument("--model", help="FILE.py:FUNCTION, when the run trained a model of your own code")
     serve = commands.add_parser(
         "serve",
         help="serve a trained run's server side to cpsl-infer (split inference)",
         description="Answer split-inference requests from cpsl-infer with RUN_DIR's trained model, until Ctrl-C.",
     )
     serve.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    serve.add_argument("--model", help="FILE.py:FUNCTION, when the run trained a model of your own code")
     add_broker_flags(serve)
     serve.add_argument("--service", help="the service's name, which devices give as --service (default: the run id)")
     serve.add_argument("--threads", type=positive_int, default=1, help="torch threads for the server's part")
@@ -68,7 +70,7 @@ def run_export_heads(args: argparse.Namespace) -> int:
     from edge_server.serve import load_trained
     from toolkit.inference.heads import export_heads
 
-    model, run_id = load_trained(args.run_dir)
+    model, run_id = load_trained(args.run_dir, args.model)
     out = args.out or args.run_dir / "heads"
     manifest = export_heads(
         model, out, run_id, threads=args.threads, on_step=lambda text: print(f"  exporting {text}", flush=True)
@@ -87,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s serve %(levelname)s %(message)s")
     broker = broker_from_args(args)
     resolve_device(args.device)  # a device torch cannot use is one line before the model loads
-    model, run_id = load_trained(args.run_dir)
+    model, run_id = load_trained(args.run_dir, args.model)
     config = ServeConfig(
         broker=broker,
         run_dir=args.run_dir,
@@ -109,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics = ServiceMetrics(service)
         metrics.serve(*args.metrics_port)  # a port in use is one line before anything is measured
         print(f"Prometheus metrics at http://{args.metrics_port[0]}:{metrics.port}/metrics", flush=True)
-    print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts on {service.device}", flush=True)
+    print(f"measuring the server's part of {model.name} at {len(service.cuts)} cuts on {service.placement}", flush=True)
     service.measure_tails()
     service.start()
     stop = threading.Event()

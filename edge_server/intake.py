@@ -10,10 +10,11 @@ message is rejected with a reason counted by the endpoint, and never reaches a m
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
-from edge_server.registry import Registry
+from edge_server.registry import Registry, RegistryFullError
 from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.protocol import Kind
@@ -22,6 +23,7 @@ from toolkit.protocol.codec import ProtocolError
 from toolkit.protocol.endpoint import Endpoint, Received
 
 log = logging.getLogger("cpsl.server")
+TIMING_ROUNDS = 16  # rounds of device timing reports kept
 
 
 class Intake:
@@ -32,14 +34,25 @@ class Intake:
         self.round = 0  # TIMINGS are taken for the current round only: at most one per device and round
         self.timings: dict[tuple[int, str], m.Timings] = {}
         self.refusals: dict[str, str] = {}  # device -> the reason it gave (REJECT), shown in metrics
+        # what devices refused, by the kind they refused: a device's answer, not a frame we dropped
+        self.refused: Counter[str] = Counter()
 
     def start_round(self, round_: int) -> None:
+        """Timings are taken for the current round only; the last ``TIMING_ROUNDS`` rounds'
+        are kept (a run of any length keeps a bounded number of reports)."""
         self.round = round_
+        self.timings = {key: t for key, t in self.timings.items() if key[0] > round_ - TIMING_ROUNDS}
 
     def poll(self, timeout_s: float) -> Received | None:
         """One message for the caller, after registry traffic and validation have been dealt with."""
         item = self.endpoint.receive(timeout_s)
-        if item is None or self.registry.update(item):
+        if item is None:
+            return None
+        try:
+            if self.registry.update(item):
+                return None
+        except RegistryFullError as full:
+            self.endpoint.reject(item.topic, str(full))
             return None
         message = item.message
         header = message.header
@@ -58,9 +71,9 @@ class Intake:
             return None
         if message.kind is Kind.REJECT:
             body: m.Reject = message.body
-            self.refusals[header.device] = f"{body.refused}: {body.reason}"
-            self.endpoint.count(f"device refused {body.refused}")
-            self.registry.refuse(header.device, body.reason, body.refused)
+            self.refusals[header.device] = f"{body.refused}: {m.printable(body.reason)}"
+            self.refused[body.refused] += 1
+            self.registry.refuse(header.device, m.printable(body.reason), body.refused)
             return None
         return item
 

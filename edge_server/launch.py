@@ -6,6 +6,7 @@ Used by ``edge_server`` (a run against an existing broker) and ``edge_server dem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from edge_server.display import make_console, rejections_summary, rounds_table
 from edge_server.run_state import RunState, load_state, read_settings
 from edge_server.scheduler import SCHEMES
 from edge_server.server import EdgeServer, ServerConfig
+from edge_server.strategy import METHODS
 from toolkit.allocator import pin_malloc_thresholds
 from toolkit.cli.common import encoding_name, listen_address, positive_float, positive_int
 from toolkit.devices import device_name, resolve_device
@@ -143,6 +145,14 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         help="reject an upload whose update norm is over this times the median of the cluster's and recent ones "
         "(default 10; 0 turns the check off)",
     )
+    parser.add_argument(
+        "--aggregate",
+        choices=METHODS,
+        default="fedavg",
+        help="how uploads are combined: fedavg (weighted mean), trimmed-mean, median (coordinate-wise, "
+        "every device alike), clipped (updates clipped to the median norm); every method caps a device's "
+        "weight at twice the median registered count and rejects norm outliers (docs/security.md)",
+    )
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")
 
@@ -196,6 +206,7 @@ def make_config(args: argparse.Namespace, broker, model, min_devices: int, run_i
         slots=args.slots,
         iteration_flow=args.iteration_flow,
         norm_factor=args.norm_factor,
+        aggregate=args.aggregate,
         target_accuracy=args.target_accuracy,
         medium=args.medium,
         compress_smashed=args.compress,
@@ -277,28 +288,83 @@ def _start_dashboard(server: EdgeServer, config: ServerConfig, model, address, c
     return dashboard
 
 
+# what a run folder may set, and within what bounds: it is input, however it was written
+RESUME_BOUNDS: dict[str, tuple[float, float]] = {
+    "rounds": (1, 1_000_000),
+    "min_devices": (1, 100_000),
+    "batch_size": (1, 1 << 16),
+    "iterations": (1, 1_000_000),
+    "lr": (1e-9, 10.0),
+    "momentum": (0.0, 0.999),
+    "weight_decay": (0.0, 1.0),
+    "clusters": (1, 100_000),
+    "cut": (1, 100_000),
+    "iteration_timeout_s": (0.1, 86_400),
+    "register_timeout_s": (0.1, 86_400),
+    "heartbeat_timeout_s": (0.1, 86_400),
+    "min_link_bps": (1e3, 1e12),
+    "reconnect_grace_s": (0.0, 86_400),
+    "turn_replays": (0, 100),
+    "max_frame_bytes": (1 << 10, 1 << 31),
+    "max_cluster_size": (1, 100_000),
+    "reselect_every": (1, 1_000_000),
+    "drift_threshold": (0.0, 100.0),
+    "target_accuracy": (0.0, 1.0),
+    # 0 would switch the outlier check off: a run folder cannot turn a defence off
+    "norm_factor": (1.0, 1e6),
+    "compress_budget": (0.0, 1.0),
+    "data_seed": (0, 2**32 - 1),
+}
+
+
+def resumed_config(values: dict, broker, where: str) -> ServerConfig:
+    """The run's settings as this version's ServerConfig, every value checked for its type and
+    its bounds: one line naming the key, never a traceback."""
+    from pydantic import TypeAdapter, ValidationError
+
+    known = {item.name for item in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown setting {unknown[0]!r} (not a setting of this version)")
+    try:
+        config = TypeAdapter(ServerConfig).validate_python({**values, "broker": broker}, strict=False)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        raise UserError(f"{where}: {key}: {error['msg']}") from None
+    if config.aggregate not in METHODS:
+        raise UserError(f"{where}: aggregate is {config.aggregate[:40]!r}; choose among {', '.join(METHODS)}")
+    if config.scheme not in SCHEMES:
+        raise UserError(f"{where}: scheme is {config.scheme[:40]!r}; choose among {', '.join(SCHEMES)}")
+    for key, (low, high) in RESUME_BOUNDS.items():
+        value = getattr(config, key)
+        if value is not None and not low <= value <= high:
+            raise UserError(f"{where}: {key} is {value!r}; it must lie between {low:g} and {high:g}")
+    return config
+
+
 def resume_run(
     run_dir: Path,
     broker,
     metrics_address: tuple[str, int] | None = None,
     dashboard_address: tuple[str, int] | None = None,
+    model_spec: str | None = None,
 ) -> int:
     """``edge_server --resume RUN_DIR``: the run's settings from run.json, its state from
     checkpoint.pt; ``broker`` (None: the one the run used) is the only thing given anew."""
     from toolkit.data import load_dataset
     from toolkit.models import load_model
+    from toolkit.models.registry import model_to_rebuild
 
     settings = read_settings(run_dir)
     if not settings.model or not settings.data:
         raise UserError(f"{run_dir} was started without a model or data spec: it cannot be resumed")
     values = dict(settings.config)
     values["run_dir"] = run_dir
-    try:
-        config = ServerConfig(broker=broker or settings.broker, **values)
-    except TypeError as exc:
-        raise UserError(f"{run_dir}/run.json does not fit this version's settings: {exc}") from None
+    config = resumed_config(values, broker or settings.broker, f"{run_dir}/run.json")
     data = load_dataset(settings.data, settings.seed)
-    model = load_model(settings.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=settings.seed)
+    spec = model_to_rebuild(settings.model, model_spec, f"{run_dir}/run.json")
+    model = load_model(spec, input_shape=data.input_shape, num_classes=data.num_classes, seed=settings.seed)
     state = load_state(run_dir, config.run_id, model.fingerprint())
     if state.round + 1 >= config.rounds:
         raise UserError(f"run {config.run_id} already completed its {config.rounds} rounds")

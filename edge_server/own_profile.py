@@ -1,9 +1,9 @@
-"""The edge server's own profile of the run's model (issue #15, item 3).
+"""The edge server's own profile of the run's model.
 
-The planner predicts the server's part of a round from a profile. Without ``--server-profile``
-it used to take the reference device's: on a fleet of boards that made the edge PC look as
-slow as a board, and every split cut's server time wrong by the ratio of their speeds. Now,
-when ``--auto`` plans without one, the server measures itself at start -- briefly: the
+The planner predicts the server's part of a round from a profile. The reference device's
+would make the edge PC look as slow as a board, and every split cut's server time wrong by
+the ratio of their speeds. So when ``--auto`` plans without ``--server-profile``, the
+server measures itself at start -- briefly: the
 pooled batch sizes it steps on, a few repeats, no ONNX -- on the threads it trains with, and
 keeps the result in the cache (per model fingerprint, host, threads and batch sizes), so a
 second run on the same PC starts at once.

@@ -1,4 +1,4 @@
-"""Where the edge server computes (issue #15, item 1): ``--device cpu|cuda|cuda:N|auto``.
+"""Where the edge server computes: ``--device cpu|cuda|cuda:N|auto``.
 
 The server-side layers (after the cut) and their optimiser live on the chosen device; the
 device-side layers stay on the CPU, where the weights are handed out, averaged and checked.
@@ -30,9 +30,9 @@ class SplitForward(nn.Module):
 
     def __init__(self, net: nn.Sequential, cut: int | None, device: torch.device) -> None:
         super().__init__()
-        self.net, self.cut, self.device = net, cut, device
+        self.net, self.cut, self.placement = net, cut, device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cut is None or self.device.type == "cpu":
+        if self.cut is None or self.placement.type == "cpu":
             return self.net(x)
-        return self.net[self.cut :](self.net[: self.cut](x).to(self.device)).cpu()
+        return self.net[self.cut :](self.net[: self.cut](x).to(self.placement)).cpu()

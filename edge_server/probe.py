@@ -26,12 +26,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from toolkit.protocol import Kind
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Received
+
+if TYPE_CHECKING:
+    from edge_server.scheduler import Scheduler
 
 log = logging.getLogger("cpsl.server")
 
@@ -73,9 +77,13 @@ class LinkProber:
         timeout_s: float = 10.0,
         target_s: float = 0.3,
         flush: Callable[[], None] = lambda: None,
+        discard: Callable[[Received, str], None] | None = None,
     ) -> None:
-        """``send`` queues a probe, ``flush`` waits until the queued ones are out."""
+        """``send`` queues a probe, ``flush`` waits until the queued ones are out, ``discard``
+        counts a message that came while probing and answers none of the probes (the
+        server's endpoint rejects it; by default it is logged)."""
         self._send, self._receive, self._flush = send, receive, flush
+        self._discard = discard or (lambda item, reason: log.debug("%s", reason))
         self.timeout_s, self.target_s = timeout_s, target_s
         self._next_id = 1
 
@@ -118,7 +126,7 @@ class LinkProber:
             message = item.message
             expected = pending.get(message.body.probe_id) if message.kind is Kind.PROBE_ECHO else None
             if expected is None or message.header.device != expected[0]:
-                log.debug("ignored %s from %s while probing", message.kind.name, message.header.device)
+                self._discard(item, f"{message.kind.name} from {message.header.device} while probing")
                 continue
             device, t0 = pending.pop(message.body.probe_id)
             times[device] = (t0, message.body.received_at, message.header.sent_at, item.arrived_wall)
@@ -165,7 +173,7 @@ class LinkProber:
         return LinkMeasurement(rtt_s=rtt, clock_offset_s=offset, up_bps=up, down_bps=down)
 
 
-def probe_fleet(scheduler, prober: LinkProber, devices: list) -> None:
+def probe_fleet(scheduler: Scheduler, prober: LinkProber, devices: list) -> None:
     """Probe every device ``scheduler`` has not measured yet, each alone; then, when it asks
     (two or more known devices, or the fleet grew), all of them at once for the medium."""
     for record in devices:
@@ -177,8 +185,7 @@ def probe_fleet(scheduler, prober: LinkProber, devices: list) -> None:
     ids = [record.id for record in devices]
     if not scheduler.needs_medium_probe(ids):
         return
-    estimates = scheduler.estimates.devices
     try:
-        scheduler.set_medium(prober.measure_together({d: estimates[d].link() for d in ids if d in estimates}))
+        scheduler.set_medium(prober.measure_together(scheduler.known_links(ids)))
     except ProbeTimeoutError as exc:
         log.warning("the simultaneous probe failed, the medium stays as it was: %s", exc)

@@ -27,9 +27,14 @@ so a scrape never waits for a round.
 from __future__ import annotations
 
 import math
+import socket
+import threading
+from collections import Counter as Counter_
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -60,9 +65,66 @@ class _LiveCounters(Collector):
             for key, value in sorted(dict(values).items()):
                 family.add_metric([key], value)
             yield family
+        unacknowledged = CounterMetricFamily(
+            "cpsl_unacknowledged_flushes", "Waits for the broker's acknowledgement that timed out."
+        )
+        unacknowledged.add_metric([], endpoint.unacknowledged)
+        yield unacknowledged
         online = GaugeMetricFamily("cpsl_devices_online", "Devices registered and not gone.")
         online.add_metric([], len(self.server.registry.online()))
         yield online
+
+
+MAX_SCRAPERS = 16  # connections open at once: the endpoint's budget of threads and file descriptors
+MAX_SCRAPERS_PER_ADDRESS = 4
+SCRAPE_TIMEOUT_S = 10.0  # a request not read whole by then is dropped
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """One scrape; a request that stalls is dropped at ``SCRAPE_TIMEOUT_S``; no access log."""
+
+    timeout = SCRAPE_TIMEOUT_S
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """The client's threaded WSGI server with a cap on open connections (total and per
+    address), decided before a byte is read: a flood of connections costs the run at most
+    ``MAX_SCRAPERS`` threads and descriptors, however many arrive."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._lock = threading.Lock()
+        self._open: Counter_[str] = Counter_()
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:
+        peer = str(client_address[0])
+        with self._lock:
+            if sum(self._open.values()) >= MAX_SCRAPERS or self._open[peer] >= MAX_SCRAPERS_PER_ADDRESS:
+                self.refused += 1
+                self.shutdown_request(request)
+                return
+            self._open[peer] += 1
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                peer = str(client_address[0])
+                self._open[peer] -= 1
+                if self._open[peer] <= 0:
+                    del self._open[peer]
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a scraper that hung up or timed out: nothing to report
 
 
 class Exporter:
@@ -70,13 +132,15 @@ class Exporter:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._http = None
+        self._http: _BoundedServer | None = None
 
     def serve(self, host: str, port: int) -> None:
+        server_class = type("Server", (_BoundedServer,), {"address_family": _family(host)})
         try:
-            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+            self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
         except OSError as exc:
             raise UserError(f"--metrics-port {host}:{port}: cannot listen ({exc.strerror or exc})") from None
+        threading.Thread(target=self._http.serve_forever, name="metrics", daemon=True).start()
 
     @property
     def port(self) -> int:
@@ -108,6 +172,25 @@ class RunMetrics(Exporter):
         self.loss = Gauge("cpsl_test_loss", "Test loss after the last round.", registry=self.registry)
         self.cut = Gauge("cpsl_cut_layer", "Cut layer of the last round (0: FL).", registry=self.registry)
         self.dropped = Counter("cpsl_devices_dropped", "Devices dropped from a round.", registry=self.registry)
+        # what the defences did, per device (a bounded set: the registry holds at most 1024)
+        self.clipped_smashed = Counter(
+            "cpsl_clipped_smashed_samples",
+            "Smashed samples bounded in norm, by device.",
+            ["device"],
+            registry=self.registry,
+        )
+        self.capped_weights = Counter(
+            "cpsl_capped_weights",
+            "Uploads whose weight claim was over the cap, by device.",
+            ["device"],
+            registry=self.registry,
+        )
+        self.left_out = Counter(
+            "cpsl_devices_left_out",
+            "Rounds a device sat out for tripping a bound, by device.",
+            ["device"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCounters(server))
 
     def observe(self, record: dict) -> None:
@@ -123,6 +206,12 @@ class RunMetrics(Exporter):
                 gauge.set(record[key])
         self.cut.set(record["cut"] or 0)
         self.dropped.inc(len(record.get("dropped") or ()))
+        for device, count in (record.get("clipped_smashed") or {}).items():
+            self.clipped_smashed.labels(device=device).inc(count)
+        for device in record.get("capped_weights") or {}:
+            self.capped_weights.labels(device=device).inc()
+        for device in record.get("left_out") or {}:
+            self.left_out.labels(device=device).inc()
 
 
 def chain(*handlers: Callable[[dict], None]) -> Callable[[dict], None]:
@@ -133,3 +222,7 @@ def chain(*handlers: Callable[[dict], None]) -> Callable[[dict], None]:
             handler(record)
 
     return each
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -98,8 +98,10 @@ def atomic_torch_save(obj: object, path: Path) -> None:
 
 
 @dataclass
-class TurnStats:
-    """Seconds spent per category in one round (the breakdown written to metrics.jsonl)."""
+class RoundStats:
+    """What one round measured (the breakdown written to metrics.jsonl). Each attempt at a
+    cluster's turn gathers its own, which the round's absorbs when the turn completes or
+    is abandoned."""
 
     device_compute_s: float = 0.0
     uplink_s: float = 0.0
@@ -122,13 +124,17 @@ class TurnStats:
     restarts: list[dict] = field(default_factory=list)  # turns started again: cluster and device
     server_codec_s: float = 0.0  # decoding smashed data, encoding gradients (toolkit.compression)
     server_codec_bytes: int = 0  # fp32 bytes of smashed data they covered
+    capped_weights: dict[str, float] = field(default_factory=dict)  # device -> its weight before the cap
+    clipped_smashed: dict[str, int] = field(default_factory=dict)  # device -> smashed samples bounded
+    left_out: dict[str, str] = field(default_factory=dict)  # device -> why it sat the rest of the round out
+    clipped_updates: dict[str, float] = field(default_factory=dict)  # device -> the scale its update was clipped by
 
-    def absorb_time(self, attempt: TurnStats) -> None:
+    def absorb_time(self, attempt: RoundStats) -> None:
         """The seconds an abandoned attempt at a turn spent, and nothing it trained."""
         for name in ("device_compute_s", "uplink_s", "server_compute_s", "downlink_s", "model_transfer_s"):
             setattr(self, name, getattr(self, name) + getattr(attempt, name))
 
-    def abandon(self, attempt: TurnStats) -> None:
+    def abandon(self, attempt: RoundStats) -> None:
         """An attempt at a turn given up on (a device came back as a new agent life): its seconds,
         and what the server stamped of it for the timeline, marked abandoned; nothing it trained."""
         self.absorb_time(attempt)
@@ -136,7 +142,7 @@ class TurnStats:
             stamps.abandoned, stamps.arrivals = True, attempt.arrivals
         self.stamps += attempt.stamps
 
-    def absorb(self, attempt: TurnStats) -> None:
+    def absorb(self, attempt: RoundStats) -> None:
         """A completed turn's stats into the round's."""
         self.absorb_time(attempt)
         self.train_losses += attempt.train_losses
@@ -149,6 +155,11 @@ class TurnStats:
         self.stamps += attempt.stamps
         self.handout_epoch = attempt.handout_epoch
         self.handout_positions.update(attempt.handout_positions)
+        self.capped_weights.update(attempt.capped_weights)
+        self.left_out.update(attempt.left_out)
+        for device, count in attempt.clipped_smashed.items():
+            self.clipped_smashed[device] = self.clipped_smashed.get(device, 0) + count
+        self.clipped_updates.update(attempt.clipped_updates)
         self.weights_sent.update(attempt.weights_sent)
         self.server_codec_s += attempt.server_codec_s
         self.server_codec_bytes += attempt.server_codec_bytes
@@ -235,12 +246,13 @@ class RoundOutcome:
 
 def round_record(
     outcome: RoundOutcome,
-    stats: TurnStats,
+    stats: RoundStats,
     cut_name: str | None,
     reports: dict[str, m.Timings],
     rejected: dict[str, int],
-    refusals: dict[str, int],
+    refusals: dict[str, str],
     traffic: dict[str, int] | None = None,
+    refused: dict[str, int] | None = None,
 ) -> dict:
     """The round's line in metrics.jsonl (docs/operations.md lists its fields)."""
     plan = outcome.plan
@@ -270,6 +282,11 @@ def round_record(
         "dropped": sorted(stats.dropped),
         "rejected_messages": rejected,
         "refusals": refusals,
+        "refused_messages": refused or {},
+        "capped_weights": dict(stats.capped_weights),  # device -> the weight it claimed, over the cap
+        "clipped_smashed": dict(stats.clipped_smashed),  # device -> smashed samples bounded this round
+        "left_out": dict(stats.left_out),  # device -> why it sat the rest of the round out
+        "clipped_updates": dict(stats.clipped_updates),  # device -> the scale its update was clipped by
         "time": time.time(),
     }
     if traffic is not None:

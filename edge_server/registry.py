@@ -19,6 +19,12 @@ from toolkit.protocol.endpoint import Received
 log = logging.getLogger("cpsl.server")
 
 MAX_PROFILE_BYTES = 4 << 20  # a LeNet profile is 60 KB, a MobileNetV2 one about 400 KB
+MAX_DEVICES = 1024  # records kept: far more than one access point serves
+MAX_PROFILES_BYTES = 256 << 20  # every record's profile together
+
+
+class RegistryFullError(Exception):
+    """A new device's registration would pass the registry's bounds (no offline record to replace)."""
 
 
 @dataclass
@@ -38,8 +44,14 @@ class DeviceRecord:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        heartbeat_timeout_s: float = 10.0,
+        max_devices: int = MAX_DEVICES,
+        max_profiles_bytes: int = MAX_PROFILES_BYTES,
+    ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_devices, self.max_profiles_bytes = max_devices, max_profiles_bytes
         self.devices: dict[str, DeviceRecord] = {}
         # devices that registered again after going offline, or as a new life (new session):
         # their link, clock offset and speed may have changed, so they are measured again
@@ -58,7 +70,7 @@ class Registry:
                 record.online = False
                 record.left_at = time.monotonic()
                 record.said_goodbye = message.body.reason != m.CONNECTION_LOST
-                log.warning("device %s went offline: %s", device, message.body.reason)
+                log.warning("device %s went offline: %s", device, m.printable(message.body.reason))
             return True
         if message.kind is Kind.HEARTBEAT:
             record = self.devices.get(device)
@@ -75,6 +87,7 @@ class Registry:
             else:
                 profile_json = bytes(profile.numpy().tobytes())
         was = self.devices.get(device)
+        self._make_room(device, len(profile_json or b""))
         if was is not None and (not was.online or was.session != body.session):
             self.returned.add(device)
         self.announced.add(device)
@@ -94,9 +107,31 @@ class Registry:
                 "device %s online (%d samples, partition %s, trains on %s)",
                 device,
                 body.num_samples,
-                body.partition,
-                body.capabilities.accelerator_name or body.capabilities.accelerator,
+                m.printable(body.partition),
+                m.printable(body.capabilities.accelerator_name or body.capabilities.accelerator),
             )
+
+    def _make_room(self, device: str, profile_bytes: int) -> None:
+        """Keep the registry within its bounds: the records of devices gone longest (left, or
+        silent past the heartbeat timeout) make way for a new one; with none gone, the
+        registration is refused (the intake counts it) and every device known keeps its place."""
+
+        def over() -> bool:
+            others = [r for d, r in self.devices.items() if d != device]
+            profiles = sum(len(r.profile_json or b"") for r in others)
+            return len(others) >= self.max_devices or profiles + profile_bytes > self.max_profiles_bytes
+
+        while over():
+            gone = [r for d, r in self.devices.items() if d != device and not self.is_online(d)]
+            if not gone:
+                raise RegistryFullError(
+                    f"registry full: {device} refused, the registry holds {len(self.devices)} devices "
+                    f"(at most {self.max_devices}, {self.max_profiles_bytes >> 20} MB of profiles), all online"
+                )
+            oldest = min(gone, key=lambda r: r.left_at if r.left_at is not None else r.last_seen)
+            del self.devices[oldest.id]
+            self.returned.discard(oldest.id)
+            self.announced.discard(oldest.id)
 
     def take_announced(self) -> set[str]:
         """The devices that registered since the last call: after a reconnect, a device missed

@@ -1,4 +1,4 @@
-"""The rounds role of the edge server: a round's turns, in order (the design notes' rounds role).
+"""A round's turns, in order: the round engine.
 
 What a split turn does -- hand out the device-side weights with the ASSIGN, run I iterations
 against the server-side model (collect the cluster's smashed data, one server step, gradients
@@ -6,9 +6,10 @@ back in their slots), collect and average the trained weights -- and an FL round
 pacing of bulk transfers in the plan's slots and the accounting of where the time went.
 A turn a restarted device was in starts again from a snapshot (edge_server.records.TurnSnapshot).
 
-:class:`RoundSteps` is mixed into :class:`edge_server.server.EdgeServer`, which owns the
-connection, the intake (``_collect``, ``_poll``, ``_send``), the model, the strategy and the
-run; this file holds only the order of a round's steps.
+:class:`RoundEngine` holds the server side's training state (the model, the server part's
+optimiser, each device's batch-stream position) and talks to the devices only through a
+:class:`edge_server.link.Link`; the edge server (edge_server.server) owns the run, the plan
+and the records around it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import statistics
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,36 +29,79 @@ from torch import nn
 
 from edge_server.intake import check_smashed, check_weights, decode_smashed
 from edge_server.placement import place
-from edge_server.records import DeviceRestartedError, TurnSnapshot, TurnStats, turn_record
-from edge_server.scheduler import RoundPlan
-from edge_server.strategy import Upload
+from edge_server.records import DeviceRestartedError, RoundStats, TurnSnapshot, turn_record
+from edge_server.scheduler import RoundPlan, Scheduler
+from edge_server.strategy import RobustAggregation, Upload
 from edge_server.timeline import TurnStamps
 from toolkit import compression
 from toolkit.compression import Encoding
-from toolkit.protocol import Kind, topics
+from toolkit.models import LayeredModel
+from toolkit.protocol import Kind
 from toolkit.protocol import messages as m
 from toolkit.protocol.endpoint import Received
-from toolkit.training import make_optimizer, server_step
+from toolkit.training import bound_smashed, make_optimizer, sample_norm_median, server_step
+
+if TYPE_CHECKING:
+    from edge_server.link import Link
+    from edge_server.server import ServerConfig
 
 log = logging.getLogger("cpsl.server")
 
 
 ENCODING_SAMPLES = 4  # (smashed data, gradient) batches --compress auto tries the encodings on
+SMASHED_FACTOR = 10.0  # a smashed sample's norm is bounded at this times the recent median
+SMASHED_HISTORY = 64  # batch medians remembered per cut
+SMASHED_STRIKES = 3  # iterations running with most of a batch over the bound: the device sits the round out
 
 
-class RoundSteps:
-    """The steps of a round; see the module's docstring for what the host class provides."""
+def paced(devices: list[str], offsets: dict[str, float], start: float, max_wait_s: float) -> Iterator[str]:
+    """``devices`` in slot order, each when its slot opens (``start`` + offset, monotonic).
 
-    encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
-    codec_clock: float = 0.0  # seconds this server spent decoding smashed data (toolkit.compression)
+    The plan shares the medium one transfer at a time (TDMA, as Wi-Fi airtime is shared);
+    sending everything at once would let the access point interleave the transfers and
+    the plan's finish times would be fiction. Devices without a slot go first, at once;
+    no wait is longer than ``max_wait_s``.
+    """
+    for device in sorted(devices, key=lambda d: (offsets.get(d, -1.0), d)):
+        delay = start + offsets.get(device, 0.0) - time.monotonic()
+        if delay > 0:
+            time.sleep(min(delay, max_wait_s))
+        yield device
+
+
+class RoundEngine:
+    """The rounds of one run: what a turn needs, declared here and nowhere else."""
+
+    def __init__(
+        self,
+        link: Link,
+        model: LayeredModel,
+        num_classes: int,
+        config: ServerConfig,
+        placement: torch.device,
+        strategy: RobustAggregation,
+        scheduler: Scheduler,
+        registered_samples: Callable[[str], int],
+    ) -> None:
+        self.link, self.model, self.num_classes, self.config = link, model, num_classes, config
+        self.placement, self.strategy, self.scheduler = placement, strategy, scheduler
+        self.registered_samples = registered_samples
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.server_optimizer: torch.optim.Optimizer | None = None
+        self.server_cut: int | None = None
+        self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
+        self.encoding_samples: list | None = None  # batches kept for --compress auto's trials, while it wants them
+        self.codec_clock = 0.0  # seconds spent decoding smashed data (toolkit.compression)
+        self._smashed_shapes: dict[int, tuple[int, ...]] = {}
+        self._smashed_norms: dict[int, deque] = {}  # per cut: median per-sample norms of recent batches
 
     def encodings(self) -> tuple[str, str]:
         """This round's encodings of smashed data and gradients: the scheduler's under --auto
         (chosen by it with --compress auto), else the run's settings."""
-        chosen = getattr(self.scheduler, "compression", None)
+        chosen = self.scheduler.encodings()
         return tuple(chosen) if chosen is not None else (self.config.compress_smashed, self.config.compress_gradient)
 
-    def _assign(
+    def assign(
         self, device: str, round_: int, cluster: int, devices: list[str], plan: RoundPlan, turn: int | None = None
     ) -> m.Assign:
         c = self.config
@@ -64,7 +111,7 @@ class RoundSteps:
             model=self.model.name,
             model_fingerprint=self.model.fingerprint(),
             input_shape=list(self.model.input_shape),
-            num_classes=self.data.num_classes,
+            num_classes=self.num_classes,
             cut=plan.cut,
             cluster=cluster,
             cluster_devices=devices,
@@ -83,22 +130,22 @@ class RoundSteps:
             compression=m.Compression(smashed=smashed, gradient=gradient),
         )
 
-    def _ensure_server_optimizer(self, cut: int) -> None:
+    def ensure_server_optimizer(self, cut: int) -> None:
         if self.server_cut != cut:
             self.server_cut = cut
-            place(self.model.net, cut, self.device)  # the server side on --device, the rest on the CPU
+            place(self.model.net, cut, self.placement)  # the server side on --device, the rest on the CPU
             server_part = self.model.net[cut:]
             self.server_optimizer = make_optimizer(
                 list(server_part.parameters()), self.config.lr, self.config.momentum, self.config.weight_decay
             )
 
-    def _check_smashed(self, item: Received, cut: int) -> str | None:
+    def check_smashed(self, item: Received, cut: int) -> str | None:
         started = time.perf_counter()
         problem = decode_smashed(item, self.encodings()[0])
         self.codec_clock += time.perf_counter() - started
         if problem:
             return problem
-        return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.data.num_classes, cut)
+        return check_smashed(item, self._smashed_shape(cut), self.config.batch_size, self.num_classes, cut)
 
     def _smashed_shape(self, cut: int) -> tuple[int, ...]:
         """Per-sample shape of the cut's activations; one probe forward per cut, not per message."""
@@ -111,17 +158,17 @@ class RoundSteps:
             self._smashed_shapes[cut] = shape
         return self._smashed_shapes[cut]
 
-    def _split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+    def split_turn(self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
         """One cluster's turn, started again if a device of it comes back mid-turn as a new agent
         life (killed and restarted: what it had trained died with it). The server side is put
         back as it was when the turn began and every device draws the same batches again, so
         the turn trains what it would have trained without the fault; the time lost stays in
         the round's latency and the record lists the restart. Past ``turn_replays`` restarts
         of one turn, a restarted device is dropped from the round instead."""
-        self._ensure_server_optimizer(plan.cut)
+        self.ensure_server_optimizer(plan.cut)
         before = TurnSnapshot.take(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions, devices)
         for replays_left in range(self.config.turn_replays, -1, -1):
-            attempt = TurnStats(sessions=stats.sessions, replays_left=replays_left)
+            attempt = RoundStats(sessions=stats.sessions, replays_left=replays_left)
             try:
                 self._split_turn_once(round_, cluster, devices, plan, attempt)
             except DeviceRestartedError as restart:
@@ -132,7 +179,7 @@ class RoundSteps:
                     restart.device,
                 )
                 before.restore(self.model.net[plan.cut :], self.server_optimizer, self.stream_positions)
-                stats.sessions[restart.device] = self.registry.devices[restart.device].session
+                stats.sessions[restart.device] = self.link.session_of(restart.device)
                 stats.restarts.append({"cluster": cluster, "device": restart.device})
                 stats.abandon(attempt)
                 continue
@@ -140,12 +187,12 @@ class RoundSteps:
             return
 
     def _split_turn_once(
-        self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+        self, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats
     ) -> None:
         """One cluster's turn: weights down, I parallel iterations against the server model, average."""
         cut = plan.cut
         device_part, server_part = self.model.net[:cut], self.model.net[cut:]
-        self._ensure_server_optimizer(cut)
+        self.ensure_server_optimizer(cut)
         server_part.train()
         timing = plan.timing.get(cluster)  # with slots: the downlink slots, and the next uplink slots' epoch
         gradient_offsets = timing.gradient_offsets if timing is not None else {}
@@ -157,35 +204,48 @@ class RoundSteps:
         stamps.weights_sent = {d: stats.weights_sent[d] for d in devices if d in stats.weights_sent}
         stats.stamps.append(stamps)
         active = set(devices)
+        strikes: dict[str, int] = {}  # iterations running in which a device's smashed data was mostly over the bound
         smashed_in: list[float] = []  # when each iteration's last smashed data arrived
         for iteration in range(self.config.iterations):
             deadline = time.monotonic() + self.config.iteration_timeout_s
-            got = self._collect(
+            got = self.link.collect(
                 Kind.SMASHED,
                 round_,
                 iteration,
                 active,
                 stats,
                 deadline,
-                check=lambda item: self._check_smashed(item, cut),
+                check=lambda item: self.check_smashed(item, cut),
             )
             active = set(got)
             smashed_in.append(time.monotonic())
             stats.server_codec_s, self.codec_clock = stats.server_codec_s + self.codec_clock, 0.0
             for device, item in got.items():
                 stats.arrivals.setdefault(device, {})[iteration] = item.arrived_wall
-                counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.data.num_classes)
+                counts = np.bincount(item.message.tensors["labels"].numpy(), minlength=self.num_classes)
                 stats.label_counts[device] = stats.label_counts.get(device, 0) + counts
             if not active:
                 log.warning("cluster %d of round %d has no device left", cluster, round_)
                 return
             order = sorted(got)
+            smashed = self._bounded_smashed(cut, order, got, stats, strikes, round_, iteration)
+            for device in [d for d in order if strikes.get(d, 0) >= SMASHED_STRIKES]:
+                reason = f"smashed data over the bound in {SMASHED_STRIKES} iterations running"
+                log.warning("round %d: %s left out of the round: %s", round_, device, reason)
+                stats.dropped.add(device)
+                stats.left_out[device] = reason
+                active.discard(device)
+            kept = [i for i, d in enumerate(order) if d in active]
+            order, smashed = [order[i] for i in kept], [smashed[i] for i in kept]
+            if not order:
+                log.warning("cluster %d of round %d has no device left", cluster, round_)
+                return
             t0, wall0 = time.monotonic(), time.time()
             grads, loss = server_step(  # decoded and checked on the CPU, then moved
                 server_part,
                 self.server_optimizer,
-                [got[d].message.tensors["smashed"].to(self.device) for d in order],
-                [got[d].message.tensors["labels"].to(self.device) for d in order],
+                [batch.to(self.placement) for batch in smashed],
+                [got[d].message.tensors["labels"].to(self.placement) for d in order],
                 self.loss_fn,
             )
             grads = [g.cpu() for g in grads]  # encoded and sent from the CPU
@@ -193,7 +253,7 @@ class RoundSteps:
             stamps.server_steps[iteration] = (wall0, wall0 + (t1 - t0))
             if not math.isfinite(loss):
                 # the server part was not stepped; the devices get zero gradients and go on
-                self.endpoint.count("non-finite server loss")
+                self.link.count("non-finite server loss")
                 log.warning("round %d iteration %d: the server loss is %s; step skipped", round_, iteration, loss)
             else:
                 stats.train_losses.append(loss)
@@ -210,15 +270,15 @@ class RoundSteps:
             if self.encoding_samples is not None and len(self.encoding_samples) < ENCODING_SAMPLES:
                 first = order[0]  # real batches for --compress auto's trials
                 self.encoding_samples.append((got[first].message.tensors["smashed"], gradient_of[first].detach()))
-            for device in self._in_slots(order, gradient_offsets, time.monotonic()):
+            for device in paced(order, gradient_offsets, time.monotonic(), self.config.iteration_timeout_s):
                 body = m.Gradient(uplink_epoch=epoch, encoding=encoding.name)
-                self._send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
+                self.link.send(device, Kind.GRADIENT, body, round_, iteration, tensors=wire[device])
                 stamps.gradients_sent[(device, iteration)] = time.time()
-            self.endpoint.transport.flush(self.config.iteration_timeout_s)
+            self.link.flush(f"round {round_} iteration {iteration}'s gradients")
             stats.server_compute_s += t1 - t0
             stats.downlink_s += time.monotonic() - t1
         t_weights = time.monotonic()
-        good = self._collect(
+        good = self.link.collect(
             Kind.WEIGHTS_UP,
             round_,
             0,
@@ -228,25 +288,57 @@ class RoundSteps:
             check=lambda item: check_weights(item.message.tensors, state),
         )
         stamps.weights_arrived = {device: item.arrived_wall for device, item in good.items()}
-        self._average_into(device_part, state, good)
+        self._average_into(device_part, state, good, stats)
         turn_ended = time.monotonic()
         stats.model_transfer_s += turn_ended - t_weights
         stats.turns.append(turn_record(cluster, plan, turn_started, smashed_in, t_weights, turn_ended))
         self._account_device_timings(round_, sorted(good), stats)
 
+    def _bounded_smashed(
+        self,
+        cut: int,
+        order: list[str],
+        got: dict[str, Received],
+        stats: RoundStats,
+        strikes: dict[str, int],
+        round_: int,
+        iteration: int,
+    ) -> list[torch.Tensor]:
+        """The iteration's smashed data, each sample bounded at ``SMASHED_FACTOR`` times the
+        median per-sample norm of the cut's recent batches (this iteration's among them: the
+        median holds while the honest devices are most). Clipped samples are counted per
+        device; a device whose batch was mostly clipped earns a strike, and an ordinary batch
+        clears them."""
+        batches = [got[d].message.tensors["smashed"] for d in order]
+        history = self._smashed_norms.setdefault(cut, deque(maxlen=SMASHED_HISTORY))
+        medians = [sample_norm_median(batch) for batch in batches]
+        reference = statistics.median([*medians, *history])
+        history.extend(medians)
+        if not reference > 0:
+            return batches
+        bounded, clipped = bound_smashed(batches, SMASHED_FACTOR * reference)
+        for device, count, batch in zip(order, clipped, batches, strict=True):
+            if count:
+                stats.clipped_smashed[device] = stats.clipped_smashed.get(device, 0) + count
+            strikes[device] = strikes.get(device, 0) + 1 if 2 * count > len(batch) else 0
+        if any(clipped):
+            counts = dict(zip(order, clipped, strict=True))
+            log.debug("round %d iteration %d: smashed samples bounded %s", round_, iteration, counts)
+        return bounded
+
     def _transfer_allowance_s(self, state: dict[str, torch.Tensor], devices: int, directions: int) -> float:
         """Seconds to allow for ``devices`` copies of ``state`` crossing the medium ``directions`` times
-        at the slowest rate the deployment allows: a fixed timeout alone cut off FL on a slow
-        fleet whose whole-model transfers took longer than it (issue #10)."""
+        at the slowest rate the deployment allows: a fixed timeout alone would cut off FL on a
+        slow fleet whose whole-model transfers take longer than it."""
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         return 8 * nbytes * devices * directions / self.config.min_link_bps
 
-    def _fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: TurnStats) -> None:
+    def fl_round(self, round_: int, devices: list[str], plan: RoundPlan, stats: RoundStats) -> None:
         started = time.monotonic()
         state = self._hand_out(self.model.net, round_, 0, devices, plan, stats)
         compute_s = self.config.iteration_timeout_s * (1 + self.config.iterations / 10)
         deadline = started + compute_s + self._transfer_allowance_s(state, len(devices), 2)
-        good = self._collect(
+        good = self.link.collect(
             Kind.WEIGHTS_UP,
             round_,
             0,
@@ -255,11 +347,11 @@ class RoundSteps:
             deadline,
             check=lambda item: check_weights(item.message.tensors, state),
         )
-        self._average_into(self.model.net, state, good)
+        self._average_into(self.model.net, state, good, stats)
         self._account_device_timings(round_, sorted(good), stats)
 
     def _hand_out(
-        self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: TurnStats
+        self, part: nn.Module, round_: int, cluster: int, devices: list[str], plan: RoundPlan, stats: RoundStats
     ) -> dict[str, torch.Tensor]:
         """ASSIGN and the current weights of ``part`` to each device; returns the weights sent."""
         state = {k: v.detach().clone() for k, v in part.state_dict().items()}
@@ -269,57 +361,48 @@ class RoundSteps:
         stats.handout_epoch = epoch
         stats.turn_token = secrets.randbelow(m.MAX_TURN_TOKEN)
         for device in devices:
-            assign = self._assign(device, round_, cluster, devices, plan, stats.turn_token)
-            self._send(device, Kind.ASSIGN, assign, round_)
+            assign = self.assign(device, round_, cluster, devices, plan, stats.turn_token)
+            self.link.send(device, Kind.ASSIGN, assign, round_)
             stats.handout_positions[device] = self.stream_positions.get(device, 0)
             # the turn draws this many batches from the device's stream (its next ASSIGN says so)
             self.stream_positions[device] = self.stream_positions.get(device, 0) + self.config.iterations
         offsets = timing.weights_down_offsets if timing is not None else {}
-        for device in self._in_slots(devices, offsets, started):
-            self._send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
+        for device in paced(devices, offsets, started, self.config.iteration_timeout_s):
+            self.link.send(device, Kind.WEIGHTS_DOWN, m.WeightsDown(uplink_epoch=epoch), round_, tensors=state)
             stats.weights_sent[device] = time.time()
-        self.endpoint.transport.flush(self.config.iteration_timeout_s)
+        self.link.flush(f"round {round_}'s weights")
         stats.model_transfer_s += time.monotonic() - started
         return state
 
-    def _in_slots(self, devices: list[str], offsets: dict[str, float], start: float) -> Iterator[str]:
-        """``devices`` in slot order, each when its slot opens (``start`` + offset, monotonic).
-
-        The plan shares the medium one transfer at a time (TDMA, as Wi-Fi airtime is shared);
-        sending everything at once would let the access point interleave the transfers and
-        the plan's finish times would be fiction. Devices without a slot go first, at once.
-        """
-        for device in sorted(devices, key=lambda d: (offsets.get(d, -1.0), d)):
-            delay = start + offsets.get(device, 0.0) - time.monotonic()
-            if delay > 0:
-                time.sleep(min(delay, self.config.iteration_timeout_s))
-            yield device
-
-    def _average_into(self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received]) -> None:
-        """The strategy's average of the uploads (bounded weights, outliers rejected), loaded into ``part``."""
+    def _average_into(
+        self, part: nn.Module, handed_out: dict[str, torch.Tensor], uploads: dict[str, Received], stats: RoundStats
+    ) -> None:
+        """The strategy's combination of the uploads (bounded weights, outliers rejected), loaded
+        into ``part``; whose weight was capped and whose update clipped goes into the round's record."""
         result = self.strategy.aggregate(
             handed_out,
             {
-                device: Upload(
-                    item.message.tensors, item.message.body.num_samples, self.registry.registered_samples(device)
-                )
+                device: Upload(item.message.tensors, item.message.body.num_samples, self.registered_samples(device))
                 for device, item in uploads.items()
             },
         )
         for device, reason in sorted(result.rejected.items()):
-            self.endpoint.reject(topics.up(self.run_id, device), f"update norm outlier: weights of {device}: {reason}")
+            self.link.refuse(device, f"update norm outlier: weights of {device}: {reason}")
+        for device, claimed in sorted(result.capped.items()):
+            log.warning(
+                "%s claims %.0f samples, over twice the median registration: its weight is capped", device, claimed
+            )
+        stats.capped_weights.update(result.capped)
+        stats.clipped_updates.update(result.clipped)
         if result.state is None:
             if uploads:
                 log.warning("no upload carried weight (%s): the weights stay as they were", sorted(uploads))
             return
         part.load_state_dict(result.state)
 
-    def _account_device_timings(self, round_: int, devices: list[str], stats: TurnStats) -> None:
+    def _account_device_timings(self, round_: int, devices: list[str], stats: RoundStats) -> None:
         """Device compute and uplink per iteration: the slowest device of the cluster sets the pace."""
-        deadline = time.monotonic() + 2.0
-        while any((round_, d) not in self.timings for d in devices) and time.monotonic() < deadline:
-            self._poll(0.1)
-        reports = [self.timings[(round_, d)] for d in devices if (round_, d) in self.timings]
+        reports = list(self.link.reports(round_, devices, wait_s=2.0).values())
         if not reports:
             return
         for iteration in range(max(len(r.iterations) for r in reports)):

@@ -162,17 +162,17 @@ def load_state(run_dir: Path, run_id: str, fingerprint: str) -> RunState:
 
 def capture(server, round_: int) -> RunState:
     """The state of ``server`` (an EdgeServer) after ``round_`` completed."""
-    scheduler_state = getattr(server.scheduler, "state_dict", None)
-    optimizer = server.server_optimizer
+    rounds = server.rounds
+    optimizer = rounds.server_optimizer
     return RunState(
         run_id=server.run_id,
         round=round_,
         fingerprint=server.model.fingerprint(),
         model=server.model.net.state_dict(),
         server_optimizer=optimizer.state_dict() if optimizer is not None else None,
-        server_cut=server.server_cut,
-        stream_positions=dict(server.stream_positions),
-        scheduler=scheduler_state() if scheduler_state is not None else {},
+        server_cut=rounds.server_cut,
+        stream_positions=dict(rounds.stream_positions),
+        scheduler=server.scheduler.state_dict(),
     )
 
 
@@ -182,13 +182,11 @@ def restore(server, state: RunState) -> int:
     try:
         server.model.net.load_state_dict(state.model, strict=True)
         if state.server_cut is not None:
-            server._ensure_server_optimizer(state.server_cut)
+            server.rounds.ensure_server_optimizer(state.server_cut)
             if state.server_optimizer is not None:
-                server.server_optimizer.load_state_dict(state.server_optimizer)
+                server.rounds.server_optimizer.load_state_dict(state.server_optimizer)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise UserError(f"the saved state does not fit the run's model: {str(exc).splitlines()[0][:200]}") from None
-    server.stream_positions = dict(state.stream_positions)
-    load = getattr(server.scheduler, "load_state_dict", None)
-    if load is not None:
-        load(state.scheduler)
+    server.rounds.stream_positions = dict(state.stream_positions)
+    server.scheduler.load_state_dict(state.scheduler)
     return state.round + 1

@@ -2,20 +2,28 @@
 
 A :class:`Scheduler` turns the online devices into a :class:`RoundPlan`: the cut, the
 clusters (trained one after another; devices inside a cluster in parallel) and each
-device's transmission grant. :class:`FixedScheduler` takes them from flags;
-:class:`edge_server.auto.AutoScheduler` decides them live (``--auto``), and also offers
-``needs_probe``/``add_device`` (the server probes new devices for it) and ``observe``
-(the server hands it every round's measurements).
+device's transmission grant. It is everything the edge server asks of a scheduler --
+planning, what it needs measured, the measurements themselves, the encodings, its state
+for ``--resume`` -- and the server asks nothing else (no attribute is looked up by name).
+:class:`FixedScheduler` takes its plan from flags and measures nothing;
+:class:`edge_server.auto.AutoScheduler` decides live (``--auto``). Aggregation is not
+here: it is a strategy of its own (edge_server.strategy), as in Flower.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from edge_server.registry import DeviceRecord
 from toolkit.protocol import messages as m
+
+if TYPE_CHECKING:
+    from edge_server.probe import LinkMeasurement, TogetherMeasurement
+    from toolkit.compression import Trial
 
 SCHEMES = ("cpsl", "sl", "sfl", "fl")
 
@@ -61,12 +69,77 @@ class RoundPlan:
     decision: dict = field(default_factory=dict)  # logged to metrics.jsonl as is
 
 
-class Scheduler(Protocol):
-    def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan: ...
+@dataclass
+class RoundMeasurements:
+    """What a split round measured, handed to the scheduler after it (server clock)."""
+
+    cut: int
+    timings: dict[str, m.Timings]  # each device's report of its turn
+    server_steps: list[tuple[int, float]]  # (samples, seconds) of each server step
+    arrivals: dict[str, dict[int, float]] = field(default_factory=dict)  # device -> iteration -> smashed data in
+    turns: list[dict] = field(default_factory=list)  # per cluster: measured phases beside their predictions
+    latency_s: float | None = None
+    label_counts: dict[str, np.ndarray] = field(default_factory=dict)  # per device, the labels it trained on
+    server_codec: tuple[float, int] | None = None  # seconds decoding and encoding at the cut, fp32 bytes covered
+
+
+class Scheduler:
+    """What the edge server asks of a scheduler. ``plan`` is the one a scheduler must
+    implement; the defaults are a scheduler that measures nothing, learns nothing and keeps
+    no state -- one that plans from measurements overrides the rest."""
+
+    # planning
+    def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
+        raise NotImplementedError
+
+    # what it needs measured: the server probes these devices' links, each alone, and then,
+    # when asked, all of them together for the medium (edge_server.probe)
+    def needs_probe(self, device: str) -> bool:
+        return False
+
+    def needs_medium_probe(self, devices: list[str]) -> bool:
+        return False
+
+    def known_links(self, devices: list[str]) -> dict[str, LinkMeasurement]:
+        """The links measured so far of these devices (the simultaneous probe sizes its payloads by them)."""
+        return {}
+
+    # how it takes measurements
+    def add_device(self, record: DeviceRecord, link: LinkMeasurement, devices: list[DeviceRecord]) -> None:
+        """A device probed for the first time (or again after ``forget``)."""
+
+    def set_medium(self, together: TogetherMeasurement) -> None:
+        """The simultaneous probe's result."""
+
+    def forget(self, device: str) -> None:
+        """The device came back (offline, or a new agent life): what was measured of it may not hold."""
+
+    def observe(self, measured: RoundMeasurements) -> None:
+        """A split round's measurements, after it."""
+
+    # what crosses the cut
+    def encodings(self) -> tuple[str, str] | None:
+        """This round's (smashed data, gradient) encodings, or None for the run's settings."""
+        return None
+
+    @property
+    def wants_encoding_trials(self) -> bool:
+        """True while it wants every candidate encoding tried on real batches (``choose_encodings``)."""
+        return False
+
+    def choose_encodings(self, trials: list[Trial]) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} asks for no encoding trials")
+
+    # state for --resume (JSON)
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put back what ``state_dict`` returned in an earlier life of the run."""
 
 
 @dataclass
-class FixedScheduler:
+class FixedScheduler(Scheduler):
     """cpsl: ``clusters`` groups dealt round-robin by device id (or, with
     ``random_clusters``, by a permutation drawn per round from ``seed``); sl: one device
     per cluster; sfl: one cluster of all; fl: all devices, whole model. No slots: every

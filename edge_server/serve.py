@@ -82,8 +82,11 @@ class RequestRefusedError(Exception):
     """An INFER the service will not answer with logits; the message is the reason it sends back."""
 
 
-def load_trained(run_dir: Path) -> tuple[LayeredModel, str]:
-    """The model run_dir's run trained, with its final weights (model.pt), and the run's id."""
+def load_trained(run_dir: Path, model_spec: str | None = None) -> tuple[LayeredModel, str]:
+    """The model run_dir's run trained, with its final weights (model.pt), and the run's id.
+    ``model_spec``: the operator's name for a model of their own code (a run folder's is not used)."""
+    from toolkit.models.registry import model_to_rebuild
+
     settings = read_settings(run_dir)
     if not settings.model:
         raise UserError(f"{run_dir}/run.json names no model")
@@ -93,7 +96,8 @@ def load_trained(run_dir: Path) -> tuple[LayeredModel, str]:
 
         data = load_dataset(settings.data, settings.seed)
         shape, classes = data.input_shape, data.num_classes
-    model = load_model(settings.model, input_shape=shape, num_classes=classes, seed=settings.seed)
+    spec = model_to_rebuild(settings.model, model_spec, f"{run_dir}/run.json")
+    model = load_model(spec, input_shape=shape, num_classes=classes, seed=settings.seed)
     raw = read_bounded(run_dir / "model.pt", MAX_MODEL_BYTES, "trained model")
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -115,12 +119,12 @@ class TailService:
         self.model = model
         self.run_id = run_id
         self.service = topics.check_id(config.service or run_id, "service name")
-        self.device = resolve_device(config.device)
+        self.placement = resolve_device(config.device)
         model.net.eval()
         self.num_layers = model.num_layers
         self.cuts = list(range(0 if config.raw_inputs else 1, self.num_layers))
         self.digest = weights_digest(model.net.state_dict())  # of the CPU tensors, as the heads were digested
-        model.net.to(self.device)  # requests are decoded on the CPU, then moved; logits come back
+        model.net.to(self.placement)  # requests are decoded on the CPU, then moved; logits come back
         self.shapes = self._shapes()
         self.accepted = {Encoding.parse(name).name for name in ACCEPTED_ENCODINGS}
         self.endpoint = Endpoint(f"serve-{self.service}")
@@ -135,7 +139,7 @@ class TailService:
     def _shapes(self) -> dict[int, tuple[int, ...]]:
         """Each cut's activations for one sample (cut 0: the input)."""
         shapes = {0: tuple(self.model.input_shape)}
-        x = torch.zeros(1, *self.model.input_shape, device=self.device)
+        x = torch.zeros(1, *self.model.input_shape, device=self.placement)
         with torch.inference_mode():
             for index, layer in enumerate(self.model.net, start=1):
                 x = layer(x)
@@ -159,7 +163,7 @@ class TailService:
                 with torch.inference_mode():
                     for repeat in range(self.config.tail_repeats + 1):
                         started = time.perf_counter()
-                        tail(x.to(self.device)).cpu()  # as a request runs: in, computed, back
+                        tail(x.to(self.placement)).cpu()  # as a request runs: in, computed, back
                         if repeat:
                             runs.append(time.perf_counter() - started)
                 seconds.append(statistics.median(runs))
@@ -217,7 +221,7 @@ class TailService:
             return
         frame = self._status_frame("offline")
         transport.publish(topics.infer_status(self.service), frame, qos=1, retain=True)
-        transport.flush(5.0)
+        self.endpoint.flush(5.0, "the offline status")
         transport.close()
 
     # serving ---------------------------------------------------------------------------------
@@ -317,7 +321,7 @@ class TailService:
         """The model after ``cut`` on the decoded activations ``x`` (CPU), logits back on the CPU."""
         self.forwards += 1
         with torch.inference_mode():
-            return self.model.net[cut:](x.to(self.device)).to("cpu", torch.float32).contiguous()
+            return self.model.net[cut:](x.to(self.placement)).to("cpu", torch.float32).contiguous()
 
     def prepare(self, request: m.Infer, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """``request``'s activations, checked and decoded (CPU), or RequestRefusedError saying why not."""

@@ -17,26 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from edge_server.dashboard.view import device_info
 from edge_server.intake import Intake
+from edge_server.link import MqttLink
 from edge_server.placement import SplitForward, place
 from edge_server.records import (
-    DeviceRestartedError,
     RoundOutcome,
+    RoundStats,
     RunRecords,
-    TurnStats,
     publish_metrics,
     round_record,
     round_traffic,
 )
 from edge_server.registry import Registry
-from edge_server.rounds import RoundSteps
+from edge_server.rounds import RoundEngine
 from edge_server.run_state import RunState, capture, restore, save_state, write_settings
-from edge_server.scheduler import FixedScheduler, Scheduler
-from edge_server.strategy import BoundedFedAvg
+from edge_server.scheduler import FixedScheduler, RoundMeasurements, Scheduler
+from edge_server.strategy import RobustAggregation
 from toolkit import compression
 from toolkit.data import Dataset
 from toolkit.devices import resolve_device
@@ -45,7 +42,7 @@ from toolkit.models import LayeredModel
 from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import encode, make_header
-from toolkit.protocol.endpoint import Endpoint, Received
+from toolkit.protocol.endpoint import Endpoint
 from toolkit.training import evaluate
 from toolkit.transport import BrokerAddress, MqttTransport, Will
 
@@ -87,6 +84,7 @@ class ServerConfig:
     iteration_flow: bool = True  # --auto with slots: gradients and the next uploads as one stretch
     target_accuracy: float | None = None  # stop once the test accuracy reaches it
     norm_factor: float = 10.0  # an upload whose update norm exceeds this times the median is rejected (0: off)
+    aggregate: str = "fedavg"  # how uploads are combined (edge_server.strategy.METHODS)
     medium: str = "auto"  # --auto: how the devices share the medium ("auto": decided from probes)
     compress_smashed: str = "fp32"  # encodings of what crosses the cut (toolkit.compression)
     compress_gradient: str = "fp32"  # "auto" in both: chosen after the first split round (--auto only)
@@ -96,7 +94,7 @@ class ServerConfig:
     data_spec: str = ""
 
 
-class EdgeServer(RoundSteps):
+class EdgeServer:
     def __init__(
         self,
         config: ServerConfig,
@@ -108,20 +106,28 @@ class EdgeServer(RoundSteps):
         self.config = config
         self.model = model
         self.data = data
-        self.device = resolve_device(config.device)
+        self.placement = resolve_device(config.device)
         self.run_id = config.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.scheduler = scheduler or self._default_scheduler()
         self.on_round = on_round or (lambda record: None)
         self.registry = Registry(config.heartbeat_timeout_s)
         self.endpoint = Endpoint("server", max_frame_bytes=config.max_frame_bytes)
         self.intake = Intake(self.endpoint, self.registry, self.run_id)
-        self.strategy = BoundedFedAvg(config.norm_factor)
-        self.loss_fn = nn.CrossEntropyLoss()
-        self.server_optimizer: torch.optim.Optimizer | None = None
-        self.server_cut: int | None = None
-        self._smashed_shapes: dict[int, tuple[int, ...]] = {}
+        self.strategy = RobustAggregation(config.norm_factor, config.aggregate)
+        self.link = MqttLink(
+            self.endpoint, self.intake, self.registry, self.run_id, config.reconnect_grace_s, config.iteration_timeout_s
+        )
+        self.rounds = RoundEngine(
+            self.link,
+            model,
+            data.num_classes,
+            config,
+            self.placement,
+            self.strategy,
+            self.scheduler,
+            self.registry.registered_samples,
+        )
         self.history: list[dict] = []
-        self.stream_positions: dict[str, int] = {}  # batches each device has drawn in this run
         self._fleet_written: list[tuple[str, str]] = []
 
     def _default_scheduler(self) -> Scheduler:
@@ -138,7 +144,7 @@ class EdgeServer(RoundSteps):
             else:  # measured here, on the threads it trains with (edge_server/own_profile.py)
                 largest = c.max_cluster_size or max(1, -(-c.min_devices // max(1, c.clusters)))
                 sizes = pooled_batch_sizes(c.batch_size, largest)
-                server_profile, source = own_profile(self.model, sizes, device=self.device)
+                server_profile, source = own_profile(self.model, sizes, device=self.placement)
             bounds = ClusterBounds(max_cluster_size=c.max_cluster_size, min_clusters=c.clusters)
             return AutoScheduler(
                 self.model.fingerprint(),
@@ -194,41 +200,19 @@ class EdgeServer(RoundSteps):
         if transport is None:
             return
         for device in list(self.registry.devices):
-            self._send(device, Kind.STOP, m.Stop(reason="run finished"), round_=0)
+            self.link.send(device, Kind.STOP, m.Stop(reason="run finished"), round_=0)
         transport.publish(topics.server_status(), self._status_frame("offline"), qos=1, retain=True)
-        transport.flush(5.0)
+        self.endpoint.flush(5.0, "the STOPs and the offline status")
         transport.close()
-
-    def _send(
-        self,
-        device: str,
-        kind: Kind,
-        body: m.Body,
-        round_: int,
-        iteration: int = 0,
-        tensors: dict[str, torch.Tensor] | None = None,
-    ) -> int:
-        return self.endpoint.send(
-            topics.down(self.run_id, device),
-            kind,
-            body,
-            run=self.run_id,
-            device=device,
-            round_=round_,
-            iteration=iteration,
-            tensors=tensors,
-        )
 
     # intake ------------------------------------------------------------------------------
     @property
     def timings(self) -> dict[tuple[int, str], m.Timings]:
         return self.intake.timings
 
-    def _poll(self, timeout_s: float) -> Received | None:
-        item = self.intake.poll(timeout_s)
-        for device in self.registry.take_announced():  # back after a reconnect: what it may have missed
-            self.endpoint.replay(topics.down(self.run_id, device))
-        return item
+    def serve_intake(self, timeout_s: float) -> None:
+        """Registrations, heartbeats, timings and refusals, served for up to ``timeout_s``."""
+        self.link.serve(timeout_s)
 
     def _devices_for_round(self, round_: int) -> list:
         """The online devices; with none online, wait for one (up to the registration timeout)
@@ -241,7 +225,7 @@ class EdgeServer(RoundSteps):
         while not devices:
             if time.monotonic() > deadline:
                 raise UserError(f"no device online for round {round_} within {self.config.register_timeout_s:g} s")
-            self._poll(0.2)
+            self.link.serve(0.2)
             devices = self.registry.online()
         return devices
 
@@ -253,87 +237,23 @@ class EdgeServer(RoundSteps):
                     f"only {len(self.registry.online())} of {self.config.min_devices} devices registered "
                     f"within {self.config.register_timeout_s:g} s"
                 )
-            self._poll(0.2)
-
-    def _collect(
-        self,
-        kind: Kind,
-        round_: int,
-        iteration: int,
-        expected: set[str],
-        stats: TurnStats,
-        deadline: float,
-        check: Callable[[Received], str | None] | None = None,
-    ) -> dict[str, Received]:
-        """Messages of ``kind`` for this round/iteration from each expected device, until the deadline.
-
-        A message that fails ``check`` is rejected and the device stays expected: a forged or
-        corrupt message must not knock a genuine device out of the round.
-        """
-        got: dict[str, Received] = {}
-        while expected - got.keys() - stats.dropped:
-            for device in expected - got.keys():
-                # gone for good, or back as a new agent life (restarted: its turn is lost with it;
-                # a split turn is then started again with it, while it may be)
-                record = self.registry.devices.get(device)
-                restarted = record is not None and stats.sessions.get(device, record.session) != record.session
-                if restarted and stats.replays_left > 0 and self.registry.is_online(device):
-                    raise DeviceRestartedError(device)
-                if device not in stats.dropped and (
-                    restarted or self.registry.has_left(device, self.config.reconnect_grace_s)
-                ):
-                    log.warning("device %s is offline: dropped from round %d", device, round_)
-                    stats.dropped.add(device)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                for device in expected - got.keys() - stats.dropped:
-                    log.warning(
-                        "device %s sent no %s for round %d iteration %d in time: dropped from the round",
-                        device,
-                        kind.name,
-                        round_,
-                        iteration,
-                    )
-                    stats.dropped.add(device)
-                break
-            item = self._poll(min(remaining, 0.5))
-            if item is None:
-                continue
-            message, device = item.message, item.message.header.device
-            if message.kind is not kind or message.header.round != round_ or message.header.iteration != iteration:
-                where = f"round {message.header.round} iteration {message.header.iteration}"
-                self.endpoint.reject(item.topic, f"unexpected {message.kind.name} for {where} (late or early)")
-                continue
-            if device not in expected or device in stats.dropped:
-                self.endpoint.reject(item.topic, f"{device} is not active in this cluster")
-                continue
-            turn = getattr(message.body, "turn", None)
-            if turn is not None and stats.turn_token is not None and turn != stats.turn_token:
-                self.endpoint.reject(item.topic, f"{kind.name} answers an earlier hand-out (the turn started again)")
-                continue
-            problem = check(item) if check is not None else None
-            if problem:
-                self.endpoint.reject(item.topic, problem)
-                continue
-            got[device] = item
-        return got
+            self.link.serve(0.2)
 
     def probe_new_devices(self, round_: int, devices: list) -> None:
         """Measure the link of every device the scheduler has not seen, and the medium (edge_server.probe)."""
-        if getattr(self.scheduler, "needs_probe", None) is None:
-            return
         for device in self.registry.take_returned():
             self.scheduler.forget(device)
         from edge_server.probe import LinkProber, probe_fleet
 
         def send(device: str, body: m.Probe, tensors) -> None:
-            self._send(device, Kind.PROBE, body, round_, tensors=tensors)
+            self.link.send(device, Kind.PROBE, body, round_, tensors=tensors)
 
         prober = LinkProber(
             send,
-            self._poll,
+            self.link.poll,
             timeout_s=self.config.iteration_timeout_s,
-            flush=lambda: self.endpoint.transport.flush(self.config.iteration_timeout_s),
+            flush=lambda: self.endpoint.flush(self.config.iteration_timeout_s, f"round {round_}'s probes"),
+            discard=lambda item, reason: self.endpoint.reject(item.topic, reason),
         )
         probe_fleet(self.scheduler, prober, devices)
 
@@ -344,31 +264,31 @@ class EdgeServer(RoundSteps):
         encoding_choice = self._choose_encodings()
         plan = self.scheduler.plan(round_, devices)
         plan.clusters = [cluster for cluster in plan.clusters if cluster]
-        stats = TurnStats(sessions={d.id: d.session for d in devices})
+        stats = RoundStats(sessions={d.id: d.session for d in devices})
         counters = (dict(self.endpoint.bytes_received), dict(self.endpoint.bytes_sent))
         started, started_wall = time.monotonic(), time.time()
         if not plan.clusters:
             log.warning("round %d: the plan has no devices; nothing trained", round_)
         elif plan.cut is None:
-            self._fl_round(round_, plan.clusters[0], plan, stats)
+            self.rounds.fl_round(round_, plan.clusters[0], plan, stats)
         else:
             for cluster, members in enumerate(plan.clusters):
-                self._split_turn(round_, cluster, members, plan, stats)
+                self.rounds.split_turn(round_, cluster, members, plan, stats)
         latency = time.monotonic() - started
-        observe = getattr(self.scheduler, "observe", None)
-        if observe is not None and plan.cut is not None:
-            reports = {d: t for (r, d), t in self.timings.items() if r == round_}
-            observe(
-                plan.cut,
-                reports,
-                stats.server_steps,
-                stats.arrivals,
-                stats.turns,
-                latency,
-                stats.label_counts,
-                server_codec=(stats.server_codec_s, stats.server_codec_bytes),
+        if plan.cut is not None:
+            self.scheduler.observe(
+                RoundMeasurements(
+                    cut=plan.cut,
+                    timings={d: t for (r, d), t in self.timings.items() if r == round_},
+                    server_steps=stats.server_steps,
+                    arrivals=stats.arrivals,
+                    turns=stats.turns,
+                    latency_s=latency,
+                    label_counts=stats.label_counts,
+                    server_codec=(stats.server_codec_s, stats.server_codec_bytes),
+                )
             )
-        whole = SplitForward(self.model.net, self.server_cut, self.device)  # each side where it trains
+        whole = SplitForward(self.model.net, self.rounds.server_cut, self.placement)  # each side where it trains
         accuracy, loss = evaluate(whole, self.data.test_x, self.data.test_y)
         record = round_record(
             RoundOutcome(round_, self.run_id, self.config.scheme, plan, started_wall, latency, accuracy, loss),
@@ -378,6 +298,7 @@ class EdgeServer(RoundSteps):
             dict(self.endpoint.rejected),
             dict(self.intake.refusals),
             round_traffic(counters, (self.endpoint.bytes_received, self.endpoint.bytes_sent)),
+            dict(self.intake.refused),
         )
         if encoding_choice is not None:
             record["encoding_choice"] = encoding_choice
@@ -386,14 +307,14 @@ class EdgeServer(RoundSteps):
     def _choose_encodings(self) -> dict | None:
         """--compress auto: once a split round has left batches to try, every candidate pair of
         encodings on them; the scheduler picks (edge_server.auto). Until then, keep batches."""
-        if not getattr(self.scheduler, "wants_encoding_trials", False):
-            self.encoding_samples = None
+        if not self.scheduler.wants_encoding_trials:
+            self.rounds.encoding_samples = None
             return None
-        if not self.encoding_samples:
-            self.encoding_samples = []
+        if not self.rounds.encoding_samples:
+            self.rounds.encoding_samples = []
             return None
-        trials = [compression.trial(self.encoding_samples, s, g) for s, g in compression.CANDIDATES]
-        self.encoding_samples = None
+        trials = [compression.trial(self.rounds.encoding_samples, s, g) for s, g in compression.CANDIDATES]
+        self.rounds.encoding_samples = None
         return self.scheduler.choose_encodings(trials)
 
     def _write_fleet(self, records: RunRecords) -> None:
@@ -428,7 +349,7 @@ class EdgeServer(RoundSteps):
                 if self.config.target_accuracy is not None and record["accuracy"] >= self.config.target_accuracy:
                     log.warning("target accuracy %.2f reached in round %d", self.config.target_accuracy, round_)
                     break
-            place(self.model.net, None, self.device)  # the whole model on the CPU, for model.pt and the ONNX file
+            place(self.model.net, None, self.placement)  # the whole model on the CPU, for model.pt and the ONNX file
             records.save_final(self.model)
         finally:
             self.close()

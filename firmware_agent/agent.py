@@ -38,13 +38,16 @@ from toolkit.protocol import Kind, topics
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import Message, ProtocolError, encode, make_header
 from toolkit.protocol.endpoint import Endpoint, Received
-from toolkit.training import BatchStream, make_optimizer, stream_seed
+from toolkit.training import BatchStream, LocalStep, SplitStep, make_optimizer, stream_seed
 from toolkit.transport import BrokerAddress, MqttTransport, Will
 
 log = logging.getLogger("cpsl.agent")
 
 IDLE_RUN = "idle"  # run id used on messages sent outside any run (registration, heartbeats)
 REREGISTER_MIN_S = 1.0  # a server status makes the agent register again at most this often
+CLOSE_FLUSH_S = 0.5  # how long a stopping agent waits for its goodbye to be acknowledged
+CLOSE_JOIN_S = 0.5  # and for the network thread to end
+MAX_STREAMS = 8  # batch streams kept, one per (run, batch size): an agent serves run after run
 
 
 @dataclass
@@ -86,7 +89,7 @@ class DeviceAgent:
         self.data = data
         self.indices = np.asarray(indices)
         self.profile_json = profile_json
-        self.device = resolve_device(config.device)
+        self.placement = resolve_device(config.device)
         self.endpoint = Endpoint(config.device_id)
         self.session = secrets.token_hex(16)  # repeated in our OFFLINE frames, last will included
         self.started = time.monotonic()
@@ -113,7 +116,7 @@ class DeviceAgent:
         """A configured model, built once for the shape and classes of this device's data."""
         if spec not in self._built:
             model = load_model(spec, self.data.input_shape, self.data.num_classes)
-            model.net.to(self.device)
+            model.net.to(self.placement)
             self._built[spec] = model
         return self._built[spec]
 
@@ -136,13 +139,15 @@ class DeviceAgent:
             log.warning("no warm-up: cannot build %s (%s)", self.config.models[0], exc)
             return
         started = time.monotonic()
-        batch = torch.zeros(2, *model.input_shape, device=self.device)
-        labels = torch.zeros(2, dtype=torch.int64, device=self.device)
+        batch = torch.zeros(2, *model.input_shape, device=self.placement)
+        labels = torch.zeros(2, dtype=torch.int64, device=self.placement)
         nn.functional.cross_entropy(model.net(batch), labels).backward()
         model.net.zero_grad(set_to_none=True)
-        synchronize(self.device)
+        synchronize(self.placement)
         self._model = model
-        log.info("warmed up %s on %s in %.1f s", model.name, accelerator_name(self.device), time.monotonic() - started)
+        log.info(
+            "warmed up %s on %s in %.1f s", model.name, accelerator_name(self.placement), time.monotonic() - started
+        )
 
     def start(self) -> None:
         self.warm_up()
@@ -186,8 +191,8 @@ class DeviceAgent:
                 board=_board(),
                 torch=torch.__version__,
                 threads=self.config.threads,
-                accelerator=accelerator_kind(self.device),
-                accelerator_name=accelerator_name(self.device),
+                accelerator=accelerator_kind(self.placement),
+                accelerator_name=accelerator_name(self.placement),
             ),
             model=self.config.models[0] if self.config.models else "",
             model_fingerprint=self.config.model_fingerprint,
@@ -228,8 +233,21 @@ class DeviceAgent:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def batch_streams(self) -> list[tuple[str, int]]:
+        """The (run, batch size) of each batch stream kept, oldest first."""
+        return list(self._streams)
+
     def close(self) -> None:
-        """Say goodbye properly: a retained OFFLINE replaces our registration, then disconnect."""
+        """Say goodbye properly: a retained OFFLINE replaces our registration, then disconnect.
+
+        Bounded to about a second whatever the link does (a service manager, or the
+        operator, waits on it): the goodbye gets half a second to be acknowledged, and a
+        network thread still in a connection attempt is left behind (it is a daemon)."""
         self._stop.set()
         transport = self.endpoint.transport
         if transport is None:
@@ -238,8 +256,8 @@ class DeviceAgent:
             transport.publish(
                 topics.device_status(self.config.device_id), self._offline_frame("agent stopped"), qos=1, retain=True
             )
-            transport.flush(2.0)
-        transport.close()
+            self.endpoint.flush(CLOSE_FLUSH_S, "the goodbye")
+        transport.close(CLOSE_JOIN_S)
 
     def serve_forever(self) -> None:
         """Serve until stopped; no message ends the loop, whatever it says or however it fails."""
@@ -287,8 +305,9 @@ class DeviceAgent:
         elif message.kind is Kind.PROBE:
             self._echo(item)
         elif message.kind is Kind.STOP:
-            log.info("run %s stopped: %s", message.header.run, message.body.reason)
-            self.assignment, self.assigned_run, self.assigned_round = None, "", -1
+            log.info("run %s stopped: %s", message.header.run, m.printable(message.body.reason))
+            if message.header.run == self.assigned_run:  # another run's end leaves ours as it is
+                self.assignment, self.assigned_run, self.assigned_round = None, "", -1
         elif message.kind is Kind.SERVER_STATUS:
             self._server_status(message)
         else:
@@ -309,11 +328,11 @@ class DeviceAgent:
         """The reason a turn failed, as the server shows it (a REJECT of the weights)."""
         first_line = (str(exc).splitlines() or [""])[0][:200]
         if isinstance(exc, torch.cuda.OutOfMemoryError):
-            if self.device.type == "cuda":
+            if self.placement.type == "cuda":
                 torch.cuda.empty_cache()  # what the failed step held goes back for the next run
             batch = self.assignment.hyper.batch_size if self.assignment is not None else "?"
             return (
-                f"out of memory on {accelerator_name(self.device)} at batch {batch} "
+                f"out of memory on {accelerator_name(self.placement)} at batch {batch} "
                 f"(train on the CPU or with a smaller batch): {first_line}"
             )
         return f"training failed: {type(exc).__name__}: {first_line}"
@@ -426,6 +445,8 @@ class DeviceAgent:
     def _stream(self, run: str, batch_size: int) -> BatchStream:
         key = (run, batch_size)
         if key not in self._streams:
+            while len(self._streams) >= MAX_STREAMS:  # the oldest run's stream goes: a server's count can seek it
+                del self._streams[next(iter(self._streams))]
             seed = stream_seed(self.assignment.data_seed, self.config.device_id)
             self._streams[key] = BatchStream(self.indices, batch_size, seed)
         stream = self._streams[key]
@@ -441,8 +462,8 @@ class DeviceAgent:
         part: nn.Module = self._model.net if a.cut is None else self._model.net[: a.cut]
         try:
             part.load_state_dict(weights.tensors, strict=True)
-        except (RuntimeError, KeyError) as exc:
-            log.error("weights for round %d do not fit the model: %s", round_, str(exc).splitlines()[0])
+        except (RuntimeError, KeyError) as exc:  # say so now: the server would wait out its deadline
+            self._refuse(weights, f"weights do not fit the model: {(str(exc).splitlines() or [''])[0][:200]}")
             return
         self.state = "training"
         part.train()
@@ -452,12 +473,13 @@ class DeviceAgent:
         self._uplink_epoch = weights.body.uplink_epoch
         started = time.monotonic()
         timings = []
+        step = LocalStep(part, optimizer) if a.cut is None else SplitStep(part, optimizer)
         for iteration, batch in enumerate(stream.take(a.hyper.iterations)):
-            x, y = self.data.train_x[batch].to(self.device), self.data.train_y[batch]
+            x, y = self.data.train_x[batch].to(self.placement), self.data.train_y[batch]
             if a.cut is None:
-                timings.append(self._local_step(part, optimizer, x, y.to(self.device), iteration))
+                timings.append(self._local_step(step, x, y.to(self.placement), iteration))
             else:  # the labels go to the server from here, as they are
-                timings.append(self._split_step(part, optimizer, x, y, run, round_, iteration, up))
+                timings.append(self._split_step(step, x, y, run, round_, iteration, up))
         state = {k: v.detach().cpu() for k, v in part.state_dict().items()}
         if a.cut is not None:
             self._wait_until_granted(a.grant.weights_slot_offset_s)
@@ -471,7 +493,7 @@ class DeviceAgent:
             round_=round_,
             tensors=state,
         )
-        self.endpoint.transport.flush(a.gradient_timeout_s)
+        self.endpoint.flush(a.gradient_timeout_s, f"round {round_}'s weights")
         report = m.Timings(
             iterations=timings,
             weights_down_bytes=_nbytes(weights.tensors),
@@ -481,20 +503,16 @@ class DeviceAgent:
             weights_up_end_at=time.time(),
         )
         self.endpoint.send(up, Kind.TIMINGS, report, run=run, device=self.config.device_id, round_=round_)
-        self.endpoint.transport.flush(10.0)
+        self.endpoint.flush(10.0, f"round {round_}'s timings")
 
-    def _local_step(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, x, y, iteration: int
-    ) -> m.IterationTiming:
+    def _local_step(self, step: LocalStep, x, y, iteration: int) -> m.IterationTiming:
         """FL: the whole model trains here."""
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        synchronize(self.device)
+        step.forward(x, y)
+        synchronize(self.placement)
         t1 = time.perf_counter()
-        loss.backward()
-        optimizer.step()
-        synchronize(self.device)
+        step.backward()
+        synchronize(self.placement)
         t2 = time.perf_counter()
         return m.IterationTiming(
             iteration=iteration,
@@ -527,12 +545,11 @@ class DeviceAgent:
         self._stop.wait(min(delay, self.assignment.gradient_timeout_s))
         return delay, 0.0
 
-    def _split_step(self, part, optimizer, x, y, run: str, round_: int, iteration: int, up: str) -> m.IterationTiming:
+    def _split_step(self, step: SplitStep, x, y, run: str, round_: int, iteration: int, up: str) -> m.IterationTiming:
         a = self.assignment
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        smashed = part(x)
-        synchronize(self.device)
+        smashed = step.forward(x)
+        synchronize(self.placement)
         t1 = time.perf_counter()
         encoding = Encoding.parse(a.compression.smashed)
         wire = compression.encode("smashed", smashed.detach().cpu(), encoding)
@@ -550,7 +567,7 @@ class DeviceAgent:
             iteration=iteration,
             tensors={**wire, "labels": y},
         )
-        self.endpoint.transport.flush(a.gradient_timeout_s)
+        self.endpoint.flush(a.gradient_timeout_s, f"round {round_} iteration {iteration}'s smashed data")
         upload_end = time.time()
         t2 = time.perf_counter()
         received = self._wait_gradient(run, round_, iteration, a.gradient_timeout_s)
@@ -568,9 +585,8 @@ class DeviceAgent:
         except ProtocolError as exc:
             raise TurnAbortedError(f"gradient for iteration {iteration}: {exc}") from None
         t3 = time.perf_counter()
-        smashed.backward(grad.to(self.device, smashed.dtype))
-        optimizer.step()
-        synchronize(self.device)
+        step.backward(grad)
+        synchronize(self.placement)
         t4 = time.perf_counter()
         self._uplink_epoch = gradient.body.uplink_epoch
         transit = received.arrived_wall - a.grant.clock_offset_s - gradient.header.sent_at

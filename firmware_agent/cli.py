@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from toolkit.cli.common import OneLineArgumentParser, keepalive_seconds, positive_float, positive_int, run_cli
 from toolkit.cli.connection import add_broker_flags, apply_config_file, broker_from_args
 from toolkit.devices import device_name
-from toolkit.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -252,15 +251,21 @@ def _run(args) -> int:
     agent = DeviceAgent(config, data, indices, profile)
 
     def stop(signum: int, frame: object) -> None:
+        """End now, whatever the agent is doing: warming up, connecting, training, waiting
+        for a gradient or reconnecting. The interrupt unwinds the main thread from any wait
+        or training step; the ``finally`` says goodbye within a bounded time."""
+        if agent.stopping:  # a second signal while closing: let the goodbye finish
+            return
         agent.stop()
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
         agent.start()
         agent.serve_forever()
-    except UserError:
-        raise
+    except KeyboardInterrupt:
+        logging.getLogger("cpsl.agent").info("%s stopped", args.device_id)
     finally:
         agent.close()
     return 0

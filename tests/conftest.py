@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers import mosquitto, mosquitto_binary
+from toolkit.data import load_dataset
 from toolkit.models import load_model
 from toolkit.profiler.runner import ProfileRequest, run_profile
 
@@ -39,6 +40,12 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: float = 3
         cwd=cwd,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The built-in digits data set (1,797 images), loaded once per module."""
+    return load_dataset("builtin:digits", seed=0)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from edge_server.intake import decode_smashed
 from edge_server.server import EdgeServer
 from tests.agents import start_agents
-from tests.test_system import assert_same_weights, close, server_config
+from tests.servers import assert_same_weights, close, server_config
 from toolkit import compression
 from toolkit.compression import Encoding
 from toolkit.data import load_dataset
@@ -204,7 +205,9 @@ def test_a_run_compressed_losslessly_trains_what_fp32_trains_and_int8_sends_fewe
 def test_an_agent_without_zstandard_refuses_a_packed_assignment_in_one_line(monkeypatch):
     import importlib.util
 
-    from firmware_agent.agent import AgentConfig, DeviceAgent, RefusedError
+    from firmware_agent.agent import AgentConfig, DeviceAgent
+    from tests.frames import KeptFrames
+    from toolkit.protocol.endpoint import Received
     from toolkit.transport import parse_broker_url
 
     data = load_dataset("builtin:digits", seed=0)
@@ -226,8 +229,12 @@ def test_an_agent_without_zstandard_refuses_a_packed_assignment_in_one_line(monk
         compression=m.Compression(smashed="int8+zstd", gradient="fp16"),
     )
     message = decode(encode(Kind.ASSIGN, make_header("r", "server"), body))
-    agent._accept_assignment(message)  # zstandard is installed here: accepted
+    agent.endpoint.attach(transport := KeptFrames())
+    assignment = Received("cpsl/v1/runs/r/devices/dev0/down", message, 0, time.monotonic())
+    agent.handle(assignment)  # zstandard is installed here: accepted
+    assert agent.assignment is not None and not transport.sent(Kind.REJECT)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "zstandard" else real(name, *a))
-    with pytest.raises(RefusedError, match="lacks it: pip install zstandard"):
-        agent._accept_assignment(message)
+    agent.handle(assignment)
+    [refusal] = transport.sent(Kind.REJECT)
+    assert refusal.body.refused == "ASSIGN" and "lacks it: pip install zstandard" in refusal.body.reason

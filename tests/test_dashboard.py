@@ -20,7 +20,7 @@ from edge_server.dashboard.report import render_report, report_view
 from edge_server.dashboard.web import DashboardServer
 from edge_server.server import EdgeServer
 from tests.agents import start_agents
-from tests.test_system import close, server_config
+from tests.servers import close, server_config
 from toolkit.data import load_dataset
 from toolkit.errors import UserError
 from toolkit.models import load_model

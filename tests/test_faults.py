@@ -40,13 +40,16 @@ class WatchedServer(EdgeServer):
     def __init__(self, *args, triggers: dict[tuple, threading.Event], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.triggers = triggers
+        send = self.link.send
 
-    def _send(self, device, kind, body, round_, iteration=0, tensors=None) -> int:
-        sent = super()._send(device, kind, body, round_, iteration, tensors)
-        event = self.triggers.get((kind, round_, iteration))
-        if event is not None:
-            event.set()
-        return sent
+        def watched(device, kind, body, round_, iteration=0, tensors=None) -> int:
+            sent = send(device, kind, body, round_, iteration, tensors)
+            event = self.triggers.get((kind, round_, iteration))
+            if event is not None:
+                event.set()
+            return sent
+
+        self.link.send = watched
 
 
 ITERATIONS = 8

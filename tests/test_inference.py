@@ -21,6 +21,7 @@ from firmware_agent.infer import InferConfig, InferenceClient
 from firmware_agent.infer_cli import main as infer_main
 from tests.brokers import free_port
 from tests.conftest import run_cli
+from tests.frames import KeptFrames
 from tests.fuzzing import InferenceHarness, mutate, recorded_frames
 from tests.trained_run import RUN_ID, make_run
 from toolkit import compression
@@ -180,22 +181,6 @@ def test_a_service_on_the_gpu_answers_as_the_cpu_one_does(run_dir, service):
         torch.testing.assert_close(logits, service.answer(request, tensors), atol=1e-4, rtol=0)
 
 
-class KeptFrames:
-    """The transport seam's in-memory stand-in: keeps what the service publishes (no broker here;
-    the same batching over Mosquitto is in test_split_inference_over_mosquitto...)."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.frames.append((topic, payload))
-
-    def flush(self, timeout_s: float) -> bool:
-        return True
-
-
 def _queue_requests(service, requests) -> dict[tuple[str, int], torch.Tensor]:
     """INFER frames (device, request id, cut, activations, weights) into the service's inbox, as the
     transport's thread would put them while the service is busy; the activations by request."""
@@ -252,7 +237,7 @@ def test_the_service_is_scraped_by_prometheus(run_dir, service):
     """``serve --metrics-port``: what it answered, refused and merged, over HTTP, parsed with the
     Prometheus client's own parser."""
     from edge_server.serve_metrics import ServiceMetrics
-    from tests.test_prometheus import scrape
+    from tests.scrape import scrape
 
     model, run_id = load_trained(run_dir)
     config = ServeConfig(parse_broker_url("mqtt://127.0.0.1:1"), run_dir, tail_repeats=1, tail_batch_sizes=(1,))

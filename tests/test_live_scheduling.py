@@ -17,9 +17,10 @@ from edge_server.auto import AutoScheduler
 from edge_server.estimates import LiveEstimates
 from edge_server.probe import LinkMeasurement
 from edge_server.registry import DeviceRecord
-from edge_server.scheduler import FixedScheduler
-from edge_server.server import EdgeServer, ServerConfig
+from edge_server.scheduler import FixedScheduler, RoundMeasurements
+from edge_server.server import EdgeServer
 from tests.agents import start_agents
+from tests.servers import server_config
 from toolkit.data import load_dataset
 from toolkit.errors import UserError
 from toolkit.models import load_model
@@ -27,7 +28,6 @@ from toolkit.planning.clustering import ClusterBounds
 from toolkit.planning.costs import model_costs
 from toolkit.profile_format import load_profile
 from toolkit.protocol import messages as m
-from toolkit.transport import parse_broker_url
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "epyc-vm-2vcpu" / "lenet5.json"
 FINGERPRINT = load_model("lenet5", seed=0).fingerprint()
@@ -202,21 +202,8 @@ class KnownLinkScheduler(AutoScheduler):
 def run_cluster(broker: str, tmp_path, scheduler, **overrides) -> EdgeServer:
     data = load_dataset("builtin:digits", seed=0)
     agents, _ = start_agents(broker, data, 3, profile=PROFILE.read_bytes())
-    values = dict(
-        broker=parse_broker_url(broker),
-        scheme="cpsl",
-        rounds=2,
-        min_devices=3,
-        batch_size=16,
-        iterations=4,
-        clusters=1,
-        cut=1,
-        run_dir=tmp_path / "run",
-        run_id="slots",
-        iteration_timeout_s=20,
-        register_timeout_s=20,
-    )
-    config = ServerConfig(**{**values, **overrides})
+    settings = dict(min_devices=3, batch_size=16, iterations=4, cut=1, run_id="slots", iteration_timeout_s=20)
+    config = server_config(broker, tmp_path, **{**settings, **overrides})
     server = EdgeServer(config, load_model("lenet5", seed=0), data, scheduler=scheduler)
     try:
         server.run()
@@ -302,21 +289,13 @@ def test_agent_warm_up_takes_the_first_optimiser_steps_cost_before_training():
     assert float(result.stdout) < 0.1
 
 
-def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens(tmp_path):
-    config = ServerConfig(
-        broker=parse_broker_url("mqtt://127.0.0.1:1"), scheme="cpsl", rounds=1, min_devices=1, run_dir=tmp_path
-    )
-    server = EdgeServer(
-        config,
-        load_model("lenet5", seed=0),
-        load_dataset("builtin:digits", seed=0),
-        scheduler=FixedScheduler("cpsl", cut=1, clusters=1),
-    )
+def test_server_sends_bulk_transfers_in_slot_order_each_when_its_slot_opens():
+    from edge_server.rounds import paced
+
     offsets = {"late": 0.20, "early": 0.0, "middle": 0.10}
     start = time.monotonic()
     sent = [
-        (device, time.monotonic() - start)
-        for device in server._in_slots(["late", "early", "middle", "free"], offsets, start)
+        (device, time.monotonic() - start) for device in paced(["late", "early", "middle", "free"], offsets, start, 10)
     ]
     assert [device for device, _ in sent] == ["free", "early", "middle", "late"]
     for device, at in sent:
@@ -394,7 +373,7 @@ def test_the_cut_is_chosen_again_once_the_labels_show_the_fleets_skew():
     assert "cut_selection" not in auto.plan(1, devices).decision
     # each device trained on two classes of its own: disjoint label sets, skew 0.75
     counts = {d.id: np.bincount([2 * i, 2 * i + 1] * 50, minlength=10) for i, d in enumerate(devices)}
-    auto.observe(auto.cut, {}, [], label_counts=counts)
+    auto.observe(RoundMeasurements(auto.cut, {}, [], label_counts=counts))
     assert auto.label_skew([d.id for d in devices]) == pytest.approx(0.75)
     again = auto.plan(2, devices).decision["cut_selection"]
     assert again["reason"].startswith("label skew 0.75") and again["skew"] == pytest.approx(0.75)
@@ -423,26 +402,26 @@ def test_a_device_that_comes_back_is_measured_again_before_it_is_planned():
     scheduler forgets its link and clock, and the server's next probe measures it and the
     medium again. A second registration of the same life while online is not a return."""
     from edge_server.registry import Registry
-    from tests.test_hardening import _item
+    from tests.frames import received
     from toolkit.protocol import Kind
 
     registry = Registry()
     first, second = "a" * 32, "b" * 32
     register = m.Register(session=first, num_samples=5, capabilities=m.Capabilities())
-    registry.update(_item(Kind.REGISTER, register))
-    registry.update(_item(Kind.REGISTER, register))  # re-announced to a new server: same life, online
+    registry.update(received(Kind.REGISTER, register))
+    registry.update(received(Kind.REGISTER, register))  # re-announced to a new server: same life, online
     assert registry.take_returned() == set()
-    registry.update(_item(Kind.OFFLINE, m.Offline(session=first)))
-    registry.update(_item(Kind.REGISTER, register))  # back after a blip, same life
+    registry.update(received(Kind.OFFLINE, m.Offline(session=first)))
+    registry.update(received(Kind.REGISTER, register))  # back after a blip, same life
     assert registry.take_returned() == {"dev0"} and registry.take_returned() == set()
-    registry.update(_item(Kind.REGISTER, m.Register(session=second, num_samples=5, capabilities=m.Capabilities())))
+    registry.update(received(Kind.REGISTER, m.Register(session=second, num_samples=5, capabilities=m.Capabilities())))
     assert registry.take_returned() == {"dev0"}  # a new life (agent restarted) while still listed online
 
     auto = scheduler()
     devices = [record(f"dev{i}") for i in range(3)]
     for device in devices:
         auto.add_device(device, link(10), devices)
-    auto.medium_fleet_size = 3
+    auto.media.fleet_size = 3
     assert not auto.needs_medium_probe([d.id for d in devices])
     auto.forget("dev1")
     assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
@@ -487,7 +466,9 @@ def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
     stepped, stepped_arrivals = report(2.0)
     auto.plan(0, devices)  # two clusters of one: each sends alone
     auto.observe(
-        cut, {"dev0": steady, "dev1": stepped}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": stepped_arrivals}
+        RoundMeasurements(
+            cut, {"dev0": steady, "dev1": stepped}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": stepped_arrivals}
+        )
     )
     assert auto.needs_probe("dev1") and not auto.needs_probe("dev0")
     assert abs(auto.estimates.devices["dev0"].clock_offset_s) < 0.01
@@ -501,7 +482,9 @@ def test_a_stepped_device_clock_is_measured_again_not_smoothed_in():
     assert plan.clusters == [["dev0", "dev1"]] and not plan.decision["plan"]["slots"]
     waited, waited_arrivals = report(0.06)
     crowded.observe(
-        cut, {"dev0": steady, "dev1": waited}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": waited_arrivals}
+        RoundMeasurements(
+            cut, {"dev0": steady, "dev1": waited}, [(64, 0.01)], {"dev0": steady_arrivals, "dev1": waited_arrivals}
+        )
     )
     assert not crowded.needs_probe("dev1") and crowded.estimates.devices["dev1"].clock_step_s is None
     assert crowded.estimates.devices["dev1"].rtt_s == pytest.approx(0.004)
@@ -566,14 +549,15 @@ def test_states_planned_on_profile_figures_leave_the_saa_window_once_speeds_are_
     predicted = cost.device_forward(32) + cost.device_backward(32)
     report = timings(predicted / 8, predicted / 8, 0.01, 10_000, 0.01, 10_000)  # 4x the profile's speed
     turns = [{"measured_s": 9.0, "predicted_turn_s": 3.0}]
-    auto.observe(plan.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
+    step = [(64, cost.server_step(64) / 3)]
+    auto.observe(RoundMeasurements(plan.cut, {"a": report, "b": report}, step, turns=turns, latency_s=9.0))
     assert auto.history == []
     assert auto.fixed_costs.observed_rounds == 0  # its miss was the profiles' error, not a fixed cost
     second = auto.plan(1, devices)
     assert second.decision["cut_selection"]["samples"] == 1  # chosen again, on the measured state alone
     third = auto.plan(2, devices)
     assert "cut_selection" not in third.decision  # and not again: nothing drifted since
-    auto.observe(second.cut, {"a": report, "b": report}, [(64, cost.server_step(64) / 3)], None, turns, 9.0)
+    auto.observe(RoundMeasurements(second.cut, {"a": report, "b": report}, step, turns=turns, latency_s=9.0))
     assert auto.fixed_costs.observed_rounds == 1  # a round planned on measurements calibrates
 
 
@@ -735,12 +719,12 @@ def test_regrouping_finds_the_best_partition_of_a_small_fleet():
     auto.bounds = ClusterBounds(max_cluster_size=5, min_clusters=2, max_clusters=2)
     plan = auto.plan(0, devices)
     view = auto.view(devices)
-    problem = SplitProblem.build(auto.costs.cut(auto.cut), view.state, auto._settings())
+    problem = SplitProblem.build(auto.costs.cut(auto.cut), view.state, view.settings)
     one_way = np.array([auto.estimates.devices[d].rtt_s / 2 for d in view.ids])
 
     def turn(rows):
         rows = np.asarray(rows)
-        return auto._turn_s(view.state, problem, rows, one_way[rows])
+        return auto.predicted_turn_s(view.state, problem, rows, one_way[rows])
 
     best = min(
         turn(list(left)) + turn([i for i in range(6) if i not in left])

@@ -12,17 +12,10 @@ import torch
 
 from edge_server.placement import SplitForward, place
 from tests.agents import start_agents
-from tests.test_system import DATA, assert_same_weights, centralized, close, run_server, server_config
-from toolkit.data import load_dataset
+from tests.servers import assert_same_weights, centralized, close, run_server, server_config
 from toolkit.devices import device_name, resolve_device
 from toolkit.errors import UserError
 from toolkit.models import load_model
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(DATA, seed=0)
-
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device on this machine")
 

@@ -76,3 +76,20 @@ def test_the_simultaneous_probe_names_the_medium_in_about_two_seconds_a_directio
         assert solo_s == pytest.approx(dict.fromkeys(rates, max(0.25, 2.0 / devices)), rel=0.01)
         # air time: the payloads one after another, 2 s; shared: the longest alone
         assert span == pytest.approx(2.0 if airtime else max(0.25, 2.0 / devices), rel=0.05, abs=0.02)
+
+
+def test_a_message_that_answers_no_probe_is_handed_to_discard_and_the_probe_goes_on(monkeypatch):
+    medium = SimulatedMedium({"dev0": 8e6}, airtime=True)
+    clock = SimpleNamespace(time=lambda: medium.now, monotonic=lambda: medium.now)
+    monkeypatch.setattr("edge_server.probe.time", clock)
+    header = m.Header(run="r", device="dev1", round=0, iteration=0, seq=1, sent_at=medium.now)
+    stray = Message(Kind.PROBE_ECHO, header, m.ProbeEcho(probe_id=999, received_at=medium.now))
+    medium.echoes.append(Received(topic="stray", message=stray, size=0, received_at=0.0, arrived_wall=medium.now))
+    discarded: list[tuple[str, str]] = []
+    prober = LinkProber(
+        medium.send, medium.receive, discard=lambda item, reason: discarded.append((item.topic, reason))
+    )
+    link = LinkMeasurement(rtt_s=RTT_S, clock_offset_s=0.0, up_bps=8e6, down_bps=8e6)
+    together = prober.measure_together({"dev0": link})
+    assert discarded == [("stray", "PROBE_ECHO from dev1 while probing")]
+    assert together.up_bps["dev0"] > 0

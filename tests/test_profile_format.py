@@ -80,3 +80,12 @@ def test_corrupt_files(tmp_path, content) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(ProfileError, match="cannot read profile"):
         load_profile(tmp_path / "absent.json")
+
+
+def test_a_profile_path_that_never_ends_or_nests_without_end_is_one_error(tmp_path) -> None:
+    with pytest.raises(ProfileError, match="is more than 4 MB: not a profile"):
+        load_profile("/dev/zero")  # read up to the bound, not to the end of memory
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 10_000 + "]" * 10_000)
+    with pytest.raises(ProfileError, match="nests"):
+        load_profile(deep)

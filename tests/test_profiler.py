@@ -76,6 +76,24 @@ def test_profiling_does_not_change_the_callers_weights() -> None:
         assert torch.equal(value, before[key])
 
 
+def test_profiling_leaves_the_callers_thread_count_and_random_state_as_they_were() -> None:
+    from toolkit.profiler.runner import ProfileRequest, run_profile
+
+    model = load_model("lenet5", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads != 2 else 1)
+    try:
+        chosen = torch.get_num_threads()
+        torch.manual_seed(1234)
+        expected = torch.rand(3)
+        torch.manual_seed(1234)
+        run_profile(ProfileRequest(model=model, batch_sizes=[4], repeats=2, warmup=0, threads=3, cuts=[3], seed=7))
+        assert torch.get_num_threads() == chosen
+        assert torch.equal(torch.rand(3), expected)  # the profile's seed did not replace ours
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_device_description_is_filled(lenet_profile) -> None:
     device = lenet_profile[0].device
     assert device.cores_logical >= 1 and device.ram_bytes > 0

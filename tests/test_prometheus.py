@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from edge_server.prometheus import RunMetrics, chain
 from edge_server.server import EdgeServer
 from tests.agents import start_agents
-from tests.test_system import close, server_config
+from tests.scrape import scrape
+from tests.servers import close, server_config
 from toolkit.data import load_dataset
 from toolkit.models import load_model
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def test_a_run_is_scraped_while_it_trains_and_at_the_end(broker, tmp_path):

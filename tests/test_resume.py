@@ -3,6 +3,7 @@ run trains, over a real Mosquitto with real agents and a real server process (is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 from tests.agents import start_agents
-from toolkit.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,6 @@ def server(broker: str, run_dir: Path, run_id: str) -> list[str]:
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("builtin:digits", seed=0)
 
 
 @pytest.mark.slow
@@ -128,3 +123,55 @@ def test_resuming_needs_a_run_of_this_model_and_says_what_is_wrong(tmp_path):
     foreign = resume(tmp_path)
     assert foreign.returncode == 2 and "belongs to run 'someone-else'" in foreign.stderr
     assert all(len(p.stderr.strip().splitlines()) == 1 for p in (missing, corrupt, foreign))
+
+
+def test_a_run_folder_that_names_code_is_refused_until_the_operator_names_it(tmp_path):
+    """A copied run folder whose run.json names a module of code (here one that would write a
+    marker when imported) is not imported by --resume, serve or export-heads."""
+    marker = tmp_path / "imported"
+    (tmp_path / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\ndef build(**kw):\n    raise SystemExit\n"
+    )
+    settings = {
+        "format": "cpsl-run-settings/1",
+        "model": f"{tmp_path / 'evil.py'}:build",
+        "data": "builtin:digits",
+        "seed": 0,
+        "broker": {"url": "mqtt://127.0.0.1:1", "tls": None},
+        "config": {"scheme": "cpsl", "rounds": 3, "min_devices": 1, "run_id": "r"},
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps(settings))
+    serve = ["serve", str(run), "--broker", "mqtt://127.0.0.1:1"]
+    for args in (["--resume", str(run)], serve, ["export-heads", str(run)]):
+        result = subprocess.run(
+            [sys.executable, "-m", "edge_server", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2 and "a run folder never names code" in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_every_value_a_run_folder_sets_is_checked_for_its_type_and_bounds(tmp_path):
+    from edge_server.launch import resumed_config
+    from edge_server.run_state import read_settings, write_settings
+    from edge_server.server import ServerConfig
+    from toolkit.errors import UserError
+    from toolkit.transport import parse_broker_url
+
+    broker = parse_broker_url("mqtt://127.0.0.1:1883")
+    written = ServerConfig(broker=broker, scheme="cpsl", rounds=5, min_devices=2, run_dir=tmp_path, model_spec="lenet5")
+    write_settings(tmp_path, written, "r")
+    values = {**read_settings(tmp_path).config, "run_dir": tmp_path}
+    assert resumed_config(values, broker, "run.json") == dataclasses.replace(written, run_id="r")
+    for key, value, message in (
+        ("batch_size", -5, "batch_size is -5; it must lie between 1"),
+        ("norm_factor", 0.0, "norm_factor is 0.0; it must lie between 1"),
+        ("lr", {"a": [[[1]]]}, "lr: Input should be a valid number"),
+        ("rounds", "many", "rounds: Input should be a valid integer"),
+        ("scheme", "evil", "scheme is 'evil'; choose among"),
+        ("exec", "os:abort", "unknown setting 'exec'"),
+    ):
+        with pytest.raises(UserError, match=message):
+            resumed_config({**values, key: value}, broker, "run.json")

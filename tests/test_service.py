@@ -115,6 +115,7 @@ def test_install_into_an_image_makes_the_user_and_enables_the_unit_and_uninstall
         ('broker = "mqtt://x"\nbogus = 1\n', "unknown setting 'bogus'"),
         ('broker = "mqtt://x"\ndata = "builtin:digits"\n', "--device-id is required"),
         ("broker = [\n", "not valid TOML"),
+        ("broker = " + "[" * 5000 + "]" * 5000 + "\n", "nests too deep"),
         ('broker = "mqtt://x"\ndevice-id = "j1"\ndata = "builtin:digits"\ndevice = "gpu"\n', "device: 'gpu' is not"),
     ],
 )

@@ -15,75 +15,15 @@ import pytest
 import torch
 
 from edge_server.dashboard.view import BREAKDOWN_PARTS
-from edge_server.server import EdgeServer, ServerConfig
+from edge_server.scheduler import Scheduler
+from edge_server.server import EdgeServer
 from tests.agents import start_agents
-from toolkit.data import load_dataset
+from tests.servers import DATA, assert_same_weights, centralized, close, run_server, server_config
 from toolkit.models import load_model
 from toolkit.protocol import Kind, decode, encode, make_header, topics
 from toolkit.protocol import messages as m
-from toolkit.training import BatchStream, stream_seed, weighted_average
+from toolkit.training import weighted_average
 from toolkit.transport import MqttTransport, parse_broker_url
-
-DATA = "builtin:digits"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(DATA, seed=0)
-
-
-def server_config(broker: str, tmp_path, **overrides) -> ServerConfig:
-    values = dict(
-        broker=parse_broker_url(broker),
-        scheme="cpsl",
-        rounds=2,
-        min_devices=1,
-        batch_size=8,
-        iterations=3,
-        lr=0.05,
-        momentum=0.0,
-        clusters=1,
-        cut=6,
-        run_dir=tmp_path / "run",
-        run_id="test-run",
-        iteration_timeout_s=10,
-        register_timeout_s=20,
-    )
-    values.update(overrides)
-    return ServerConfig(**values)
-
-
-def centralized(data, order: list[list[str]], shares: dict, config: ServerConfig) -> dict[str, torch.Tensor]:
-    """The whole model trained in one place on the batches the devices would draw, in schedule order."""
-    model = load_model("lenet5", seed=0)
-    optimizer = torch.optim.SGD(model.net.parameters(), lr=config.lr)
-    streams = {d: BatchStream(shares[d], config.batch_size, stream_seed(config.data_seed, d)) for d in shares}
-    for _ in range(config.rounds):
-        for cluster in order:
-            for _ in range(config.iterations):
-                batches = [streams[d].next() for d in sorted(cluster)]
-                x = torch.cat([data.train_x[b] for b in batches])
-                y = torch.cat([data.train_y[b] for b in batches])
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(model.net(x), y).backward()
-                optimizer.step()
-    return model.net.state_dict()
-
-
-def run_server(config: ServerConfig, data) -> EdgeServer:
-    server = EdgeServer(config, load_model("lenet5", seed=0), data)
-    server.run()
-    return server
-
-
-def close(agents) -> None:
-    for agent in agents:
-        agent.close()
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
 def test_cpsl_with_one_device_equals_centralized_training(broker, digits, tmp_path) -> None:
@@ -106,9 +46,9 @@ def test_sl_over_three_devices_equals_centralized_training_in_turn(broker, digit
 
 @pytest.mark.parametrize("scheme", ["cpsl", "fl"])
 def test_the_in_process_rehearsal_computes_what_the_live_system_computes(broker, digits, tmp_path, scheme) -> None:
-    """toolkit.rehearsal is what the cut-selection benchmark trusts for rounds to accuracy:
+    """edge_server.rehearsal is what the cut-selection benchmark trusts for rounds to accuracy:
     four devices on non-IID shards, two clusters averaged per turn (or FL), two rounds."""
-    from toolkit.rehearsal import RehearsalConfig, rehearse
+    from edge_server.rehearsal import RehearsalConfig, rehearse
 
     agents, shares = start_agents(broker, digits, 4, "dirichlet:0.5")
     cut = None if scheme == "fl" else 4
@@ -295,7 +235,7 @@ def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path)
             # start-up can outlast the remaining rounds), the server's intake still running
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline and not (killed.is_set() and server.registry.is_online("dev1")):
-                server._poll(0.1)
+                server.serve_intake(0.1)
 
     config = server_config(
         broker,
@@ -324,7 +264,7 @@ def test_agent_killed_mid_round_is_dropped_and_rejoins(broker, digits, tmp_path)
     ]
 
 
-class MovingCutScheduler:
+class MovingCutScheduler(Scheduler):
     """A different cut every round: the live scheduler may move the cut between rounds."""
 
     def __init__(self, cuts: list[int]):

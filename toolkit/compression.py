@@ -1,5 +1,5 @@
 """What crosses the cut, in fewer bytes: quantisation and lossless packing of the smashed data
-(device -> server) and of the gradients at the cut (server -> device). Issue #14.
+(device -> server) and of the gradients at the cut (server -> device).
 
 An encoding is a quantiser and an optional packer, written ``QUANT[+PACK]``:
 

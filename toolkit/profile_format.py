@@ -20,6 +20,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolkit.errors import ProfileError
+from toolkit.protocol.bounded_json import DEFAULT_MAX_DEPTH, json_depth
+
+MAX_PROFILE_FILE_BYTES = 4 << 20  # a LeNet profile is 60 KB, a MobileNetV2 one about 400 KB
 
 FORMAT_NAME = "cpsl-profile"
 FORMAT_VERSION = 1
@@ -217,15 +220,24 @@ def load_profile(path: str | os.PathLike, expect_fingerprint: str | None = None)
     """Read and validate a profile file; with ``expect_fingerprint``, refuse a profile of another model."""
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:  # bounded: a profile path may name /dev/zero or a huge file
+            raw = handle.read(MAX_PROFILE_FILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"cannot read profile {source}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_PROFILE_FILE_BYTES:
+        raise ProfileError(f"profile {source} is more than {MAX_PROFILE_FILE_BYTES >> 20} MB: not a profile")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProfileError(f"profile {source} is not UTF-8 text") from exc
     try:
-        data = json.loads(text)
+        data = json.loads(text)  # NaN parses here, so that the field holding it is named below
     except json.JSONDecodeError as exc:
         raise ProfileError(f"profile {source} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except RecursionError:
+        raise ProfileError(f"profile {source} nests too deep to be a profile") from None
+    if json_depth(data) > DEFAULT_MAX_DEPTH:
+        raise ProfileError(f"profile {source} nests more than {DEFAULT_MAX_DEPTH} levels deep: not a profile")
     profile = parse_profile(data, source)
     if expect_fingerprint is not None and profile.model.fingerprint != expect_fingerprint:
         raise ProfileError(

@@ -79,6 +79,74 @@ def make_optimizer(params: list[nn.Parameter], lr: float, momentum: float, weigh
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+class SplitStep:
+    """The device's side of one split iteration, apart from any I/O: ``forward`` to the
+    smashed data, then ``backward`` from the server's gradient and the optimiser step. The
+    agent runs it between its sends and waits; the in-process rehearsal runs it between
+    function calls; both train exactly this."""
+
+    def __init__(self, part: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.part, self.optimizer = part, optimizer
+        self._output: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The smashed data of ``x`` (still in the graph: detach what you send)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._output = self.part(x)
+        return self._output
+
+    def backward(self, gradient: torch.Tensor) -> None:
+        """Back-propagate the gradient of the smashed data from the last ``forward``; step."""
+        output, self._output = self._output, None
+        if output is None:
+            raise RuntimeError("backward without a forward")
+        output.backward(gradient.to(output.device, output.dtype))
+        self.optimizer.step()
+
+
+class LocalStep:
+    """FL's step on the device: the whole model, its loss on the device's own batch."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module | None = None) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self._loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss = self.loss_fn(self.model(x), y)
+        return float(self._loss.detach())
+
+    def backward(self) -> None:
+        loss, self._loss = self._loss, None
+        if loss is None:
+            raise RuntimeError("backward without a forward")
+        loss.backward()
+        self.optimizer.step()
+
+
+def bound_smashed(batches: list[torch.Tensor], limit: float) -> tuple[list[torch.Tensor], list[int]]:
+    """Every sample's smashed data scaled down to an L2 norm of at most ``limit``; per batch,
+    how many samples were. One device's data enters a server step every member of its
+    cluster shares: bounded per sample, an amplified batch moves that step no more than a
+    batch of ordinary samples at the bound does."""
+    bounded, clipped = [], []
+    for batch in batches:
+        norms = batch.detach().flatten(1).norm(dim=1)
+        over = norms > limit
+        if bool(over.any()):
+            scale = torch.where(over, limit / norms.clamp_min(1e-30), torch.ones_like(norms))
+            batch = batch * scale.view(-1, *([1] * (batch.dim() - 1))).to(batch.dtype)
+        bounded.append(batch)
+        clipped.append(int(over.sum()))
+    return bounded, clipped
+
+
+def sample_norm_median(batch: torch.Tensor) -> float:
+    """The median per-sample L2 norm of a batch of smashed data."""
+    return float(batch.detach().flatten(1).norm(dim=1).median())
+
+
 def server_step(
     server_part: nn.Module,
     optimizer: torch.optim.Optimizer,

@@ -1,5 +1,5 @@
 """The run, drawn: a live dashboard served by the edge server (``--dashboard``) and a static
-report of a finished run (``edge_server report``), issue #13.
+report of a finished run (``edge_server report``).
 
 - ``view``: pure functions from round records and the fleet to the JSON both pages draw;
 - ``feed``: the live view of a running server, read from its records and registry;

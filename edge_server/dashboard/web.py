@@ -13,6 +13,13 @@ other address every route but ``/static`` needs the token printed at start, as
 ``?token=`` (the page passes it on to its requests) or ``Authorization: Bearer``; without it
 the answer is 401. Streams are capped; the page's Content-Security-Policy allows nothing from
 elsewhere, and the token never leaves in a Referer.
+
+Nobody on the network can hurt the training through it: the server accepts connections
+itself, before any byte is read or any token checked, and keeps at most
+``MAX_CONNECTIONS`` open (``MAX_PER_ADDRESS`` from one address) -- the rest are closed as
+they arrive and counted -- so its file descriptors are bounded whatever a flood does; a
+connection that has not sent a whole request within ``HEADER_TIMEOUT_S`` is closed; out of
+file descriptors, it waits instead of logging a traceback per attempt.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import hmac
 import ipaddress
 import logging
 import secrets
+import socket
 import threading
 import time
+from collections import Counter
 
 from aiohttp import web
 
@@ -49,6 +58,10 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 MAX_STREAMS = 32
+MAX_CONNECTIONS = 64  # open at once, all addresses together: the dashboard's file-descriptor budget
+MAX_PER_ADDRESS = 16
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent a whole request by then is closed
+IDLE_TIMEOUT_S = 15.0  # keep-alive between requests
 ROUNDS_POLL_S = 0.5  # how often a stream looks for finished rounds (a length comparison)
 FLEET_POLL_S = 2.0  # how often it rebuilds the fleet table to see whether it changed
 KEEPALIVE_S = 15.0
@@ -74,6 +87,11 @@ class DashboardServer:
         self._closing: asyncio.Event | None = None
         self._streams: set[web.StreamResponse] = set()
         self._thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._open: Counter[str] = Counter()  # open connections by peer address
+        self._answered: set[object] = set()  # transports that sent a whole request
+        self.refused: Counter[str] = Counter()  # connections closed unread, by why
         self._page = page(
             "".join(f'<script src="static/{n}"></script>' for n in ("chart.umd.min.js", "dashboard.js")),
             '<link rel="stylesheet" href="static/dashboard.css">',
@@ -117,11 +135,58 @@ class DashboardServer:
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/api/view", self._view)
         app.router.add_get("/events", self._events)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._requested_port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.create_server((self.host, self._requested_port), family=family, backlog=128)
+        listener.setblocking(False)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(listener))
+
+    async def _accept(self, listener: socket.socket) -> None:
+        """Accept each connection and decide before reading a byte whether to keep it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, address = await loop.sock_accept(listener)
+            except OSError:  # out of file descriptors (EMFILE) or a connection reset while queued
+                self.refused["accept failed"] += 1
+                await asyncio.sleep(0.1)
+                continue
+            peer = str(address[0])
+            if sum(self._open.values()) >= MAX_CONNECTIONS or self._open[peer] >= MAX_PER_ADDRESS:
+                self.refused["too many connections"] += 1
+                connection.close()
+                continue
+            self._open[peer] += 1
+            try:
+                transport, _ = await loop.connect_accepted_socket(lambda peer=peer: self._handler(peer), connection)
+            except OSError:
+                self._release(peer)
+                connection.close()
+                continue
+            loop.call_later(HEADER_TIMEOUT_S, self._expire, transport)
+
+    def _handler(self, peer: str) -> asyncio.Protocol:
+        """aiohttp's protocol for one connection, which gives its slot back when it closes."""
+
+        def lost() -> None:
+            self._release(peer)
+            self._answered.discard(counted.transport)
+
+        counted = _Counted(self._runner.server(), lost)
+        return counted
+
+    def _release(self, peer: str) -> None:
+        self._open[peer] -= 1
+        if self._open[peer] <= 0:
+            del self._open[peer]
+
+    def _expire(self, transport) -> None:
+        if transport not in self._answered and not transport.is_closing():
+            self.refused["no request in time"] += 1
+            transport.abort()
 
     def close(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -130,6 +195,10 @@ class DashboardServer:
         async def stop() -> None:
             if self._closing is not None:
                 self._closing.set()
+            if self._accepting is not None:
+                self._accepting.cancel()
+            if self._listener is not None:
+                self._listener.close()
             if self._runner is not None:
                 await self._runner.cleanup()
 
@@ -143,6 +212,7 @@ class DashboardServer:
     # requests ----------------------------------------------------------------------------------
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        self._answered.add(request.transport)  # a whole request came: the header deadline no longer applies
         if self.token and not request.path.startswith("/static/"):
             given = request.query.get("token", "")
             header = request.headers.get("Authorization", "")
@@ -226,3 +296,32 @@ async def _send(response: web.StreamResponse, event: str, data: object) -> None:
 
 async def _send_text(response: web.StreamResponse, event: str, text: str) -> None:
     await response.write(f"event: {event}\ndata: {text}\n\n".encode())
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's request handler for one connection, and a callback when the connection ends."""
+
+    def __init__(self, inner: asyncio.Protocol, on_lost) -> None:
+        self.inner, self.on_lost, self.transport = inner, on_lost, None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        try:
+            self.inner.connection_lost(exc)
+        finally:
+            self.on_lost()

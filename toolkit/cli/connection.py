@@ -99,6 +99,8 @@ def read_config_values(path: Path) -> dict:
         return tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} nests too deep to be a config file") from None
 
 
 def _typed(action: argparse.Action, text: str, path: Path):

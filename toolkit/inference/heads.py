@@ -1,5 +1,5 @@
 """The device-side heads of a trained model, one ONNX file per cut, and the manifest that ties
-them to the weights they were exported from (issue #14, split inference).
+them to the weights they were exported from (split inference).
 
 ``edge_server export-heads RUN_DIR`` writes ``heads.json`` and ``head_cutNN_<layer>.onnx`` for
 every cut 1..L: cut ``k`` runs layers 1..k, and cut L is the whole model (device-only

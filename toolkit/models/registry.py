@@ -65,6 +65,27 @@ def canonical_name(spec: str) -> str:
     return ALIASES.get(spec.lower(), spec.lower()) if ":" not in spec else spec
 
 
+def is_builtin(spec: str) -> bool:
+    """A built-in model's name (or alias): building it runs no code from outside the toolkit."""
+    return canonical_name(spec) in BUILTIN_MODELS
+
+
+def model_to_rebuild(recorded: str, given: str | None, where: str) -> str:
+    """The model to rebuild a saved run with (``--resume``, ``serve``, ``export-heads``).
+
+    A run folder may have been copied from anywhere: the model it records is used only when
+    it is built in. A model of the operator's own code is named again on the command line
+    (``given``); the run's fingerprint then checks that it is the model the run trained."""
+    if given:
+        return given
+    if is_builtin(recorded):
+        return recorded
+    raise UserError(
+        f"{where} names model {recorded[:200]!r}, which is code, not a built-in model: a run folder never "
+        "names code to run; if you trust that model, name its file yourself with --model FILE.py:FUNCTION"
+    )
+
+
 def load_model(
     spec: str,
     input_shape: tuple[int, ...] | None = None,

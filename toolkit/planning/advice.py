@@ -12,7 +12,7 @@ Every scheme is planned on the same fleet state and medium, the way the server r
   a byte-shared one.
 
 Rounds to the target are not a latency question: they come from the caller (the advisor
-rehearses each scheme on data it is given, :mod:`toolkit.rehearsal`, on one seed or
+rehearses each scheme on data it is given, :mod:`edge_server.rehearsal`, on one seed or
 several). Without them the advice ranks by round latency and says so. With several seeds
 the rounds are the median and a range; schemes whose times to the target, over those
 ranges, overlap the recommended one's are called too close, as are those within one round.

@@ -107,7 +107,7 @@ class _Measurer:
         self.passes = request.passes
         self.repeats_per_pass = math.ceil(request.repeats / request.passes)
         self.warmup = request.warmup
-        self.device = device
+        self.placement = device
         self.sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else no_sync
         self._pooled: dict[int, list[np.ndarray]] = {}
         self._position = 0
@@ -135,8 +135,8 @@ class _Measurer:
         all. Per-layer backward times are stored without it so that their sum plus one
         overhead predicts a part's backward time.
         """
-        leaf = torch.ones(1, device=self.device, requires_grad=True)
-        seed = torch.ones(1, device=self.device)
+        leaf = torch.ones(1, device=self.placement, requires_grad=True)
+        seed = torch.ones(1, device=self.placement)
         samples = time_phases(
             [lambda out: out.backward(seed)], repeats=100, warmup=10, setup=lambda: leaf * 2, sync=self.sync
         )
@@ -144,12 +144,25 @@ class _Measurer:
 
 
 def run_profile(request: ProfileRequest, on_step: Callable[[str], None] = lambda _: None) -> pf.Profile:
-    """Measure ``request.model`` and return the validated profile (not yet written anywhere)."""
+    """Measure ``request.model`` and return the validated profile (not yet written anywhere).
+
+    The caller's torch thread count and random state are as they were afterwards: the
+    profile's threads and seed hold for the measurement only (an agent profiles, then trains)."""
     if request.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {request.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     device = request.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("profiling on CUDA was asked for, but torch sees no CUDA device")
+    threads_before = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _measure(request, on_step)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _measure(request: ProfileRequest, on_step: Callable[[str], None]) -> pf.Profile:
+    device = request.device
     allocator = pin_malloc_thresholds()
     threads = request.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -372,7 +385,7 @@ def _measure_cut(
         saved = transient = 0
     else:
         saved = saved_tensor_bytes(lambda: device_part(x), list(device_part.parameters()))
-        transient = peak_transient_bytes(train_step, measurer.device)
+        transient = peak_transient_bytes(train_step, measurer.placement)
     resident = (
         _param_bytes(device_part)[1]
         + _optimizer_state_bytes(optimizer)
@@ -419,7 +432,7 @@ def _measure_full_model(
     (forward_s, backward_s, _), step_s = measurer.phases(
         [forward, lambda loss: loss.backward(), lambda _: optimizer.step()]
     )
-    transient = peak_transient_bytes(train_step, measurer.device) if measurer.final_pass else 0
+    transient = peak_transient_bytes(train_step, measurer.placement) if measurer.final_pass else 0
     resident = _param_bytes(net)[1] + _optimizer_state_bytes(optimizer) + x.numel() * x.element_size()
     return pf.FullModelBatch(
         batch_size=x.shape[0],

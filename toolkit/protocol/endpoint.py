@@ -91,6 +91,7 @@ class Endpoint:
         # bytes by message kind (a bounded set of labels), for the Prometheus endpoint
         self.bytes_sent: Counter[str] = Counter()
         self.bytes_received: Counter[str] = Counter()
+        self.unacknowledged = 0  # flushes that timed out: what they waited for goes again on reconnect
         self._inbox: queue.Queue[Received] = queue.Queue(maxsize=inbox_limit)
         self._inbox_bytes = 0
         self._reassembler = Reassembler(max_frame_bytes=max_frame_bytes)
@@ -109,6 +110,22 @@ class Endpoint:
 
     def attach(self, transport: object) -> None:
         self.transport = transport
+
+    def flush(self, timeout_s: float, what: str) -> bool:
+        """Wait until everything sent so far is acknowledged (QoS 1). A timeout is logged and
+        counted, never ignored: the link or the broker is in trouble; what was sent is kept
+        for ``replay`` on reconnect, and the receiver's deadline decides what becomes of the
+        turn. ``what`` says what was waited for, for the log."""
+        transport = self.transport
+        if transport is None:
+            return False
+        if transport.flush(timeout_s):
+            return True
+        self.unacknowledged += 1
+        self._log_limiter.warning(
+            "flush", "%s: %s not acknowledged by the broker within %g s", self.name, what, timeout_s
+        )
+        return False
 
     # network thread ------------------------------------------------------------------------
     def on_frame(self, topic: str, payload: bytes) -> None:

@@ -26,6 +26,13 @@ CONNECTION_LOST = "connection lost"  # an agent's last will says this; a goodbye
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
+def printable(text: str) -> str:
+    """``text`` from another party, safe for a log line, a terminal or a page: every character
+    that is not printable (newlines, ANSI escapes, NUL) written out as its escape, so a
+    received string can neither forge a log line nor drive a terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class Kind(enum.IntEnum):
     REGISTER = 1
     HEARTBEAT = 2

@@ -97,7 +97,7 @@ class RunSpec:
     # baseline known to be that slow need not be timed to its end (bench/ablation.py)
     give_up_after_s: float | None = None
     # The broker as provisioned (set_tcp_nodelay true); False: Mosquitto's default, Nagle's
-    # algorithm on its sockets, as the testbed ran before 2026-11-26 (docs/testbed.md)
+    # algorithm on its sockets (docs/testbed.md compares the two)
     broker_nodelay: bool = True
 
     def server_flags(self) -> list[str]:

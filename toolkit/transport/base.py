@@ -72,7 +72,8 @@ class Transport(Protocol):
     def flush(self, timeout_s: float) -> bool:
         """Wait until everything published so far has left (QoS 1: acknowledged); False on timeout."""
 
-    def close(self) -> None: ...
+    def close(self, timeout_s: float | None = None) -> None:
+        """Disconnect; with ``timeout_s``, return within about that long whatever the link does."""
 
     @property
     def connected(self) -> bool: ...

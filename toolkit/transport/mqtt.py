@@ -181,12 +181,21 @@ class MqttTransport:
                 return False
         return True
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> None:
+        """Disconnect and stop the network thread. With ``timeout_s``, wait at most that long
+        for the thread: one inside a connection attempt (a TCP connect to an address that
+        does not answer, up to paho's connect timeout) is left to end by itself; it is a
+        daemon and holds nothing the caller needs."""
         self._closing = True
         try:
             self._client.disconnect()
         finally:
-            self._client.loop_stop()
+            if timeout_s is None:
+                self._client.loop_stop()
+            else:
+                stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-close", daemon=True)
+                stopper.start()
+                stopper.join(timeout_s)
             self._connected.clear()
 
     @property
