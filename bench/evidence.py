@@ -8,12 +8,13 @@
 three repeats, which it now runs at one: about 28): the Wi-Fi medium's validation against
 Bianchi's model, the simulator's ablation (one seed), and on the testbed for the default
 fleet on each medium cpsl-auto first, then at the cut it used most cpsl without resource
-management, cpsl with both pieces, SL and SFL at that cut, and FL. ``--full`` (estimated at
-14 hours here when every agent booted under its CPU quota, less since they boot
-unthrottled; not yet run end to end: 2 fleets of WideNet at a few minutes a run, SL's runs
-the longest): the same for the default, heavy and wide fleets, three seeds, the
-clustering-only and slots-only ablations too, and SL and SFL at every cut of the sweep (the
-table names the best). Everything resumes: each benchmark skips
+management, cpsl with both pieces, SL and SFL at that cut, and FL. ``--full`` (about 12
+hours here, estimated from the heavy fleet on Wi-Fi: 2.3 hours for every variant but the
+two single pieces; not yet run end to end): the same for the default, heavy and wide
+fleets, three seeds, the clustering-only and slots-only ablations too, and SL and SFL at
+every cut of the sweep -- every cut at seed 0, the remaining seeds at the cuts within 10%
+of the best, a run stopped once it passes 3x cpsl-auto's slowest seed (bench/ablation.py);
+the table names the best cut and the cuts swept. Everything resumes: each benchmark skips
 what its folder already holds, so an interrupted invocation goes on where it stopped.
 
 ``--full`` ends with the held-out check (``bench/heldout.py check``) when its prediction is
@@ -152,7 +153,8 @@ def ablation_table(document: dict) -> str:
         swept = {v: r for v, r in finished.items() if v.startswith(f"{scheme}@")}
         if swept:
             best[scheme] = min(swept, key=lambda v: _sweep_rank(document, v))
-            label[best[scheme]] = " (best of the sweep)" if len(swept) > 1 else " (one cut, not swept)"
+            cuts = ", ".join(v.partition("@")[2] for v in sorted(swept))
+            label[best[scheme]] = f" (best of {cuts})" if len(swept) > 1 else " (one cut, not swept)"
     planned = [v for v in ABLATION_ORDER if v in rows]
     planned += sorted(v for v in rows if v.startswith("cpsl-") and v not in ABLATION_ORDER)  # e.g. cpsl-both-max7
     shown = planned + [v for v in (*best.values(), "fl") if v in rows]
