@@ -76,15 +76,15 @@ def rounds_done(metrics: Path) -> int:
 def growth(samples: list[dict], warmup: int) -> dict[str, dict]:
     """Per process: its memory at the first sample at or past ``warmup`` rounds, at the last
     sample, and the relative growth between them."""
-    after = [s for s in samples if s["round"] >= warmup]
+    after = [s for s in samples if s["round"] >= warmup and s["rss"]]  # a process gone has no sample
     if len(after) < 2:
         return {}
-    first, last = after[0]["rss"], after[-1]["rss"]
-    return {
-        name: {"from_bytes": first[name], "to_bytes": last[name], "growth": last[name] / first[name] - 1.0}
-        for name in first
-        if name in last and first[name]
-    }
+    grown = {}
+    for name in after[0]["rss"]:
+        held = [s["rss"][name] for s in after if s["rss"].get(name)]
+        if len(held) >= 2:
+            grown[name] = {"from_bytes": held[0], "to_bytes": held[-1], "growth": held[-1] / held[0] - 1.0}
+    return grown
 
 
 def draw(samples: list[dict], out: Path) -> None:
@@ -94,7 +94,7 @@ def draw(samples: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for name in samples[-1]["rss"]:
+    for name in dict.fromkeys(name for s in samples for name in s["rss"]):
         points = [(s["round"], s["rss"][name] / 2**20) for s in samples if name in s["rss"]]
         axis.plot([p[0] for p in points], [p[1] for p in points], label=name)
     axis.set_xlabel("round")
@@ -168,6 +168,8 @@ def main() -> None:
                 "round": rounds_done(run_dir / "metrics.jsonl"),
                 "rss": {k: v for k, v in rss.items() if v},
             }
+            if not sample["rss"]:  # the demo has just ended
+                continue
             samples.append(sample)
             with samples_file.open("a") as handle:
                 handle.write(json.dumps(sample) + "\n")

@@ -151,7 +151,7 @@ def add_training_flags(parser: argparse.ArgumentParser, defaults: dict) -> None:
         default="fedavg",
         help="how uploads are combined: fedavg (weighted mean), trimmed-mean, median (coordinate-wise, "
         "every device alike), clipped (updates clipped to the median norm); every method caps a device's "
-        "weight at twice the median registered count and rejects norm outliers (docs/security.md)",
+        "weight at three times the fleet's median registration and rejects norm outliers (docs/security.md)",
     )
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--debug", action="store_true")

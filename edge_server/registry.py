@@ -9,6 +9,7 @@ unregister the device that came back, and it needs no sequence-number arithmetic
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -188,6 +189,11 @@ class Registry:
 
     def online(self) -> list[DeviceRecord]:
         return sorted((r for r in self.devices.values() if self.is_online(r.id)), key=lambda r: r.id)
+
+    def median_samples(self) -> float | None:
+        """The median registered sample count of the devices known (the weight cap's yardstick)."""
+        counts = [record.num_samples for record in self.devices.values()]
+        return statistics.median(counts) if counts else None
 
     def registered_samples(self, device: str) -> int:
         record = self.devices.get(device)

@@ -117,6 +117,7 @@ class Rehearsal:
             RobustAggregation(norm_factor),
             FixedScheduler(config.scheme, config.cut, config.clusters),  # asked for encodings only: the run's
             lambda device: len(parts[device]),
+            lambda: float(np.median([len(indices) for indices in parts.values()])),
         )
 
     def round(self, round_: int, clusters: Sequence[Sequence[str]], cut: int | None = None) -> RehearsedRound:

@@ -82,10 +82,12 @@ class RoundEngine:
         strategy: RobustAggregation,
         scheduler: Scheduler,
         registered_samples: Callable[[str], int],
+        typical_samples: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.link, self.model, self.num_classes, self.config = link, model, num_classes, config
         self.placement, self.strategy, self.scheduler = placement, strategy, scheduler
-        self.registered_samples = registered_samples
+        self.registered_samples, self.typical_samples = registered_samples, typical_samples
+        self._warned_capped: set[str] = set()  # each device's capped claim is logged once; every round records it
         self.loss_fn = nn.CrossEntropyLoss()
         self.server_optimizer: torch.optim.Optimizer | None = None
         self.server_cut: int | None = None
@@ -385,13 +387,14 @@ class RoundEngine:
                 device: Upload(item.message.tensors, item.message.body.num_samples, self.registered_samples(device))
                 for device, item in uploads.items()
             },
+            self.typical_samples(),
         )
         for device, reason in sorted(result.rejected.items()):
             self.link.refuse(device, f"update norm outlier: weights of {device}: {reason}")
         for device, claimed in sorted(result.capped.items()):
-            log.warning(
-                "%s claims %.0f samples, over twice the median registration: its weight is capped", device, claimed
-            )
+            if device not in self._warned_capped:
+                self._warned_capped.add(device)
+                log.warning("%s claims %.0f samples, over the weight cap: capped (rounds record it)", device, claimed)
         stats.capped_weights.update(result.capped)
         stats.clipped_updates.update(result.clipped)
         if result.state is None:

@@ -126,6 +126,7 @@ class EdgeServer:
             self.strategy,
             self.scheduler,
             self.registry.registered_samples,
+            self.registry.median_samples,
         )
         self.history: list[dict] = []
         self._fleet_written: list[tuple[str, str]] = []

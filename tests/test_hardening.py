@@ -281,16 +281,18 @@ def _honest_and_liar(liar_scale: float, liar_count: int = 2**31) -> tuple[dict, 
     return reference, uploads
 
 
-def test_no_device_weighs_more_than_twice_the_median_registration() -> None:
+def test_no_device_weighs_more_than_three_times_the_fleet_s_median_registration() -> None:
     reference, uploads = _honest_and_liar(-1.0)
-    result = RobustAggregation(norm_factor=0).aggregate(reference, uploads)
-    assert result.weights["liar"] == 200.0 and result.capped == {"liar": float(2**31)}
-    expected = (100 * (1.0 + 1.1 + 1.2) + 200 * -1.0) / 500
+    result = RobustAggregation(norm_factor=0).aggregate(reference, uploads, typical_samples=100.0)
+    assert result.weights["liar"] == 300.0 and result.capped == {"liar": float(2**31)}
+    expected = (100 * (1.0 + 1.1 + 1.2) + 300 * -1.0) / 600
     assert torch.allclose(result.state["w"], torch.full((4,), expected, dtype=torch.float32))
     assert int(result.state["steps"]) == 7
     two = {"honest": _upload({"w": torch.ones(4)}, 100), "liar": Upload({"w": -torch.ones(4)}, 2**31, 2**31)}
     paired = RobustAggregation(norm_factor=0).aggregate({"w": torch.zeros(4)}, two)
-    assert paired.weights["liar"] == 200.0  # the lower median: the honest registration, not the mean with a lie
+    assert paired.weights["liar"] == 300.0  # no fleet given: the lower median, not the mean of a lie and the truth
+    honest = {"big": _upload({"w": torch.ones(4)}, 250), "small": _upload({"w": torch.ones(4)}, 100)}
+    assert not RobustAggregation().aggregate({"w": torch.zeros(4)}, honest, typical_samples=100.0).capped
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed-mean"])

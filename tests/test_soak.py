@@ -12,6 +12,7 @@ def test_growth_counts_from_the_first_sample_past_the_warmup_to_the_last():
         {"round": 100, "rss": {"server": 100, "agent-0": 80}},
         {"round": 500, "rss": {"server": 103, "agent-0": 90}},
         {"round": 1000, "rss": {"server": 104, "agent-0": 80}},
+        {"round": 1000, "rss": {}},  # sampled as the demo ended: left out
     ]
     grown = soak.growth(samples, warmup=100)
     assert abs(grown["server"]["growth"] - 0.04) < 1e-12
