@@ -13,6 +13,7 @@ here: it is a strategy of its own (edge_server.strategy), as in Flower.
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -83,14 +84,15 @@ class RoundMeasurements:
     server_codec: tuple[float, int] | None = None  # seconds decoding and encoding at the cut, fp32 bytes covered
 
 
-class Scheduler:
+class Scheduler(ABC):
     """What the edge server asks of a scheduler. ``plan`` is the one a scheduler must
     implement; the defaults are a scheduler that measures nothing, learns nothing and keeps
     no state -- one that plans from measurements overrides the rest."""
 
     # planning
+    @abstractmethod
     def plan(self, round_: int, devices: list[DeviceRecord]) -> RoundPlan:
-        raise NotImplementedError
+        """The round's cut, clusters (in turn) and each device's transmission grant."""
 
     # what it needs measured: the server probes these devices' links, each alone, and then,
     # when asked, all of them together for the medium (edge_server.probe)
@@ -107,15 +109,19 @@ class Scheduler:
     # how it takes measurements
     def add_device(self, record: DeviceRecord, link: LinkMeasurement, devices: list[DeviceRecord]) -> None:
         """A device probed for the first time (or again after ``forget``)."""
+        return None  # by default: nothing to keep
 
     def set_medium(self, together: TogetherMeasurement) -> None:
         """The simultaneous probe's result."""
+        return None  # by default: nothing to keep
 
     def forget(self, device: str) -> None:
         """The device came back (offline, or a new agent life): what was measured of it may not hold."""
+        return None  # by default: nothing to keep
 
     def observe(self, measured: RoundMeasurements) -> None:
         """A split round's measurements, after it."""
+        return None  # by default: nothing to keep
 
     # what crosses the cut
     def encodings(self) -> tuple[str, str] | None:
@@ -136,6 +142,7 @@ class Scheduler:
 
     def load_state_dict(self, state: dict) -> None:
         """Put back what ``state_dict`` returned in an earlier life of the run."""
+        return None  # by default: nothing to keep
 
 
 @dataclass
