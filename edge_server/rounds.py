@@ -87,6 +87,7 @@ class RoundEngine:
         self.link, self.model, self.num_classes, self.config = link, model, num_classes, config
         self.placement, self.strategy, self.scheduler = placement, strategy, scheduler
         self.registered_samples, self.typical_samples = registered_samples, typical_samples
+        self._nonfinite_logged: int | None = None  # the last round whose non-finite server loss was logged
         self._warned_capped: set[str] = set()  # each device's capped claim is logged once; every round records it
         self.loss_fn = nn.CrossEntropyLoss()
         self.server_optimizer: torch.optim.Optimizer | None = None
@@ -256,7 +257,15 @@ class RoundEngine:
             if not math.isfinite(loss):
                 # the server part was not stepped; the devices get zero gradients and go on
                 self.link.count("non-finite server loss")
-                log.warning("round %d iteration %d: the server loss is %s; step skipped", round_, iteration, loss)
+                if self._nonfinite_logged != round_:  # once a round; the count has every one
+                    self._nonfinite_logged = round_
+                    log.warning(
+                        "round %d iteration %d: the server loss is %s; step skipped (logged once a round, "
+                        "counted as non-finite server loss)",
+                        round_,
+                        iteration,
+                        loss,
+                    )
             else:
                 stats.train_losses.append(loss)
             stats.server_steps.append((sum(int(got[d].message.tensors["labels"].shape[0]) for d in order), t1 - t0))
