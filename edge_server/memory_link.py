@@ -29,7 +29,7 @@ from toolkit.data import Dataset
 from toolkit.protocol import Kind, make_header
 from toolkit.protocol import messages as m
 from toolkit.protocol.codec import Message
-from toolkit.protocol.endpoint import Received
+from toolkit.protocol.endpoint import Received, reason_key
 from toolkit.training import BatchStream, LocalStep, SplitStep, make_optimizer, stream_seed
 
 SESSION = "in-process"
@@ -120,7 +120,7 @@ class InMemoryLink:
                 continue
             problem = check(item) if check is not None else None
             if problem:
-                self.refused[problem.split(":")[0]] += 1
+                self.refused[reason_key(problem)] += 1
                 continue
             got[device] = item
         self.outbox = kept
@@ -135,7 +135,7 @@ class InMemoryLink:
         self.refused[reason] += 1
 
     def refuse(self, device: str, reason: str) -> None:
-        self.refused[reason.split(":")[0]] += 1
+        self.refused[reason_key(reason)] += 1
 
     def reports(self, round_: int, devices: list[str], wait_s: float) -> dict[str, m.Timings]:
         return {}  # nothing is timed in process

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import socket
 import threading
-from collections import Counter as Counter_
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -38,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edge_server.connection_budget import ConnectionBudget
 from toolkit.errors import UserError
 
 ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
@@ -98,30 +98,20 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     request_queue_size = 64
 
     def __init__(self, *args, **kwargs) -> None:
-        self._lock = threading.Lock()
-        self._open: Counter_[str] = Counter_()
-        self.refused = 0
+        self.budget = ConnectionBudget(MAX_SCRAPERS, MAX_SCRAPERS_PER_ADDRESS)
         super().__init__(*args, **kwargs)
 
     def process_request(self, request, client_address) -> None:
-        peer = str(client_address[0])
-        with self._lock:
-            if sum(self._open.values()) >= MAX_SCRAPERS or self._open[peer] >= MAX_SCRAPERS_PER_ADDRESS:
-                self.refused += 1
-                self.shutdown_request(request)
-                return
-            self._open[peer] += 1
+        if not self.budget.admit(str(client_address[0])):
+            self.shutdown_request(request)
+            return
         super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._lock:
-                peer = str(client_address[0])
-                self._open[peer] -= 1
-                if self._open[peer] <= 0:
-                    del self._open[peer]
+            self.budget.release(str(client_address[0]))
 
     def handle_error(self, request, client_address) -> None:
         pass  # a scraper that hung up or timed out: nothing to report

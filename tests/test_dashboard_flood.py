@@ -46,7 +46,10 @@ CHILD = textwrap.dedent(
             failures += 1
         most_fds = max(most_fds, len(os.listdir("/proc/self/fd")))
         time.sleep(0.02)
-    refused = dashboard.refused if sys.argv[2] == "dashboard" else {"too many connections": dashboard._http.refused}
+    if sys.argv[2] == "dashboard":
+        refused = dashboard.refused
+    else:
+        refused = {"too many connections": dashboard._http.budget.refused}
     dashboard.close()
     print(json.dumps({"failures": failures, "most_fds": most_fds, "refused": dict(refused)}), flush=True)
     """

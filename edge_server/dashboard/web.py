@@ -37,6 +37,7 @@ from collections import Counter
 
 from aiohttp import web
 
+from edge_server.connection_budget import ConnectionBudget
 from edge_server.dashboard.assets import page, static_text
 from edge_server.dashboard.feed import LiveFeed
 from edge_server.dashboard.view import to_json
@@ -89,7 +90,7 @@ class DashboardServer:
         self._thread: threading.Thread | None = None
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
-        self._open: Counter[str] = Counter()  # open connections by peer address
+        self._budget = ConnectionBudget(MAX_CONNECTIONS, MAX_PER_ADDRESS)
         self._answered: set[object] = set()  # transports that sent a whole request
         self.refused: Counter[str] = Counter()  # connections closed unread, by why
         self._page = page(
@@ -155,15 +156,14 @@ class DashboardServer:
                 await asyncio.sleep(0.1)
                 continue
             peer = str(address[0])
-            if sum(self._open.values()) >= MAX_CONNECTIONS or self._open[peer] >= MAX_PER_ADDRESS:
+            if not self._budget.admit(peer):
                 self.refused["too many connections"] += 1
                 connection.close()
                 continue
-            self._open[peer] += 1
             try:
                 transport, _ = await loop.connect_accepted_socket(lambda peer=peer: self._handler(peer), connection)
             except OSError:
-                self._release(peer)
+                self._budget.release(peer)
                 connection.close()
                 continue
             loop.call_later(HEADER_TIMEOUT_S, self._expire, transport)
@@ -172,16 +172,11 @@ class DashboardServer:
         """aiohttp's protocol for one connection, which gives its slot back when it closes."""
 
         def lost() -> None:
-            self._release(peer)
+            self._budget.release(peer)
             self._answered.discard(counted.transport)
 
         counted = _Counted(self._runner.server(), lost)
         return counted
-
-    def _release(self, peer: str) -> None:
-        self._open[peer] -= 1
-        if self._open[peer] <= 0:
-            del self._open[peer]
 
     def _expire(self, transport) -> None:
         if transport not in self._answered and not transport.is_closing():
